@@ -1,0 +1,1 @@
+"""The ``spade`` command line (installed as the ``spade_deploy.cli`` package)."""

@@ -1,0 +1,61 @@
+"""Save and load reconstructors: registry name + config + conv shapes + provenance, and tensors.
+
+Only the registry rebuilds code; the file holds data. A pruned model records the shape of every
+convolution and is rebuilt by adapting the dense architecture (:func:`models.adapt_widths`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import SpadeError
+from .io import load_checkpoint, read_manifest, save_checkpoint
+from .models import Reconstructor, adapt_widths, build_model, layer_shapes, load_state
+
+
+def model_manifest(model: Reconstructor, **extra: Any) -> dict:
+    return {
+        "model": model.registry_name,
+        "config": dataclasses.asdict(model.config),
+        "shapes": layer_shapes(model),
+        "provenance": {"tool": f"spade-deploy {__version__}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        **extra,
+    }
+
+
+def save_model(path: str | os.PathLike, model: Reconstructor, **extra: Any) -> Path:
+    """Atomically write ``model`` with a manifest; ``extra`` keys (JSON-able) join the manifest."""
+    return save_checkpoint(path, model.state_dict(), model_manifest(model, **extra))
+
+
+def model_from_manifest(manifest: dict) -> Reconstructor:
+    name = manifest.get("model")
+    if not isinstance(name, str):
+        raise SpadeError("checkpoint manifest names no model")
+    model = build_model(name, config=manifest.get("config") or {})
+    shapes = manifest.get("shapes") or {}
+    if shapes:
+        adapt_widths(model, shapes)
+    return model
+
+
+def load_model(path: str | os.PathLike, expect: str | None = None) -> tuple[Reconstructor, dict]:
+    """Rebuild the architecture from the manifest and load the tensors (strict)."""
+    state, manifest = load_checkpoint(path)
+    if expect is not None and manifest.get("model") != expect:
+        raise SpadeError(f"{path} holds a {manifest.get('model')!r} model, expected {expect!r}")
+    model = model_from_manifest(manifest)
+    load_state(model, state, where=str(path))
+    return model, manifest
+
+
+def is_pruned(manifest: dict) -> bool:
+    return "pruning" in manifest
+
+
+__all__ = ["save_model", "load_model", "read_manifest", "model_from_manifest", "is_pruned"]

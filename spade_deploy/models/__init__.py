@@ -1,0 +1,167 @@
+"""Registry of reconstructors: a name -> (config dataclass, builder, presets).
+
+A reconstructor is an ``nn.Module`` called as ``model(y, physics) -> x`` and exposing its prunable
+CNN priors by name through :meth:`Reconstructor.priors`; a prior is ``prior(x) -> x`` on real
+tensors ``(B, C, H, W)``. The outer loop never knows what a prior is made of.
+
+A checkpoint stores the registry name and the config; a pruned checkpoint additionally stores
+the shape of every convolution, and :func:`adapt_widths` rebuilds the pruned architecture from
+the dense one before the tensors are loaded (no pickled modules anywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import SpadeError
+
+
+class Reconstructor(nn.Module):
+    """Base class: ``forward(y, physics) -> (x, info)``; priors are the prunable sub-networks."""
+
+    registry_name: str = ""
+
+    def priors(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def set_prior(self, name: str, module: nn.Module) -> None:
+        """Replace one prior (pruning, deployment back-ends)."""
+        raise NotImplementedError
+
+    def prior_example_input(self, name: str, height: int = 64, width: int = 64) -> torch.Tensor:
+        """A real-valued example input for tracing one prior on its own."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config_cls: type
+    builder: Callable[[Any], Reconstructor]
+    presets: dict[str, Any]
+    default_preset: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, config_cls: type, presets: dict[str, Any], default_preset: str):
+    def deco(builder: Callable[[Any], Reconstructor]):
+        _REGISTRY[name] = ModelEntry(name, config_cls, builder, presets, default_preset)
+        return builder
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    from . import deq  # noqa: F401  (registers itself)
+
+
+def model_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise SpadeError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def preset_config(name: str, preset: str | None = None, **overrides: Any):
+    entry = get_entry(name)
+    preset = preset or entry.default_preset
+    if preset not in entry.presets:
+        raise SpadeError(
+            f"unknown preset {preset!r} for model {name!r}; choose one of: {', '.join(entry.presets)}"
+        )
+    cfg = entry.presets[preset]
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def build_model(name: str, config: Any = None, preset: str | None = None) -> Reconstructor:
+    entry = get_entry(name)
+    if config is None:
+        config = preset_config(name, preset)
+    elif isinstance(config, dict):
+        config = config_from_dict(entry.config_cls, config)
+    model = entry.builder(config)
+    model.registry_name = name
+    model.config = config
+    return model
+
+
+def config_from_dict(cls: type, data: dict) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise SpadeError(f"config for {cls.__name__} has unknown fields: {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Pruned architectures: a shape manifest + plain tensors, rebuilt by adapting the dense model.
+# --------------------------------------------------------------------------------------------
+
+_ADAPTABLE = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """``{module_name: [in_channels, out_channels]}`` for every convolution."""
+    return {
+        n: [m.in_channels, m.out_channels] for n, m in model.named_modules() if isinstance(m, _ADAPTABLE)
+    }
+
+
+def adapt_widths(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
+    """Replace convolutions (and the norms that follow their width) by ones of the recorded widths."""
+    modules = dict(model.named_modules())
+    for name, (cin, cout) in shapes.items():
+        old = modules.get(name)
+        if not isinstance(old, _ADAPTABLE):
+            raise SpadeError(f"checkpoint names layer {name!r}, which this architecture does not have")
+        if (old.in_channels, old.out_channels) == (cin, cout):
+            continue
+        kwargs = dict(
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            dilation=old.dilation,
+            groups=old.groups,
+            bias=old.bias is not None,
+            padding_mode=old.padding_mode,
+        )
+        if isinstance(old, nn.ConvTranspose2d):
+            kwargs.pop("padding_mode")
+            kwargs["output_padding"] = old.output_padding
+        new = type(old)(cin, cout, **kwargs)
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, attr, new)
+    return model
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Strict load with a one-line error naming the first mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise SpadeError(f"{where} does not match the architecture ({detail}; {len(missing)} missing, {len(extra)} unexpected)")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise SpadeError(
+                f"{where} does not match the architecture: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+            )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,135 @@
+"""Measurement operators as ``nn.Module`` classes with buffers.
+
+Convention (checked at module edges): complex dtypes inside physics; real 2-channel tensors
+``(B, 2, H, W)`` at the prior boundary (see :func:`complex_to_channels`).
+
+MRI: multi-coil ``A = P F S`` with the centred orthonormal 2-D FFT (the same numbers as
+``fastmri.fft2c`` / ``fastmri.ifft2c``), a Cartesian column mask ``P`` and coil maps ``S``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SpadeError
+
+# Sampling rates used in the paper (16.7 %, 12.5 %, 10 %) and the auto-calibration fraction used
+# with each. fastMRI's equispaced-fraction masks need center_fraction < 1/acceleration.
+PAPER_ACCELERATIONS = (6, 8, 10)
+DEFAULT_CENTER_FRACTIONS = {4: 0.08, 6: 0.08, 8: 0.04, 10: 0.04}
+
+
+def fft2c(x: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal 2-D FFT over the last two dimensions of a complex tensor."""
+    x = torch.fft.ifftshift(x, dim=(-2, -1))
+    x = torch.fft.fft2(x, dim=(-2, -1), norm="ortho")
+    return torch.fft.fftshift(x, dim=(-2, -1))
+
+
+def ifft2c(k: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal 2-D inverse FFT over the last two dimensions of a complex tensor."""
+    k = torch.fft.ifftshift(k, dim=(-2, -1))
+    k = torch.fft.ifft2(k, dim=(-2, -1), norm="ortho")
+    return torch.fft.fftshift(k, dim=(-2, -1))
+
+
+def complex_to_channels(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) complex -> (B, 2, H, W) real (real, imaginary)."""
+    if not torch.is_complex(x) or x.dim() != 3:
+        raise ValueError(f"expected a complex (B, H, W) image, got {tuple(x.shape)} {x.dtype}")
+    return torch.stack((x.real, x.imag), dim=1)
+
+
+def channels_to_complex(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) real -> (B, H, W) complex."""
+    if torch.is_complex(x) or x.dim() != 4 or x.shape[1] != 2:
+        raise ValueError(f"expected a real (B, 2, H, W) tensor, got {tuple(x.shape)} {x.dtype}")
+    return torch.complex(x[:, 0], x[:, 1])
+
+
+def equispaced_mask(
+    num_cols: int, center_fraction: float, acceleration: int, seed: int | None = None, offset: int | None = None
+) -> np.ndarray:
+    """1-D Cartesian equispaced column mask with auto-calibration lines.
+
+    Equal to ``fastmri.data.subsample.EquispacedMaskFractionFunc([cf], [acc])(shape, seed=seed)``:
+    the same adjusted spacing, the same centre block and, for a given seed, the same random offset.
+    Returns a float32 vector of length ``num_cols``.
+    """
+    if acceleration <= 1:
+        raise SpadeError(f"acceleration must be > 1, got {acceleration}")
+    if not 0 < center_fraction < 1.0 / acceleration:
+        raise SpadeError(
+            f"center fraction {center_fraction} must lie in (0, 1/acceleration = {1 / acceleration:.3f})"
+        )
+    rng = np.random.RandomState(seed)
+    num_low = round(num_cols * center_fraction)
+    center = np.zeros(num_cols, dtype=np.float32)
+    pad = (num_cols - num_low + 1) // 2
+    center[pad : pad + num_low] = 1
+    adjusted = (acceleration * (num_low - num_cols)) / (num_low * acceleration - num_cols)
+    if offset is None:
+        offset = rng.randint(0, high=round(adjusted))
+    accel = np.zeros(num_cols, dtype=np.float32)
+    idx = np.around(np.arange(offset, num_cols - 1, adjusted)).astype(np.uint)
+    accel[idx] = 1.0
+    return np.maximum(center, accel)
+
+
+def center_fraction_for(acceleration: int) -> float:
+    try:
+        return DEFAULT_CENTER_FRACTIONS[acceleration]
+    except KeyError:
+        raise SpadeError(
+            f"no default centre fraction for acceleration {acceleration}; "
+            f"choose one of {sorted(DEFAULT_CENTER_FRACTIONS)} or pass --center-fraction"
+        ) from None
+
+
+class MultiCoilMRI(nn.Module):
+    """``A = P F S``: coil maps ``S`` (B, C, H, W), centred orthonormal FFT ``F``, column mask ``P``.
+
+    ``mask`` broadcasts against k-space ``(B, C, H, W)``: shape ``(B, 1, 1, W)`` or ``(W,)``.
+    With coil maps normalised so that ``sum_c |S_c|^2 <= 1`` the operator norm is at most one, so
+    the gradient step ``x - gamma * A^H (A x - y)`` is non-expansive for ``0 < gamma <= 2``.
+    """
+
+    def __init__(self, mask: torch.Tensor, smaps: torch.Tensor):
+        super().__init__()
+        if not torch.is_complex(smaps) or smaps.dim() != 4:
+            raise SpadeError(f"coil maps must be complex (B, C, H, W), got {tuple(smaps.shape)} {smaps.dtype}")
+        if mask.dim() == 1:
+            mask = mask.view(1, 1, 1, -1)
+        if mask.dim() != 4 or mask.shape[-1] != smaps.shape[-1]:
+            raise SpadeError(
+                f"mask of shape {tuple(mask.shape)} does not match coil maps of width {smaps.shape[-1]}"
+            )
+        self.register_buffer("mask", mask.to(smaps.real.dtype))
+        self.register_buffer("smaps", smaps)
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) complex image -> (B, C, H, W) masked multi-coil k-space."""
+        return self.mask * fft2c(self.smaps * x.unsqueeze(1))
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) k-space -> (B, H, W) coil-combined image."""
+        return (self.smaps.conj() * ifft2c(self.mask * y)).sum(dim=1)
+
+    def grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``0.5 * ||A x - y||^2``."""
+        return self.A_adjoint(self.A(x) - y)
+
+    def rotate(self, k: int) -> "MultiCoilMRI":
+        """The same acquisition seen in an image rotated by ``k`` quarter turns.
+
+        Used by equivariant imaging: coil maps rotate with the image; the column mask stays the
+        scanner's (it is a property of the acquisition, not of the object).
+        """
+        return MultiCoilMRI(self.mask, torch.rot90(self.smaps, k, dims=(-2, -1)))
+
+
+def rss(coil_images: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Root-sum-of-squares coil combination."""
+    return torch.sqrt((coil_images.abs() ** 2).sum(dim=dim))
