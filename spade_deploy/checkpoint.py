@@ -18,6 +18,10 @@ from .io import load_checkpoint, read_manifest, save_checkpoint
 from .models import Reconstructor, adapt_widths, build_model, layer_shapes, load_state
 
 
+# Tensors under this prefix belong to a resumable training state (optimiser), not to the model.
+TRAIN_STATE_PREFIX = "__optim__."
+
+
 def model_manifest(model: Reconstructor, **extra: Any) -> dict:
     return {
         "model": model.registry_name,
@@ -50,12 +54,13 @@ def load_model(path: str | os.PathLike, expect: str | None = None) -> tuple[Reco
     if expect is not None and manifest.get("model") != expect:
         raise SpadeError(f"{path} holds a {manifest.get('model')!r} model, expected {expect!r}")
     model = model_from_manifest(manifest)
+    state = {k: v for k, v in state.items() if not k.startswith(TRAIN_STATE_PREFIX)}
     load_state(model, state, where=str(path))
     return model, manifest
 
 
 def is_pruned(manifest: dict) -> bool:
-    return "pruning" in manifest
+    return bool(manifest.get("pruning"))
 
 
 __all__ = ["save_model", "load_model", "read_manifest", "model_from_manifest", "is_pruned"]

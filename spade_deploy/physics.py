@@ -121,6 +121,11 @@ class MultiCoilMRI(nn.Module):
         """Gradient of ``0.5 * ||A x - y||^2``."""
         return self.A_adjoint(self.A(x) - y)
 
+    def select(self, index: slice) -> "MultiCoilMRI":
+        """The operator of a sub-batch."""
+        mask = self.mask[index] if self.mask.shape[0] > 1 else self.mask
+        return MultiCoilMRI(mask, self.smaps[index])
+
     def rotate(self, k: int) -> "MultiCoilMRI":
         """The same acquisition seen in an image rotated by ``k`` quarter turns.
 

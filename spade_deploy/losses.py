@@ -1,0 +1,105 @@
+"""Training and fine-tuning losses, one signature for all: ``loss(x_net, batch, physics, model, teacher)``.
+
+The trainer never branches on a strategy's name: each strategy is a sibling class (STYLE 3).
+``x_net`` is the reconstruction (complex ``(B, H, W)``), ``batch`` a :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .physics import MultiCoilMRI
+
+
+@dataclass
+class Batch:
+    """One undersampled batch: measurements, operator, and (when known) the complex ground truth."""
+
+    y: torch.Tensor  # (B, C, H, W) undersampled k-space
+    physics: MultiCoilMRI
+    x_gt: torch.Tensor | None  # (B, H, W) complex SENSE-combined fully sampled image
+    target: torch.Tensor | None  # (B, H, W) magnitude reference (reconstruction_rss)
+    maxval: torch.Tensor  # (B,)
+    fnames: list[str]
+    slices: list[int]
+
+
+def relative_sq_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``||x - ref||^2 / ||ref||^2`` (scale-free across slices)."""
+    b = x.shape[0]
+    num = (x - ref).abs().pow(2).reshape(b, -1).sum(1)
+    den = ref.abs().pow(2).reshape(b, -1).sum(1).clamp_min(1e-12)
+    return (num / den).mean()
+
+
+class Loss:
+    needs_ground_truth = False
+    needs_teacher = False
+
+    def __call__(self, x_net, batch: Batch, model, teacher=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SupervisedLoss(Loss):
+    """Eq. (7): distance between the reconstruction and the ground truth."""
+
+    needs_ground_truth = True
+
+    def __call__(self, x_net, batch, model, teacher=None):
+        return relative_sq_error(x_net, batch.x_gt)
+
+
+class SchoolLoss(Loss):
+    """Eq. (8): distil from the unpruned model (teacher) on the test measurements.
+
+    The teacher's reconstruction of a measurement never changes, so it is computed once per
+    ``(file, slice)`` and cached.
+    """
+
+    needs_teacher = True
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def teacher_output(self, batch: Batch, teacher) -> torch.Tensor:
+        keys = list(zip(batch.fnames, batch.slices))
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if missing:
+            with torch.no_grad():
+                idx = torch.tensor(missing)
+                out = teacher(batch.y[idx], batch.physics.select(idx))
+            for j, i in enumerate(missing):
+                self._cache[keys[i]] = out[j]
+        return torch.stack([self._cache[k] for k in keys])
+
+    def __call__(self, x_net, batch, model, teacher=None):
+        return relative_sq_error(x_net, self.teacher_output(batch, teacher))
+
+
+def random_rotation(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random element of the rotation group {0, 90, 180, 270 degrees} per sample (exact on the grid)."""
+    ks = torch.randint(1, 4, (x.shape[0],), generator=generator).tolist()
+    return torch.stack([torch.rot90(xi, k, dims=(-2, -1)) for xi, k in zip(x, ks)])
+
+
+class SelfSupervisedLoss(Loss):
+    """Eq. (9): data fidelity ``||A f(y) - y||`` plus equivariant imaging on the test measurements.
+
+    EI: ``x_phi = phi f(y)`` with ``phi`` a random rotation; the same acquisition operator measures
+    it, ``f(A x_phi)`` must give ``x_phi`` back. No ground truth, no teacher.
+    """
+
+    def __init__(self, ei_weight: float = 1.0) -> None:
+        self.ei_weight = ei_weight
+
+    def __call__(self, x_net, batch, model, teacher=None):
+        physics = batch.physics
+        fidelity = relative_sq_error(physics.A(x_net), batch.y)
+        x_phi = random_rotation(x_net)
+        x_rec = model(physics.A(x_phi), physics)
+        return fidelity + self.ei_weight * relative_sq_error(x_rec, x_phi)
+
+
+STRATEGIES = {"supervised": SupervisedLoss, "school": SchoolLoss, "self-supervised": SelfSupervisedLoss}

@@ -1,0 +1,327 @@
+"""One trainer for training and every fine-tuning strategy, and the evaluation used by all commands.
+
+``fit`` runs Adam over a :class:`~spade_deploy.losses.Loss`; after each epoch it validates,
+keeps the best checkpoint and atomically writes a resumable ``last.safetensors`` (model, Adam
+state, epoch, history), so a kill loses at most the current epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import data as D
+from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, model_manifest
+from .errors import SpadeError
+from .io import load_checkpoint, save_checkpoint
+from .losses import Batch, Loss
+from .metrics import evaluate_volumes
+from .models import Reconstructor, load_state
+from .physics import center_fraction_for
+from .solvers import SolverConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 4
+    acceleration: int = 6
+    center_fraction: float | None = None  # None: the default for the acceleration
+    seed: int = 0
+    grad_clip: float = 1.0
+    # DEQ only: solve the training forward pass with the inference solver at this tolerance and
+    # cap, and penalise ||J_T||_F^2 at the fixed point so the learned operator stays contractive.
+    train_max_iter: int = 50
+    train_tol: float = 1e-3
+    jacobian_weight: float = 1.0
+    max_steps_per_epoch: int | None = None
+    # Models with a ``pretrain_loss`` (the DEQ: its prior as a denoiser) run these steps first.
+    pretrain_steps: int = 0
+    pretrain_lr: float = 2e-3
+    fixed_masks: bool = False  # school / self-supervised: the test measurements as acquired
+
+    @property
+    def cf(self) -> float:
+        return self.center_fraction if self.center_fraction is not None else center_fraction_for(self.acceleration)
+
+
+@dataclass
+class EvalResult:
+    psnr: float
+    ssim: float
+    psnr_zero_filled: float
+    ssim_zero_filled: float
+    mean_iterations: float | None
+    max_residual: float | None
+    all_converged: bool | None
+    n_slices: int
+    per_volume: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FitResult:
+    best_path: Path
+    last_path: Path
+    best_val_psnr: float
+    history: list[dict]
+
+
+# ------------------------------------------------------------------------------------------------
+def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
+    """Undersample a collated batch with fastMRI equispaced masks and build the operator."""
+    y, physics = D.undersample(items["kspace"], acceleration, center_fraction, seeds, smaps=items["smaps"])
+    x_gt = D.sense_combine(items["kspace"], items["smaps"])
+    has_gt = bool(items["has_target"].all())
+    return Batch(
+        y=y,
+        physics=physics,
+        x_gt=x_gt if has_gt else None,
+        target=items["target"] if has_gt else None,
+        maxval=items["maxval"],
+        fnames=list(items["fname"]),
+        slices=[int(s) for s in items["slice"]],
+    )
+
+
+def eval_seeds(items: dict) -> list[tuple[int, ...]]:
+    """fastMRI's deterministic per-file mask seed."""
+    return [D.fastmri_seed(f) for f in items["fname"]]
+
+
+def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=D.collate, num_workers=0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Reconstructor,
+    dataset: Dataset,
+    acceleration: int = 6,
+    center_fraction: float | None = None,
+    solver: SolverConfig | None = None,
+    batch_size: int = 4,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """PSNR/SSIM per volume exactly as fastMRI's evaluate.py, beside the zero-filled baseline."""
+    import time
+
+    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    model.eval()
+    preds: dict[str, dict[int, np.ndarray]] = {}
+    zfs: dict[str, dict[int, np.ndarray]] = {}
+    gts: dict[str, dict[int, np.ndarray]] = {}
+    maxvals: dict[str, float] = {}
+    iters, resid, conv = [], [], []
+    loader = _loader(dataset, batch_size, shuffle=False, seed=0)
+    t0 = time.perf_counter()
+    for i, items in enumerate(loader):
+        batch = make_batch(items, acceleration, cf, eval_seeds(items))
+        if batch.target is None:
+            raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
+        kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
+        x = model(batch.y, batch.physics, **kwargs)
+        zf = batch.physics.A_adjoint(batch.y)
+        info = getattr(model, "last_info", None)
+        if info is not None:
+            iters += info.iterations.tolist()
+            resid += info.residual.tolist()
+            conv += info.converged.tolist()
+        for b, (f, s) in enumerate(zip(batch.fnames, batch.slices)):
+            preds.setdefault(f, {})[s] = x[b].abs().cpu().numpy()
+            zfs.setdefault(f, {})[s] = zf[b].abs().cpu().numpy()
+            gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
+            maxvals[f] = float(batch.maxval[b])
+        if on_batch:
+            on_batch(i + 1, len(loader))
+    seconds = time.perf_counter() - t0
+
+    def stack(d):
+        return {f: np.stack([v[s] for s in sorted(v)]) for f, v in d.items()}
+
+    gt_v, pr_v, zf_v = stack(gts), stack(preds), stack(zfs)
+    rec = evaluate_volumes({f: (gt_v[f], pr_v[f]) for f in gt_v})
+    base = evaluate_volumes({f: (gt_v[f], zf_v[f]) for f in gt_v})
+    return EvalResult(
+        psnr=rec.psnr,
+        ssim=rec.ssim,
+        psnr_zero_filled=base.psnr,
+        ssim_zero_filled=base.ssim,
+        mean_iterations=float(np.mean(iters)) if iters else None,
+        max_residual=float(np.max(resid)) if resid else None,
+        all_converged=bool(all(conv)) if conv else None,
+        n_slices=sum(len(v) for v in gts.values()),
+        per_volume={f: {"psnr": m.psnr, "ssim": m.ssim} for f, m in rec.per_volume.items()},
+        seconds=seconds,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{_OPTIM_PREFIX}{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key[len(_OPTIM_PREFIX) :].split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_state(seed: int, epoch: int) -> None:
+    s = seed * 1000 + epoch
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step) -> None:
+    _rng_state(cfg.seed, -1)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
+    step, recent = 0, []
+    while step < cfg.pretrain_steps:
+        for items in _loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 - step - 1):
+            if step >= cfg.pretrain_steps:
+                break
+            batch = make_batch(items, cfg.acceleration, cfg.cf, None)
+            value = model.pretrain_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            step += 1
+            recent.append(value.item())
+            if on_step:
+                on_step("pretraining prior", step, cfg.pretrain_steps, float(np.mean(recent[-20:])))
+
+
+def fit(
+    model: Reconstructor,
+    loss: Loss,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    teacher: Reconstructor | None = None,
+    extra_manifest: dict | None = None,
+    on_step: Callable[[str, int, int, float], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` with ``loss``; write ``best.safetensors`` and ``last.safetensors`` in ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SpadeError(f"output path {out} is a file, expected a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    best_path, last_path = out / "best.safetensors", out / "last.safetensors"
+    extra_manifest = dict(extra_manifest or {})
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history: list[dict] = []
+    start_epoch, best = 0, -math.inf
+
+    if resume:
+        if not last_path.exists():
+            raise SpadeError(f"--resume: no {last_path} to resume from")
+        state, manifest = load_checkpoint(last_path)
+        ts = manifest.get("train_state")
+        if not ts:
+            raise SpadeError(f"{last_path} holds no training state")
+        if manifest.get("model") != model.registry_name or manifest.get("shapes") != model_manifest(model)["shapes"]:
+            raise SpadeError(f"{last_path} was written for another architecture; cannot resume")
+        load_state(model, {k: v for k, v in state.items() if not k.startswith(_OPTIM_PREFIX)}, where=str(last_path))
+        _restore_optim(opt, {k: v for k, v in state.items() if k.startswith(_OPTIM_PREFIX)}, ts["optimizer"])
+        start_epoch, best, history = ts["epoch"], ts["best_val_psnr"], ts["history"]
+        if ts.get("train_config") != dataclasses.asdict(cfg):
+            raise SpadeError("--resume with a different training configuration; start a new run instead")
+
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    if hasattr(model, "train_solver_cfg"):
+        model.train_solver_cfg = dataclasses.replace(model.solver_cfg, max_iter=cfg.train_max_iter, tol=cfg.train_tol)
+
+    if cfg.pretrain_steps and hasattr(model, "pretrain_loss") and not resume:
+        _pretrain(model, train_ds, cfg, on_step)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        _rng_state(cfg.seed, epoch)
+        model.train()
+        loader = _loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
+        n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        running = []
+        for step, items in enumerate(loader):
+            if step >= n_steps:
+                break
+            # Fine-tuning on test measurements keeps their (fixed) masks; training draws new ones.
+            seeds = eval_seeds(items) if cfg.fixed_masks else [np.random.randint(0, 2**31 - 1) for _ in items["fname"]]
+            batch = make_batch(items, cfg.acceleration, cfg.cf, seeds)
+            x = model(batch.y, batch.physics)
+            value = loss(x, batch, model, teacher)
+            reg = model.regularizer(batch, x) if cfg.jacobian_weight > 0 and hasattr(model, "regularizer") else None
+            total = value + cfg.jacobian_weight * reg if reg is not None else value
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            running.append(value.item())
+            if on_step:
+                on_step(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, n_steps, float(np.mean(running[-20:])))
+
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(running)) if running else None}
+        if val_ds is not None and len(val_ds) > 0:
+            try:
+                res = evaluate(model, val_ds, cfg.acceleration, cfg.cf, batch_size=cfg.batch_size)
+                record.update(val_psnr=res.psnr, val_ssim=res.ssim, val_iterations=res.mean_iterations)
+            except SpadeError:
+                pass  # validation data without ground truth: keep the last epoch
+        score = record.get("val_psnr", float(epoch))
+        history.append(record)
+        manifest_extra = {**extra_manifest, "train_config": dataclasses.asdict(cfg), "epoch": epoch + 1}
+        if score > best:
+            best = score
+            save_checkpoint(best_path, model.state_dict(), model_manifest(model, **manifest_extra, history=history))
+        optim_tensors, optim_meta = _optim_tensors(opt)
+        train_state = {
+            "epoch": epoch + 1,
+            "best_val_psnr": best,
+            "history": history,
+            "optimizer": optim_meta,
+            "train_config": dataclasses.asdict(cfg),
+        }
+        save_checkpoint(
+            last_path,
+            {**model.state_dict(), **optim_tensors},
+            model_manifest(model, **manifest_extra, train_state=train_state),
+        )
+        if on_epoch:
+            on_epoch(record)
+    return FitResult(best_path=best_path, last_path=last_path, best_val_psnr=best, history=history)

@@ -1,0 +1,82 @@
+"""Shared fixtures: small fastMRI-format HDF5 files and a tiny simulated default dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import pytest
+
+from spade_deploy.data import DatasetInfo, SimConfig, build_default_dataset
+
+HEADER = (
+    '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
+    "<encodedSpace><matrixSize><x>16</x><y>20</y><z>1</z></matrixSize></encodedSpace>"
+    "<reconSpace><matrixSize><x>16</x><y>20</y><z>1</z></matrixSize></reconSpace>"
+    "<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>19</maximum><center>10</center>"
+    "</kspace_encoding_step_1></encodingLimits><trajectory>cartesian</trajectory></encoding></ismrmrdHeader>"
+)
+
+
+def _crandn(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+
+@pytest.fixture()
+def make_fastmri_file(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, np.ndarray]]]:
+    """Factory: write a small fastMRI multi-coil file and return ``(path, arrays written)``.
+
+    ``rss`` / ``smaps`` / ``max_attr`` switch the optional parts; any array passed in
+    ``overrides`` (e.g. ``kspace=...``) replaces the generated one.
+    """
+
+    def make(
+        name: str = "vol.h5",
+        slices: int = 3,
+        coils: int = 4,
+        shape: tuple[int, int] = (16, 20),
+        rss: bool = True,
+        smaps: bool = True,
+        max_attr: bool = True,
+        seed: int = 0,
+        folder: Path | None = None,
+        **overrides: np.ndarray,
+    ) -> tuple[Path, dict[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        arrays: dict[str, np.ndarray] = {"kspace": _crandn(rng, (slices, coils, *shape))}
+        if rss:
+            arrays["reconstruction_rss"] = rng.uniform(0, 1, (slices, *shape)).astype(np.float32)
+        if smaps:
+            s = _crandn(rng, (slices, coils, *shape))
+            arrays["sens_maps"] = (s / np.sqrt((np.abs(s) ** 2).sum(1, keepdims=True))).astype(np.complex64)
+        arrays.update(overrides)
+        path = (folder or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            for key, value in arrays.items():
+                f[key] = value
+            f["ismrmrd_header"] = np.bytes_(HEADER)
+            if max_attr:
+                f.attrs["max"] = 2.5
+        return path, arrays
+
+    return make
+
+
+# Small enough for a few seconds on two CPU cores; real template, all code paths of the builder.
+TINY = SimConfig(
+    train_volumes=2, train_slices=2, val_volumes=1, val_slices=1, test_volumes=1, test_slices=2, size=48, n_coils=8
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> SimConfig:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> DatasetInfo:
+    """The default dataset built with tiny counts (seed 0), shared by the tests that only read it."""
+    return build_default_dataset(tmp_path_factory.mktemp("sim") / "default", seed=0, config=TINY)

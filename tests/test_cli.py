@@ -1,0 +1,83 @@
+"""The command line: bad input gives one line on stderr and exit status 1, never a traceback."""
+
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from spade_deploy.checkpoint import save_model
+from spade_deploy.models import build_model
+
+from cli.main import app
+
+runner = CliRunner()
+
+
+def _fails_cleanly(args, match):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    out = result.stderr.strip()
+    assert out.startswith("error:") and len(out.splitlines()) == 1, out
+    assert match in out, out
+    return out
+
+
+@pytest.fixture()
+def data_root(tmp_path):
+    """A dataset root whose test split has one tiny, valid fastMRI-format file."""
+    root = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    k = (rng.standard_normal((2, 4, 16, 16)) + 1j * rng.standard_normal((2, 4, 16, 16))).astype(np.complex64)
+    with h5py.File(root / "test" / "file.h5", "w") as f:
+        f["kspace"] = k
+        f["reconstruction_rss"] = np.abs(k).sum(1).astype(np.float32)
+        f.attrs["max"] = 1.0
+    return root
+
+
+def test_models_lists_the_registry():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert "999,428" in result.output  # the paper preset
+
+
+def test_unknown_model_and_preset(tmp_path):
+    _fails_cleanly(["train", "--model", "unet3d", "--data", str(tmp_path), "--out", str(tmp_path / "o")], "unknown model")
+    _fails_cleanly(["train", "--preset", "giant", "--data", str(tmp_path), "--out", str(tmp_path / "o")], "unknown preset")
+
+
+def test_missing_and_pickled_checkpoints(tmp_path, data_root):
+    _fails_cleanly(["eval", str(tmp_path / "nope.safetensors"), "--data", str(data_root)], "not found")
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"a": 1}))
+    _fails_cleanly(["eval", str(evil), "--data", str(data_root)], "not a spade-deploy checkpoint")
+
+
+def test_eval_on_bad_data(tmp_path, data_root):
+    ckpt = save_model(tmp_path / "m.safetensors", build_model("deq", preset="tiny"))
+    _fails_cleanly(["eval", str(ckpt), "--data", str(tmp_path / "missing")], "missing")
+    bad = data_root / "val"
+    with h5py.File(bad / "x.h5", "w") as f:
+        f["image"] = np.zeros((1, 8, 8), np.float32)
+    _fails_cleanly(["eval", str(ckpt), "--data", str(data_root), "--split", "val"], "kspace")
+    with h5py.File(data_root / "train" / "rank.h5", "w") as f:
+        f["kspace"] = np.zeros((4, 16, 16), np.complex64)
+    _fails_cleanly(["eval", str(ckpt), "--data", str(data_root), "--split", "train"], "rank")
+    with h5py.File(data_root / "test" / "file.h5", "a") as f:
+        k = f["kspace"][()]
+        k[0, 0, 0, 0] = np.nan
+        f["kspace"][...] = k
+    _fails_cleanly(["eval", str(ckpt), "--data", str(data_root)], "NaN")
+
+
+def test_train_output_path_that_is_a_file(tmp_path, data_root):
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    _fails_cleanly(["train", "--preset", "tiny", "--data", str(data_root), "--out", str(out), "--epochs", "1"], "is a file")
+    assert out.read_text() == "keep me"

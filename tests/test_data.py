@@ -1,0 +1,369 @@
+"""The fastMRI reader, masks, ESPIRiT maps with their cache, and the embedded default dataset."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from fastmri.data.mri_data import SliceDataset as FastMRISliceDataset
+from fastmri.data.subsample import EquispacedMaskFractionFunc
+
+from spade_deploy import data as D
+from spade_deploy.errors import SpadeError
+from spade_deploy.physics import fft2c, ifft2c, rss
+
+
+# ------------------------------------------------------------------------------------------------
+# reader
+def test_reader_round_trips_a_fastmri_file(make_fastmri_file):
+    path, arr = make_fastmri_file(slices=3, coils=4, shape=(16, 20))
+    ds = D.SliceDataset(path, coil_maps="file")
+    assert len(ds) == 3 and ds.files == [path] and ds.has_ground_truth
+    for s in range(3):
+        item = ds[s]
+        assert item["kspace"].dtype == torch.complex64 and item["kspace"].shape == (4, 16, 20)
+        np.testing.assert_array_equal(item["kspace"].numpy(), arr["kspace"][s])
+        np.testing.assert_array_equal(item["smaps"].numpy(), arr["sens_maps"][s])
+        np.testing.assert_array_equal(item["target"].numpy(), arr["reconstruction_rss"][s])
+        assert item["target"].dtype == torch.float32
+        assert item["has_target"] is True and item["maxval"] == 2.5
+        assert item["fname"] == "vol.h5" and item["slice"] == s
+    assert ds[-1]["slice"] == 2
+    with pytest.raises(IndexError):
+        ds[3]
+
+
+def test_folder_indexes_every_slice_of_every_file_in_order(make_fastmri_file, tmp_path):
+    folder = tmp_path / "split"
+    make_fastmri_file("b.h5", slices=2, folder=folder, seed=1)
+    make_fastmri_file("a.h5", slices=3, folder=folder, seed=2)
+    (folder / "notes.txt").write_text("ignored")
+    ds = D.SliceDataset(folder)
+    assert [p.name for p in ds.files] == ["a.h5", "b.h5"]
+    assert [(ds[i]["fname"], ds[i]["slice"]) for i in range(len(ds))] == [
+        ("a.h5", 0), ("a.h5", 1), ("a.h5", 2), ("b.h5", 0), ("b.h5", 1)
+    ]
+
+
+def test_file_without_ground_truth(make_fastmri_file):
+    path, arr = make_fastmri_file(rss=False, max_attr=False)
+    ds = D.SliceDataset(path)
+    assert not ds.has_ground_truth
+    item = ds[1]
+    assert item["has_target"] is False
+    expected = rss(ifft2c(torch.from_numpy(arr["kspace"][1])), dim=0)
+    torch.testing.assert_close(item["target"], expected)
+    volume_max = max(float(rss(ifft2c(torch.from_numpy(k)), dim=0).max()) for k in arr["kspace"])
+    assert item["maxval"] == pytest.approx(volume_max, rel=1e-6)
+
+
+def test_maxval_without_attribute_is_the_volume_maximum(make_fastmri_file):
+    path, arr = make_fastmri_file(max_attr=False)
+    assert D.SliceDataset(path)[0]["maxval"] == pytest.approx(float(arr["reconstruction_rss"].max()))
+
+
+def _bad(make, tmp_path, case):
+    rng = np.random.default_rng(0)
+    if case == "missing":
+        return tmp_path / "nope.h5"
+    if case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    if case == "not hdf5":
+        p = tmp_path / "text.h5"
+        p.write_text("hello")
+        return p
+    if case == "no kspace":
+        p = tmp_path / "image.h5"
+        with h5py.File(p, "w") as f:
+            f["image"] = np.zeros((1, 8, 8), np.float32)
+        return p
+    if case == "rank":
+        return make(kspace=np.zeros((4, 16, 20), np.complex64), rss=False, smaps=False)[0]
+    if case == "real":
+        return make(kspace=np.zeros((2, 4, 16, 20), np.float32), rss=False, smaps=False)[0]
+    if case == "sens_maps":
+        return make(sens_maps=np.ones((3, 4, 16, 19), np.complex64))[0]
+    if case == "rss shape":
+        return make(reconstruction_rss=np.ones((2, 16, 20), np.float32))[0]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing", "does not exist"),
+        ("empty folder", "no .h5 files"),
+        ("not hdf5", "not a readable HDF5"),
+        ("no kspace", "no 'kspace'"),
+        ("rank", "rank 3.*4-D"),
+        ("real", "must be complex"),
+        ("sens_maps", "sens_maps of shape .* does not match kspace"),
+        ("rss shape", "reconstruction_rss of shape"),
+    ],
+)
+def test_bad_input_is_a_one_line_user_error(make_fastmri_file, tmp_path, case, match):
+    path = _bad(make_fastmri_file, tmp_path, case)
+    with pytest.raises(SpadeError, match=match) as err:
+        D.SliceDataset(path)
+    assert "\n" not in str(err.value)
+    if case not in ("missing", "empty folder"):
+        assert path.name in str(err.value)
+
+
+@pytest.mark.parametrize("dataset,value", [("kspace", np.nan), ("kspace", np.inf), ("sens_maps", np.nan),
+                                           ("reconstruction_rss", np.nan)])
+def test_non_finite_values_are_reported_when_the_slice_is_read(make_fastmri_file, dataset, value):
+    path, arr = make_fastmri_file()
+    bad = arr[dataset].copy()
+    bad[1].flat[5] = value
+    with h5py.File(path, "a") as f:
+        f[dataset][...] = bad
+    ds = D.SliceDataset(path)
+    ds[0]  # other slices stay readable
+    with pytest.raises(SpadeError, match=f"slice 1 of {dataset} contains NaN or inf"):
+        ds[1]
+
+
+def test_coil_map_source_errors(make_fastmri_file):
+    path, _ = make_fastmri_file(smaps=False)
+    with pytest.raises(SpadeError, match="no sens_maps"):
+        D.SliceDataset(path, coil_maps="file")
+    with pytest.raises(SpadeError, match="unknown coil-map source"):
+        D.SliceDataset(path, coil_maps="sense")  # type: ignore[arg-type]
+
+
+def test_collate_stacks_and_refuses_mixed_sizes(make_fastmri_file, tmp_path):
+    ds = D.SliceDataset(make_fastmri_file()[0])
+    batch = D.collate([ds[0], ds[2]])
+    assert batch["kspace"].shape == (2, 4, 16, 20) and batch["smaps"].shape == (2, 4, 16, 20)
+    assert batch["target"].shape == (2, 16, 20) and batch["maxval"].tolist() == [2.5, 2.5]
+    assert batch["has_target"].tolist() == [True, True] and batch["slice"].tolist() == [0, 2]
+    assert batch["fname"] == ["vol.h5", "vol.h5"]
+    other = D.SliceDataset(make_fastmri_file("small.h5", shape=(16, 18))[0])
+    with pytest.raises(SpadeError, match="different sizes"):
+        D.collate([ds[0], other[0]])
+
+
+# ------------------------------------------------------------------------------------------------
+# masks and coil combination
+def _consistent_batch(b=2, c=6, h=24, w=32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, h, w, dtype=torch.complex64, generator=g)
+    s = torch.randn(b, c, h, w, dtype=torch.complex64, generator=g)
+    s = s / s.abs().pow(2).sum(1, keepdim=True).sqrt()
+    return x, s, fft2c(s * x.unsqueeze(1))
+
+
+def test_sense_combine_inverts_fully_sampled_normalised_coils():
+    x, s, k = _consistent_batch()
+    torch.testing.assert_close(D.sense_combine(k, s), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(D.sense_combine(k[0], s[0]), x[0], rtol=1e-5, atol=1e-5)
+
+
+def test_undersample_uses_fastmri_masks_and_seeds():
+    x, s, k = _consistent_batch()
+    names = ["file_brain_AXT2_200_6002217.h5", "sim_brain_AXT1_003.h5"]
+    y, phys = D.undersample(k, 6, 0.08, [D.fastmri_seed(n) for n in names], smaps=s)
+    assert phys.mask.shape == (2, 1, 1, 32)
+    for b, name in enumerate(names):
+        ref, _ = EquispacedMaskFractionFunc([0.08], [6])((1, 32, 2), seed=tuple(map(ord, name)))
+        np.testing.assert_array_equal(phys.mask[b].flatten().numpy(), ref.numpy().flatten())
+    torch.testing.assert_close(y, phys.A(x), rtol=1e-5, atol=1e-5)
+    unsampled = phys.mask.expand_as(y) == 0
+    assert unsampled.any() and (y[unsampled] == 0).all()
+    torch.testing.assert_close(y[~unsampled], k[~unsampled])
+
+
+def test_undersample_random_offsets_follow_numpy_global_state():
+    _, s, k = _consistent_batch(b=8, w=64)
+    np.random.seed(3)
+    _, p1 = D.undersample(k, 8, 0.04, smaps=s)
+    np.random.seed(3)
+    _, p2 = D.undersample(k, 8, 0.04, None, smaps=s)
+    torch.testing.assert_close(p1.mask, p2.mask)
+    assert len({tuple(m.flatten().tolist()) for m in p1.mask}) > 1  # offsets vary across the batch
+
+
+def test_undersample_input_errors():
+    _, s, k = _consistent_batch()
+    with pytest.raises(SpadeError, match="do not match"):
+        D.undersample(k, 6, 0.08, smaps=s[:, :3])
+    with pytest.raises(SpadeError, match="2 mask seeds"):
+        D.undersample(k[:1], 6, 0.08, [1, 2], smaps=s[:1])
+    with pytest.raises(SpadeError, match="complex"):
+        D.undersample(k.real, 6, 0.08, smaps=s)
+
+
+# ------------------------------------------------------------------------------------------------
+# embedded default dataset
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.h5"))}
+
+
+def test_default_dataset_layout_and_physics(tiny_dataset, tiny_config):
+    root = tiny_dataset.root
+    assert not tiny_dataset.reused and tiny_dataset.seed == 0 and tiny_dataset.config == tiny_config
+    n = tiny_config.size
+    for split in D.SPLITS:
+        vols, slices = tiny_config.counts(split)
+        info = tiny_dataset.splits[split]
+        assert len(info.files) == vols and info.n_slices == vols * slices
+        for name in info.files:
+            with h5py.File(root / split / name, "r") as f:
+                k, r, s = f["kspace"][()], f["reconstruction_rss"][()], f["sens_maps"][()]
+                assert k.shape == s.shape == (slices, tiny_config.n_coils, n, n) and r.shape == (slices, n, n)
+                assert k.dtype == s.dtype == np.complex64 and r.dtype == np.float32
+                np.testing.assert_allclose((np.abs(s) ** 2).sum(1), 1.0, atol=1e-5)
+                ref = rss(ifft2c(torch.from_numpy(k)), dim=1).numpy()
+                np.testing.assert_allclose(r, ref, rtol=1e-5, atol=1e-6 * ref.max())
+                assert f.attrs["max"] == pytest.approx(float(r.max()))
+                assert f.attrs["acquisition"] in ("AXT1", "AXT2")
+                # the image is the brain, not noise: the k-space centre carries most of the energy
+                centre = np.abs(k[:, :, n // 2 - 4 : n // 2 + 4, n // 2 - 4 : n // 2 + 4]) ** 2
+                assert centre.sum() > 0.5 * (np.abs(k) ** 2).sum()
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["seed"] == 0 and "McConnell Brain Imaging Centre" in manifest["source"]["licence"]
+
+
+def test_default_dataset_is_read_by_fastmri_and_by_our_reader(tiny_dataset, tmp_path):
+    split = tiny_dataset.root / "train"
+    ref = FastMRISliceDataset(split, challenge="multicoil", dataset_cache_file=tmp_path / "cache.pkl")
+    ours = D.SliceDataset(split)
+    assert len(ref) == len(ours) == tiny_dataset.splits["train"].n_slices
+    kspace, mask, target, attrs, fname, s = ref[1]
+    item = ours[1]
+    assert (fname, s) == (item["fname"], item["slice"]) and mask is None
+    np.testing.assert_array_equal(kspace, item["kspace"].numpy())
+    np.testing.assert_array_equal(target, item["target"].numpy())
+    assert attrs["encoding_size"] == (tiny_dataset.config.size, tiny_dataset.config.size, 1)
+    assert attrs["max"] == item["maxval"]
+    with h5py.File(split / fname, "r") as f:
+        np.testing.assert_array_equal(item["smaps"].numpy(), f["sens_maps"][s])
+
+
+def test_splits_use_different_subjects_and_separated_planes(tiny_dataset):
+    planes = D.split_planes()
+    for a in D.SPLITS:
+        for b in D.SPLITS:
+            if a < b:
+                gap = min(abs(za - zb) for za in planes[a] for zb in planes[b])
+                assert gap >= 2 * D.GUARD_MM + 1
+    used, patients = {}, []
+    for split, info in tiny_dataset.splits.items():
+        for name in info.files:
+            with h5py.File(tiny_dataset.root / split / name, "r") as f:
+                used.setdefault(split, set()).update(f.attrs["template_planes"].tolist())
+                patients.append(f.attrs["patient_id"])
+        assert used[split] <= set(planes[split])
+    assert len(set(patients)) == len(patients)
+
+
+def test_default_dataset_is_deterministic_by_seed(tiny_dataset, tiny_config, tmp_path):
+    again = D.build_default_dataset(tmp_path / "again", seed=0, config=tiny_config)
+    assert _digests(again.root) == _digests(tiny_dataset.root)
+    other = D.build_default_dataset(tmp_path / "other", seed=1, config=tiny_config)
+    name0, name1 = tiny_dataset.splits["test"].files[0], other.splits["test"].files[0]
+    with h5py.File(tiny_dataset.root / "test" / name0) as f0, h5py.File(other.root / "test" / name1) as f1:
+        assert not np.allclose(f0["reconstruction_rss"][()], f1["reconstruction_rss"][()], atol=1e-2)
+        assert not np.allclose(f0["sens_maps"][()], f1["sens_maps"][()], atol=1e-2)
+
+
+def test_second_build_reuses_and_force_or_new_seed_rebuilds(tiny_config, tmp_path):
+    root = tmp_path / "d"
+    calls = []
+    first = D.build_default_dataset(root, seed=0, config=tiny_config, progress=lambda d, t: calls.append((d, t)))
+    total = sum(tiny_config.counts(s)[0] for s in D.SPLITS)
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.h5")}
+    second = D.build_default_dataset(root, seed=0, config=tiny_config)
+    assert second.reused and second.splits == first.splits
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.h5")} == stamp
+    forced = D.build_default_dataset(root, seed=0, config=tiny_config, force=True)
+    assert not forced.reused and _digests(root) and set(_digests(root)) == {str(p.relative_to(root)) for p in stamp}
+    reseeded = D.build_default_dataset(root, seed=2, config=tiny_config)
+    assert not reseeded.reused and json.loads((root / "dataset.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folders left behind
+
+
+def test_interrupted_build_leaves_nothing_that_looks_complete(tiny_config, tmp_path):
+    root = tmp_path / "d"
+
+    def interrupt(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        D.build_default_dataset(root, seed=0, config=tiny_config, progress=interrupt)
+    assert not root.exists() and list(tmp_path.iterdir()) == []
+    # an interrupted rebuild keeps the previous complete build
+    D.build_default_dataset(root, seed=0, config=tiny_config)
+    before = _digests(root)
+    with pytest.raises(KeyboardInterrupt):
+        D.build_default_dataset(root, seed=1, config=tiny_config, progress=interrupt)
+    assert _digests(root) == before and json.loads((root / "dataset.json").read_text())["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_builder_refuses_foreign_folders_and_bad_settings(tmp_path, tiny_config):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep")
+    with pytest.raises(SpadeError, match="not a spade-deploy default dataset"):
+        D.build_default_dataset(foreign, config=tiny_config)
+    assert (foreign / "thesis.tex").read_text() == "keep"
+    with pytest.raises(SpadeError, match="seed"):
+        D.build_default_dataset(tmp_path / "x", seed=-1, config=tiny_config)
+    with pytest.raises(SpadeError, match="planes"):
+        D.build_default_dataset(tmp_path / "x", config=D.SimConfig(test_slices=500))
+    assert not (tmp_path / "x").exists()
+
+
+def test_default_data_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("SPADE_DATA", raising=False)
+    assert D.default_data_root() == Path("data") / "default"
+    monkeypatch.setenv("SPADE_DATA", str(tmp_path))
+    assert D.default_data_root() == tmp_path
+
+
+# ------------------------------------------------------------------------------------------------
+# ESPIRiT
+def test_espirit_maps_match_the_true_maps_and_are_cached(tmp_path, monkeypatch):
+    cfg = D.SimConfig(train_volumes=1, train_slices=1, val_volumes=1, val_slices=1, test_volumes=1, test_slices=1,
+                      size=64, n_coils=8)
+    info = D.build_default_dataset(tmp_path / "d", seed=5, config=cfg)
+    split = info.root / "test"
+    cache = tmp_path / "cache"
+    est = D.SliceDataset(split, coil_maps="espirit", cache_dir=cache)[0]
+    true = D.SliceDataset(split, coil_maps="file")[0]
+    obj = true["target"] > 0.15 * true["target"].max()
+    assert obj.float().mean() > 0.2
+    # equal up to a phase per pixel: |<S_espirit(x), S_true(x)>| = 1 where the object is
+    inner = (est["smaps"].conj() * true["smaps"]).sum(0).abs()
+    assert inner[obj].mean() > 0.99 and inner[obj].min() > 0.95
+    img_est = D.sense_combine(est["kspace"], est["smaps"]).abs()[obj]
+    img_true = D.sense_combine(true["kspace"], true["smaps"]).abs()[obj]
+    assert np.corrcoef(img_est.numpy(), img_true.numpy())[0, 1] > 0.999
+    assert len(list(cache.glob("*.npy"))) == 1
+
+    import sigpy.mri.app
+
+    def no_espirit(*a, **k):
+        raise AssertionError("ESPIRiT recomputed despite the cache")
+
+    monkeypatch.setattr(sigpy.mri.app, "EspiritCalib", no_espirit)
+    again = D.SliceDataset(split, coil_maps="espirit", cache_dir=cache)[0]
+    torch.testing.assert_close(again["smaps"], est["smaps"], rtol=0, atol=0)
+    # different ESPIRiT settings are a different cache entry
+    with pytest.raises(AssertionError, match="recomputed"):
+        D.SliceDataset(split, coil_maps="espirit", cache_dir=cache, espirit=D.EspiritParams(calib_width=20))[0]
+
+
+def test_auto_coil_maps_fall_back_to_espirit_next_to_the_data(make_fastmri_file, tmp_path):
+    path, _ = make_fastmri_file(smaps=False, shape=(16, 16), slices=1)
+    item = D.SliceDataset(path)[0]
+    assert item["smaps"].shape == (4, 16, 16) and torch.isfinite(item["smaps"].abs()).all()
+    assert len(list((tmp_path / D.CACHE_DIRNAME).glob("vol.s0000.*.npy"))) == 1

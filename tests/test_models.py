@@ -1,0 +1,99 @@
+"""Registry, the paper-size DEQ, and the safe checkpoint format."""
+
+import pickle
+
+import pytest
+import torch
+
+from spade_deploy.checkpoint import load_model, save_model
+from spade_deploy.errors import SpadeError
+from spade_deploy.models import build_model, count_parameters
+from spade_deploy.physics import MultiCoilMRI
+
+
+def _problem(b=2, c=4, h=32, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    smaps = torch.randn(b, c, h, w, dtype=torch.complex64, generator=g)
+    smaps = smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    mask = (torch.rand(w, generator=g) < 0.4).float()
+    mask[w // 2 - 2 : w // 2 + 2] = 1
+    physics = MultiCoilMRI(mask, smaps)
+    x = torch.randn(b, h, w, dtype=torch.complex64, generator=g)
+    return physics.A(x), physics
+
+
+def test_paper_preset_has_table1_size():
+    model = build_model("deq", preset="paper")
+    # EDSR 13 x 64 on 2 channels = 999,426 weights; + residual scale + step size = Table 1's 999,428.
+    assert count_parameters(model.prior) - 1 == 999_426
+    assert count_parameters(model) == 999_428
+
+
+def test_unknown_model_and_preset_are_user_errors():
+    with pytest.raises(SpadeError, match="unknown model"):
+        build_model("resnet")
+    with pytest.raises(SpadeError, match="unknown preset"):
+        build_model("deq", preset="huge")
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("deq", preset="tiny").eval()
+    with torch.no_grad():
+        model.prior.scale.fill_(0.3)
+    y, physics = _problem()
+    with torch.no_grad():
+        ref = model(y, physics)
+    path = save_model(tmp_path / "m.safetensors", model, note="test")
+    loaded, manifest = load_model(path)
+    assert manifest["note"] == "test" and manifest["model"] == "deq"
+    with torch.no_grad():
+        out = loaded.eval()(y, physics)
+    assert torch.equal(out, ref)
+    assert torch.equal(model.last_info.iterations, loaded.last_info.iterations)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_checkpoint_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.safetensors"
+    bad.write_bytes(pickle.dumps({"state": _Exploit(str(marker))}))
+    with pytest.raises(SpadeError, match="not a spade-deploy checkpoint"):
+        load_model(bad)
+    assert not marker.exists()
+    torch_file = tmp_path / "torch.pt"
+    torch.save({"w": torch.zeros(2), "obj": _Exploit(str(marker))}, torch_file)
+    with pytest.raises(SpadeError):
+        load_model(torch_file)
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    small = save_model(tmp_path / "small.safetensors", build_model("deq", preset="small"))
+    with pytest.raises(SpadeError, match="expected 'varnet'"):
+        load_model(small, expect="varnet")
+    # A manifest that claims one architecture while the tensors are of another.
+    from spade_deploy.io import load_checkpoint, save_checkpoint
+
+    state, manifest = load_checkpoint(small)
+    manifest["config"]["n_blocks"] = 5
+    manifest.pop("format")
+    lie = save_checkpoint(tmp_path / "lie.safetensors", state, manifest)
+    with pytest.raises(SpadeError, match="does not match the architecture"):
+        load_model(lie)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = save_model(tmp_path / "m.safetensors", build_model("deq", preset="tiny"))
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        save_model(path, build_model("deq", preset="tiny"), unserialisable=object())
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

@@ -1,0 +1,63 @@
+"""The trainer: a short run raises validation PSNR; a killed run resumes from its last epoch."""
+
+import pytest
+import torch
+
+from spade_deploy import data as D
+from spade_deploy.checkpoint import load_model
+from spade_deploy.errors import SpadeError
+from spade_deploy.losses import SupervisedLoss
+from spade_deploy.models import build_model
+from spade_deploy.train import TrainConfig, evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    cfg = D.SimConfig(train_volumes=3, train_slices=4, val_volumes=1, val_slices=2, test_volumes=1, test_slices=2, size=64)
+    D.build_default_dataset(root, seed=1, config=cfg)
+    return root
+
+
+def _cfg(**kw):
+    base = dict(epochs=3, lr=2e-3, batch_size=4, train_max_iter=20, train_tol=1e-3, jacobian_weight=0.1, pretrain_steps=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_short_training_raises_validation_psnr(tiny_root, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("deq", preset="tiny")
+    val = D.SliceDataset(tiny_root / "val")
+    before = evaluate(model, val, acceleration=6).psnr
+    result = fit(model, SupervisedLoss(), D.SliceDataset(tiny_root / "train"), val, _cfg(epochs=4, pretrain_steps=80), tmp_path / "run")
+    best, manifest = load_model(result.best_path)
+    after = evaluate(best, val, acceleration=6)
+    assert after.psnr > before + 1.0, (before, after.psnr)
+    assert manifest["train_config"]["epochs"] == 4 and len(result.history) == 4
+
+
+def test_killed_run_resumes_from_last_epoch(tiny_root, tmp_path):
+    train, val = D.SliceDataset(tiny_root / "train"), D.SliceDataset(tiny_root / "val")
+    cfg = _cfg(epochs=2, max_steps_per_epoch=2)
+
+    def kill_in_second_epoch(label, step, n, loss):
+        if label.startswith("epoch 2"):
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, cfg, tmp_path / "run", on_step=kill_in_second_epoch)
+    _, manifest = load_model(tmp_path / "run" / "last.safetensors")
+    assert manifest["train_state"]["epoch"] == 1  # the finished epoch survived the kill
+
+    torch.manual_seed(0)
+    resumed = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, cfg, tmp_path / "run", resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+    torch.manual_seed(0)
+    straight = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, cfg, tmp_path / "straight")
+    assert resumed.history[1]["train_loss"] == pytest.approx(straight.history[1]["train_loss"], rel=1e-4)
+
+    with pytest.raises(SpadeError, match="different training configuration"):
+        fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, _cfg(epochs=3, max_steps_per_epoch=2, lr=1e-4), tmp_path / "run", resume=True)
