@@ -13,10 +13,21 @@ from rich.table import Table
 
 from ._common import console, user_errors
 
-# The demo's training recipe for the small DEQ on the embedded data (see README: convergence).
-DEMO_EPOCHS = 15
-DEMO_LR = 2e-3
-DEMO_JACOBIAN_WEIGHT = 0.1
+def _demo_recipes():
+    """The demo's recipes for the small DEQ on the embedded data (see README: the DEQ)."""
+    from spade_deploy.train import TrainConfig
+
+    train = TrainConfig(epochs=5, lr=2e-4, lipschitz_weight=10.0, pretrain_steps=800, pretrain_lr=2e-3)
+    # Short fine-tuning runs; supervised on the training split, the others on the 12 test slices.
+    finetune = {
+        "supervised": TrainConfig(epochs=1, lr=2e-4, lipschitz_weight=10.0),
+        "school": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
+        "self-supervised": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
+    }
+    return train, finetune
+
+
+DEMO_TRAIN, DEMO_FINETUNE = _demo_recipes()
 
 app = typer.Typer(
     name="spade",
@@ -134,14 +145,16 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (paper | small | tiny).")] = None,
     data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: best.safetensors, last.safetensors, history.json.")] = Path("runs/deq"),
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (fixed-point stage).")] = 2e-4,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
-    jacobian_weight: Annotated[float, typer.Option(help="DEQ: weight of the Jacobian penalty that keeps the fixed point contractive.")] = 1.0,
+    lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the prior's Jacobian norm below its target (a contractive fixed point).")] = 10.0,
     train_max_iter: Annotated[int, typer.Option(help="DEQ: solver cap in training forward passes.")] = 50,
     train_tol: Annotated[float, typer.Option(help="DEQ: solver tolerance in training forward passes.")] = 1e-3,
+    pretrain_steps: Annotated[int, typer.Option(help="DEQ: steps training the prior as a denoiser before the fixed-point training.")] = 800,
+    pretrain_lr: Annotated[float, typer.Option(help="DEQ: learning rate of the denoiser pretraining.")] = 2e-3,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
 ):
@@ -150,7 +163,8 @@ def train(
 
     cfg = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration, center_fraction=center_fraction,
-        seed=seed, jacobian_weight=jacobian_weight, train_max_iter=train_max_iter, train_tol=train_tol,
+        seed=seed, lipschitz_weight=lipschitz_weight, train_max_iter=train_max_iter, train_tol=train_tol,
+        pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
     )
     _run_training(model, preset, _dataset_root(data), out, cfg, resume)
 
@@ -230,7 +244,7 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
         task = bar.add_task(f"reconstructing {split}", total=None, info="")
         res = evaluate(net, ds, acceleration, center_fraction, solver=solver_cfg,
                        on_batch=lambda i, n: bar.update(task, completed=i, total=n))
-    table = Table(title=f"{manifest['model']} on {split} ({res.n_slices} slices, acceleration {acceleration})")
+    table = Table(title=f"{manifest['model']} on {split} ({res.n_slices} slices, acceleration {acceleration}, reference {res.reference})")
     for col in ("method", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")
     table.add_row("zero-filled", f"{res.psnr_zero_filled:.2f}", f"{res.ssim_zero_filled:.4f}")
@@ -253,17 +267,19 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's checkpoints and results.")] = Path("runs/demo"),
     preset: Annotated[str, typer.Option(help="DEQ preset to train.")] = "small",
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs for the base DEQ.")] = DEMO_EPOCHS,
-    retrain: Annotated[bool, typer.Option("--retrain", help="Train again even if a finished base model exists.")] = False,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train and fine-tune again even where finished runs exist.")] = False,
+    backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to benchmark.")] = None,
 ):
-    """The main job on the embedded default data: build it, train (or reuse) the DEQ, evaluate on test."""
+    """The main job on the embedded data: build it, train the DEQ, prune, fine-tune, export, bench."""
     from spade_deploy.io import read_manifest
+    from spade_deploy.losses import STRATEGIES
+    from spade_deploy.prune import PAPER_RATIOS
     from spade_deploy.train import TrainConfig
 
     t0 = time.perf_counter()
     root = _dataset_root(None)
     run = out / f"deq-{preset}"
-    cfg = TrainConfig(epochs=epochs, lr=DEMO_LR, jacobian_weight=DEMO_JACOBIAN_WEIGHT)
+    cfg = DEMO_TRAIN
     best = run / "best.safetensors"
     finished = (run / "history.json").exists() and best.exists() and read_manifest(best).get("train_config") == dataclasses.asdict(cfg)
     if finished and not retrain:
@@ -271,9 +287,23 @@ def demo(
     else:
         resume = (run / "last.safetensors").exists() and not retrain and _resumable(run / "last.safetensors", cfg)
         _run_training("deq", preset, root, run, cfg, resume=resume)
-    res = _run_eval(best, root, "test", cfg.acceleration, json_out=out / "eval-test.json")
-    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out}[/]")
-    return res
+    _run_eval(best, root, "test", cfg.acceleration, json_out=out / "eval-test.json")
+
+    console.rule("SPADE: prune")
+    pruned = [p for p, _ in _run_prune(best, list(PAPER_RATIOS), out / "pruned")]
+    console.rule("SPADE: fine-tune")
+    tuned = []
+    for path in pruned:
+        for strategy in STRATEGIES:
+            ft_out = out / "finetuned" / f"{path.stem}.{strategy}"
+            ft_cfg = DEMO_FINETUNE[strategy]
+            if not (ft_out / "best.safetensors").exists() or retrain:
+                _run_finetune(path, strategy, best, root, ft_out, ft_cfg)
+            tuned.append(ft_out / "best.safetensors")
+    console.rule("SPADE: export + bench")
+    _run_bench([best, *pruned, *tuned], list(backends or ["torch", "onnxruntime"]), out / "engines", root, "test",
+               cfg.acceleration, None, repeats=3, warmup=1, device="cpu", out=out / "results")
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out / 'results'}[/]")
 
 
 def _resumable(last: Path, cfg) -> bool:
@@ -324,6 +354,190 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
         result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
                                 on_step=on_step, on_epoch=on_epoch)
     console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
+    return result
+
+
+@app.command()
+@user_errors
+def reconstruct(
+    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint written by spade.")],
+    source: Annotated[Path, typer.Argument(help="A fastMRI-format .h5 file or a folder of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fastMRI-format reconstructions.")] = Path("reconstructions"),
+    acceleration: AccelOpt = 6,
+    center_fraction: CfOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+):
+    """Reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`), for fastMRI's evaluate.py."""
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.physics import center_fraction_for
+    from spade_deploy.reconstruct import reconstruct_files
+
+    _check_out_dir(out)
+    net, _ = load_model(checkpoint)
+    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("reconstructing", total=None, info="")
+        res = reconstruct_files(net, source, out, acceleration, cf, batch_size,
+                                on_slice=lambda i, n: bar.update(task, completed=i, total=n))
+    iters = f", mean {res.mean_iterations:.1f} fixed-point iterations" if res.mean_iterations is not None else ""
+    console.print(f"{res.n_slices} slices in {len(res.outputs)} files written to [cyan]{out}[/]{iters}")
+
+
+@app.command()
+@user_errors
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(help="The trained, unpruned model.")],
+    ratios: Annotated[Optional[list[float]], typer.Option("--ratio", "-r", help="Per-layer pruning ratio (repeatable); default 0.05 0.1 0.2 0.4.")] = None,
+    round_to: Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of N (hardware-friendly widths).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the pruned checkpoints (default: beside the input).")] = None,
+):
+    """SPADE: DepGraph groups, group-L1 ranking, per-layer ratio; a table of parameters and MACs."""
+    from spade_deploy.prune import PAPER_RATIOS
+
+    _run_prune(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to)
+
+
+def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None):
+    from spade_deploy.prune import prune_checkpoint
+
+    results = prune_checkpoint(checkpoint, ratios, out, round_to)
+    table = Table(title=f"SPADE pruning of {checkpoint}")
+    for col in ("ratio", "prior", "params before", "params after", "removed", "MACs before", "MACs after", "checkpoint"):
+        table.add_column(col, justify="right")
+    for path, rep in results:
+        for p in rep.priors:
+            table.add_row(f"{rep.ratio:g}", p.name, f"{p.params_before:,}", f"{p.params_after:,}",
+                          f"{1 - p.params_after / p.params_before:.1%}", f"{p.macs_before / 1e6:,.1f} M",
+                          f"{p.macs_after / 1e6:,.1f} M", path.name)
+        table.add_row(f"{rep.ratio:g}", "[bold]total[/]", f"{rep.params_before:,}", f"{rep.params_after:,}",
+                      f"{1 - rep.params_after / rep.params_before:.1%}", "", "", "")
+    console.print(table)
+    console.print(f"MACs per prior call on a {results[0][1].example_size[0]}x{results[0][1].example_size[1]} input.")
+    return results
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A (pruned, fine-tuned) checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for ONNX files, engines and the manifest.")] = Path("engines"),
+    onnx_: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export ONNX (always needed for TensorRT).")] = True,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT and a GPU).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in FP16.")] = False,
+    opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 17,
+):
+    """Export every prior to ONNX (checked against PyTorch) and, with --trt, to TensorRT engines."""
+    _run_export(checkpoint, out, trt=trt, fp16=fp16, opset=opset)
+
+
+def _export_stem(checkpoint: Path) -> str:
+    """Run folders hold files named best.safetensors: name exports after folder and file."""
+    return f"{checkpoint.parent.name}.{checkpoint.stem}" if checkpoint.stem in ("best", "last") else checkpoint.stem
+
+
+def _exported(checkpoint: Path, engines: Path, trt: bool = False) -> Path:
+    """The export manifest of ``checkpoint``, exporting it first unless an up-to-date one exists."""
+    from spade_deploy.export import read_export_manifest
+
+    mpath = engines / f"{_export_stem(checkpoint)}.manifest.json"
+    if mpath.exists():
+        man = read_export_manifest(mpath)
+        fresh = man.get("source") == str(checkpoint) and man.get("checkpoint_mtime") == checkpoint.stat().st_mtime
+        if fresh and (not trt or all(p.get("engine") for p in man["priors"])):
+            return mpath
+    return _run_export(checkpoint, engines, trt=trt, quiet=True).manifest_path
+
+
+def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17, quiet: bool = False):
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.export import build_trt_engines, export_onnx
+
+    _check_out_dir(out)
+    if trt:  # fail before writing anything when TensorRT cannot run here
+        from spade_deploy.export import require_tensorrt
+
+        require_tensorrt()
+    net, manifest = load_model(checkpoint)
+    res = export_onnx(net, out, _export_stem(checkpoint), opset=opset, source=str(checkpoint),
+                      extra={"checkpoint_mtime": checkpoint.stat().st_mtime, "pruning": manifest.get("pruning"),
+                             "finetune": manifest.get("finetune")})
+    if trt:
+        build_trt_engines(res.manifest_path, fp16=fp16)
+    if not quiet:
+        table = Table(title=f"Exported {checkpoint.name}")
+        for col in ("prior", "ONNX", "parameters", "max rel. error vs PyTorch"):
+            table.add_column(col, justify="right")
+        for p in res.priors:
+            table.add_row(p.name, p.onnx, f"{p.params:,}", f"{p.max_rel_error:.2e}")
+        console.print(table)
+        console.print(f"manifest: [cyan]{res.manifest_path}[/]")
+    return res
+
+
+@app.command()
+@user_errors
+def bench(
+    checkpoints: Annotated[list[Path], typer.Argument(help="The unpruned model and any pruned / fine-tuned ones.")],
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch | onnxruntime | tensorrt (repeatable).")] = None,
+    engines: Annotated[Path, typer.Option(help="Folder of exported priors (exported on the fly when missing).")] = Path("engines"),
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option(help="Split scored for quality.")] = "test",
+    acceleration: AccelOpt = 6,
+    center_fraction: CfOpt = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed reconstructions per variant (median reported).")] = 5,
+    warmup: Annotated[int, typer.Option(min=0)] = 1,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
+):
+    """Quality and latency of every variant on every back-end, beside the unpruned model (Table 1)."""
+    _run_bench(checkpoints, list(backend or ["torch", "onnxruntime"]), engines, _dataset_root(data), split,
+               acceleration, center_fraction, repeats, warmup, device, out)
+
+
+def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acceleration: int, center_fraction,
+               repeats: int, warmup: int, device: str, out: Path, stem: str = "bench"):
+    from spade_deploy import bench as B
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.errors import SpadeError
+    from spade_deploy.physics import center_fraction_for
+    from spade_deploy.runtime import BACKENDS, deploy
+
+    for b in backends:
+        if b not in BACKENDS:
+            raise SpadeError(f"unknown back-end {b!r}; choose from {', '.join(BACKENDS)}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpadeError("--device cuda: no CUDA GPU is visible here")
+    _check_out_dir(out)
+    variants, manifests = [], {}
+    for path in checkpoints:
+        net, man = load_model(path)
+        pruning, ft = man.get("pruning") or {}, man.get("finetune") or {}
+        label = f"{man['model']}-{man.get('config', {}).get('n_feats', '')}".rstrip("-")
+        variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
+                                  strategy=ft.get("strategy") or ("none" if pruning else None), model=net))
+        if any(b != "torch" for b in backends):
+            manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends)
+    if not any(v.ratio == 0 for v in variants):
+        raise SpadeError("bench needs the unpruned model among the checkpoints (speed-ups are relative to it)")
+    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    deployers = {b: (lambda v, b=b: deploy(v.model, b, manifests.get(id(v.model)), device)) for b in backends}
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("benchmarking", total=len(variants) * len(backends), info="")
+        result = B.run_bench(variants, deployers, _split(root, split), acceleration, cf, repeats=repeats, warmup=warmup,
+                             device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
+    table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; zero-filled PSNR {result.psnr_zero_filled:.2f} dB)")
+    for col in B.COLUMNS:
+        table.add_column(col, justify="right")
+    for row in B.table_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    paths = B.write_results(result, out, stem)
+    if any(v.strategy for v in variants):
+        paths["png"] = B.plot_degradation(result, out / f"{stem}-degradation.png")
+    console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in paths.values()))
     return result
 
 

@@ -20,7 +20,7 @@ def tiny_root(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(epochs=3, lr=2e-3, batch_size=4, train_max_iter=20, train_tol=1e-3, jacobian_weight=0.1, pretrain_steps=0)
+    base = dict(epochs=3, lr=2e-3, batch_size=4, train_max_iter=20, train_tol=1e-3, lipschitz_weight=0.1, pretrain_steps=0)
     base.update(kw)
     return TrainConfig(**base)
 

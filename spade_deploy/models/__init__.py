@@ -25,6 +25,9 @@ class Reconstructor(nn.Module):
     """Base class: ``forward(y, physics) -> (x, info)``; priors are the prunable sub-networks."""
 
     registry_name: str = ""
+    # The fully sampled image the model is trained and scored against: "sense" = |S^H F^-1 k|
+    # (a coil-combined estimate, as the DEQ produces), "rss" = fastMRI's reconstruction_rss.
+    reference: str = "sense"
 
     def priors(self) -> dict[str, nn.Module]:
         raise NotImplementedError

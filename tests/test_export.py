@@ -1,0 +1,80 @@
+"""Export: every prior matches PyTorch in onnxruntime, at every ratio; the runtime swaps priors."""
+
+import json
+
+import pytest
+import torch
+
+from spade_deploy.errors import SpadeError
+from spade_deploy.export import build_trt_engines, export_onnx, onnx_session
+from spade_deploy.models import build_model
+from spade_deploy.physics import MultiCoilMRI
+from spade_deploy.prune import prune_model
+from spade_deploy.runtime import deploy
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 0.1, 0.2, 0.4])
+def test_exported_priors_match_pytorch(ratio, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("deq", preset="small")
+    if ratio:
+        model, _ = prune_model(model, ratio)
+    res = export_onnx(model, tmp_path, f"r{ratio}")
+    manifest = json.loads(res.manifest_path.read_text())
+    assert manifest["opset"] >= 17 and manifest["model"] == "deq"
+    for entry in manifest["priors"]:
+        assert entry["max_rel_error"] <= 1e-4
+        # dynamic batch / height / width
+        sess = onnx_session(tmp_path / entry["onnx"])
+        for shape in [(1, 2, 48, 40), (3, 2, 64, 64)]:
+            x = torch.randn(shape)
+            with torch.no_grad():
+                ref = model.priors()[entry["name"]](x)
+            out = torch.from_numpy(sess.run(["y"], {"x": x.numpy()})[0])
+            assert out.shape == ref.shape
+            assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_onnxruntime_backend_reconstructs_like_torch(tmp_path):
+    torch.manual_seed(0)
+    model, _ = prune_model(build_model("deq", preset="small"), 0.2)
+    res = export_onnx(model, tmp_path, "m")
+    deployed = deploy(model, "onnxruntime", res.manifest_path)
+    g = torch.Generator().manual_seed(1)
+    smaps = torch.randn(2, 4, 32, 32, dtype=torch.complex64, generator=g)
+    smaps = smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    mask = torch.zeros(32)
+    mask[::2] = 1
+    physics = MultiCoilMRI(mask, smaps)
+    y = physics.A(torch.randn(2, 32, 32, dtype=torch.complex64, generator=g))
+    with torch.no_grad():
+        ref = model.eval()(y, physics)
+        out = deployed(y, physics)
+    # priors agree to ~1e-7; a whole fixed-point solve of an untrained operator may amplify that
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+    assert deployed.last_info.iterations.tolist() == model.last_info.iterations.tolist()
+    assert isinstance(model.prior, torch.nn.Module) and type(model.prior).__name__ == "EDSR"  # original untouched
+
+
+def test_tensorrt_without_tensorrt_is_a_clear_error(tmp_path):
+    res = export_onnx(build_model("deq", preset="tiny"), tmp_path, "m")
+    with pytest.raises(SpadeError, match="TensorRT"):
+        build_trt_engines(res.manifest_path)
+    with pytest.raises(SpadeError, match="TensorRT|tensorrt"):
+        deploy(build_model("deq", preset="tiny"), "tensorrt", res.manifest_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_reconstruction_matches_cpu():
+    torch.manual_seed(0)
+    model = build_model("deq", preset="small").eval()
+    g = torch.Generator().manual_seed(1)
+    smaps = torch.randn(1, 4, 32, 32, dtype=torch.complex64, generator=g)
+    smaps = smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    physics = MultiCoilMRI(torch.ones(32), smaps)
+    y = physics.A(torch.randn(1, 32, 32, dtype=torch.complex64, generator=g))
+    with torch.no_grad():
+        ref = model(y, physics)
+        out = model.cuda()(y.cuda(), physics.cuda()).cpu()
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
