@@ -13,21 +13,6 @@ from rich.table import Table
 
 from ._common import console, user_errors
 
-def _demo_recipes():
-    """The demo's recipes for the small DEQ on the embedded data (see README: the DEQ)."""
-    from spade_deploy.train import TrainConfig
-
-    train = TrainConfig(epochs=5, lr=2e-4, lipschitz_weight=10.0, pretrain_steps=800, pretrain_lr=2e-3)
-    # Short fine-tuning runs; supervised on the training split, the others on the 12 test slices.
-    finetune = {
-        "supervised": TrainConfig(epochs=1, lr=2e-4, lipschitz_weight=10.0),
-        "school": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
-        "self-supervised": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
-    }
-    return train, finetune
-
-
-DEMO_TRAIN, DEMO_FINETUNE = _demo_recipes()
 
 app = typer.Typer(
     name="spade",
@@ -274,7 +259,7 @@ def demo(
     from spade_deploy.io import read_manifest
     from spade_deploy.losses import STRATEGIES
     from spade_deploy.prune import PAPER_RATIOS
-    from spade_deploy.train import TrainConfig
+    from spade_deploy.train import DEMO_FINETUNE, DEMO_TRAIN
 
     t0 = time.perf_counter()
     root = _dataset_root(None)
@@ -536,7 +521,8 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     console.print(table)
     paths = B.write_results(result, out, stem)
     if any(v.strategy for v in variants):
-        paths["png"] = B.plot_degradation(result, out / f"{stem}-degradation.png")
+        paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png")
+        paths["examples"] = B.plot_examples(variants, _split(root, split), acceleration, cf, out / f"{stem}-examples.png")
     console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in paths.values()))
     return result
 

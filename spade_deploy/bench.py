@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters
 from .solvers import SolverConfig
-from .train import EvalResult, evaluate, make_batch, eval_seeds, _loader
+from .data import collate as D_collate
+from .train import EvalResult, _loader, eval_seeds, evaluate, make_batch
 
 
 @dataclass
@@ -222,5 +223,49 @@ def plot_degradation(result: BenchResult, path: str | Path, backend: str = "torc
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_examples(variants: Sequence[Variant], test_ds: Dataset, acceleration: int, center_fraction: float,
+                  path: str | Path, index: int = 0, ratio: float | None = None) -> Path:
+    """One test slice: reference, zero-filled, unpruned and the pruned variants at ``ratio`` (default:
+    the largest), each labelled with its PSNR and its degradation against the unpruned model
+    (the paper's Figures 6-8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import psnr
+
+    items = D_collate([test_ds[index]])
+    batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
+    ratio = ratio if ratio is not None else max(v.ratio for v in variants)
+    shown = [v for v in variants if v.ratio == 0] + [v for v in variants if v.ratio == ratio and v.ratio > 0]
+    ref = batch.x_gt.abs()[0].numpy()
+    panels = [("reference", ref, None), ("zero-filled", batch.physics.A_adjoint(batch.y).abs()[0].numpy(), None)]
+    for v in shown:
+        x = v.model.eval()(batch.y, batch.physics).abs()[0].numpy()
+        name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}: {v.strategy}"
+        panels.append((name, x, v.ratio == 0))
+    base_psnr = None
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.8))
+    for ax, (name, img, is_base) in zip(axes, panels):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=ref.max())
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+        if name != "reference":
+            p = psnr(ref[None], img[None])
+            if is_base:
+                base_psnr = p
+            ax.text(3, 12, f"{p:.2f} dB", color="yellow", fontsize=8)
+            if base_psnr is not None and not is_base and name != "zero-filled":
+                ax.text(3, img.shape[0] - 6, f"{100 * (base_psnr - p) / base_psnr:+.1f} %", color="cyan", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path

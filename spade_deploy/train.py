@@ -54,6 +54,17 @@ class TrainConfig:
         return self.center_fraction if self.center_fraction is not None else center_fraction_for(self.acceleration)
 
 
+# The demo's recipes for the small DEQ on the embedded data (README: the DEQ and its convergence):
+# denoiser pretraining, then the fixed-point stage; short fine-tuning runs (supervised on the
+# training split, school and self-supervised on the 12 test slices' measurements).
+DEMO_TRAIN = TrainConfig(epochs=5, lr=2e-4, lipschitz_weight=10.0, pretrain_steps=800, pretrain_lr=2e-3)
+DEMO_FINETUNE = {
+    "supervised": TrainConfig(epochs=1, lr=2e-4, lipschitz_weight=10.0),
+    "school": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
+    "self-supervised": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
+}
+
+
 @dataclass
 class EvalResult:
     psnr: float
@@ -307,14 +318,20 @@ def fit(
         if val_ds is not None and len(val_ds) > 0:
             try:
                 res = evaluate(model, val_ds, cfg.acceleration, cfg.cf, batch_size=cfg.batch_size)
-                record.update(val_psnr=res.psnr, val_ssim=res.ssim, val_iterations=res.mean_iterations)
+                record.update(val_psnr=res.psnr, val_ssim=res.ssim, val_iterations=res.mean_iterations,
+                              val_converged=res.all_converged)
             except SpadeError:
                 pass  # validation data without ground truth: keep the last epoch
+        # Best = highest validation PSNR among epochs whose fixed points all converged (a DEQ that
+        # stops on its cap is not a usable model, however good its PSNR).
         score = record.get("val_psnr", float(epoch))
+        if record.get("val_converged") is False:
+            score -= 1000.0
         history.append(record)
         manifest_extra = {**extra_manifest, "train_config": dataclasses.asdict(cfg), "epoch": epoch + 1}
         if score > best:
             best = score
+            record["best"] = True
             save_checkpoint(best_path, model.state_dict(), model_manifest(model, **manifest_extra, history=history))
         optim_tensors, optim_meta = _optim_tensors(opt)
         train_state = {
@@ -331,4 +348,6 @@ def fit(
         )
         if on_epoch:
             on_epoch(record)
-    return FitResult(best_path=best_path, last_path=last_path, best_val_psnr=best, history=history)
+    best_record = [h for h in history if h.get("best")][-1]
+    return FitResult(best_path=best_path, last_path=last_path, best_val_psnr=best_record.get("val_psnr", float("nan")),
+                     history=history)

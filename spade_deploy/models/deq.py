@@ -64,7 +64,7 @@ class DEQConfig:
     tol: float = 1e-4
     anderson_m: int = 5
     # Training keeps the prior's Jacobian spectral norm below this (see DEQ.regularizer).
-    lipschitz_target: float = 0.95
+    lipschitz_target: float = 0.98
 
     @property
     def solver_config(self) -> SolverConfig:
