@@ -157,12 +157,15 @@ def train(
 def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, resume: bool = False):
     import dataclasses
 
+    import torch
+
     from spade_deploy.io import write_json
     from spade_deploy.losses import SupervisedLoss
     from spade_deploy.models import build_model, count_parameters
     from spade_deploy.train import fit
 
     _check_out_dir(out)
+    torch.manual_seed(cfg.seed)  # the initial weights, reproducibly
     net = build_model(model, preset=preset)
     train_ds, val_ds = _split(root, "train"), _split(root, "val")
     console.print(f"Training [bold]{model}[/] ({count_parameters(net):,} parameters) on {len(train_ds)} slices, validating on {len(val_ds)}.")
@@ -181,6 +184,7 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
                 f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f}"
                 + (f", val PSNR {rec['val_psnr']:.2f} dB, SSIM {rec['val_ssim']:.4f}" if "val_psnr" in rec else "")
                 + (f", {rec['val_iterations']:.1f} iterations" if rec.get("val_iterations") else "")
+                + (" (some slices hit the cap)" if rec.get("val_converged") is False else "")
             )
 
         result = fit(net, SupervisedLoss(), train_ds, val_ds, cfg, out, resume=resume,
@@ -406,7 +410,7 @@ def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None):
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A (pruned, fine-tuned) checkpoint.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for ONNX files, engines and the manifest.")] = Path("engines"),
-    onnx_: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export ONNX (always needed for TensorRT).")] = True,
+    onnx_: Annotated[bool, typer.Option("--onnx", help="Export ONNX: always done (TensorRT engines are built from it).")] = True,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT and a GPU).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in FP16.")] = False,
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 17,
