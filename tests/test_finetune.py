@@ -1,0 +1,60 @@
+"""Fine-tuning strategies: what each needs, refused clearly when it is missing."""
+
+import h5py
+import pytest
+import torch
+
+from spade_deploy import data as D
+from spade_deploy.checkpoint import load_model, save_model
+from spade_deploy.errors import SpadeError
+from spade_deploy.finetune import finetune_model
+from spade_deploy.models import build_model
+from spade_deploy.prune import prune_checkpoint
+from spade_deploy.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ft")
+    root = base / "data"
+    cfg = D.SimConfig(train_volumes=1, train_slices=2, val_volumes=1, val_slices=2, test_volumes=1, test_slices=2, size=48)
+    D.build_default_dataset(root, seed=2, config=cfg)
+    torch.manual_seed(0)
+    teacher = save_model(base / "teacher.safetensors", build_model("deq", preset="tiny"))
+    (student, _), = prune_checkpoint(teacher, [0.4], base / "pruned")
+    return root, teacher, student
+
+
+CFG = TrainConfig(epochs=1, lr=1e-4, batch_size=2, train_max_iter=10)
+
+
+@pytest.mark.parametrize("strategy", ["school", "self-supervised"])
+def test_teacher_and_measurement_strategies_run_on_test_measurements(setup, tmp_path, strategy):
+    root, teacher, student = setup
+    result = finetune_model(student, strategy, root, tmp_path / strategy, CFG)
+    model, manifest = load_model(result.best_path)
+    assert manifest["finetune"]["strategy"] == strategy
+    assert manifest["finetune"]["data"].endswith("test")
+    assert manifest["pruning"]["ratio"] == 0.4  # still recognised as pruned
+    assert model.prior.head.out_channels == 9  # int(16 * 0.6)
+
+
+def test_supervised_needs_ground_truth(setup, tmp_path):
+    root, teacher, student = setup
+    no_gt = tmp_path / "no-gt"
+    (no_gt / "train").mkdir(parents=True)
+    src = next((root / "train").glob("*.h5"))
+    with h5py.File(src) as f, h5py.File(no_gt / "train" / src.name, "w") as g:
+        g["kspace"] = f["kspace"][()]
+        g["sens_maps"] = f["sens_maps"][()]
+    with pytest.raises(SpadeError, match="needs ground truth"):
+        finetune_model(student, "supervised", no_gt, tmp_path / "out", CFG)
+
+
+def test_teacher_of_another_architecture_is_refused(setup, tmp_path):
+    root, teacher, student = setup
+    other = save_model(tmp_path / "other.safetensors", build_model("deq", preset="small"))
+    with pytest.raises(SpadeError, match="another architecture"):
+        finetune_model(student, "school", root, tmp_path / "out", CFG, teacher_path=other)
+    with pytest.raises(SpadeError, match="unknown strategy"):
+        finetune_model(student, "telepathy", root, tmp_path / "out", CFG)
