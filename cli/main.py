@@ -163,6 +163,7 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
     from spade_deploy.losses import SupervisedLoss
     from spade_deploy.models import build_model, count_parameters
     from spade_deploy.train import fit
+    from spade_deploy.zoo import dataset_key
 
     _check_out_dir(out)
     torch.manual_seed(cfg.seed)  # the initial weights, reproducibly
@@ -188,7 +189,7 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
             )
 
         result = fit(net, SupervisedLoss(), train_ds, val_ds, cfg, out, resume=resume,
-                     extra_manifest={"data": str(root), "preset": preset}, on_step=on_step, on_epoch=on_epoch)
+                     extra_manifest={"data": str(root), "preset": preset, "dataset": dataset_key(root)}, on_step=on_step, on_epoch=on_epoch)
     write_json(Path(out) / "history.json", {"train_config": dataclasses.asdict(cfg), "history": result.history})
     console.print(f"best checkpoint: [cyan]{result.best_path}[/] (val PSNR {result.best_val_psnr:.2f} dB) in {time.perf_counter() - t0:.0f} s")
     return result
@@ -255,51 +256,96 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's checkpoints and results.")] = Path("runs/demo"),
-    preset: Annotated[str, typer.Option(help="DEQ preset to train.")] = "small",
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Architectures to run (repeatable): deq, varnet, e2e-varnet; one bench table for all.")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train and fine-tune again even where finished runs exist.")] = False,
     backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to benchmark.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed reconstructions per variant and back-end.")] = 3,
 ):
-    """The main job on the embedded data: build it, train the DEQ, prune, fine-tune, export, bench."""
-    from spade_deploy.io import read_manifest
+    """The main job on the embedded data: build it, train each model, prune, fine-tune, export, bench."""
+    from spade_deploy.errors import SpadeError
     from spade_deploy.losses import STRATEGIES
     from spade_deploy.prune import PAPER_RATIOS
-    from spade_deploy.train import DEMO_FINETUNE, DEMO_TRAIN
+    from spade_deploy.train import DEMO_RECIPES
 
+    models = list(dict.fromkeys(model or ["deq"]))
+    for name in models:
+        if name not in DEMO_RECIPES:
+            raise SpadeError(f"no demo recipe for {name!r}; choose from {', '.join(DEMO_RECIPES)}")
     t0 = time.perf_counter()
     root = _dataset_root(None)
-    run = out / f"deq-{preset}"
-    cfg = DEMO_TRAIN
-    best = run / "best.safetensors"
-    finished = (run / "history.json").exists() and best.exists() and read_manifest(best).get("train_config") == dataclasses.asdict(cfg)
-    if finished and not retrain:
-        console.print(f"Reusing the trained base model [cyan]{best}[/] (--retrain to train again).")
-    else:
-        resume = (run / "last.safetensors").exists() and not retrain and _resumable(run / "last.safetensors", cfg)
-        _run_training("deq", preset, root, run, cfg, resume=resume)
-    _run_eval(best, root, "test", cfg.acceleration, json_out=out / "eval-test.json")
-
-    console.rule("SPADE: prune")
-    pruned = [p for p, _ in _run_prune(best, list(PAPER_RATIOS), out / "pruned")]
-    console.rule("SPADE: fine-tune")
-    tuned = []
-    for path in pruned:
-        for strategy in STRATEGIES:
-            ft_out = out / "finetuned" / f"{path.stem}.{strategy}"
-            ft_cfg = DEMO_FINETUNE[strategy]
-            if not (ft_out / "best.safetensors").exists() or retrain:
-                _run_finetune(path, strategy, best, root, ft_out, ft_cfg)
-            tuned.append(ft_out / "best.safetensors")
+    checkpoints = []
+    for name in models:
+        recipe = DEMO_RECIPES[name]
+        base_dir = out / name
+        console.rule(f"{name}: train ({recipe.preset} preset)")
+        best = _train_once(name, recipe.preset, root, base_dir / "base", recipe.train, retrain)
+        _run_eval(best, root, "test", recipe.train.acceleration, json_out=base_dir / "eval-test.json")
+        console.rule(f"{name}: SPADE prune")
+        pruned = [p for p, _ in _run_prune(best, list(PAPER_RATIOS), base_dir / "pruned")]
+        console.rule(f"{name}: SPADE fine-tune")
+        tuned = []
+        for path in pruned:
+            for strategy in STRATEGIES:
+                ft_out = base_dir / "finetuned" / f"{path.stem}.{strategy}"
+                ft_cfg = recipe.finetune[strategy]
+                if retrain or not _finished(ft_out, ft_cfg):
+                    resume = not retrain and _resumable(ft_out / "last.safetensors", ft_cfg)
+                    _run_finetune(path, strategy, best, root, ft_out, ft_cfg, resume=resume)
+                tuned.append(ft_out / "best.safetensors")
+        checkpoints += [best, *pruned, *tuned]
     console.rule("SPADE: export + bench")
-    _run_bench([best, *pruned, *tuned], list(backends or ["torch", "onnxruntime"]), out / "engines", root, "test",
-               cfg.acceleration, None, repeats=3, warmup=1, device="cpu", out=out / "results")
+    _run_bench(checkpoints, list(backends or ["torch", "onnxruntime"]), out / "engines", root, "test",
+               DEMO_RECIPES[models[0]].train.acceleration, None, repeats=repeats, warmup=1, device="cpu",
+               out=out / "results", stem="bench-" + "+".join(models))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out / 'results'}[/]")
 
 
-def _resumable(last: Path, cfg) -> bool:
+def _train_once(model: str, preset: str, root: Path, run: Path, cfg, retrain: bool) -> Path:
+    """Train unless a finished run with the same recipe exists; resume an interrupted one."""
     from spade_deploy.io import read_manifest
 
+    from spade_deploy.zoo import bundled_base
+
+    best = run / "best.safetensors"
+    if not retrain and _finished(run, cfg) and read_manifest(best).get("preset") == preset:
+        console.print(f"Reusing the trained base model [cyan]{best}[/] (--retrain to train again).")
+        return best
+    shipped = None if retrain else bundled_base(model, preset, root)
+    if shipped is not None:
+        console.print(f"Using the base model trained on this dataset and shipped with spade-deploy: [cyan]{shipped}[/] "
+                      "(--retrain to train it here).")
+        return shipped
+    resume = not retrain and _resumable(run / "last.safetensors", cfg)
+    _run_training(model, preset, root, run, cfg, resume=resume)
+    return best
+
+
+def _same_recipe(stored: dict | None, cfg) -> bool:
+    """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself)."""
+    want = dataclasses.asdict(cfg)
+    return stored is not None and {k: v for k, v in stored.items() if k != "fixed_masks"} == {
+        k: v for k, v in want.items() if k != "fixed_masks"}
+
+
+def _finished(run: Path, cfg) -> bool:
+    """``run`` holds a completed training with recipe ``cfg``."""
+    from spade_deploy.io import read_manifest
+
+    best, last = run / "best.safetensors", run / "last.safetensors"
+    if not (best.exists() and last.exists()):
+        return False
     ts = read_manifest(last).get("train_state") or {}
-    return ts.get("train_config") == dataclasses.asdict(cfg) and ts.get("epoch", 0) < cfg.epochs
+    return _same_recipe(ts.get("train_config"), cfg) and ts.get("epoch") == cfg.epochs
+
+
+def _resumable(last: Path, cfg) -> bool:
+    """``last`` is an interrupted run of recipe ``cfg``."""
+    from spade_deploy.io import read_manifest
+
+    if not last.exists():
+        return False
+    ts = read_manifest(last).get("train_state") or {}
+    return _same_recipe(ts.get("train_config"), cfg) and ts.get("epoch", 0) < cfg.epochs
 
 
 @app.command()
@@ -504,13 +550,16 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     for path in checkpoints:
         net, man = load_model(path)
         pruning, ft = man.get("pruning") or {}, man.get("finetune") or {}
-        label = f"{man['model']}-{man.get('config', {}).get('n_feats', '')}".rstrip("-")
+        label = man["model"]
+        if not pruning and any(v.label == label and v.ratio == 0 for v in variants):
+            raise SpadeError(f"two unpruned {label!r} models given; bench one unpruned model per architecture")
         variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
                                   strategy=ft.get("strategy") or ("none" if pruning else None), model=net))
         if any(b != "torch" for b in backends):
             manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends)
-    if not any(v.ratio == 0 for v in variants):
-        raise SpadeError("bench needs the unpruned model among the checkpoints (speed-ups are relative to it)")
+    for label in {v.label for v in variants}:
+        if not any(v.label == label and v.ratio == 0 for v in variants):
+            raise SpadeError(f"bench needs the unpruned {label!r} among the checkpoints (speed-ups are relative to it)")
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
     deployers = {b: (lambda v, b=b: deploy(v.model, b, manifests.get(id(v.model)), device)) for b in backends}
     with progress_bar(transient=True) as bar:
@@ -526,7 +575,11 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     paths = B.write_results(result, out, stem)
     if any(v.strategy for v in variants):
         paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png")
-        paths["examples"] = B.plot_examples(variants, _split(root, split), acceleration, cf, out / f"{stem}-examples.png")
+        for label in dict.fromkeys(v.label for v in variants):
+            mine = [v for v in variants if v.label == label]
+            if any(v.ratio > 0 for v in mine):
+                paths[f"examples {label}"] = B.plot_examples(mine, _split(root, split), acceleration, cf,
+                                                             out / f"{stem}-{label}-examples.png")
     console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in paths.values()))
     return result
 

@@ -138,9 +138,9 @@ def run_bench(
                 mean_iterations=res.mean_iterations, all_converged=res.all_converged,
                 latency_ms=1000 * statistics.median(t), latency_iqr_ms=1000 * float(q3 - q1),
             ))
-    base_torch = next((r for r in rows if r.ratio == 0 and r.backend == "torch"), None)
-    for r in rows:
-        same = next((b for b in rows if b.ratio == 0 and b.backend == r.backend), None)
+    for r in rows:  # each architecture against its own unpruned model
+        base_torch = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == "torch"), None)
+        same = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == r.backend), None)
         if base_torch:
             r.speedup_vs_torch = base_torch.latency_ms / r.latency_ms
         if same:
@@ -202,23 +202,27 @@ def write_results(result: BenchResult, out_dir: str | Path, stem: str = "bench")
 
 
 def plot_degradation(result: BenchResult, path: str | Path, backend: str = "torch") -> Path:
-    """PSNR degradation (%) against pruning ratio, one line per strategy (the paper's Figure 3)."""
+    """PSNR degradation (%) against pruning ratio, one line per strategy and one panel per
+    architecture (the paper's Figure 3)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result.rows if r.backend == backend]
-    base = next(r for r in rows if r.ratio == 0)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for strategy in sorted({r.strategy for r in rows if r.strategy}):
-        pts = sorted((r.ratio, 100 * (base.psnr - r.psnr) / base.psnr) for r in rows if r.strategy == strategy)
-        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
-    ax.set_xlabel("per-layer pruning ratio (%)")
-    ax.set_ylabel("PSNR degradation (%)")
-    ax.set_title(f"{base.label}: PSNR degradation vs pruning")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.legend()
+    labels = list(dict.fromkeys(r.label for r in rows))
+    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 3.5), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        mine = [r for r in rows if r.label == label]
+        base = next(r for r in mine if r.ratio == 0)
+        for strategy in sorted({r.strategy for r in mine if r.strategy}):
+            pts = sorted((r.ratio, 100 * (base.psnr - r.psnr) / base.psnr) for r in mine if r.strategy == strategy)
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+        ax.set_xlabel("per-layer pruning ratio (%)")
+        ax.set_ylabel("PSNR degradation (%)")
+        ax.set_title(f"{label}: PSNR degradation vs pruning ({base.psnr:.2f} dB unpruned)", fontsize=9)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -230,24 +234,27 @@ def plot_degradation(result: BenchResult, path: str | Path, backend: str = "torc
 @torch.no_grad()
 def plot_examples(variants: Sequence[Variant], test_ds: Dataset, acceleration: int, center_fraction: float,
                   path: str | Path, index: int = 0, ratio: float | None = None) -> Path:
-    """One test slice: reference, zero-filled, unpruned and the pruned variants at ``ratio`` (default:
-    the largest), each labelled with its PSNR and its degradation against the unpruned model
+    """One test slice of one architecture's ``variants``: reference, zero-filled, unpruned and the
+    pruned variants at ``ratio`` (default: the largest), each labelled with its PSNR and its degradation against the unpruned model
     (the paper's Figures 6-8)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import psnr
+    from .metrics import center_crop, psnr
 
     items = D_collate([test_ds[index]])
     batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
     ratio = ratio if ratio is not None else max(v.ratio for v in variants)
     shown = [v for v in variants if v.ratio == 0] + [v for v in variants if v.ratio == ratio and v.ratio > 0]
-    ref = batch.x_gt.abs()[0].numpy()
-    panels = [("reference", ref, None), ("zero-filled", batch.physics.A_adjoint(batch.y).abs()[0].numpy(), None)]
+    ref_t = batch.x_gt.abs() if shown[0].model.reference == "sense" else batch.target
+    crop = tuple(batch.target.shape[-2:])
+    ref = center_crop(ref_t, crop)[0].numpy()
+    zf = center_crop(batch.physics.A_adjoint(batch.y).abs(), crop)[0].numpy()
+    panels = [("reference", ref, None), ("zero-filled", zf, None)]
     for v in shown:
-        x = v.model.eval()(batch.y, batch.physics).abs()[0].numpy()
+        x = center_crop(v.model.eval()(batch.y, batch.physics).abs(), crop)[0].numpy()
         name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}: {v.strategy}"
         panels.append((name, x, v.ratio == 0))
     base_psnr = None

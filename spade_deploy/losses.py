@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .metrics import center_crop
 from .physics import MultiCoilMRI
 
 
@@ -48,6 +49,9 @@ class SupervisedLoss(Loss):
     needs_ground_truth = True
 
     def __call__(self, x_net, batch, model, teacher=None):
+        if model.reference == "rss":
+            # Models scored against reconstruction_rss (VarNet) learn its magnitude on its crop.
+            return relative_sq_error(center_crop(x_net.abs(), tuple(batch.target.shape[-2:])), batch.target)
         return relative_sq_error(x_net, batch.x_gt)
 
 
@@ -78,27 +82,37 @@ class SchoolLoss(Loss):
         return relative_sq_error(x_net, self.teacher_output(batch, teacher))
 
 
-def random_rotation(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random element of the rotation group {0, 90, 180, 270 degrees} per sample (exact on the grid)."""
-    ks = torch.randint(1, 4, (x.shape[0],), generator=generator).tolist()
+def random_quarter_turns(x: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:
+    """A random non-identity element of the rotation group per sample, in quarter turns: 90, 180 or
+    270 degrees on square images (exact on the grid), 180 degrees on rectangular ones."""
+    if x.shape[-1] != x.shape[-2]:
+        return [2] * x.shape[0]
+    return torch.randint(1, 4, (x.shape[0],), generator=generator).tolist()
+
+
+def rotate(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     return torch.stack([torch.rot90(xi, k, dims=(-2, -1)) for xi, k in zip(x, ks)])
 
 
 class SelfSupervisedLoss(Loss):
     """Eq. (9): data fidelity ``||A f(y) - y||`` plus equivariant imaging on the test measurements.
 
-    EI: ``x_phi = phi f(y)`` with ``phi`` a random rotation; the same acquisition operator measures
-    it, ``f(A x_phi)`` must give ``x_phi`` back. No ground truth, no teacher.
+    EI: ``x_phi = phi f(y)`` with ``phi`` a random rotation, measured by the acquisition rotated
+    with it (coil maps rotated consistently, the scanner's column mask unchanged):
+    ``f(A_phi x_phi)`` must give ``x_phi`` back. ``A`` is the model's own operator
+    (:meth:`Reconstructor.measurement_operator`: E2E-VarNet's estimated coil maps). No ground
+    truth, no teacher.
     """
 
     def __init__(self, ei_weight: float = 1.0) -> None:
         self.ei_weight = ei_weight
 
     def __call__(self, x_net, batch, model, teacher=None):
-        physics = batch.physics
+        physics = model.measurement_operator(batch.y, batch.physics)
         fidelity = relative_sq_error(physics.A(x_net), batch.y)
-        x_phi = random_rotation(x_net)
-        x_rec = model(physics.A(x_phi), physics)
+        ks = random_quarter_turns(x_net)
+        x_phi, physics_phi = rotate(x_net, ks), physics.rotate(ks)
+        x_rec = model(physics_phi.A(x_phi), physics_phi)
         return fidelity + self.ei_weight * relative_sq_error(x_rec, x_phi)
 
 

@@ -126,13 +126,15 @@ class MultiCoilMRI(nn.Module):
         mask = self.mask[index] if self.mask.shape[0] > 1 else self.mask
         return MultiCoilMRI(mask, self.smaps[index])
 
-    def rotate(self, k: int) -> "MultiCoilMRI":
-        """The same acquisition seen in an image rotated by ``k`` quarter turns.
+    def rotate(self, ks: list[int]) -> "MultiCoilMRI":
+        """The acquisition seen in images rotated by ``ks[b]`` quarter turns (sample ``b``).
 
         Used by equivariant imaging: coil maps rotate with the image; the column mask stays the
-        scanner's (it is a property of the acquisition, not of the object).
+        scanner's (it is a property of the acquisition, not of the object). Odd turns need
+        square images.
         """
-        return MultiCoilMRI(self.mask, torch.rot90(self.smaps, k, dims=(-2, -1)))
+        smaps = torch.stack([torch.rot90(s, k, dims=(-2, -1)) for s, k in zip(self.smaps, ks)])
+        return MultiCoilMRI(self.mask, smaps)
 
 
 def rss(coil_images: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -62,15 +62,6 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
-def _output_layers(prior: nn.Module) -> list[nn.Module]:
-    """The convolutions that produce the prior's output (their out-channels are the interface)."""
-    convs = [m for m in prior.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    if not convs:
-        raise SpadeError("prior has no convolution to prune")
-    last = getattr(prior, "tail", None) or convs[-1]
-    return [last]
-
-
 def count_macs(module: nn.Module, example: torch.Tensor) -> int:
     macs, _ = tp.utils.count_ops_and_params(module, example)
     return int(macs)
@@ -99,7 +90,7 @@ def prune_model(
                 importance=importance,
                 pruning_ratio=ratio,
                 global_pruning=False,
-                ignored_layers=_output_layers(prior),
+                ignored_layers=pruned.prior_output_layers(name),
                 round_to=round_to,
             )
             pruner.step()

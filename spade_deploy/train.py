@@ -23,7 +23,7 @@ from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, model_manifest
 from .errors import SpadeError
 from .io import load_checkpoint, save_checkpoint
 from .losses import Batch, Loss
-from .metrics import evaluate_volumes
+from .metrics import center_crop, evaluate_volumes
 from .models import Reconstructor, load_state
 from .physics import center_fraction_for
 from .solvers import SolverConfig
@@ -54,14 +54,28 @@ class TrainConfig:
         return self.center_fraction if self.center_fraction is not None else center_fraction_for(self.acceleration)
 
 
-# The demo's recipes for the small DEQ on the embedded data (README: the DEQ and its convergence):
-# denoiser pretraining, then the fixed-point stage; short fine-tuning runs (supervised on the
+@dataclass(frozen=True)
+class DemoRecipe:
+    """What ``spade demo`` runs for one architecture on the embedded data (README: the demo)."""
+
+    preset: str
+    train: TrainConfig
+    finetune: dict[str, TrainConfig]
+
+
+# DEQ: denoiser pretraining, then the fixed-point stage; short fine-tuning runs (supervised on the
 # training split, school and self-supervised on the 12 test slices' measurements).
-DEMO_TRAIN = TrainConfig(epochs=5, lr=2e-4, lipschitz_weight=10.0, pretrain_steps=800, pretrain_lr=2e-3)
-DEMO_FINETUNE = {
-    "supervised": TrainConfig(epochs=1, lr=2e-4, lipschitz_weight=10.0),
-    "school": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
-    "self-supervised": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
+# VarNet / E2E-VarNet: supervised training on the magnitude of reconstruction_rss.
+DEMO_RECIPES = {
+    "deq": DemoRecipe(
+        preset="small",
+        train=TrainConfig(epochs=5, lr=2e-4, lipschitz_weight=10.0, pretrain_steps=800, pretrain_lr=2e-3),
+        finetune={
+            "supervised": TrainConfig(epochs=1, lr=2e-4, lipschitz_weight=10.0),
+            "school": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
+            "self-supervised": TrainConfig(epochs=4, lr=2e-4, lipschitz_weight=10.0),
+        },
+    ),
 }
 
 
@@ -153,6 +167,10 @@ def evaluate(
         x = model(batch.y, batch.physics, **kwargs)
         zf = batch.physics.A_adjoint(batch.y)
         ref = batch.x_gt.abs() if model.reference == "sense" else batch.target
+        # fastMRI scores the centre crop of the size of reconstruction_rss (e.g. 320 x 320 out of
+        # 640 x 320 k-space with readout oversampling).
+        crop = tuple(batch.target.shape[-2:])
+        x, zf, ref = (center_crop(t, crop) for t in (x, zf, ref))
         info = getattr(model, "last_info", None)
         if info is not None:
             iters += info.iterations.tolist()

@@ -40,6 +40,21 @@ class Reconstructor(nn.Module):
         """A real-valued example input for tracing one prior on its own."""
         raise NotImplementedError
 
+    def measurement_operator(self, y: torch.Tensor, physics):
+        """The forward operator this model assumes for measurements ``y``: ``physics`` itself, or
+        for models that estimate their own coil maps (E2E-VarNet) the same mask with those maps.
+        Self-supervised fine-tuning measures its data fidelity with it."""
+        return physics
+
+    def prior_output_layers(self, name: str) -> list[nn.Module]:
+        """The convolutions producing a prior's output: never pruned (they are its interface).
+        Default: the prior's ``tail`` attribute, else its last convolution in registration order."""
+        prior = self.priors()[name]
+        convs = [m for m in prior.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        if not convs:
+            raise SpadeError(f"prior {name!r} has no convolution to prune")
+        return [getattr(prior, "tail", None) or convs[-1]]
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -62,7 +77,7 @@ def register_model(name: str, config_cls: type, presets: dict[str, Any], default
 
 
 def _ensure_loaded() -> None:
-    from . import deq  # noqa: F401  (registers itself)
+    from . import deq, varnet  # noqa: F401  (register themselves)
 
 
 def model_names() -> list[str]:

@@ -1,0 +1,163 @@
+"""VarNet / E2E-VarNet: fastMRI's numbers and keys, Table 1's counts, pruning, export, checkpoints."""
+
+import json
+
+import pytest
+import torch
+from fastmri.models import VarNet as FastMRIVarNet
+from torch import nn
+
+from spade_deploy.checkpoint import is_pruned, load_model, save_model
+from spade_deploy.errors import SpadeError
+from spade_deploy.export import export_onnx
+from spade_deploy.models import build_model, count_parameters
+from spade_deploy.models.varnet import load_fastmri_checkpoint
+from spade_deploy.physics import MultiCoilMRI, equispaced_mask
+from spade_deploy.prune import PAPER_RATIOS, prune_checkpoint, prune_model
+from spade_deploy.runtime import deploy
+
+TINY = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
+# Table 1 of the paper.
+TABLE1 = {
+    "varnet": (19_634_712, [17_567_216, 15_772_920, 12_477_088, 6_988_752]),
+    "e2e-varnet": (20_119_610, [18_052_114, 16_257_818, 12_961_986, 7_473_650]),
+}
+
+
+def _problem(b=2, c=4, h=40, w=36, acceleration=4):
+    """Undersampled random k-space at an awkward size (padding and odd centre bands exercised)."""
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(b, c, h, w, dtype=torch.complex64, generator=g)
+    mask = torch.stack([torch.from_numpy(equispaced_mask(w, 0.08, acceleration, seed=i)) for i in range(b)])
+    mask = mask.view(b, 1, 1, w)
+    smaps = torch.randn(b, c, h, w, dtype=torch.complex64, generator=g)
+    smaps = smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    return k * mask, MultiCoilMRI(mask, smaps)
+
+
+def _fastmri_reference(model: FastMRIVarNet, y, physics, given_maps: bool):
+    if given_maps:  # fastMRI's VarNet with the estimator replaced by the given maps
+        maps = torch.view_as_real(physics.smaps)
+
+        class Given(nn.Module):
+            def forward(self, *_):
+                return maps
+
+        model.sens_net = Given()
+    with torch.no_grad():
+        return model(torch.view_as_real(y), physics.mask.bool().unsqueeze(-1))
+
+
+@pytest.mark.parametrize("name", ["e2e-varnet", "varnet"])
+def test_same_output_as_fastmri(name):
+    torch.manual_seed(0)
+    ref_model = FastMRIVarNet(**TINY).eval()
+    ours = build_model(name, config=TINY).eval()
+    state = ref_model.state_dict()
+    if name == "varnet":
+        state = {k: v for k, v in state.items() if not k.startswith("sens_net.")}
+    ours.load_state_dict(state)  # same keys, strictly
+    y, physics = _problem()
+    ref = _fastmri_reference(ref_model, y, physics, given_maps=name == "varnet")
+    with torch.no_grad():
+        out = ours(y, physics)
+    assert out.shape == ref.shape and torch.is_complex(out)
+    assert ((out.abs() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(TABLE1))
+def test_paper_preset_counts_and_fastmri_keys(name):
+    model = build_model(name, preset="paper")
+    assert count_parameters(model) == TABLE1[name][0]
+    keys = set(FastMRIVarNet(num_cascades=8, chans=18, pools=4, sens_chans=8, sens_pools=4).state_dict())
+    if name == "varnet":
+        keys = {k for k in keys if not k.startswith("sens_net.")}
+    assert set(model.state_dict()) == keys
+    assert list(model.priors()) == [f"cascade{i}" for i in range(8)]
+
+
+@pytest.mark.parametrize("name", list(TABLE1))
+def test_paper_preset_pruned_has_table1_counts(name):
+    """Each cascade's U-Net pruned on its own; the sensitivity network is left whole."""
+    model = build_model(name, preset="paper")
+    for ratio, expected in zip(PAPER_RATIOS, TABLE1[name][1]):
+        pruned, report = prune_model(model, ratio, example_size=(32, 32))
+        assert abs(count_parameters(pruned) - expected) <= 0.01 * expected, ratio
+        assert [p.name for p in report.priors] == [f"cascade{i}" for i in range(8)]
+    if name == "e2e-varnet":
+        assert count_parameters(pruned.sens_net) == count_parameters(model.sens_net)
+
+
+def test_pruned_checkpoint_round_trip_runs_and_exports(tmp_path):
+    torch.manual_seed(0)
+    src = save_model(tmp_path / "e2e.safetensors", build_model("e2e-varnet", config=TINY))
+    y, physics = _problem()
+    for (path, report), ratio in zip(prune_checkpoint(src, list(PAPER_RATIOS), tmp_path / "pruned"), PAPER_RATIOS):
+        model, manifest = load_model(path)
+        assert is_pruned(manifest) and count_parameters(model) == report.params_after < report.params_before
+        with torch.no_grad():
+            x = model.eval()(y, physics)
+        assert x.shape == y.shape[:1] + y.shape[2:] and torch.isfinite(x.abs()).all()
+        res = export_onnx(model, tmp_path / "onnx", f"r{ratio}")
+        entries = json.loads(res.manifest_path.read_text())["priors"]
+        assert [e["name"] for e in entries] == ["cascade0", "cascade1"]
+        assert all(e["max_rel_error"] <= 1e-4 for e in entries), entries
+    deployed = deploy(model, "onnxruntime", res.manifest_path)
+    with torch.no_grad():
+        assert torch.allclose(deployed(y, physics).abs(), x.abs(), rtol=1e-4, atol=1e-4 * x.abs().max())
+
+
+def test_fastmri_checkpoints_load_unchanged(tmp_path):
+    torch.manual_seed(0)
+    src = FastMRIVarNet(**TINY).eval()
+    plain, lightning = tmp_path / "varnet.pt", tmp_path / "varnet.ckpt"
+    torch.save(src.state_dict(), plain)
+    torch.save({"state_dict": {f"varnet.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, lightning)
+    y, physics = _problem()
+    ref = _fastmri_reference(src, y, physics, given_maps=False)
+    for path in (plain, lightning):
+        model, info = load_fastmri_checkpoint(path, "e2e-varnet")
+        assert model.cfg.num_cascades == 2 and model.cfg.chans == 4 and model.cfg.sens_pools == 2
+        with torch.no_grad():
+            assert ((model.eval()(y, physics).abs() - ref).abs().max() / ref.max()) < 1e-5
+    model, info = load_fastmri_checkpoint(plain, "varnet")  # given ESPIRiT maps replace the estimator
+    assert not hasattr(model, "sens_net") and info["dropped_keys"] > 0
+
+
+def test_bad_fastmri_checkpoints(tmp_path):
+    torch.save(FastMRIVarNet(**TINY).state_dict(), tmp_path / "two.pt")
+    with pytest.raises(SpadeError, match="2 cascades"):
+        load_fastmri_checkpoint(tmp_path / "two.pt", expect=build_model("varnet", preset="paper").cfg)
+    torch.save(nn.Conv2d(2, 2, 3).state_dict(), tmp_path / "conv.pt")
+    with pytest.raises(SpadeError, match="not a fastMRI VarNet"):
+        load_fastmri_checkpoint(tmp_path / "conv.pt")
+    torch.save(nn.Conv2d(2, 2, 3), tmp_path / "module.pt")  # a pickled module is never executed
+    with pytest.raises(SpadeError, match="not a loadable"):
+        load_fastmri_checkpoint(tmp_path / "module.pt")
+
+
+def test_checkpoint_of_another_cascade_count_is_refused(tmp_path):
+    path = save_model(tmp_path / "v.safetensors", build_model("varnet", config=TINY))
+    from spade_deploy.io import load_checkpoint
+    from spade_deploy.models import load_state
+
+    state, _ = load_checkpoint(path)
+    with pytest.raises(SpadeError, match="does not match"):
+        load_state(build_model("varnet", config={**TINY, "num_cascades": 3}), state)
+
+
+def test_e2e_measurement_operator_uses_estimated_maps():
+    torch.manual_seed(0)
+    model = build_model("e2e-varnet", config=TINY).eval()
+    y, physics = _problem()
+    op = model.measurement_operator(y, physics)
+    assert op.smaps.shape == y.shape and not torch.equal(op.smaps, physics.smaps)
+    assert torch.allclose(op.smaps.abs().pow(2).sum(1), torch.ones(()), atol=1e-4)
+    assert build_model("varnet", config=TINY).measurement_operator(y, physics) is physics
+
+
+def test_mismatching_coil_maps_are_a_clear_error():
+    model = build_model("varnet", config=TINY)
+    y, physics = _problem()
+    with pytest.raises(SpadeError, match="does not match coil maps"):
+        model(y[:, :3], physics)
