@@ -161,3 +161,28 @@ def test_mismatching_coil_maps_are_a_clear_error():
     y, physics = _problem()
     with pytest.raises(SpadeError, match="does not match coil maps"):
         model(y[:, :3], physics)
+
+
+def test_import_command_converts_a_fastmri_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    torch.manual_seed(0)
+    src = FastMRIVarNet(**TINY).eval()
+    torch.save(src.state_dict(), tmp_path / "varnet.pt")
+    out = tmp_path / "imported.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(app, ["import", str(tmp_path / "varnet.pt"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model, manifest = load_model(out)
+    assert manifest["model"] == "e2e-varnet" and manifest["imported"]["format"] == "fastmri"
+    y, physics = _problem()
+    ref = _fastmri_reference(src, y, physics, given_maps=False)
+    with torch.no_grad():
+        assert ((model.eval()(y, physics).abs() - ref).abs().max() / ref.max()) < 1e-5
+    # a checkpoint of another size than the preset asked for: one line, exit 1, nothing written
+    refused = tmp_path / "refused.safetensors"
+    result = runner.invoke(app, ["import", str(tmp_path / "varnet.pt"), "-o", str(refused), "--preset", "paper"])
+    assert result.exit_code == 1 and result.stderr.startswith("error:") and "2 cascades" in result.stderr
+    assert not refused.exists()
