@@ -56,7 +56,8 @@ class SupervisedLoss(Loss):
 
 
 class SchoolLoss(Loss):
-    """Eq. (8): distil from the unpruned model (teacher) on the test measurements.
+    """Eq. (8): distil from the unpruned model (teacher) on the test measurements (for models
+    scored against ``reconstruction_rss``, their magnitudes, as fastMRI's VarNet outputs).
 
     The teacher's reconstruction of a measurement never changes, so it is computed once per
     ``(file, slice)`` and cached.
@@ -79,7 +80,12 @@ class SchoolLoss(Loss):
         return torch.stack([self._cache[k] for k in keys])
 
     def __call__(self, x_net, batch, model, teacher=None):
-        return relative_sq_error(x_net, self.teacher_output(batch, teacher))
+        target = self.teacher_output(batch, teacher)
+        if model.reference == "rss":
+            # VarNet's output is fastMRI's magnitude; the phase it carries (for the data-fidelity
+            # term) is not what it is trained or scored on, so the student learns the magnitude.
+            return relative_sq_error(x_net.abs(), target.abs())
+        return relative_sq_error(x_net, target)
 
 
 def random_quarter_turns(x: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:

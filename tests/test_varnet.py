@@ -186,3 +186,40 @@ def test_import_command_converts_a_fastmri_checkpoint(tmp_path):
     result = runner.invoke(app, ["import", str(tmp_path / "varnet.pt"), "-o", str(refused), "--preset", "paper"])
     assert result.exit_code == 1 and result.stderr.startswith("error:") and "2 cascades" in result.stderr
     assert not refused.exists()
+
+
+def test_pruned_checkpoint_loads_with_matching_norm_widths(tmp_path, recwarn):
+    """InstanceNorm holds its width only in num_features: a loaded pruned model keeps it equal to
+    its convolution's, as the freshly pruned one has (no size-mismatch warning on every forward)."""
+    src = save_model(tmp_path / "v.safetensors", build_model("varnet", config=TINY))
+    (path, _), = prune_checkpoint(src, [0.4], tmp_path / "pruned")
+    model, _ = load_model(path)
+    for block in model.modules():
+        if isinstance(block, nn.Sequential):
+            convs_and_norms = [m for m in block if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d))]
+            for conv, norm in zip(convs_and_norms, convs_and_norms[1:]):
+                if isinstance(norm, nn.InstanceNorm2d):
+                    assert norm.num_features == conv.out_channels
+    recwarn.clear()
+    y, physics = _problem()
+    with torch.no_grad():
+        model.eval()(y, physics)
+    assert not [w for w in recwarn if "num_features" in str(w.message)]
+
+
+def test_school_loss_distils_varnet_magnitudes_only():
+    """fastMRI's VarNet outputs a magnitude; its phase is no target for the student (eq. 8)."""
+    from types import SimpleNamespace
+
+    from spade_deploy.losses import SchoolLoss
+
+    torch.manual_seed(0)
+    teacher = build_model("varnet", config=TINY).eval()
+    y, physics = _problem()
+    batch = SimpleNamespace(y=y, physics=physics, fnames=["a", "b"], slices=[0, 0])
+    with torch.no_grad():
+        x = teacher(y, physics)
+    rotated = x * torch.exp(1j * torch.rand(x.shape))
+    loss = SchoolLoss()
+    assert loss(rotated, batch, teacher, teacher).item() < 1e-10
+    assert loss(0.9 * rotated, batch, teacher, teacher).item() > 1e-3

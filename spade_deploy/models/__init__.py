@@ -166,7 +166,24 @@ def adapt_widths(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         setattr(parent, attr, new)
+    _sync_norm_widths(model)
     return model
+
+
+def _sync_norm_widths(model: nn.Module) -> None:
+    """Norms without parameters or running statistics (VarNet's InstanceNorm) hold their width only
+    in ``num_features``; keep it equal to the output width of the convolution before them in the
+    same ``nn.Sequential``, as torch-pruning does (else every forward warns of a mismatch)."""
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        width = None
+        for m in seq:
+            if isinstance(m, _ADAPTABLE):
+                width = m.out_channels
+            elif (isinstance(m, nn.modules.batchnorm._NormBase) and width is not None
+                  and not m.affine and not m.track_running_stats):
+                m.num_features = width
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
