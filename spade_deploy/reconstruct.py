@@ -26,9 +26,22 @@ class ReconstructResult:
 
 
 def _acquired_mask(path: Path) -> np.ndarray | None:
-    """fastMRI test/challenge files carry the acquisition mask; their k-space is already undersampled."""
+    """fastMRI test/challenge files carry the acquisition mask, one 0/1 value per k-space column;
+    their k-space is already undersampled. A mask that cannot belong to the file's k-space is
+    refused (a wrong width, a 2-D array, values other than 0/1, no sampled column)."""
     with h5py.File(path, "r") as f:
-        return f["mask"][()].astype(np.float32) if "mask" in f else None
+        if "mask" not in f:
+            return None
+        width = f["kspace"].shape[-1]
+        mask = np.asarray(f["mask"][()])
+    if mask.ndim == 0 or mask.size != width or mask.shape[-1] != width:
+        raise SpadeError(f"{path}: mask of shape {mask.shape} does not match kspace of width {width} (expected ({width},))")
+    mask = mask.reshape(width).astype(np.float32)
+    if not np.isin(mask, (0.0, 1.0)).all():  # NaN fails this too
+        raise SpadeError(f"{path}: mask must hold only 0 and 1 (one value per k-space column)")
+    if not mask.any():
+        raise SpadeError(f"{path}: mask samples no k-space column")
+    return mask
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from spade_deploy.checkpoint import save_model
+from spade_deploy.io import load_checkpoint, save_checkpoint
 from spade_deploy.models import build_model
 
 from cli.main import app
@@ -81,3 +82,51 @@ def test_train_output_path_that_is_a_file(tmp_path, data_root):
     out.write_text("keep me")
     _fails_cleanly(["train", "--preset", "tiny", "--data", str(data_root), "--out", str(out), "--epochs", "1"], "is a file")
     assert out.read_text() == "keep me"
+
+
+# VarNet / E2E-VarNet bad input (issue 4): a checkpoint with another number of cascades than its
+# tensors, coil maps of the wrong shape, an acquisition mask that does not fit the k-space.
+TINY_VARNET = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
+
+
+@pytest.mark.parametrize("name", ["varnet", "e2e-varnet"])
+def test_varnet_checkpoint_with_another_cascade_count(tmp_path, data_root, name):
+    state, manifest = load_checkpoint(save_model(tmp_path / "v.safetensors", build_model(name, config=TINY_VARNET)))
+    for cascades, match in ((3, "does not match the architecture"), (1, "which this architecture does not have")):
+        bad = save_checkpoint(tmp_path / f"c{cascades}.safetensors", state,
+                              {**manifest, "config": {**manifest["config"], "num_cascades": cascades}})
+        _fails_cleanly(["eval", str(bad), "--data", str(data_root)], match)
+        _fails_cleanly(["reconstruct", str(bad), str(data_root / "test"), "-o", str(tmp_path / "rec")], match)
+
+
+def test_varnet_coil_maps_of_the_wrong_shape(tmp_path, data_root):
+    ckpt = save_model(tmp_path / "v.safetensors", build_model("varnet", config=TINY_VARNET))
+    with h5py.File(data_root / "test" / "file.h5", "a") as f:
+        f["sens_maps"] = np.ones((2, 4, 16, 15), np.complex64)
+    _fails_cleanly(["eval", str(ckpt), "--data", str(data_root)], "sens_maps of shape (2, 4, 16, 15) does not match kspace")
+    _fails_cleanly(["reconstruct", str(ckpt), str(data_root / "test"), "-o", str(tmp_path / "rec")], "sens_maps of shape")
+
+
+@pytest.mark.parametrize("mask,match", [
+    (np.ones(15), "mask of shape (15,) does not match kspace of width 16"),
+    (np.ones((16, 16)), "mask of shape (16, 16) does not match kspace"),
+    (np.full(16, np.nan), "only 0 and 1"),
+    (np.zeros(16), "samples no k-space column"),
+])
+def test_reconstruct_refuses_a_mask_that_does_not_fit_the_kspace(tmp_path, data_root, mask, match):
+    ckpt = save_model(tmp_path / "e2e.safetensors", build_model("e2e-varnet", config=TINY_VARNET))
+    with h5py.File(data_root / "test" / "file.h5", "a") as f:
+        f["mask"] = mask.astype(np.float32)
+    _fails_cleanly(["reconstruct", str(ckpt), str(data_root / "test"), "-o", str(tmp_path / "rec")], match)
+    assert not (tmp_path / "rec" / "file.h5").exists()
+
+
+def test_reconstruct_uses_an_acquired_mask_that_fits(tmp_path, data_root):
+    ckpt = save_model(tmp_path / "e2e.safetensors", build_model("e2e-varnet", config=TINY_VARNET))
+    with h5py.File(data_root / "test" / "file.h5", "a") as f:
+        f["mask"] = (np.arange(16) % 2 == 0) | (np.abs(np.arange(16) - 8) < 2)
+    result = runner.invoke(app, ["reconstruct", str(ckpt), str(data_root / "test"), "-o", str(tmp_path / "rec")])
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "rec" / "file.h5") as f:
+        assert f["reconstruction"].shape == (2, 16, 16) and np.isfinite(f["reconstruction"][()]).all()
+
