@@ -497,20 +497,49 @@ def _export_stem(checkpoint: Path) -> str:
     return f"{checkpoint.parent.name}.{checkpoint.stem}" if checkpoint.stem in ("best", "last") else checkpoint.stem
 
 
-def _exported(checkpoint: Path, engines: Path, trt: bool = False) -> Path:
+def _export_stems(checkpoints: list[Path]) -> dict[Path, str]:
+    """Distinct export names for checkpoints benchmarked together: :func:`_export_stem`, prefixed
+    with as many parent folder names as it takes to tell them apart (the demo's
+    ``<out>/varnet/base/best`` and ``<out>/e2e-varnet/base/best`` -> ``varnet.base.best``,
+    ``e2e-varnet.base.best``; one name for two would make one model's priors replace the other's)."""
+    def ancestors(path: Path) -> list[str]:
+        skip = 2 if path.stem in ("best", "last") else 1  # folders _export_stem already names
+        return [p.name for p in path.resolve().parents][skip - 1:]
+
+    paths = list(dict.fromkeys(checkpoints))
+    depth = dict.fromkeys(paths, 0)
+
+    def stem(path: Path) -> str:
+        return ".".join([*reversed(ancestors(path)[: depth[path]]), _export_stem(path)])
+
+    while True:
+        groups: dict[str, list[Path]] = {}
+        for path in paths:
+            groups.setdefault(stem(path), []).append(path)
+        clashes = [p for group in groups.values() if len({q.resolve() for q in group}) > 1 for p in group
+                   if depth[p] < len(ancestors(p))]
+        if not clashes:
+            return {path: stem(path) for path in paths}
+        for path in clashes:
+            depth[path] += 1
+
+
+def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | None = None) -> Path:
     """The export manifest of ``checkpoint``, exporting it first unless an up-to-date one exists."""
     from spade_deploy.export import read_export_manifest
 
-    mpath = engines / f"{_export_stem(checkpoint)}.manifest.json"
+    stem = stem or _export_stem(checkpoint)
+    mpath = engines / f"{stem}.manifest.json"
     if mpath.exists():
         man = read_export_manifest(mpath)
         fresh = man.get("source") == str(checkpoint) and man.get("checkpoint_mtime") == checkpoint.stat().st_mtime
         if fresh and (not trt or all(p.get("engine") for p in man["priors"])):
             return mpath
-    return _run_export(checkpoint, engines, trt=trt, quiet=True).manifest_path
+    return _run_export(checkpoint, engines, trt=trt, quiet=True, stem=stem).manifest_path
 
 
-def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17, quiet: bool = False):
+def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17, quiet: bool = False,
+                stem: str | None = None):
     from spade_deploy.checkpoint import load_model
     from spade_deploy.export import build_trt_engines, export_onnx
 
@@ -520,7 +549,7 @@ def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = Fal
 
         require_tensorrt()
     net, manifest = load_model(checkpoint)
-    res = export_onnx(net, out, _export_stem(checkpoint), opset=opset, source=str(checkpoint),
+    res = export_onnx(net, out, stem or _export_stem(checkpoint), opset=opset, source=str(checkpoint),
                       extra={"checkpoint_mtime": checkpoint.stat().st_mtime, "pruning": manifest.get("pruning"),
                              "finetune": manifest.get("finetune")})
     if trt:
@@ -574,6 +603,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
             raise SpadeError("--device cuda: no CUDA GPU is visible here")
     _check_out_dir(out)
     variants, manifests = [], {}
+    stems = _export_stems(checkpoints)
     for path in checkpoints:
         net, man = load_model(path)
         pruning, ft = man.get("pruning") or {}, man.get("finetune") or {}
@@ -583,7 +613,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
                                   strategy=ft.get("strategy") or ("none" if pruning else None), model=net))
         if any(b != "torch" for b in backends):
-            manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends)
+            manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends, stem=stems[path])
     for label in {v.label for v in variants}:
         if not any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"bench needs the unpruned {label!r} among the checkpoints (speed-ups are relative to it)")

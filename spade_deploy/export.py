@@ -88,6 +88,12 @@ def export_onnx(
         with atomic_path(path) as tmp, warnings.catch_warnings():
             # The TorchScript exporter needs no onnxscript and handles dynamic H / W convolutions.
             warnings.simplefilter("ignore", DeprecationWarning)
+            # VarNet's U-Net: InstanceNorm without running statistics always normalises with the
+            # input's (what "train=True" means), and its odd-size padding test is traced as a
+            # constant (never taken at NormUnet's multiples of 16). The check below on another
+            # input size catches any export these would make wrong.
+            warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train=True")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
                 prior, (example,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
                 dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,

@@ -130,3 +130,15 @@ def test_reconstruct_uses_an_acquired_mask_that_fits(tmp_path, data_root):
     with h5py.File(tmp_path / "rec" / "file.h5") as f:
         assert f["reconstruction"].shape == (2, 16, 16) and np.isfinite(f["reconstruction"][()]).all()
 
+
+def test_bench_of_two_architectures_from_like_named_run_folders(tmp_path, data_root):
+    """The demo's <out>/<model>/base/best.safetensors for two models: each gets its own export
+    (one shared name made one model's priors replace the other's)."""
+    paths = [save_model(tmp_path / name / "base" / "best.safetensors", build_model(name, config=TINY_VARNET))
+             for name in ("varnet", "e2e-varnet")]
+    engines = tmp_path / "engines"
+    result = runner.invoke(app, ["bench", *map(str, paths), "-b", "torch", "-b", "onnxruntime", "--repeats", "1",
+                                 "--warmup", "0", "--data", str(data_root), "--engines", str(engines), "-o", str(tmp_path / "res")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in engines.glob("*.manifest.json")) == [
+        "e2e-varnet.base.best.manifest.json", "varnet.base.best.manifest.json"]
