@@ -103,6 +103,12 @@ def rotate(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
 class SelfSupervisedLoss(Loss):
     """Eq. (9): data fidelity ``||A f(y) - y||`` plus equivariant imaging on the test measurements.
 
+    Fidelity: the model's own prediction of the measurements
+    (:meth:`Reconstructor.predicted_measurements`): ``A x`` with the given coil maps for the DEQ,
+    the masked final k-space for the VarNets, whose native output is multi-coil k-space (measuring
+    E2E-VarNet's coil-combined image through its estimated maps instead pulled it away from the
+    target: those maps are not the true sensitivities).
+
     EI: ``x_phi = phi f(y)`` with ``phi`` a random rotation, measured by the acquisition rotated
     with it (coil maps rotated consistently, the scanner's column mask unchanged):
     ``f(A_phi x_phi)`` must give ``x_phi`` back. ``A`` is the model's own operator
@@ -113,9 +119,12 @@ class SelfSupervisedLoss(Loss):
     def __init__(self, ei_weight: float = 1.0) -> None:
         self.ei_weight = ei_weight
 
+    def fidelity(self, x_net, batch, model) -> torch.Tensor:
+        return relative_sq_error(model.predicted_measurements(x_net, batch.y, batch.physics), batch.y)
+
     def __call__(self, x_net, batch, model, teacher=None):
+        fidelity = self.fidelity(x_net, batch, model)
         physics = model.measurement_operator(batch.y, batch.physics)
-        fidelity = relative_sq_error(physics.A(x_net), batch.y)
         ks = random_quarter_turns(x_net)
         x_phi, physics_phi = rotate(x_net, ks), physics.rotate(ks)
         x_rec = model(physics_phi.A(x_phi), physics_phi)

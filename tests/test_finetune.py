@@ -58,3 +58,31 @@ def test_teacher_of_another_architecture_is_refused(setup, tmp_path):
         finetune_model(student, "school", root, tmp_path / "out", CFG, teacher_path=other)
     with pytest.raises(SpadeError, match="unknown strategy"):
         finetune_model(student, "telepathy", root, tmp_path / "out", CFG)
+
+
+def test_deq_self_supervised_loss_is_unchanged():
+    """The DEQ's fidelity stays ``A x`` with the given coil maps, and the whole loss (fidelity plus
+    equivariant imaging) is numerically the one before the VarNet k-space seam."""
+    from spade_deploy.losses import Batch, SelfSupervisedLoss, random_quarter_turns, relative_sq_error, rotate
+    from spade_deploy.physics import MultiCoilMRI, equispaced_mask
+
+    torch.manual_seed(0)
+    model = build_model("deq", preset="tiny")
+    g = torch.Generator().manual_seed(1)
+    b, c, h, w = 2, 3, 32, 32
+    mask = torch.stack([torch.from_numpy(equispaced_mask(w, 0.08, 4, seed=i)) for i in range(b)]).view(b, 1, 1, w)
+    smaps = torch.randn(b, c, h, w, dtype=torch.complex64, generator=g)
+    physics = MultiCoilMRI(mask, smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt())
+    y = physics.A(torch.randn(b, h, w, dtype=torch.complex64, generator=g))
+    batch = Batch(y, physics, None, None, torch.ones(b), ["f"] * b, [0] * b)
+    with torch.no_grad():
+        x = model(y, physics)
+        loss = SelfSupervisedLoss()
+        assert torch.equal(loss.fidelity(x, batch, model), relative_sq_error(physics.A(x), y))
+        torch.manual_seed(5)
+        new = loss(x, batch, model)
+        torch.manual_seed(5)
+        ks = random_quarter_turns(x)
+        x_phi, physics_phi = rotate(x, ks), physics.rotate(ks)
+        old = relative_sq_error(physics.A(x), y) + relative_sq_error(model(physics_phi.A(x_phi), physics_phi), x_phi)
+    assert torch.equal(new, old)

@@ -223,3 +223,52 @@ def test_school_loss_distils_varnet_magnitudes_only():
     loss = SchoolLoss()
     assert loss(rotated, batch, teacher, teacher).item() < 1e-10
     assert loss(0.9 * rotated, batch, teacher, teacher).item() > 1e-3
+
+
+def _batch(y, physics):
+    from spade_deploy.losses import Batch
+
+    b = y.shape[0]
+    return Batch(y, physics, None, None, torch.ones(b), ["f"] * b, [0] * b)
+
+
+@pytest.mark.parametrize("name", ["e2e-varnet", "varnet"])
+def test_self_supervised_fidelity_is_the_masked_predicted_kspace(name, monkeypatch):
+    """Eq. (9)'s ``A f(y)`` for a VarNet is its own k-space prediction under the mask, read from the
+    forward pass that produced ``x`` (the cascades do not run a second time)."""
+    from spade_deploy.losses import SelfSupervisedLoss, relative_sq_error
+
+    torch.manual_seed(0)
+    model = build_model(name, config=TINY)
+    y, physics = _problem()
+    with torch.no_grad():
+        k_pred, _ = model.predict_kspace(y, physics)
+    expected = relative_sq_error(physics.mask * k_pred, y)
+    x = model(y, physics)
+
+    def no_second_pass(*_):
+        raise AssertionError("the cascades ran again")
+
+    monkeypatch.setattr(model, "predict_kspace", no_second_pass)
+    fidelity = SelfSupervisedLoss().fidelity(x, _batch(y, physics), model)
+    assert torch.allclose(fidelity, expected, rtol=1e-5)
+    fidelity.backward()  # the gradient reaches the cascades through the k-space
+    assert model.cascades[0].model.unet.output_conv.weight.grad.abs().sum() > 0
+    if name == "e2e-varnet":  # not the image re-measured through the estimated maps
+        with torch.no_grad():
+            old = relative_sq_error(model.measurement_operator(y, physics).A(x), y)
+        assert not torch.allclose(old, expected, rtol=1e-2)
+    monkeypatch.undo()
+    # an image not produced by the last forward pass: its k-space is recomputed, not mixed up
+    other = x.detach().clone()
+    assert torch.allclose(model.predicted_measurements(other, y, physics), physics.mask * k_pred, atol=1e-6)
+
+
+def test_model_holding_the_last_kspace_still_copies():
+    import copy
+
+    model = build_model("e2e-varnet", config=TINY)
+    y, physics = _problem()
+    model(y, physics)  # holds tensors with a graph
+    clone = copy.deepcopy(model)
+    assert clone._last.k is None and model._last.k is not None

@@ -43,8 +43,14 @@ class Reconstructor(nn.Module):
     def measurement_operator(self, y: torch.Tensor, physics):
         """The forward operator this model assumes for measurements ``y``: ``physics`` itself, or
         for models that estimate their own coil maps (E2E-VarNet) the same mask with those maps.
-        Self-supervised fine-tuning measures its data fidelity with it."""
+        Self-supervised fine-tuning rotates it for its equivariance term."""
         return physics
+
+    def predicted_measurements(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
+        """The measurements this model predicts for ``y``, given its output ``x = self(y, physics)``:
+        the data-fidelity term ``A f(y)`` of self-supervised fine-tuning. Default: the model's
+        operator applied to its image. Models whose native output is k-space (VarNet) override it."""
+        return self.measurement_operator(y, physics).A(x)
 
     def prior_output_layers(self, name: str) -> list[nn.Module]:
         """The convolutions producing a prior's output: never pruned (they are its interface).

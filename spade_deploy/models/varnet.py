@@ -12,8 +12,10 @@ size). Normalisation, padding, the complex/channel reshuffle, FFTs and data cons
 torch loop; the sensitivity network is not pruned (as in the paper) and runs in torch.
 
 The output is a complex image whose magnitude is fastMRI's output (the root-sum-of-squares of the
-final coil images) and whose phase is that of their coil combination with the maps in use, so the
-same image feeds the self-supervised data-fidelity term ``||A x - y||``.
+final coil images) and whose phase is that of their coil combination with the maps in use (the
+equivariance term of self-supervised fine-tuning rotates and re-measures it). The model's own
+prediction of the measurements is its final multi-coil k-space under the mask,
+:meth:`VarNet.predicted_measurements`: the self-supervised data-fidelity term ``||M k - y||``.
 """
 
 from __future__ import annotations
@@ -191,6 +193,21 @@ class VarNetBlock(nn.Module):
         return k - soft_dc - fft2c(self.model(reduced) * maps)
 
 
+class _LastKspace:
+    """The last forward's output and final k-space, so that the loss of the same training step
+    reads the predicted measurements without running the cascades again. Not copied with the
+    model (``copy.deepcopy`` of a module holding non-leaf tensors would fail)."""
+
+    __slots__ = ("x", "k")
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> "_LastKspace":
+        return _LastKspace()
+
+
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VarNetConfig:
@@ -223,6 +240,7 @@ class VarNet(Reconstructor):
             self.sens_net = SensitivityModel(cfg.sens_chans, cfg.sens_pools, mask_center=cfg.mask_center)
         self.cascades = nn.ModuleList([VarNetBlock(NormUnet(cfg.chans, cfg.pools)) for _ in range(cfg.num_cascades)])
         self.last_info = None
+        self._last = _LastKspace()
 
     @property
     def learns_maps(self) -> bool:
@@ -260,6 +278,13 @@ class VarNet(Reconstructor):
         with torch.no_grad():
             return MultiCoilMRI(physics.mask, self.coil_maps(y, physics))
 
+    def predicted_measurements(self, x: torch.Tensor, y: torch.Tensor, physics: MultiCoilMRI) -> torch.Tensor:
+        """``M k``: the final multi-coil k-space (the VarNet's native output) under the mask. ``x``
+        is this model's output for ``y``; the k-space of that forward pass is reused (no second
+        pass), else recomputed."""
+        k = self._last.k if self._last.x is x else self.predict_kspace(y, physics)[0]
+        return physics.mask * k
+
     # -- the loop ----------------------------------------------------------------------------
     def predict_kspace(self, y: torch.Tensor, physics: MultiCoilMRI) -> tuple[torch.Tensor, torch.Tensor]:
         """Final multi-coil k-space and the coil maps used."""
@@ -279,7 +304,9 @@ class VarNet(Reconstructor):
         magnitude = coils.abs().pow(2).sum(dim=1).sqrt()
         combined = (coils * maps.conj()).sum(dim=1)
         phase = torch.where(combined.abs() > 0, combined / combined.abs().clamp_min(1e-30), torch.ones_like(combined))
-        return magnitude * phase
+        x = magnitude * phase
+        self._last.x, self._last.k = x, k
+        return x
 
 
 @register_model("varnet", VarNetConfig, PRESETS, default_preset="small")
