@@ -94,13 +94,12 @@ def main() -> None:
         for name in MODELS:
             base = next(r for r in rows if r["model"] == name and r["variant"] == "unpruned" and r["backend"] == "torch")
             res = {}
-            for r in rows:
+            for r, v in zip(rows, variants):
                 if r["model"] != name:
                     continue
                 r["speedup_vs_unpruned_torch"] = base["median_ms"] / r["median_ms"]
                 if r["checkpoint"] not in res:  # quality: the same on both back-ends (demo table); scored once, in torch
-                    m, _ = load_model(r["checkpoint"])
-                    res[r["checkpoint"]] = evaluate(m, test_ds)
+                    res[r["checkpoint"]] = evaluate(v[5], test_ds)
                 r["psnr"], r["ssim"] = res[r["checkpoint"]].psnr, res[r["checkpoint"]].ssim
 
     sens_ms = 1000 * statistics.median(sens_times)
