@@ -135,7 +135,9 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
-    lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the prior's Jacobian norm below its target (a contractive fixed point).")] = 10.0,
+    lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping a Jacobian norm below its target (a contractive fixed point).")] = 10.0,
+    lipschitz_target: Annotated[float, typer.Option(help="DEQ: the bound on that Jacobian norm.")] = 0.98,
+    lipschitz_on: Annotated[str, typer.Option(help="DEQ: penalise the prior's Jacobian on a patch (prior) or the whole iteration's (operator).")] = "prior",
     train_max_iter: Annotated[int, typer.Option(help="DEQ: solver cap in training forward passes.")] = 50,
     train_tol: Annotated[float, typer.Option(help="DEQ: solver tolerance in training forward passes.")] = 1e-3,
     pretrain_steps: Annotated[int, typer.Option(help="DEQ: steps training the prior as a denoiser before the fixed-point training.")] = 800,
@@ -148,8 +150,8 @@ def train(
 
     cfg = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration, center_fraction=center_fraction,
-        seed=seed, lipschitz_weight=lipschitz_weight, train_max_iter=train_max_iter, train_tol=train_tol,
-        pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
+        seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
+        train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
     )
     _run_training(model, preset, _dataset_root(data), out, cfg, resume)
 
@@ -285,7 +287,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's checkpoints and results.")] = Path("runs/demo"),
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Architectures to run (repeatable): deq, varnet, e2e-varnet; one bench table for all.")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train and fine-tune again even where finished runs exist.")] = False,
-    backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to benchmark.")] = None,
+    backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to deploy every variant on (default onnxruntime; the unpruned model is always also timed in PyTorch).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed reconstructions per variant and back-end.")] = 3,
 ):
     """The main job on the embedded data: build it, train each model, prune, fine-tune, export, bench."""
@@ -321,7 +323,7 @@ def demo(
                 tuned.append(ft_out / "best.safetensors")
         checkpoints += [best, *pruned, *tuned]
     console.rule("SPADE: export + bench")
-    _run_bench(checkpoints, list(backends or ["torch", "onnxruntime"]), out / "engines", root, "test",
+    _run_bench(checkpoints, list(backends or ["onnxruntime"]), out / "engines", root, "test",
                DEMO_RECIPES[models[0]].train.acceleration, None, repeats=repeats, warmup=1, device="cpu",
                out=out / "results", stem="bench-" + "+".join(models))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out / 'results'}[/]")
@@ -388,6 +390,8 @@ def finetune(
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
+    lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the iteration's Jacobian norm below its target, so the pruned model converges in few iterations (0: off).")] = 1.0,
+    lipschitz_target: Annotated[float, typer.Option(help="DEQ: the bound on that Jacobian norm.")] = 0.96,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
 ):
@@ -395,7 +399,8 @@ def finetune(
     from spade_deploy.train import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
-                      center_fraction=center_fraction, seed=seed)
+                      center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
+                      lipschitz_target=lipschitz_target)
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
     _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume)
 
@@ -631,7 +636,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     console.print(table)
     paths = B.write_results(result, out, stem)
     if any(v.strategy for v in variants):
-        paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png")
+        paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png", backend=backends[0])
         for label in dict.fromkeys(v.label for v in variants):
             mine = [v for v in variants if v.label == label]
             if any(v.ratio > 0 for v in mine):

@@ -114,30 +114,36 @@ def run_bench(
     device: str = "cpu",
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> BenchResult:
-    """Score and time every variant on every back-end; ``backends[name](variant)`` deploys one."""
+    """Score and time every variant on every back-end; ``backends[name](variant)`` deploys one.
+
+    Each unpruned model is also measured in PyTorch when ``torch`` is not among ``backends``: it is
+    the reference of ``speedup_vs_torch``. Rows come per variant, in the order of ``backends``.
+    """
     dev = torch.device(device)
+    plan = []
+    for v in variants:
+        names = list(backends) if "torch" in backends or v.ratio > 0 else ["torch", *backends]
+        plan += [(v, name, backends.get(name, lambda v: v.model)) for name in names]
     # The timing slice: the first test slice, its fastMRI mask.
     items = next(iter(_loader(test_ds, 1, shuffle=False, seed=0)))
     batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
     y, physics = batch.y.to(dev), batch.physics.to(dev)
     rows: list[BenchRow] = []
     zf = None
-    total = len(variants) * len(backends)
-    for v in variants:
-        for name, deploy in backends.items():
-            if on_progress:
-                on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}", len(rows), total)
-            model = deploy(v).to(dev)
-            res: EvalResult = evaluate(model, test_ds, acceleration, center_fraction, solver=solver)
-            zf = res.psnr_zero_filled
-            t = time_reconstruction(model, y, physics, warmup=warmup, repeats=repeats, solver=solver)
-            q1, q3 = np.percentile(t, [25, 75])
-            rows.append(BenchRow(
-                label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name,
-                params=count_parameters(v.model), macs=prior_macs(v.model, tuple(y.shape[-2:])), psnr=res.psnr, ssim=res.ssim,
-                mean_iterations=res.mean_iterations, all_converged=res.all_converged,
-                latency_ms=1000 * statistics.median(t), latency_iqr_ms=1000 * float(q3 - q1),
-            ))
+    for v, name, deploy in plan:
+        if on_progress:
+            on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}", len(rows), len(plan))
+        model = deploy(v).to(dev)
+        res: EvalResult = evaluate(model, test_ds, acceleration, center_fraction, solver=solver)
+        zf = res.psnr_zero_filled
+        t = time_reconstruction(model, y, physics, warmup=warmup, repeats=repeats, solver=solver)
+        q1, q3 = np.percentile(t, [25, 75])
+        rows.append(BenchRow(
+            label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name,
+            params=count_parameters(v.model), macs=prior_macs(v.model, tuple(y.shape[-2:])), psnr=res.psnr, ssim=res.ssim,
+            mean_iterations=res.mean_iterations, all_converged=res.all_converged,
+            latency_ms=1000 * statistics.median(t), latency_iqr_ms=1000 * float(q3 - q1),
+        ))
     for r in rows:  # each architecture against its own unpruned model
         base_torch = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == "torch"), None)
         same = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == r.backend), None)
@@ -220,7 +226,7 @@ def plot_degradation(result: BenchResult, path: str | Path, backend: str = "torc
             ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
         ax.set_xlabel("per-layer pruning ratio (%)")
         ax.set_ylabel("PSNR degradation (%)")
-        ax.set_title(f"{label}: PSNR degradation vs pruning ({base.psnr:.2f} dB unpruned)", fontsize=9)
+        ax.set_title(f"{label} on {backend}: PSNR degradation vs pruning ({base.psnr:.2f} dB unpruned)", fontsize=9)
         ax.axhline(0, color="grey", lw=0.5)
         ax.legend(fontsize=8)
     fig.tight_layout()

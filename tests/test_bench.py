@@ -44,3 +44,20 @@ def test_bench_needs_one_unpruned_model_per_architecture(tiny_dataset, tmp_path)
         result = runner.invoke(app, ["bench", *args, "--data", str(tiny_dataset.root), "-b", "torch", "--out", str(tmp_path / "r")])
         assert result.exit_code == 1 and match in result.stderr, result.output
         assert not (tmp_path / "r").exists()
+
+
+def test_bench_on_one_deploy_backend_still_measures_the_pytorch_reference(tiny_dataset, tmp_path):
+    """`-b onnxruntime` alone: the unpruned model is also run in PyTorch, so the speed-up over the
+    unpruned PyTorch model is a measured ratio, not a default of 1."""
+    torch.manual_seed(0)
+    base = save_model(tmp_path / "deq.safetensors", build_model("deq", preset="tiny"))
+    (pruned, _), = prune_checkpoint(base, [0.4], tmp_path / "pruned")
+    out = tmp_path / "results"
+    result = runner.invoke(app, ["bench", str(base), str(pruned), "--data", str(tiny_dataset.root), "--engines",
+                                 str(tmp_path / "engines"), "-b", "onnxruntime", "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["ratio"], r["backend"]) for r in rows] == [(0.0, "torch"), (0.0, "onnxruntime"), (0.4, "onnxruntime")]
+    base_torch, _, pr_ort = rows
+    assert pr_ort["speedup_vs_torch"] == base_torch["latency_ms"] / pr_ort["latency_ms"]
+    assert (out / "bench-degradation.png").stat().st_size > 0

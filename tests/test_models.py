@@ -97,3 +97,45 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
         save_model(path, build_model("deq", preset="tiny"), unserialisable=object())
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_spectral_hinge_measures_the_jacobian_norm_and_is_differentiable():
+    """The convergence penalty's estimate: a linear map with singular values 1.3, 0.6, 0.3, ...
+    gives (1.3 - rho)^2 once the power-iteration vector is carried from call to call."""
+    from spade_deploy.models.deq import spectral_hinge
+
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    sing = torch.tensor([1.3, 0.6] + [0.3] * 10)
+    m = torch.nn.Parameter(u @ torch.diag(sing) @ v.T)
+
+    def f(x):
+        return (x.reshape(1, 12) @ m.T).reshape(x.shape)
+
+    x, vec = torch.randn(1, 3, 2, 2, generator=g), None
+    for _ in range(3):
+        value, vec = spectral_hinge(f, x, rho=1.0, iters=4, u=vec)
+    assert value.item() == pytest.approx(0.3**2, rel=1e-3)
+    value.backward()
+    assert m.grad is not None and m.grad.abs().sum() > 0
+    assert spectral_hinge(f, x, rho=1.5, u=vec)[0].item() == 0.0
+
+
+@pytest.mark.parametrize("on", ["operator", "prior"])
+def test_deq_convergence_penalty_is_zero_under_a_loose_target(on):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_model("deq", preset="tiny")
+    y, physics = _problem(b=1, h=48, w=48)
+    x = model(y, physics)
+    batch = SimpleNamespace(y=y, physics=physics)
+    state = {}
+    tight = model.regularizer(batch, x, target=0.0, on=on, state=state)
+    assert tight.item() > 0.5 and tight.requires_grad  # ||J|| of a near-identity prior is about 1
+    assert model.regularizer(batch, x, target=10.0, on=on, state=state).item() == 0.0
+    with pytest.raises(SpadeError, match="operator | prior"):
+        from spade_deploy.train import TrainConfig
+
+        TrainConfig(lipschitz_on="jacobian")
