@@ -503,30 +503,21 @@ def _export_stem(checkpoint: Path) -> str:
 
 
 def _export_stems(checkpoints: list[Path]) -> dict[Path, str]:
-    """Distinct export names for checkpoints benchmarked together: :func:`_export_stem`, prefixed
-    with as many parent folder names as it takes to tell them apart (the demo's
+    """Distinct export names for checkpoints benchmarked together: :func:`_export_stem`, and for
+    checkpoints whose names clash, their path below the clashing ones' common folder (the demo's
     ``<out>/varnet/base/best`` and ``<out>/e2e-varnet/base/best`` -> ``varnet.base.best``,
-    ``e2e-varnet.base.best``; one name for two would make one model's priors replace the other's)."""
-    def ancestors(path: Path) -> list[str]:
-        skip = 2 if path.stem in ("best", "last") else 1  # folders _export_stem already names
-        return [p.name for p in path.resolve().parents][skip - 1:]
+    ``e2e-varnet.base.best``; one name for two would make one model's priors replace the other's).
+    The same file named twice keeps one name."""
+    import os
 
-    paths = list(dict.fromkeys(checkpoints))
-    depth = dict.fromkeys(paths, 0)
-
-    def stem(path: Path) -> str:
-        return ".".join([*reversed(ancestors(path)[: depth[path]]), _export_stem(path)])
-
-    while True:
-        groups: dict[str, list[Path]] = {}
-        for path in paths:
-            groups.setdefault(stem(path), []).append(path)
-        clashes = [p for group in groups.values() if len({q.resolve() for q in group}) > 1 for p in group
-                   if depth[p] < len(ancestors(p))]
-        if not clashes:
-            return {path: stem(path) for path in paths}
-        for path in clashes:
-            depth[path] += 1
+    stems = {path: _export_stem(path) for path in dict.fromkeys(checkpoints)}
+    files = {stem: {p.resolve() for p in stems if stems[p] == stem} for stem in set(stems.values())}
+    clashing = [p for p in stems if len(files[stems[p]]) > 1]
+    if clashing:
+        root = Path(os.path.commonpath([p.resolve().parent for p in clashing]))
+        for path in clashing:
+            stems[path] = ".".join(path.resolve().relative_to(root).with_suffix("").parts)
+    return stems
 
 
 def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | None = None) -> Path:

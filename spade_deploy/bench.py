@@ -130,6 +130,7 @@ def run_bench(
     y, physics = batch.y.to(dev), batch.physics.to(dev)
     rows: list[BenchRow] = []
     zf = None
+    macs = {id(v): prior_macs(v.model, tuple(y.shape[-2:])) for v in variants}  # per variant, not per back-end
     for v, name, deploy in plan:
         if on_progress:
             on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}", len(rows), len(plan))
@@ -140,7 +141,7 @@ def run_bench(
         q1, q3 = np.percentile(t, [25, 75])
         rows.append(BenchRow(
             label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name,
-            params=count_parameters(v.model), macs=prior_macs(v.model, tuple(y.shape[-2:])), psnr=res.psnr, ssim=res.ssim,
+            params=count_parameters(v.model), macs=macs[id(v)], psnr=res.psnr, ssim=res.ssim,
             mean_iterations=res.mean_iterations, all_converged=res.all_converged,
             latency_ms=1000 * statistics.median(t), latency_iqr_ms=1000 * float(q3 - q1),
         ))
