@@ -121,6 +121,11 @@ def test_spectral_hinge_measures_the_jacobian_norm_and_is_differentiable():
     assert m.grad is not None and m.grad.abs().sum() > 0
     assert spectral_hinge(f, x, rho=1.5, u=vec)[0].item() == 0.0
 
+    # A batch: each sample's own norm (here 1.3 and 0.5), hinges averaged, not one joint norm.
+    scale = torch.tensor([1.3, 0.5]).view(2, 1, 1, 1)
+    value, _ = spectral_hinge(lambda x: x * scale, torch.randn(2, 3, 2, 2, generator=g), rho=0.4)
+    assert value.item() == pytest.approx((0.9**2 + 0.1**2) / 2, rel=1e-4)
+
 
 @pytest.mark.parametrize("on", ["operator", "prior"])
 def test_deq_convergence_penalty_is_zero_under_a_loose_target(on):

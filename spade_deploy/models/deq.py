@@ -150,27 +150,30 @@ class DEQ(Reconstructor):
 
     def regularizer(self, batch, x_net: torch.Tensor, target: float, on: str = "operator",
                     state: dict | None = None) -> torch.Tensor:
-        """Convergence penalty at the fixed point ``x*`` of the first sample, ``relu(||J||_2 - target)^2``.
+        """Convergence penalty ``relu(||J||_2 - target)^2`` at the fixed points ``x*`` of the batch.
 
         ``on="operator"``: ``J`` is the Jacobian of the whole iteration ``T`` on the whole slice,
         whose norm sets the solver's rate (measured on the demo's DEQs: ``||J_T||`` 0.955 -> 18
-        iterations, 0.995 -> 47). The power-iteration vector is kept in ``state`` from call to
-        call (the trainer starts a new one each epoch), so a few iterations per step track the top
-        singular vector as the weights move.
+        iterations, 0.995 -> 47), for every sample of the batch (mean of the hinges). Measured on
+        the first sample only, supervised fine-tuning at ratio 0.05 left 2 of 12 test slices on the
+        iteration cap (47.6 iterations on average, 31.48 dB); on every sample 26.3 iterations, all
+        converged, 31.51 dB, for ~1.9x the time per step. The power-iteration vector is kept in
+        ``state`` from call to call (the trainer starts a new one each epoch).
 
-        ``on="prior"``: ``J`` is the prior's Jacobian at its input ``z* = x* - gamma grad h(x*)``
-        on a random 40 x 40 patch. ``T = D o (I - gamma A^H A)`` and ``||I - gamma A^H A|| <= 1``
+        ``on="prior"``: ``J`` is the prior's Jacobian at the first sample's prior input
+        ``z* = x* - gamma grad h(x*)`` on a random 40 x 40 patch. ``T = D o (I - gamma A^H A)`` and ``||I - gamma A^H A|| <= 1``
         for ``0 < gamma <= 2`` (coil maps with ``sum |S|^2 <= 1``), so ``||J_D|| < 1`` bounds
         ``||J_T||``; cheaper, but a patch estimate misses slow modes the operator bound catches.
         """
-        physics = batch.physics.select(slice(0, 1))
-        y_n, _, s = self._normalise(batch.y[:1], physics)
-        x = x_net[:1].detach() / s.view(-1, 1, 1)
+        if on not in ("operator", "prior"):
+            raise ValueError(f"unknown contraction penalty {on!r} (operator | prior)")
+        first = slice(0, 1) if on == "prior" else slice(None)
+        physics = batch.physics.select(first)
+        y_n, _, s = self._normalise(batch.y[first], physics)
+        x = x_net[first].detach() / s.view(-1, 1, 1)
         if on == "prior":
             z = complex_to_channels(x - self.gamma.detach() * physics.grad(x, y_n))
             return lipschitz_hinge(self.prior, z, target)
-        if on != "operator":
-            raise ValueError(f"unknown contraction penalty {on!r} (operator | prior)")
         state = {} if state is None else state
         value, state["u"] = spectral_hinge(self.operator(physics, y_n), complex_to_channels(x), target, u=state.get("u"))
         return value
@@ -194,23 +197,26 @@ class DEQ(Reconstructor):
 
 
 def spectral_hinge(f, x: torch.Tensor, rho: float, iters: int = 4, u: torch.Tensor | None = None):
-    """``(relu(||J_f(x)||_2 - rho)^2, v)``: the spectral norm of ``f``'s Jacobian at ``x`` by power
-    iteration on ``J^T J`` started from ``u`` (random when ``None`` or of another shape),
-    differentiable in ``f``'s parameters (Ryu et al. 2019; Pesquet et al. 2021); ``v`` is the last
-    power-iteration vector, to start the next call from."""
+    """``(mean_b relu(||J_f(x_b)||_2 - rho)^2, v)``: per sample ``b`` of the batch, the spectral norm
+    of ``f``'s Jacobian at ``x_b`` by power iteration on ``J^T J`` started from ``u`` (random when
+    ``None`` or of another shape), differentiable in ``f``'s parameters (Ryu et al. 2019; Pesquet et
+    al. 2021); ``f`` must act on each sample on its own. ``v`` is the last power-iteration vector,
+    to start the next call from."""
     x = x.detach().requires_grad_(True)
     out = f(x)
     probe = torch.zeros_like(out, requires_grad=True)
     (jt_probe,) = torch.autograd.grad(out, x, probe, create_graph=True)  # J^T probe: linear in probe
-    if u is None or u.shape != x.shape:
-        u = torch.randn_like(x)
-    u = u / u.norm().clamp_min(1e-12)
+
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        return t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+
+    u = unit(torch.randn_like(x) if u is None or u.shape != x.shape else u)
     for _ in range(iters):
         (ju,) = torch.autograd.grad(jt_probe, probe, u, retain_graph=True)  # J u
         (jtju,) = torch.autograd.grad(out, x, ju, retain_graph=True)  # J^T J u
-        u = (jtju / jtju.norm().clamp_min(1e-12)).detach()
+        u = unit(jtju).detach()
     (ju,) = torch.autograd.grad(jt_probe, probe, u, create_graph=True)
-    return torch.relu(ju.norm() - rho) ** 2, u
+    return (torch.relu(ju.flatten(1).norm(dim=1) - rho) ** 2).mean(), u
 
 
 def lipschitz_hinge(prior: nn.Module, z: torch.Tensor, rho: float, crop: int = 40, iters: int = 4) -> torch.Tensor:
