@@ -149,16 +149,17 @@ class DEQ(Reconstructor):
         return channels_to_complex(x_star) * s.view(-1, 1, 1)
 
     def regularizer(self, batch, x_net: torch.Tensor, target: float, on: str = "operator",
-                    state: dict | None = None) -> torch.Tensor:
+                    state: dict | None = None, every_sample: bool = True) -> torch.Tensor:
         """Convergence penalty ``relu(||J||_2 - target)^2`` at the fixed points ``x*`` of the batch.
 
         ``on="operator"``: ``J`` is the Jacobian of the whole iteration ``T`` on the whole slice,
         whose norm sets the solver's rate (measured on the demo's DEQs: ``||J_T||`` 0.955 -> 18
-        iterations, 0.995 -> 47), for every sample of the batch (mean of the hinges). Measured on
-        the first sample only, supervised fine-tuning at ratio 0.05 left 2 of 12 test slices on the
-        iteration cap (47.6 iterations on average, 31.48 dB); on every sample 26.3 iterations, all
-        converged, 31.51 dB, for ~1.9x the time per step. The power-iteration vector is kept in
-        ``state`` from call to call (the trainer starts a new one each epoch).
+        iterations, 0.995 -> 47), for every sample of the batch (mean of the hinges) or, with
+        ``every_sample=False``, the first. Measured on the first sample only, supervised
+        fine-tuning at ratio 0.05 left 2 of 12 test slices on the iteration cap (47.6 iterations on
+        average, 31.48 dB); on every sample 26.3 iterations, all converged, 31.51 dB, for ~1.9x the
+        time per step. The power-iteration vector is kept in ``state`` from call to call (the
+        trainer starts a new one each epoch).
 
         ``on="prior"``: ``J`` is the prior's Jacobian at the first sample's prior input
         ``z* = x* - gamma grad h(x*)`` on a random 40 x 40 patch. ``T = D o (I - gamma A^H A)`` and ``||I - gamma A^H A|| <= 1``
@@ -167,7 +168,7 @@ class DEQ(Reconstructor):
         """
         if on not in ("operator", "prior"):
             raise ValueError(f"unknown contraction penalty {on!r} (operator | prior)")
-        first = slice(0, 1) if on == "prior" else slice(None)
+        first = slice(None) if on == "operator" and every_sample else slice(0, 1)
         physics = batch.physics.select(first)
         y_n, _, s = self._normalise(batch.y[first], physics)
         x = x_net[first].detach() / s.view(-1, 1, 1)
