@@ -144,3 +144,25 @@ def test_deq_convergence_penalty_is_zero_under_a_loose_target(on):
         from spade_deploy.train import TrainConfig
 
         TrainConfig(lipschitz_on="jacobian")
+
+
+def test_deq_operator_penalty_covers_every_slice_or_the_first():
+    """Supervised fine-tuning penalises every slice of a batch (mean of their hinges); with
+    ``every_sample=False`` only the first slice counts, whatever the others are."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_model("deq", preset="tiny")
+    y, physics = _problem(b=2, h=32, w=32)
+    x = model(y, physics)
+    u = torch.randn(2, 2, 32, 32)
+
+    def penalty(idx, every_sample=True):
+        batch = SimpleNamespace(y=y[idx], physics=physics.select(idx))
+        state = {"u": u[idx] if every_sample else u[idx][:1]}  # the power vector of the slices measured
+        return model.regularizer(batch, x[idx], target=0.0, state=state, every_sample=every_sample).item()
+
+    one, two = penalty(slice(0, 1)), penalty(slice(1, 2))
+    assert one != pytest.approx(two, rel=1e-3)  # the two slices differ
+    assert penalty(slice(0, 2)) == pytest.approx((one + two) / 2, rel=1e-4)
+    assert penalty(slice(0, 2), every_sample=False) == pytest.approx(one, rel=1e-5)
