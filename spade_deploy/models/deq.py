@@ -162,16 +162,17 @@ class DEQ(Reconstructor):
         trainer starts a new one each epoch).
 
         ``on="prior"``: ``J`` is the prior's Jacobian at the first sample's prior input
-        ``z* = x* - gamma grad h(x*)`` on a random 40 x 40 patch. ``T = D o (I - gamma A^H A)`` and ``||I - gamma A^H A|| <= 1``
-        for ``0 < gamma <= 2`` (coil maps with ``sum |S|^2 <= 1``), so ``||J_D|| < 1`` bounds
-        ``||J_T||``; cheaper, but a patch estimate misses slow modes the operator bound catches.
+        ``z* = x* - gamma grad h(x*)`` on a random 40 x 40 patch. ``T = D o (I - gamma A^H A)``
+        and ``||I - gamma A^H A|| <= 1`` for ``0 < gamma <= 2`` (coil maps with
+        ``sum |S|^2 <= 1``), so ``||J_D|| < 1`` bounds ``||J_T||``; cheaper, but a patch estimate
+        misses slow modes the operator bound catches.
         """
         if on not in ("operator", "prior"):
             raise ValueError(f"unknown contraction penalty {on!r} (operator | prior)")
-        first = slice(None) if on == "operator" and every_sample else slice(0, 1)
-        physics = batch.physics.select(first)
-        y_n, _, s = self._normalise(batch.y[first], physics)
-        x = x_net[first].detach() / s.view(-1, 1, 1)
+        which = slice(None) if on == "operator" and every_sample else slice(0, 1)
+        physics = batch.physics.select(which)
+        y_n, _, s = self._normalise(batch.y[which], physics)
+        x = x_net[which].detach() / s.view(-1, 1, 1)
         if on == "prior":
             z = complex_to_channels(x - self.gamma.detach() * physics.grad(x, y_n))
             return lipschitz_hinge(self.prior, z, target)
