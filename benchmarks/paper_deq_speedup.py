@@ -156,6 +156,7 @@ def main() -> None:
         variants = {"unpruned": dense, f"pruned {args.ratio:g}": pruned}
         for i, (label, model) in enumerate(variants.items()):
             manifest = export_onnx(model, tmp, f"v{i}").manifest_path
+            size = {"params": count_parameters(model), "macs_per_iteration": prior_macs(model, (160, 160))}  # once per variant
             for backend in ("torch", "onnxruntime"):
                 net = deploy(model, backend, manifest)
                 for rule, solver in rules.items():
@@ -164,8 +165,7 @@ def main() -> None:
                     info = net.last_info
                     times = time_reconstruction(net, batch.y, batch.physics, warmup=0, repeats=args.repeats, solver=solver)
                     rows.append({
-                        "rule": rule, "variant": label, "backend": backend, "params": count_parameters(model),
-                        "macs_per_iteration": prior_macs(model, (160, 160)),
+                        "rule": rule, "variant": label, "backend": backend, **size,
                         "iterations": int(info.iterations[0]), "converged": bool(info.converged[0]),
                         "final_residual": float(info.residual[0]),
                         "psnr": psnr(batch.x_gt.abs().numpy(), out.abs().numpy()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -508,8 +509,6 @@ def _export_stems(checkpoints: list[Path]) -> dict[Path, str]:
     ``<out>/varnet/base/best`` and ``<out>/e2e-varnet/base/best`` -> ``varnet.base.best``,
     ``e2e-varnet.base.best``; one name for two would make one model's priors replace the other's).
     The same file named twice keeps one name."""
-    import os
-
     stems = {path: _export_stem(path) for path in dict.fromkeys(checkpoints)}
     files = {stem: {p.resolve() for p in stems if stems[p] == stem} for stem in set(stems.values())}
     clashing = [p for p in stems if len(files[stems[p]]) > 1]
