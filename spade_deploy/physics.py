@@ -121,8 +121,8 @@ class MultiCoilMRI(nn.Module):
         """Gradient of ``0.5 * ||A x - y||^2``."""
         return self.A_adjoint(self.A(x) - y)
 
-    def select(self, index: slice) -> "MultiCoilMRI":
-        """The operator of a sub-batch."""
+    def select(self, index) -> "MultiCoilMRI":
+        """The operator of a sub-batch (a slice or indices of the batch)."""
         mask = self.mask[index] if self.mask.shape[0] > 1 else self.mask
         return MultiCoilMRI(mask, self.smaps[index])
 

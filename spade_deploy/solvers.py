@@ -2,7 +2,8 @@
 
 Both solvers work on a batch and apply the stopping rule per sample: sample ``b`` stops at the
 first ``k`` with ``||x_{k+1} - x_k|| / ||x_k|| < tol`` (or at ``max_iter``); a stopped sample is
-frozen while the others go on, so a batch gives the same iterates as one slice at a time.
+frozen and no longer computed while the others go on, so a batch gives the same iterates as one
+slice at a time and costs the sum of its samples' iterations, not the slowest one's times the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Callable
 
 import torch
 
-Operator = Callable[[torch.Tensor], torch.Tensor]
+# ``T(x, idx)``: the iteration of the samples ``idx`` (a LongTensor of batch indices; ``None``: the
+# whole batch) applied to ``x``, which holds those samples only.
+Operator = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,13 @@ def solve(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tenso
     hist_x: list[torch.Tensor] = []
     hist_f: list[torch.Tensor] = []
     for _ in range(cfg.max_iter):
-        fx = T(x.reshape(shape)).reshape(b, -1)
         active = ~done
+        if bool(active.all()):
+            fx = T(x.reshape(shape)).reshape(b, -1)
+        else:  # only the samples still iterating; the stopped ones keep their last value
+            idx = active.nonzero().squeeze(1)
+            fx = out.clone()
+            fx[idx] = T(x[idx].reshape(-1, *shape[1:]), idx).reshape(idx.numel(), -1)
         r = (fx - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
         iters = iters + active.long()
         res = torch.where(active, r, res)

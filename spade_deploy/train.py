@@ -354,7 +354,7 @@ def fit(
         model.train()
         loader = _loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
         n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        running, reg_state = [], {}  # reg_state: the penalty's power-iteration vector, kept within an epoch
+        running = []
         for step, items in enumerate(loader):
             if step >= n_steps:
                 break
@@ -363,12 +363,7 @@ def fit(
             batch = make_batch(items, cfg.acceleration, cfg.cf, seeds)
             x = model(batch.y, batch.physics)
             value = loss(x, batch, model, teacher)
-            # Every slice of a batch when masks are drawn anew (each step new operators); with the
-            # test measurements' fixed masks the same few operators come back every epoch, and
-            # the first slice of each batch keeps them converging (demo: 17-23 iterations); every
-            # slice there made the demo 46 s longer for no change.
-            reg = (model.regularizer(batch, x, cfg.lipschitz_target, cfg.lipschitz_on, state=reg_state,
-                                     every_sample=not cfg.fixed_masks)
+            reg = (model.regularizer(batch, x, cfg.lipschitz_target, cfg.lipschitz_on)
                    if cfg.lipschitz_weight > 0 and hasattr(model, "regularizer") else None)
             total = value + cfg.lipschitz_weight * reg if reg is not None else value
             opt.zero_grad(set_to_none=True)

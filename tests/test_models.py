@@ -101,7 +101,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
 
 def test_spectral_hinge_measures_the_jacobian_norm_and_is_differentiable():
     """The convergence penalty's estimate: a linear map with singular values 1.3, 0.6, 0.3, ...
-    gives (1.3 - rho)^2 once the power-iteration vector is carried from call to call."""
+    gives (1.3 - rho)^2."""
     from spade_deploy.models.deq import spectral_hinge
 
     g = torch.Generator().manual_seed(0)
@@ -113,18 +113,41 @@ def test_spectral_hinge_measures_the_jacobian_norm_and_is_differentiable():
     def f(x):
         return (x.reshape(1, 12) @ m.T).reshape(x.shape)
 
-    x, vec = torch.randn(1, 3, 2, 2, generator=g), None
-    for _ in range(3):
-        value, vec = spectral_hinge(f, x, rho=1.0, iters=4, u=vec)
+    x = torch.randn(1, 3, 2, 2, generator=g)
+    value = spectral_hinge(f, x, rho=1.0, iters=12)
     assert value.item() == pytest.approx(0.3**2, rel=1e-3)
     value.backward()
     assert m.grad is not None and m.grad.abs().sum() > 0
-    assert spectral_hinge(f, x, rho=1.5, u=vec)[0].item() == 0.0
+    assert spectral_hinge(f, x, rho=1.5, iters=12).item() == 0.0
 
     # A batch: each sample's own norm (here 1.3 and 0.5), hinges averaged, not one joint norm.
     scale = torch.tensor([1.3, 0.5]).view(2, 1, 1, 1)
-    value, _ = spectral_hinge(lambda x: x * scale, torch.randn(2, 3, 2, 2, generator=g), rho=0.4)
+    value = spectral_hinge(lambda x: x * scale, torch.randn(2, 3, 2, 2, generator=g), rho=0.4)
     assert value.item() == pytest.approx((0.9**2 + 0.1**2) / 2, rel=1e-4)
+
+
+def test_spectral_hinge_from_the_fixed_point_residual():
+    """Near the fixed point of a contraction ``f(x) = M x + b`` the residual ``f(x) - x`` lies
+    along the slowest mode, so one power iteration started there measures ``||M||`` (0.97),
+    where a random start is far off."""
+    from spade_deploy.models.deq import spectral_hinge
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g))
+    m = q @ torch.diag(torch.cat([torch.tensor([0.97]), torch.linspace(0.8, 0.05, 63)])) @ q.T
+    b = torch.randn(64, generator=g)
+
+    def f(x):
+        return (x.reshape(1, 64) @ m.T + b).reshape(x.shape)
+
+    x = torch.zeros(1, 64)
+    for _ in range(60):  # plain iteration towards the fixed point: the fast modes die out first
+        x = f(x)
+    start = spectral_hinge(f, x, rho=0.0, iters=1, from_residual=True).sqrt().item()
+    torch.manual_seed(0)
+    random = spectral_hinge(f, x, rho=0.0, iters=1).sqrt().item()
+    assert start == pytest.approx(0.97, abs=2e-3)
+    assert random < 0.95
 
 
 @pytest.mark.parametrize("on", ["operator", "prior"])
@@ -136,33 +159,60 @@ def test_deq_convergence_penalty_is_zero_under_a_loose_target(on):
     y, physics = _problem(b=1, h=48, w=48)
     x = model(y, physics)
     batch = SimpleNamespace(y=y, physics=physics)
-    state = {}
-    tight = model.regularizer(batch, x, target=0.0, on=on, state=state)
+    tight = model.regularizer(batch, x, target=0.0, on=on)
     assert tight.item() > 0.5 and tight.requires_grad  # ||J|| of a near-identity prior is about 1
-    assert model.regularizer(batch, x, target=10.0, on=on, state=state).item() == 0.0
+    assert model.regularizer(batch, x, target=10.0, on=on).item() == 0.0
     with pytest.raises(SpadeError, match="operator | prior"):
         from spade_deploy.train import TrainConfig
 
         TrainConfig(lipschitz_on="jacobian")
 
 
-def test_deq_operator_penalty_covers_every_slice_or_the_first():
-    """Supervised fine-tuning penalises every slice of a batch (mean of their hinges); with
-    ``every_sample=False`` only the first slice counts, whatever the others are."""
+def test_deq_batch_reconstructs_each_slice_as_alone():
+    """Samples that stop early drop out of the batch (the solver runs the rest on their own
+    operators): a batch gives each slice's own reconstruction and iteration count."""
+    torch.manual_seed(0)
+    model = build_model("deq", preset="tiny").eval()
+
+    class Shrunk(torch.nn.Module):  # the untrained prior made contractive, so solves converge
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return 0.7 * self.inner(z)
+
+    model.set_prior("prior", Shrunk(model.prior))
+    _, physics = _problem(b=3, h=32, w=32)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(3, 1, 1, 32, generator=g) < torch.tensor([0.9, 0.2, 0.5]).view(3, 1, 1, 1)).float()
+    physics = MultiCoilMRI(mask, physics.smaps)  # a denser or sparser mask per slice
+    y = physics.A(torch.randn(3, 32, 32, dtype=torch.complex64, generator=g))
+    with torch.no_grad():
+        x = model(y, physics)
+        iters, converged = model.last_info.iterations.tolist(), bool(model.last_info.converged.all())
+        for b in range(3):
+            alone = model(y[b : b + 1], physics.select([b]))
+            assert model.last_info.iterations.tolist() == [iters[b]]
+            torch.testing.assert_close(alone[0], x[b], rtol=1e-4, atol=1e-5 * float(x[b].abs().max()))
+    assert converged and len(set(iters)) > 1  # the slices stopped at different iterations
+
+
+def test_deq_operator_penalty_covers_every_slice():
+    """The penalty of a batch is the mean of its slices' own hinges."""
     from types import SimpleNamespace
 
     torch.manual_seed(0)
     model = build_model("deq", preset="tiny")
-    y, physics = _problem(b=2, h=32, w=32)
+    with torch.no_grad():
+        model.prior.scale.fill_(3.0)  # far from the identity: a Jacobian that depends on the slice
+    y, physics = _problem(b=3, h=32, w=32)
     x = model(y, physics)
-    u = torch.randn(2, 2, 32, 32)
 
-    def penalty(idx, every_sample=True):
+    def penalty(idx):
         batch = SimpleNamespace(y=y[idx], physics=physics.select(idx))
-        state = {"u": u[idx] if every_sample else u[idx][:1]}  # the power vector of the slices measured
-        return model.regularizer(batch, x[idx], target=0.0, state=state, every_sample=every_sample).item()
+        return model.regularizer(batch, x[idx], target=0.0).item()
 
-    one, two = penalty(slice(0, 1)), penalty(slice(1, 2))
-    assert one != pytest.approx(two, rel=1e-3)  # the two slices differ
-    assert penalty(slice(0, 2)) == pytest.approx((one + two) / 2, rel=1e-4)
-    assert penalty(slice(0, 2), every_sample=False) == pytest.approx(one, rel=1e-5)
+    one, two, three = (penalty(slice(i, i + 1)) for i in range(3))
+    assert one != pytest.approx(two, rel=1e-3)  # the slices differ
+    assert penalty(slice(0, 3)) == pytest.approx((one + two + three) / 3, rel=1e-4)

@@ -10,7 +10,7 @@ def _affine_contraction(rates):
     """T(x) = a * x + b per sample; fixed point b / (1 - a)."""
     a = torch.tensor(rates).view(-1, 1)
     b = torch.linspace(1, 2, 16).view(1, -1)
-    return (lambda x: a * x + b), b / (1 - a)
+    return (lambda x, idx=None: (a if idx is None else a[idx]) * x + b), b / (1 - a)
 
 
 @pytest.mark.parametrize("method", ["fixed-point", "anderson"])
