@@ -227,7 +227,7 @@ def plot_degradation(result: BenchResult, path: str | Path, backend: str = "torc
             ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
         ax.set_xlabel("per-layer pruning ratio (%)")
         ax.set_ylabel("PSNR degradation (%)")
-        ax.set_title(f"{label} on {backend}: PSNR degradation vs pruning ({base.psnr:.2f} dB unpruned)", fontsize=9)
+        ax.set_title(f"{label} on {backend}: PSNR degradation vs pruning\n({base.psnr:.2f} dB unpruned)", fontsize=9)
         ax.axhline(0, color="grey", lw=0.5)
         ax.legend(fontsize=8)
     fig.tight_layout()

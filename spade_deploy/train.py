@@ -79,9 +79,11 @@ class DemoRecipe:
 # lr 5e-4: no operator penalty 29.67 dB but 74 iterations (slower than the unpruned model); target
 # 0.95 / 0.96 / 0.97 -> 28.02 / 28.74 / 29.38 dB at 23 / 25 / 37 iterations; weight 10 at 0.96:
 # 26.82 dB. School (3 epochs of batch 2) 28.48 dB, 20 iterations; self-supervised at lr 2e-4
-# (5e-4 drifts) 25.71 dB, 23 iterations. (Those sweeps penalised the first slice of each batch;
-# supervised now penalises every slice: 28.79 dB, 30.6 iterations at 0.4, and 0.05-0.2 converge on
-# every test slice in 25-28 iterations instead of 34-48.)
+# (5e-4 drifts) 25.71 dB, 23 iterations. (Those sweeps estimated ||J_T|| on the first slice of
+# each batch by 4 power iterations from a random start, which underestimates it; now every slice,
+# from the fixed-point residual (DEQ.regularizer): at 0.4 supervised 29.47 dB in 23.5 iterations,
+# school 28.73, self-supervised 25.65, and 0.05-0.2 converge on every test slice in 24-29
+# iterations, where the old estimate left supervised 0.05 with 2 slices on the cap.)
 # VarNet / E2E-VarNet: supervised training on the magnitude of reconstruction_rss.
 DEMO_RECIPES = {
     "deq": DemoRecipe(
