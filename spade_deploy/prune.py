@@ -77,9 +77,11 @@ def prune_model(
     pruned = copy.deepcopy(model).eval()
     params_before = count_parameters(model)
     reports = []
-    for name, prior in pruned.priors().items():
+    for name, prior in pruned.prunable().items():
         example = pruned.prior_example_input(name, *example_size)
         before = (count_parameters(prior), count_macs(prior, example))
+        with torch.no_grad():
+            shape = prior(example).shape  # a prior may change the channel count (USRNet: 4 -> 3)
         importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
         with warnings.catch_warnings():
             # 0-d learnable scalars (the EDSR residual scale) have no channel dimension to prune.
@@ -96,7 +98,7 @@ def prune_model(
             pruner.step()
         with torch.no_grad():
             out = prior(example)
-        if out.shape != example.shape:
+        if out.shape != shape:
             raise SpadeError(f"prior {name!r} changed its output shape after pruning: {tuple(out.shape)}")
         pruned.set_prior(name, prior)
         reports.append(PriorReport(name, before[0], count_parameters(prior), before[1], count_macs(prior, example),

@@ -36,6 +36,12 @@ class Reconstructor(nn.Module):
         """Replace one prior (pruning, deployment back-ends)."""
         raise NotImplementedError
 
+    def prunable(self) -> dict[str, nn.Module]:
+        """The sub-networks SPADE prunes, each on its own: the priors, plus any a model prunes but
+        keeps in PyTorch (never exported nor swapped; USRNet's hyper-parameter MLP). Default: the
+        priors. ``set_prior``, ``prior_example_input`` and ``prior_output_layers`` accept every name."""
+        return self.priors()
+
     def prior_example_input(self, name: str, height: int = 64, width: int = 64) -> torch.Tensor:
         """A real-valued example input for tracing one prior on its own."""
         raise NotImplementedError
@@ -83,7 +89,7 @@ def register_model(name: str, config_cls: type, presets: dict[str, Any], default
 
 
 def _ensure_loaded() -> None:
-    from . import deq, varnet  # noqa: F401  (register themselves)
+    from . import deq, usrnet, varnet  # noqa: F401  (register themselves)
 
 
 def model_names() -> list[str]:
