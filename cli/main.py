@@ -201,21 +201,33 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
 @app.command(name="import")
 @user_errors
 def import_(
-    source: Annotated[Path, typer.Argument(help="A fastMRI VarNet checkpoint: a state dict (.pt) or a PyTorch-Lightning .ckpt.")],
+    source: Annotated[Path, typer.Argument(help="A fastMRI VarNet checkpoint (a state dict .pt or a PyTorch-Lightning .ckpt), or an official USRNet state dict (usrnet.pth, usrnet_tiny.pth).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The spade checkpoint to write (.safetensors).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="e2e-varnet (learned coil maps) | varnet (given coil maps: the sensitivity network is dropped).")] = "e2e-varnet",
+    model: Annotated[str, typer.Option("--model", "-m", help="e2e-varnet (learned coil maps) | varnet (given coil maps: the sensitivity network is dropped) | usrnet.")] = "e2e-varnet",
     preset: Annotated[Optional[str], typer.Option(help="Refuse a checkpoint whose architecture differs from this preset's.")] = None,
 ):
-    """Convert a fastMRI checkpoint, unchanged, into a spade checkpoint (read with weights_only: nothing is executed)."""
+    """Convert a fastMRI or official USRNet checkpoint, unchanged, into a spade checkpoint (read with weights_only: nothing is executed)."""
     from spade_deploy.checkpoint import save_model
+    from spade_deploy.errors import SpadeError
     from spade_deploy.models import count_parameters, preset_config
-    from spade_deploy.models.varnet import load_fastmri_checkpoint
 
     if out.exists() and out.is_dir():
-        from spade_deploy.errors import SpadeError
-
         raise SpadeError(f"output path {out} is a folder, expected a .safetensors file")
     expect = preset_config(model, preset) if preset else None
+    if model == "usrnet":
+        from spade_deploy.models.usrnet import load_official_checkpoint
+
+        net, info = load_official_checkpoint(source, expect=expect)
+        save_model(out, net, imported=info, preset=preset)
+        cfg = net.cfg
+        console.print(f"usrnet: {cfg.n_iter} iterations, ResUNet widths {list(cfg.nc)} x {cfg.nb} blocks, "
+                      f"{count_parameters(net):,} parameters")
+        console.print(f"written: [cyan]{out}[/]")
+        return
+    if model not in ("varnet", "e2e-varnet"):
+        raise SpadeError(f"import reads fastMRI VarNet (varnet, e2e-varnet) or official USRNet (usrnet) checkpoints, not {model!r}")
+    from spade_deploy.models.varnet import load_fastmri_checkpoint
+
     net, info = load_fastmri_checkpoint(source, model, expect=expect)
     save_model(out, net, imported=info, preset=preset)
     cfg = net.cfg

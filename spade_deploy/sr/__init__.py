@@ -1,0 +1,2 @@
+"""Image super-resolution: the physics ``A = S H`` (blur + s-fold downsampling) with USRNet's
+closed-form data step, the 12 test kernels, the official degradation and metrics, and the data."""
