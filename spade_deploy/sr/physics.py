@@ -31,7 +31,7 @@ def check_scale(scale) -> int:
 
 
 def check_kernel(kernel, image_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A blur kernel as a float64 ``(kh, kw)`` tensor: 2-D, finite, non-negative sum of one
+    """A blur kernel as a float64 ``(kh, kw)`` tensor: 2-D, finite, weights summing to one
     (within :data:`KERNEL_SUM_TOL`), and, given the high-resolution ``image_size``, no larger than it."""
     k = torch.as_tensor(np.asarray(kernel) if not torch.is_tensor(kernel) else kernel).detach().to(torch.float64)
     if k.dim() == 4 and k.shape[:2] == (1, 1):
