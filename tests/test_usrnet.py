@@ -249,6 +249,22 @@ def test_per_sample_kernels_and_selection():
     assert torch.allclose(sub.A(x[1:]), y[1:]) and float(sub.sigma(1)) == pytest.approx(0.01)
 
 
+def test_rotated_operator_blurs_the_rotated_scene_with_the_rotated_kernel():
+    ks = paper_kernels()
+    physics = SRPhysics(ks[10], 2)  # a motion kernel: not symmetric
+    x = torch.rand(3, 3, 32, 48, dtype=torch.float64)
+    turns = [1, 2, 3]
+    rotated = physics.rotate(turns)
+    for b, k in enumerate(turns):
+        x_phi = torch.rot90(x[b : b + 1], k, dims=(-2, -1))
+        blurred = torch.rot90(physics.blur(x[b : b + 1]), k, dims=(-2, -1))
+        assert torch.allclose(rotated.select([b]).blur(x_phi), blurred, atol=1e-12)
+        assert rotated.select([b]).A(x_phi).shape[-2:] == (x_phi.shape[-2] // 2, x_phi.shape[-1] // 2)
+    assert not torch.allclose(rotated.kernel[0], physics.kernel[0])
+    with pytest.raises(SpadeError, match="quarter turns"):
+        SRPhysics(np.full((3, 5), 1 / 15), 2).rotate([0, 1])
+
+
 # -------------------------------------------------------------------------------------------
 # Degradation, metrics, data
 # -------------------------------------------------------------------------------------------

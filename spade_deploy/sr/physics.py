@@ -179,5 +179,17 @@ class SRPhysics(nn.Module):
         sigma = self.noise_level[index] if self.noise_level.numel() > 1 else self.noise_level
         return SRPhysics(kernel.to(torch.float64), self.scale, sigma)
 
+    def rotate(self, ks: list[int]) -> "SRPhysics":
+        """The degradation seen in images rotated by ``ks[b]`` quarter turns (sample ``b``), for
+        equivariant imaging: the blur of a rotated scene is the rotated kernel (circular convolution
+        commutes with the rotation when the kernel turns with it); the downsampler stays the
+        standard one, keeping pixel ``(0, 0)`` of the rotated image, so ``A_phi`` is again a
+        degradation of the family the model is trained on. Scale and noise level are unchanged."""
+        kernels = [torch.rot90(self.kernel[b if self.kernel.shape[0] > 1 else 0, 0], int(k), dims=(-2, -1))
+                   for b, k in enumerate(ks)]
+        if len({tuple(k.shape) for k in kernels}) > 1:
+            raise SpadeError(f"a {tuple(self.kernel.shape[-2:])} kernel cannot be turned by odd and even quarter turns in one batch")
+        return SRPhysics(torch.stack(kernels).unsqueeze(1).to(torch.float64), self.scale, self.noise_level)
+
     def extra_repr(self) -> str:
         return f"scale={self.scale}, kernels={tuple(self.kernel.shape)}"
