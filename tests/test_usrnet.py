@@ -22,6 +22,7 @@ from spade_deploy.runtime import deploy
 from spade_deploy.sr import data as srdata
 from spade_deploy.sr.baseline import bicubic_upsample
 from spade_deploy.sr.degradation import crop_multiple, degrade, degrade_tensor
+from spade_deploy.sr.evaluation import bicubic_restorer, degraded_cases, evaluate_cases, model_restorer
 from spade_deploy.sr.kernels import kernel_names, load_kernel, paper_kernels
 from spade_deploy.sr.metrics import psnr, sr_scores, ssim, to_uint8
 from spade_deploy.sr.physics import SRPhysics
@@ -293,6 +294,22 @@ def test_bicubic_baseline_is_aligned_with_the_downsampler(scale):
     assert torch.allclose(up[..., ::scale, ::scale], y, atol=1e-5)
     plain = torch.nn.functional.interpolate(y, scale_factor=scale, mode="bicubic")
     assert psnr(hr, up, scale**2) > psnr(hr, plain, scale**2) + 1.0
+
+
+def test_official_test_loop_averages_per_scale_and_kernel():
+    images = srdata.embedded_images("test", crop=64)
+    kernels = paper_kernels()
+    cases = degraded_cases(images, scales=(2, 4), kernels={"k1": kernels[0], "k10": kernels[9]})
+    assert len(cases) == 2 * 2 * len(images)
+    rows = evaluate_cases(bicubic_restorer, cases)
+    assert [(r.scale, r.kernel) for r in rows] == [(2, "k1"), (2, "k10"), (4, "k1"), (4, "k10")]
+    hr, lr = degrade(images[1].image, kernels[9], 4)
+    direct = sr_scores(hr, bicubic_upsample(torch.from_numpy(lr).permute(2, 0, 1)[None], 4), 4)
+    assert rows[3].per_image[images[1].name] == direct
+    assert rows[3].psnr == pytest.approx(np.mean([s["psnr"] for s in rows[3].per_image.values()]))
+    torch.manual_seed(0)
+    model_rows = evaluate_cases(model_restorer(build_model("usrnet", preset="small")), cases[:2])
+    assert model_rows[0].per_image.keys() == {im.name for im in images}
 
 
 def _wang_ssim(a: np.ndarray, b: np.ndarray) -> float:
