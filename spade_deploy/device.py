@@ -64,8 +64,9 @@ def placed(model: nn.Module, device: torch.device | str) -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
-def require_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device, or a one-line error when it cannot run here."""
+def require_device(device: str | torch.device, allow_tf32: bool = False) -> torch.device:
+    """``device`` as a torch device, or a one-line error when it cannot run here. On CUDA, TF32
+    is switched to ``allow_tf32`` (off by default: see :func:`set_tf32`)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -76,6 +77,7 @@ def require_device(device: str | torch.device) -> torch.device:
                              f"{', built without CUDA' if torch.version.cuda is None else ''})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise SpadeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        set_tf32(allow_tf32)
     elif dev.type != "cpu":
         raise SpadeError(f"unsupported device {device!r} (cpu | cuda | cuda:N)")
     return dev
