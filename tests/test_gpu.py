@@ -93,15 +93,16 @@ def test_cuda_matches_cpu_with_the_resident_loop():
     assert max(abs(a - b) for a, b in zip(gpu.last_info.iterations.tolist(), ref_iters)) <= 1
 
 
-def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(tiny_dataset, tmp_path):
+def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmri_file, tmp_path):
     from spade_deploy import bench as B
     from spade_deploy.data import SliceDataset
     from spade_deploy.runtime import deploy
     from spade_deploy.train import evaluate
 
+    make_fastmri_file("a.h5", slices=3, shape=(32, 32), folder=tmp_path / "test")  # h5py only: no dataset builder needed
     model = build_model("deq", preset="tiny")
     model.solver_cfg = SolverConfig(max_iter=10, tol=1e-3)
-    test = SliceDataset(tiny_dataset.root / "test")
+    test = SliceDataset(tmp_path / "test")
     res = B.run_bench([B.Variant("deq", 0.0, None, model)], {"torch": lambda v: deploy(v.model, "torch", device="cuda")},
                       test, 6, 0.08, repeats=2, device="cuda")
     assert model_device(model).type == "cpu"
