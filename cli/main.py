@@ -543,7 +543,8 @@ def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | No
     if mpath.exists():
         man = read_export_manifest(mpath)
         fresh = man.get("source") == str(checkpoint) and man.get("checkpoint_mtime") == checkpoint.stat().st_mtime
-        if fresh and (not trt or all(p.get("engine") for p in man["priors"])):
+        engines_fit = all(p.get("engine") and p.get("engine_image_size") == list(size or ()) for p in man["priors"])
+        if fresh and (not trt or engines_fit):
             return mpath
     return _run_export(checkpoint, engines, trt=trt, quiet=True, stem=stem, size=size).manifest_path
 

@@ -248,6 +248,7 @@ def build_trt_engines(
             raise SpadeError(f"TensorRT {precision} engine for {entry['name']!r} differs from PyTorch by {err:.1e} "
                              f"(relative), above {tolerance:g}")
         entry.update(engine=engine_path.name, engine_precision=precision, engine_profile=shapes,
+                     engine_image_size=list(image_size),
                      engine_max_rel_error=err, engine_check_shape=list(fresh.shape))
     manifest.update(precision=precision, tensorrt=str(trt.__version__), gpu=gpu, tf32=allow_tf32)
     write_json(manifest_path, manifest)

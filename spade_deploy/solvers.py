@@ -13,7 +13,9 @@ Two ways to run that rule, with the same iterates and per-sample iteration count
   computes the whole batch and ``torch.where`` keeps each stopped sample at exactly the iterate it
   stopped on, so an iteration holds no host synchronisation and can be captured as a CUDA graph or
   compiled whole; the host asks "has every sample stopped?" once every ``check_every`` iterations
-  (:attr:`SolveInfo.host_checks` counts those questions). Extra iterations after the last sample
+  (:attr:`SolveInfo.host_checks` counts those questions). Anderson's small solve is
+  ``torch.linalg.solve_ex`` on the CPU and an elementwise elimination (:func:`spd_solve`) on CUDA,
+  where ``solve_ex`` may still read the library's status back to the host. Extra iterations after the last sample
   stopped change nothing but cost time: at most ``check_every - 1`` of them.
 """
 
@@ -161,11 +163,32 @@ def _anderson_mix(x, fx, hist_x, hist_f, cfg: SolverConfig) -> torch.Tensor:
     gram = G @ G.transpose(1, 2)
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None]
     gram = gram + cfg.anderson_lam * scale * torch.eye(n, dtype=G.dtype, device=G.device)
-    # solve_ex: no error check, so no host synchronisation (the Gram matrix is regularised)
-    a = torch.linalg.solve_ex(gram, torch.ones(G.shape[0], n, 1, dtype=G.dtype, device=G.device))[0]
+    ones = torch.ones(G.shape[0], n, 1, dtype=G.dtype, device=G.device)
+    if G.is_cuda:  # solve_ex may still read cuBLAS's status on the host: elimination in tensor ops
+        a = spd_solve(gram, ones)
+    else:  # solve_ex: no error check (the Gram matrix is regularised, hence invertible)
+        a = torch.linalg.solve_ex(gram, ones)[0]
     alpha = a / a.sum(dim=1, keepdim=True)  # weights summing to one
     mixed_f = (alpha.transpose(1, 2) @ F)[:, 0]
     if cfg.anderson_beta == 1.0:
         return mixed_f
     mixed_x = (alpha.transpose(1, 2) @ X)[:, 0]
     return cfg.anderson_beta * mixed_f + (1 - cfg.anderson_beta) * mixed_x
+
+
+def spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``A x = b`` for a batch of small symmetric positive definite ``A`` (B, n, n), ``b``
+    (B, n, k) by Gaussian elimination without pivoting (stable for SPD matrices, as Cholesky is),
+    in elementwise tensor operations only: nothing is read back to the host, so it runs inside a
+    CUDA graph. ``n`` is Anderson's memory (at most a few)."""
+    A, b = A.clone(), b.clone()
+    n = A.shape[-1]
+    for k in range(n - 1):
+        f = A[:, k + 1 :, k : k + 1] / A[:, k : k + 1, k : k + 1]  # (B, n-k-1, 1)
+        A[:, k + 1 :, :] -= f * A[:, k : k + 1, :]
+        b[:, k + 1 :, :] -= f * b[:, k : k + 1, :]
+    x = torch.empty_like(b)
+    for k in reversed(range(n)):
+        rest = (A[:, k, k + 1 :, None] * x[:, k + 1 :, :]).sum(dim=1)  # (B, k_rhs)
+        x[:, k, :] = (b[:, k, :] - rest) / A[:, k, k, None]
+    return x

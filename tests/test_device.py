@@ -108,6 +108,25 @@ def test_resident_loop_reads_the_stop_only_every_k_iterations(monkeypatch, k):
         assert reads < ran
 
 
+def test_sync_free_small_solve_matches_lapack():
+    """The Anderson solve used on CUDA (elementwise elimination) against LAPACK on regularised Gram
+    matrices like the solver's."""
+    from spade_deploy.solvers import spd_solve
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5):
+        G = torch.randn(6, n, 400, generator=g, dtype=torch.float64)
+        gram = G @ G.transpose(1, 2)
+        gram = gram + 1e-4 * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(n, dtype=torch.float64)
+        ones = torch.ones(6, n, 1, dtype=torch.float64)
+        ref = torch.linalg.solve(gram, ones)
+        before = gram.clone()
+        assert torch.allclose(spd_solve(gram, ones), ref, rtol=1e-8, atol=0)
+        assert torch.equal(gram, before)  # the input is not overwritten
+        got32 = spd_solve(gram.float(), ones.float())
+        assert torch.allclose(got32.double(), ref, rtol=1e-2, atol=0)
+
+
 def test_sub_batch_loop_checks_every_iteration():
     """The CPU default keeps its per-iteration decisions (and computes only the active samples)."""
     T, x0, calls = _operator()
