@@ -13,7 +13,8 @@ iterations column says so). Pruned = per-layer ratio 0.4 (L1, torch-pruning), no
 
 Engines, each run only where present and otherwise listed with the reason, never substituted:
 ``torch`` (eager FP32, TF32 off: the reference of every speed-up), ``channels-last`` (weights and
-activations NHWC), ``compiled`` (each prior through ``torch.compile``), ``cuda-graph`` (each prior
+activations NHWC), ``compiled`` (each prior through ``torch.compile``), ``compiled-whole`` (a DEQ's
+whole iteration, a VarNet's whole forward pass, through ``torch.compile``), ``cuda-graph`` (each prior
 through ``torch.compile(mode="reduce-overhead")``, i.e. replayed CUDA graphs), ``fp16`` / ``bf16``
 (priors in that precision, the loop in FP32; a DEQ's only where its residual still meets the
 tolerance on the timing slice, checked by :func:`spade_deploy.runtime.check_precision`),
@@ -56,7 +57,7 @@ from spade_deploy.train import _loader, eval_seeds, make_batch  # noqa: E402
 
 ACCELERATION = 6
 RATIO = 0.4
-ENGINES = ("torch", "channels-last", "compiled", "cuda-graph", "fp16", "bf16", "onnxruntime", "tensorrt")
+ENGINES = ("torch", "channels-last", "compiled", "compiled-whole", "cuda-graph", "fp16", "bf16", "onnxruntime", "tensorrt")
 SHIPPED = ROOT / "spade_deploy" / "weights" / "deq-small.safetensors"
 
 
@@ -104,6 +105,23 @@ class _Graphed(torch.nn.Module):
         return self.fn(x).clone()
 
 
+def _compiled_whole(model):
+    """One compiled graph per iteration: a DEQ's whole fixed-point map ``T`` (data consistency and
+    prior; the device-resident loop calls it on the whole batch), a VarNet's whole forward pass
+    (every cascade)."""
+    m = copy.deepcopy(model).eval()
+    if hasattr(m, "solver_cfg"):
+        cls_operator = type(m).operator
+
+        def operator(physics, y):
+            return torch.compile(cls_operator(m, physics, y), dynamic=False)
+
+        m.operator = operator
+    else:
+        m.forward = torch.compile(m.forward, dynamic=False)
+    return m
+
+
 def build_engine(engine: str, model, dev: torch.device, work: Path, size: tuple[int, int], check_input, notes: dict):
     """``model`` deployed on ``engine`` on ``dev``, or :class:`Absent` with the reason; what the
     table should say about it goes into ``notes[engine]``."""
@@ -112,11 +130,13 @@ def build_engine(engine: str, model, dev: torch.device, work: Path, size: tuple[
         return placed(model, dev)
     if engine == "channels-last":
         return copy.deepcopy(model).to(dev, memory_format=torch.channels_last)
-    if engine in ("compiled", "cuda-graph"):
+    if engine in ("compiled", "compiled-whole", "cuda-graph"):
         if not cuda:
             raise Absent("absent: CUDA only in this benchmark")
         if engine == "compiled":
             return _with_priors(model, torch.compile).to(dev)
+        if engine == "compiled-whole":
+            return _compiled_whole(model).to(dev)
         return _with_priors(model, _Graphed).to(dev)
     if engine in ("fp16", "bf16"):
         if not cuda and engine == "fp16":
