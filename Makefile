@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[cpu,test]'
 	# fastMRI is the tests' reference; its declared torchvision / lightning requirements would
 	# pull a multi-GB CUDA torch and its code does not import them.
 	$(PY) -m pip install -q --no-deps fastmri==0.3.0

@@ -503,11 +503,26 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for ONNX files, engines and the manifest.")] = Path("engines"),
     onnx_: Annotated[bool, typer.Option("--onnx", help="Export ONNX: always done (TensorRT engines are built from it).")] = True,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT and a GPU).")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in FP16.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in FP16 (with --trt).")] = False,
+    size: Annotated[Optional[str], typer.Option("--size", help="With --trt: the slices' k-space size HxW (e.g. 160x160), the engines' profile.")] = None,
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 17,
 ):
     """Export every prior to ONNX (checked against PyTorch) and, with --trt, to TensorRT engines."""
-    _run_export(checkpoint, out, trt=trt, fp16=fp16, opset=opset)
+    from spade_deploy.errors import SpadeError
+
+    if fp16 and not trt:
+        raise SpadeError("--fp16 sets the precision of TensorRT engines: add --trt (ONNX files stay FP32)")
+    if size is not None and not trt:
+        raise SpadeError("--size sets the TensorRT engines' profile: add --trt")
+    hw = None
+    if size is not None:
+        try:
+            hw = tuple(int(v) for v in size.lower().split("x"))
+        except ValueError:
+            hw = ()
+        if len(hw) != 2 or min(hw) < 1:
+            raise SpadeError(f"--size {size!r}: expected HxW, e.g. 160x160")
+    _run_export(checkpoint, out, trt=trt, fp16=fp16, opset=opset, size=hw)
 
 
 def _export_stem(checkpoint: Path) -> str:
@@ -531,7 +546,7 @@ def _export_stems(checkpoints: list[Path]) -> dict[Path, str]:
     return stems
 
 
-def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | None = None) -> Path:
+def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | None = None, size=None) -> Path:
     """The export manifest of ``checkpoint``, exporting it first unless an up-to-date one exists."""
     from spade_deploy.export import read_export_manifest
 
@@ -540,14 +555,16 @@ def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | No
     if mpath.exists():
         man = read_export_manifest(mpath)
         fresh = man.get("source") == str(checkpoint) and man.get("checkpoint_mtime") == checkpoint.stat().st_mtime
-        if fresh and (not trt or all(p.get("engine") for p in man["priors"])):
+        engines_fit = all(p.get("engine") and p.get("engine_image_size") == list(size or ()) for p in man["priors"])
+        if fresh and (not trt or engines_fit):
             return mpath
-    return _run_export(checkpoint, engines, trt=trt, quiet=True, stem=stem).manifest_path
+    return _run_export(checkpoint, engines, trt=trt, quiet=True, stem=stem, size=size).manifest_path
 
 
 def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17, quiet: bool = False,
-                stem: str | None = None):
+                stem: str | None = None, size=None):
     from spade_deploy.checkpoint import load_model
+    from spade_deploy.errors import SpadeError
     from spade_deploy.export import build_trt_engines, export_onnx
 
     _check_out_dir(out)
@@ -555,12 +572,14 @@ def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = Fal
         from spade_deploy.export import require_tensorrt
 
         require_tensorrt()
+        if size is None:
+            raise SpadeError("--trt needs --size HxW: the slices' k-space size, which the engines' profile is built for")
     net, manifest = load_model(checkpoint)
     res = export_onnx(net, out, stem or _export_stem(checkpoint), opset=opset, source=str(checkpoint),
                       extra={"checkpoint_mtime": checkpoint.stat().st_mtime, "pruning": manifest.get("pruning"),
                              "finetune": manifest.get("finetune")})
     if trt:
-        build_trt_engines(res.manifest_path, fp16=fp16)
+        build_trt_engines(res.manifest_path, net, size, fp16=fp16)
     if not quiet:
         table = Table(title=f"Exported {checkpoint.name}")
         for col in ("prior", "ONNX", "parameters", "max rel. error vs PyTorch"):
@@ -603,12 +622,17 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     for b in backends:
         if b not in BACKENDS:
             raise SpadeError(f"unknown back-end {b!r}; choose from {', '.join(BACKENDS)}")
-    if device.startswith("cuda"):
-        import torch
+    from spade_deploy.device import require_device
 
-        if not torch.cuda.is_available():
-            raise SpadeError("--device cuda: no CUDA GPU is visible here")
+    dev = require_device(device)
+    if "tensorrt" in backends:
+        if dev.type != "cuda":
+            raise SpadeError("-b tensorrt runs on a CUDA GPU: add --device cuda")
+        from spade_deploy.export import require_tensorrt
+
+        require_tensorrt()
     _check_out_dir(out)
+    trt_size = tuple(_split(root, split)[0]["kspace"].shape[-2:]) if "tensorrt" in backends else None
     variants, manifests = [], {}
     stems = _export_stems(checkpoints)
     for path in checkpoints:
@@ -620,7 +644,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
                                   strategy=ft.get("strategy") or ("none" if pruning else None), model=net))
         if any(b != "torch" for b in backends):
-            manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends, stem=stems[path])
+            manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends, stem=stems[path], size=trt_size)
     for label in {v.label for v in variants}:
         if not any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"bench needs the unpruned {label!r} among the checkpoints (speed-ups are relative to it)")

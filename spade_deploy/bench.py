@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .device import model_device, on_model_device, placed, to_device
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters
 from .solvers import SolverConfig
@@ -123,7 +124,7 @@ def run_bench(
     plan = []
     for v in variants:
         names = list(backends) if "torch" in backends or v.ratio > 0 else ["torch", *backends]
-        plan += [(v, name, backends.get(name, lambda v: v.model)) for name in names]
+        plan += [(v, name, backends.get(name, lambda v: placed(v.model, dev))) for name in names]
     # The timing slice: the first test slice, its fastMRI mask.
     items = next(iter(_loader(test_ds, 1, shuffle=False, seed=0)))
     batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
@@ -134,7 +135,8 @@ def run_bench(
     for v, name, deploy in plan:
         if on_progress:
             on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}", len(rows), len(plan))
-        model = deploy(v).to(dev)
+        model = deploy(v)
+        y, physics = to_device((y, physics), model_device(model))  # the batch goes where the model is
         res: EvalResult = evaluate(model, test_ds, acceleration, center_fraction, solver=solver)
         zf = res.psnr_zero_filled
         t = time_reconstruction(model, y, physics, warmup=warmup, repeats=repeats, solver=solver)
@@ -261,7 +263,7 @@ def plot_examples(variants: Sequence[Variant], test_ds: Dataset, acceleration: i
     zf = center_crop(batch.physics.A_adjoint(batch.y).abs(), crop)[0].numpy()
     panels = [("reference", ref, None), ("zero-filled", zf, None)]
     for v in shown:
-        x = center_crop(v.model.eval()(batch.y, batch.physics).abs(), crop)[0].numpy()
+        x = center_crop(v.model.eval()(*on_model_device((batch.y, batch.physics), v.model)).abs().cpu(), crop)[0].numpy()
         name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}: {v.strategy}"
         panels.append((name, x, v.ratio == 0))
     base_psnr = None

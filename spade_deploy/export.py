@@ -8,6 +8,7 @@ TensorRT is optional and imported inside the function that needs it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -43,22 +44,44 @@ class ExportResult:
     priors: list[PriorExport] = field(default_factory=list)
 
 
-def onnx_session(path: str | Path, device: str = "cpu"):
-    """An onnxruntime session tuned for latency inside a loop (all graph optimisations, torch's thread count, no spinning)."""
-    import onnxruntime as ort
+def _import_onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SpadeError("onnxruntime is not installed: pip install 'spade-deploy[cpu]' "
+                         "(or 'spade-deploy[gpu]' on an NVIDIA GPU, which brings onnxruntime-gpu)") from None
+    return ort
 
+
+def onnx_session(path: str | Path, device: str = "cpu", cuda_stream: int | None = None):
+    """An onnxruntime session tuned for latency inside a loop (all graph optimisations, torch's thread count, no spinning).
+
+    ``device`` ``cuda[:N]``: the CUDA provider on device N (torch's current device by default),
+    on ``cuda_stream`` when given; a session whose CUDA provider is not active is refused rather
+    than left to fall back to the CPU in silence."""
+    ort = _import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = torch.get_num_threads()
     # The outer loop runs torch operators between prior calls: threads spinning after a call
     # would take the cores from them (a DEQ slice on 2 cores: 888 -> 626 ms without spinning).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
+    providers: list = ["CPUExecutionProvider"]
+    dev = torch.device(device)
+    if dev.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise SpadeError("onnxruntime has no CUDA provider here (pip install 'spade-deploy[gpu]')")
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            raise SpadeError("this onnxruntime is the CPU build (no CUDA provider): pip uninstall onnxruntime, "
+                             "then pip install 'spade-deploy[gpu]' (onnxruntime-gpu)")
+        index = dev.index if dev.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        options = {"device_id": str(index)}
+        if cuda_stream is not None:
+            options.update(has_user_compute_stream="1", user_compute_stream=str(cuda_stream))
+        providers.insert(0, ("CUDAExecutionProvider", options))
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if dev.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise SpadeError(f"onnxruntime did not start its CUDA provider for {Path(path).name} "
+                         f"(active: {', '.join(session.get_providers())}); check the CUDA / cuDNN libraries onnxruntime-gpu needs")
+    return session
 
 
 def max_relative_error(ref: np.ndarray, out: np.ndarray) -> float:
@@ -136,27 +159,58 @@ def read_export_manifest(path: str | Path) -> dict:
 
 def require_tensorrt():
     """The ``tensorrt`` module, or a one-line error saying why it cannot be used here."""
+    if not torch.cuda.is_available():
+        raise SpadeError("TensorRT needs a CUDA GPU, and none is visible here")
     try:
         import tensorrt as trt
     except ImportError:
         raise SpadeError("TensorRT is not installed: pip install 'spade-deploy[gpu]' on a machine with an NVIDIA GPU") from None
-    if not torch.cuda.is_available():
-        raise SpadeError("TensorRT needs a CUDA GPU, and none is visible here")
+    if not str(trt.__version__).startswith("10."):
+        raise SpadeError(f"TensorRT {trt.__version__} found; spade-deploy builds engines with TensorRT 10 (pip install 'tensorrt>=10,<11')")
     return trt
+
+
+def trt_profile(model: Reconstructor, name: str, image_size: tuple[int, int], max_batch: int) -> dict[str, list[int]]:
+    """The optimisation profile of one prior's engine: the prior's real input (its channels, and
+    the size it sees for ``image_size`` slices, e.g. VarNet's padding to multiples of 16), batch
+    1 to ``max_batch``, optimised for one slice."""
+    if max_batch < 1:
+        raise SpadeError("TensorRT engines need a maximum batch of at least 1")
+    _, c, h, w = model.prior_example_input(name, *image_size).shape
+    return {"min": [1, c, h, w], "opt": [1, c, h, w], "max": [max_batch, c, h, w]}
 
 
 def build_trt_engines(
     manifest_path: str | Path,
+    model: Reconstructor,
+    image_size: tuple[int, int],
     fp16: bool = False,
-    min_shape: tuple[int, int, int] = (1, 32, 32),
-    opt_shape: tuple[int, int, int] = (1, 320, 320),
-    max_shape: tuple[int, int, int] = (8, 768, 768),
+    max_batch: int = 4,
     workspace_gb: float = 4.0,
+    allow_tf32: bool = False,
+    tolerance: float | None = None,
 ) -> dict:
-    """Build a TensorRT engine (FP32, or FP16) for every prior in an export manifest."""
+    """Build a TensorRT engine (FP32, or FP16) for every prior in an export manifest, each checked.
+
+    ``model`` is the exported model, ``image_size`` the slices' (H, W) (the profile's shape, see
+    :func:`trt_profile`). Every engine runs on fresh random input against the PyTorch prior on the
+    same GPU; the maximum relative error, the precision, the TensorRT version and the GPU go into
+    the manifest, and an error above ``tolerance`` (default 1e-3 FP32, 2e-2 FP16) refuses the
+    engine. TF32 stays off unless ``allow_tf32`` (in TensorRT and in the PyTorch reference)."""
+    from .device import set_tf32
+    from .runtime import TrtPrior
+
     trt = require_tensorrt()
+    set_tf32(allow_tf32)
+    tolerance = tolerance if tolerance is not None else (2e-2 if fp16 else 1e-3)
+    precision = "fp16" if fp16 else "fp32"
     manifest_path = Path(manifest_path)
     manifest = read_export_manifest(manifest_path)
+    if manifest.get("model") != model.registry_name:
+        raise SpadeError(f"{manifest_path} was exported from a {manifest.get('model')!r}, not a {model.registry_name!r}")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    gpu = torch.cuda.get_device_name(dev)
+    priors = model.priors()
     logger = trt.Logger(trt.Logger.WARNING)
     for entry in manifest["priors"]:
         onnx_path = manifest_path.parent / entry["onnx"]
@@ -168,24 +222,37 @@ def build_trt_engines(
             raise SpadeError(f"TensorRT could not parse {onnx_path}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        if not allow_tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
+        shapes = trt_profile(model, entry["name"], image_size, max_batch)
         profile = builder.create_optimization_profile()
-        c = 2
-        profile.set_shape(manifest["input"], (min_shape[0], c, *min_shape[1:]), (opt_shape[0], c, *opt_shape[1:]),
-                          (max_shape[0], c, *max_shape[1:]))
+        profile.set_shape(manifest["input"], shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise SpadeError(f"TensorRT failed to build an engine for {onnx_path}")
-        engine_path = onnx_path.with_suffix(".fp16.engine" if fp16 else ".fp32.engine")
+        engine_path = onnx_path.with_suffix(f".{precision}.engine")
         with atomic_path(engine_path) as tmp:
             tmp.write_bytes(bytes(serialized))
-        entry["engine"] = engine_path.name
-        entry["engine_precision"] = "fp16" if fp16 else "fp32"
-        entry["engine_profile"] = {"min": list(min_shape), "opt": list(opt_shape), "max": list(max_shape)}
+        # Parity on fresh input of the profile's largest batch, as for the ONNX files.
+        fresh = torch.randn(*shapes["max"], generator=torch.Generator().manual_seed(1234)).to(dev)
+        prior = copy.deepcopy(priors[entry["name"]]).to(dev).eval()
+        with torch.no_grad():
+            ref = prior(fresh)
+            got = TrtPrior(engine_path, manifest["input"], manifest["output"], str(dev))(fresh)
+        err = max_relative_error(ref.cpu().numpy(), got.cpu().numpy())
+        if not err <= tolerance:
+            engine_path.unlink(missing_ok=True)
+            raise SpadeError(f"TensorRT {precision} engine for {entry['name']!r} differs from PyTorch by {err:.1e} "
+                             f"(relative), above {tolerance:g}")
+        entry.update(engine=engine_path.name, engine_precision=precision, engine_profile=shapes,
+                     engine_image_size=list(image_size),
+                     engine_max_rel_error=err, engine_check_shape=list(fresh.shape))
+    manifest.update(precision=precision, tensorrt=str(trt.__version__), gpu=gpu, tf32=allow_tf32)
     write_json(manifest_path, manifest)
     return manifest
 
 
-__all__ = ["export_onnx", "build_trt_engines", "read_export_manifest", "onnx_session", "max_relative_error"]
+__all__ = ["export_onnx", "build_trt_engines", "trt_profile", "require_tensorrt", "read_export_manifest", "onnx_session", "max_relative_error"]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .device import on_model_device
 from .errors import SpadeError
 from .io import atomic_path
 from .models import Reconstructor
@@ -77,7 +78,7 @@ def reconstruct_files(
             else:
                 physics = MultiCoilMRI(torch.from_numpy(mask), items["smaps"])
                 y = items["kspace"] * physics.mask
-            x = model(y, physics)
+            x = model(*on_model_device((y, physics), model))
             info = getattr(model, "last_info", None)
             if info is not None:
                 iters += info.iterations.tolist()

@@ -4,6 +4,19 @@ Both solvers work on a batch and apply the stopping rule per sample: sample ``b`
 first ``k`` with ``||x_{k+1} - x_k|| / ||x_k|| < tol`` (or at ``max_iter``); a stopped sample is
 frozen and no longer computed while the others go on, so a batch gives the same iterates as one
 slice at a time and costs the sum of its samples' iterations, not the slowest one's times the batch.
+
+Two ways to run that rule, with the same iterates and per-sample iteration counts:
+
+* sub-batch (the CPU default): each iteration computes only the samples still iterating. Finding
+  them is a host decision per iteration (``nonzero``), cheap on a CPU where arithmetic dominates.
+* device-resident (the CUDA default; ``SolverConfig.resident=True`` anywhere): every iteration
+  computes the whole batch and ``torch.where`` keeps each stopped sample at exactly the iterate it
+  stopped on, so an iteration holds no host synchronisation and can be captured as a CUDA graph or
+  compiled whole; the host asks "has every sample stopped?" once every ``check_every`` iterations
+  (:attr:`SolveInfo.host_checks` counts those questions). Anderson's small solve is
+  ``torch.linalg.solve_ex`` on the CPU and an elementwise elimination (:func:`spd_solve`) on CUDA,
+  where ``solve_ex`` may still read the library's status back to the host. Extra iterations after the last sample
+  stopped change nothing but cost time: at most ``check_every - 1`` of them.
 """
 
 from __future__ import annotations
@@ -26,12 +39,17 @@ class SolverConfig:
     anderson_m: int = 5
     anderson_beta: float = 1.0
     anderson_lam: float = 1e-4
+    # None: device-resident on CUDA, sub-batch elsewhere (module docstring).
+    resident: bool | None = None
+    check_every: int = 8  # device-resident: iterations between the host's stopping checks
 
     def __post_init__(self):
         if self.method not in ("anderson", "fixed-point"):
             raise ValueError(f"unknown solver {self.method!r} (anderson | fixed-point)")
         if self.max_iter < 1 or not self.tol > 0:
             raise ValueError("solver needs max_iter >= 1 and tol > 0")
+        if self.check_every < 1:
+            raise ValueError("solver needs check_every >= 1")
 
 
 @dataclass
@@ -39,6 +57,13 @@ class SolveInfo:
     iterations: torch.Tensor  # (B,) iterations each sample ran
     residual: torch.Tensor  # (B,) last relative step ||x_{k+1}-x_k|| / ||x_k||
     converged: torch.Tensor  # (B,) bool: residual < tol before the cap
+    host_checks: int = 0  # stopping decisions read back by the host (each one a device synchronisation on a GPU)
+    resident: bool = False  # which of the two ways ran (module docstring)
+
+
+def _host_all(flags: torch.Tensor) -> bool:
+    """The host's one question to the device: are all ``flags`` set? (A synchronisation on CUDA.)"""
+    return bool(flags.all())
 
 
 def solve(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tensor, SolveInfo]:
@@ -48,8 +73,12 @@ def solve(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tenso
     For the plain iteration that residual is exactly the relative step ``||x_{k+1} - x_k|| / ||x_k||``.
     Returns ``T(x_k)`` at the stopping iterate and the per-sample bookkeeping.
     """
+    resident = cfg.resident if cfg.resident is not None else x0.device.type == "cuda"
+    if resident:
+        return _solve_resident(T, x0, cfg)
     b = x0.shape[0]
     shape = x0.shape
+    checks = 0
     x = x0.reshape(b, -1)
     out = x
     iters = torch.zeros(b, dtype=torch.long, device=x0.device)
@@ -59,7 +88,8 @@ def solve(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tenso
     hist_f: list[torch.Tensor] = []
     for _ in range(cfg.max_iter):
         active = ~done
-        if bool(active.all()):
+        checks += 1
+        if _host_all(active):
             fx = T(x.reshape(shape)).reshape(b, -1)
         else:  # only the samples still iterating; the stopped ones keep their last value
             idx = active.nonzero().squeeze(1)
@@ -70,14 +100,51 @@ def solve(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tenso
         res = torch.where(active, r, res)
         out = torch.where(active[:, None], fx, out)
         done = done | (r < cfg.tol)
-        if bool(done.all()):
+        checks += 1
+        if _host_all(done):
             break
         if cfg.method == "fixed-point":
             x_next = fx
         else:
             x_next = _anderson_mix(x, fx, hist_x, hist_f, cfg)
         x = torch.where(done[:, None], x, x_next)
-    return out.reshape(shape), SolveInfo(iters, res, res < cfg.tol)
+    return out.reshape(shape), SolveInfo(iters, res, res < cfg.tol, host_checks=checks)
+
+
+def _solve_resident(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tensor, SolveInfo]:
+    """The device-resident loop (module docstring): the same rule as :func:`solve`'s sub-batch
+    loop, on the whole batch every iteration, the stop read by the host every ``check_every``
+    iterations only. ``T`` is called without an index (the whole batch)."""
+    b = x0.shape[0]
+    shape = x0.shape
+    x = x0.reshape(b, -1)
+    out = torch.zeros_like(x)
+    iters = torch.zeros(b, dtype=torch.long, device=x0.device)
+    res = torch.full((b,), float("inf"), dtype=x.dtype, device=x0.device)
+    done = torch.zeros(b, dtype=torch.bool, device=x0.device)
+    hist_x: list[torch.Tensor] = []
+    hist_f: list[torch.Tensor] = []
+    checks = 0
+    for k in range(cfg.max_iter):
+        active = ~done
+        # A stopped sample's T(x) is recomputed from its frozen x and then discarded: its output,
+        # residual and count stay those of the iteration it stopped on.
+        fx = torch.where(active[:, None], T(x.reshape(shape)).reshape(b, -1), out)
+        r = (fx - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
+        iters += active.long()
+        res = torch.where(active, r, res)
+        out = fx
+        done = done | (r < cfg.tol)
+        if (k + 1) % cfg.check_every == 0 or k + 1 == cfg.max_iter:
+            checks += 1
+            if _host_all(done):
+                break
+        if cfg.method == "fixed-point":
+            x_next = fx
+        else:
+            x_next = _anderson_mix(x, fx, hist_x, hist_f, cfg)
+        x = torch.where(done[:, None], x, x_next)
+    return out.reshape(shape), SolveInfo(iters, res, res < cfg.tol, host_checks=checks, resident=True)
 
 
 def _anderson_mix(x, fx, hist_x, hist_f, cfg: SolverConfig) -> torch.Tensor:
@@ -96,10 +163,32 @@ def _anderson_mix(x, fx, hist_x, hist_f, cfg: SolverConfig) -> torch.Tensor:
     gram = G @ G.transpose(1, 2)
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None]
     gram = gram + cfg.anderson_lam * scale * torch.eye(n, dtype=G.dtype, device=G.device)
-    a = torch.linalg.solve(gram, torch.ones(G.shape[0], n, 1, dtype=G.dtype, device=G.device))
+    ones = torch.ones(G.shape[0], n, 1, dtype=G.dtype, device=G.device)
+    if G.is_cuda:  # solve_ex may still read cuBLAS's status on the host: elimination in tensor ops
+        a = spd_solve(gram, ones)
+    else:  # solve_ex: no error check (the Gram matrix is regularised, hence invertible)
+        a = torch.linalg.solve_ex(gram, ones)[0]
     alpha = a / a.sum(dim=1, keepdim=True)  # weights summing to one
     mixed_f = (alpha.transpose(1, 2) @ F)[:, 0]
     if cfg.anderson_beta == 1.0:
         return mixed_f
     mixed_x = (alpha.transpose(1, 2) @ X)[:, 0]
     return cfg.anderson_beta * mixed_f + (1 - cfg.anderson_beta) * mixed_x
+
+
+def spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``A x = b`` for a batch of small symmetric positive definite ``A`` (B, n, n), ``b``
+    (B, n, k) by Gaussian elimination without pivoting (stable for SPD matrices, as Cholesky is),
+    in elementwise tensor operations only: nothing is read back to the host, so it runs inside a
+    CUDA graph. ``n`` is Anderson's memory (at most a few)."""
+    A, b = A.clone(), b.clone()
+    n = A.shape[-1]
+    for k in range(n - 1):
+        f = A[:, k + 1 :, k : k + 1] / A[:, k : k + 1, k : k + 1]  # (B, n-k-1, 1)
+        A[:, k + 1 :, :] -= f * A[:, k : k + 1, :]
+        b[:, k + 1 :, :] -= f * b[:, k : k + 1, :]
+    x = torch.empty_like(b)
+    for k in reversed(range(n)):
+        rest = (A[:, k, k + 1 :, None] * x[:, k + 1 :, :]).sum(dim=1)  # (B, k_rhs)
+        x[:, k, :] = (b[:, k, :] - rest) / A[:, k, k, None]
+    return x

@@ -7,6 +7,7 @@ state, epoch, history), so a kill loses at most the current epoch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import data as D
 from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, model_manifest
+from .device import model_device, on_model_device
 from .errors import SpadeError
 from .io import load_checkpoint, save_checkpoint
 from .losses import Batch, Loss
@@ -204,7 +206,7 @@ def evaluate(
     loader = _loader(dataset, batch_size, shuffle=False, seed=0)
     t0 = time.perf_counter()
     for i, items in enumerate(loader):
-        batch = make_batch(items, acceleration, cf, eval_seeds(items))
+        batch = on_model_device(make_batch(items, acceleration, cf, eval_seeds(items)), model)
         if batch.target is None:
             raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
         kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
@@ -290,7 +292,7 @@ def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step
         for items in _loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 - step - 1):
             if step >= cfg.pretrain_steps:
                 break
-            batch = make_batch(items, cfg.acceleration, cfg.cf, None)
+            batch = on_model_device(make_batch(items, cfg.acceleration, cfg.cf, None), model)
             value = model.pretrain_loss(batch)
             opt.zero_grad(set_to_none=True)
             value.backward()
@@ -341,6 +343,8 @@ def fit(
             raise SpadeError("--resume with a different training configuration; start a new run instead")
 
     if teacher is not None:
+        if model_device(teacher) != model_device(model):  # a copy: the caller's teacher stays where it is
+            teacher = copy.deepcopy(teacher).to(model_device(model))
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -362,7 +366,7 @@ def fit(
                 break
             # Fine-tuning on test measurements keeps their (fixed) masks; training draws new ones.
             seeds = eval_seeds(items) if cfg.fixed_masks else [np.random.randint(0, 2**31 - 1) for _ in items["fname"]]
-            batch = make_batch(items, cfg.acceleration, cfg.cf, seeds)
+            batch = on_model_device(make_batch(items, cfg.acceleration, cfg.cf, seeds), model)
             x = model(batch.y, batch.physics)
             value = loss(x, batch, model, teacher)
             reg = (model.regularizer(batch, x, cfg.lipschitz_target, cfg.lipschitz_on)

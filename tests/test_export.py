@@ -56,10 +56,18 @@ def test_onnxruntime_backend_reconstructs_like_torch(tmp_path):
     assert isinstance(model.prior, torch.nn.Module) and type(model.prior).__name__ == "EDSR"  # original untouched
 
 
+def _tensorrt_usable() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.skipif(_tensorrt_usable(), reason="TensorRT and a GPU are present here: nothing to refuse")
 def test_tensorrt_without_tensorrt_is_a_clear_error(tmp_path):
-    res = export_onnx(build_model("deq", preset="tiny"), tmp_path, "m")
+    model = build_model("deq", preset="tiny")
+    res = export_onnx(model, tmp_path, "m")
     with pytest.raises(SpadeError, match="TensorRT"):
-        build_trt_engines(res.manifest_path)
+        build_trt_engines(res.manifest_path, model, (32, 32))
     with pytest.raises(SpadeError, match="TensorRT|tensorrt"):
         deploy(build_model("deq", preset="tiny"), "tensorrt", res.manifest_path)
 
