@@ -456,31 +456,59 @@ def reconstruct(
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="The trained, unpruned model.")],
     ratios: Annotated[Optional[list[float]], typer.Option("--ratio", "-r", help="Per-layer pruning ratio (repeatable); default 0.05 0.1 0.2 0.4.")] = None,
-    round_to: Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of N (hardware-friendly widths).")] = None,
+    round_to: Annotated[Optional[str], typer.Option(help="Widths: N keeps channel counts multiples of N; 'auto' keeps per layer group the width this device runs fastest per MAC near the paper's count (measured). Default: the paper's exact counts.")] = None,
+    target_speedup: Annotated[Optional[float], typer.Option(help="Search the ratio whose measured prior latency is X times below the unpruned prior's (instead of --ratio).")] = None,
+    size: Annotated[int, typer.Option(min=8, help="Input size (square) at which --round-to auto and --target-speedup measure (the embedded data's 160).")] = 160,
+    device: Annotated[Optional[str], typer.Option(help="Device to measure on: cpu | cuda (default: cuda if visible, else cpu).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the pruned checkpoints (default: beside the input).")] = None,
 ):
     """SPADE: DepGraph groups, group-L1 ranking, per-layer ratio; a table of parameters and MACs."""
+    from spade_deploy.errors import SpadeError
     from spade_deploy.prune import PAPER_RATIOS
 
-    _run_prune(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to)
+    if target_speedup is not None and ratios:
+        raise SpadeError("give either --ratio or --target-speedup, not both")
+    _run_prune(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to,
+               target_speedup=target_speedup, size=(size, size), device=device)
 
 
-def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None):
-    from spade_deploy.prune import prune_checkpoint
+def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None, target_speedup=None,
+               size=(160, 160), device=None):
+    from spade_deploy.prune import check_widths, default_timer, prune_checkpoint, prune_to_speedup
 
-    results = prune_checkpoint(checkpoint, ratios, out, round_to)
+    round_to = check_widths(round_to)
+    timer = default_timer(device) if (round_to == "auto" or target_speedup is not None) else None
+    if target_speedup is not None:
+        with console.status(f"searching the ratio for x{target_speedup:g} measured on {timer.device}"):
+            results = [prune_to_speedup(checkpoint, target_speedup, out, round_to, timer=timer, size=size)]
+    else:
+        results = prune_checkpoint(checkpoint, ratios, out, round_to, timer=timer, measure_size=size)
     table = Table(title=f"SPADE pruning of {checkpoint}")
-    for col in ("ratio", "prior", "params before", "params after", "removed", "MACs before", "MACs after", "checkpoint"):
-        table.add_column(col, justify="right")
+    for col in ("ratio", "widths", "prior", "params before", "params after", "removed", "MACs before", "MACs after", "checkpoint"):
+        table.add_column(col, justify="right", overflow="fold")
     for path, rep in results:
         for p in rep.priors:
-            table.add_row(f"{rep.ratio:g}", p.name, f"{p.params_before:,}", f"{p.params_after:,}",
+            table.add_row(f"{rep.ratio:.3g}", rep.widths, p.name, f"{p.params_before:,}", f"{p.params_after:,}",
                           f"{1 - p.params_after / p.params_before:.1%}", f"{p.macs_before / 1e6:,.1f} M",
                           f"{p.macs_after / 1e6:,.1f} M", path.name)
-        table.add_row(f"{rep.ratio:g}", "[bold]total[/]", f"{rep.params_before:,}", f"{rep.params_after:,}",
-                      f"{1 - rep.params_after / rep.params_before:.1%}", "", "", "")
+        table.add_row(f"{rep.ratio:.3g}", rep.widths, "[bold]total[/]", f"{rep.params_before:,}", f"{rep.params_after:,}",
+                      f"{1 - rep.params_after / rep.params_before:.1%}", f"{rep.macs_before / 1e6:,.1f} M",
+                      f"{rep.macs_after / 1e6:,.1f} M", "")
     console.print(table)
     console.print(f"MACs per prior call on a {results[0][1].example_size[0]}x{results[0][1].example_size[1]} input.")
+    for path, rep in results:
+        for p in rep.priors:
+            changed = [g for g in p.groups if g.chosen != g.paper]
+            if p.groups:
+                console.print(f"{rep.ratio:g} {p.name}: widths measured on {rep.device} at {size[0]}x{size[1]}; "
+                              f"{len(changed)} of {len(p.groups)} groups moved from the paper's count: "
+                              + (", ".join(sorted({f'{g.paper} -> {g.chosen}' for g in changed})) or "none"))
+        s = rep.speedup
+        if s is not None:
+            verdict = "reached" if s.reached else "NOT reached (within 10 %)"
+            console.print(f"target x{s.target:g} {verdict}: ratio {s.ratio:.3g}, measured prior speed-up x{s.speedup:.2f} "
+                          f"({s.unpruned_ms:.2f} -> {s.pruned_ms:.2f} ms on {s.device}, {s.input[0]}x{s.input[1]}), "
+                          f"params {rep.params_after:,}, MACs {rep.macs_after / 1e6:,.1f} M")
     return results
 
 

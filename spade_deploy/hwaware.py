@@ -242,12 +242,16 @@ def choose_widths(
     timer: Timer,
     tolerance: float = TOLERANCE,
     margin: float = MARGIN,
+    max_passes: int = 4,
 ) -> list[tuple[nn.Module, GroupWidth]]:
     """Per prunable group of ``prior``, the width to keep: among widths within ``tolerance`` of the
     paper-exact count ``k`` (and at most the group's channels), the one with the least measured
-    time per useful MAC of the group's convolutions, the other groups at their paper-exact widths;
+    time per useful MAC of the group's convolutions;
     ``k`` itself unless another width is at least ``margin`` better, and the widest of those within
-    ``margin`` of the best (more filters when they cost nothing).
+    ``margin`` of the best (more filters when they cost nothing). A group's convolutions also
+    depend on the widths of the groups they connect to (a block's inner convolutions read and write
+    the residual trunk), so the choice is repeated, each group with its neighbours at their latest
+    choice, until no group changes (at most ``max_passes`` passes; timings are cached per kind).
 
     ``trace_example`` traces the dependency graph; ``size_example`` sets the input size at which the
     convolutions are timed (the data's shape)."""
@@ -269,22 +273,34 @@ def choose_widths(
         return [kinds[m].with_widths(in_ch=w if m in ins else in_w[m], out_ch=w if m in outs else out_w[m])
                 for m in layers if m in kinds]
 
-    candidates = {}
-    for root, outs, ins, c in groups:
-        k = paper[root]
+    def widths_near(k: int, c: int) -> range:
         lo, hi = max(1, math.ceil(k * (1 - tolerance))), min(c, math.floor(k * (1 + tolerance)))
-        candidates[root] = {w: group_kinds(outs, ins, w) for w in range(min(lo, k), max(hi, k) + 1)}
-    seconds = timer.conv_seconds([kd for per_w in candidates.values() for ks in per_w.values() for kd in ks])
+        return range(min(lo, k), max(hi, k) + 1)
 
-    chosen = []
-    for root, outs, ins, c in groups:
-        k = paper[root]
-        ms = {w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in candidates[root].items()}
-        mmacs = {w: sum(kd.macs for kd in ks) / 1e6 for w, ks in candidates[root].items()}
-        per_mac = {w: ms[w] / mmacs[w] for w in ms if mmacs[w] > 0}
-        best = min(per_mac.values()) if per_mac else None
-        w_best = k
-        if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
-            w_best = max(w for w, v in per_mac.items() if v <= best * (1 + margin))
-        chosen.append((root, GroupWidth([names[m] for m in outs], c, k, w_best, ms, mmacs)))
+    current = dict(paper)
+    result: dict[nn.Module, GroupWidth] = {}
+    for _ in range(max_passes):
+        changed = False
+        for root, outs, ins, c in groups:
+            k = paper[root]
+            per_w = {w: group_kinds(outs, ins, w) for w in widths_near(k, c)}
+            seconds = timer.conv_seconds([kd for ks in per_w.values() for kd in ks])
+            ms = {w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in per_w.items()}
+            mmacs = {w: sum(kd.macs for kd in ks) / 1e6 for w, ks in per_w.items()}
+            per_mac = {w: ms[w] / mmacs[w] for w in ms if mmacs[w] > 0}
+            best = min(per_mac.values()) if per_mac else None
+            w_best = k
+            if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
+                w_best = max(w for w, v in per_mac.items() if v <= best * (1 + margin))
+            result[root] = GroupWidth([names[m] for m in outs], c, k, w_best, ms, mmacs)
+            if w_best != current[root]:
+                changed = True
+                current[root] = w_best
+                for m in outs:
+                    out_w[m] = w_best
+                for m in ins:
+                    in_w[m] = w_best
+        if not changed:
+            break
+    chosen = [(root, result[root]) for root, *_ in groups]
     return chosen
