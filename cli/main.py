@@ -392,7 +392,7 @@ def finetune(
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the iteration's Jacobian norm below its target, so the pruned model converges in few iterations (0: off).")] = 1.0,
-    lipschitz_target: Annotated[float, typer.Option(help="DEQ: the bound on that Jacobian norm.")] = 0.96,
+    lipschitz_target: Annotated[Optional[float], typer.Option(help="DEQ: the bound on that Jacobian norm (default: measured on the unpruned parent at its own fixed points, so the pruned model needs no more iterations).")] = None,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
 ):
@@ -422,6 +422,13 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
         result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
                                 on_step=on_step, on_epoch=on_epoch)
     console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
+    from spade_deploy.io import read_manifest
+
+    c = read_manifest(result.best_path).get("contraction")
+    if c:
+        where = (f"measured on the unpruned parent {c['parent']} (median over {len(c['norms'])} slices, max {c['max']:.4f})"
+                 if c.get("source") == "parent" else "given")
+        console.print(f"contraction target ||J_T|| <= {c['target']:.4f}, {where}")
     return result
 
 
