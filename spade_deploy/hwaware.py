@@ -31,7 +31,7 @@ from .errors import SpadeError
 
 # A width may leave the paper-exact count by at most this fraction (down: 16 for the 19 of 32 the
 # ratio 0.4 keeps; 32 for 38 of 64), and replaces it only if it runs a useful MAC at least
-# ``MARGIN`` faster: widths the measurement cannot tell apart keep the paper's count.
+# ``MARGIN`` faster: where the measurement cannot tell them apart the paper's count stays.
 TOLERANCE = 0.2
 MARGIN = 0.05
 
@@ -246,9 +246,9 @@ def choose_widths(
 ) -> list[tuple[nn.Module, GroupWidth]]:
     """Per prunable group of ``prior``, the width to keep: among widths within ``tolerance`` of the
     paper-exact count ``k`` (and at most the group's channels), the one with the least measured
-    time per useful MAC of the group's convolutions;
-    ``k`` itself unless another width is at least ``margin`` better, and the widest of those within
-    ``margin`` of the best (more filters when they cost nothing). A group's convolutions also
+    time per useful MAC of the group's convolutions; ``k`` itself unless the best is at least
+    ``margin`` better (so noise does not move it), and of equally fast widths the wider (more
+    filters when they cost nothing). A group's convolutions also
     depend on the widths of the groups they connect to (a block's inner convolutions read and write
     the residual trunk), so the choice is repeated, each group with its neighbours at their latest
     choice, until no group changes (at most ``max_passes`` passes; timings are cached per kind).
@@ -291,7 +291,7 @@ def choose_widths(
             best = min(per_mac.values()) if per_mac else None
             w_best = k
             if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
-                w_best = max(w for w, v in per_mac.items() if v <= best * (1 + margin))
+                w_best = min(per_mac, key=lambda w: (per_mac[w], -w))  # a tie goes to more filters
             result[root] = GroupWidth([names[m] for m in outs], c, k, w_best, ms, mmacs)
             if w_best != current[root]:
                 changed = True
