@@ -291,7 +291,7 @@ def choose_widths(
             best = min(per_mac.values()) if per_mac else None
             w_best = k
             if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
-                w_best = min(per_mac, key=lambda w: (per_mac[w], -w))  # a tie goes to more filters
+                w_best = max(w for w, v in per_mac.items() if v <= best * (1 + 1e-9))  # ties: more filters
             result[root] = GroupWidth([names[m] for m in outs], c, k, w_best, ms, mmacs)
             if w_best != current[root]:
                 changed = True
