@@ -139,3 +139,25 @@ def test_contraction_target_given_or_unmeasurable(setup, tmp_path):
     save_model(orphan, model, pruning={**man["pruning"], "parent": str(tmp_path / "gone.safetensors")})
     with pytest.raises(SpadeError, match="--lipschitz-target"):
         finetune_model(orphan, "self-supervised", root, tmp_path / "out", CFG)
+
+
+def test_resumed_fine_tuning_keeps_the_target_it_measured(setup, tmp_path):
+    root, teacher, _ = setup
+    parent = tmp_path / "parent.safetensors"
+    parent.write_bytes(teacher.read_bytes())
+    (student, _), = prune_checkpoint(parent, [0.4], tmp_path / "pruned")
+    cfg = dataclasses.replace(CFG, epochs=2)
+
+    def kill_in_second_epoch(label, step, n, loss):
+        if label.startswith("epoch 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_model(student, "self-supervised", root, tmp_path / "run", cfg, on_step=kill_in_second_epoch)
+    _, manifest = load_model(tmp_path / "run" / "last.safetensors")
+    target = manifest["contraction"]["target"]
+    assert manifest["contraction"]["source"] == "parent" and len(manifest["contraction"]["norms"]) == 2
+    parent.unlink()  # resuming does not measure again: it continues with the value it started with
+    again = finetune_model(student, "self-supervised", root, tmp_path / "run", cfg, resume=True)
+    _, manifest = load_model(again.last_path)
+    assert manifest["train_config"]["lipschitz_target"] == target and manifest["train_state"]["epoch"] == 2
