@@ -99,7 +99,8 @@ def finetune_model(
         val_ds = None
     cfg = dataclasses.replace(cfg, fixed_masks=not loss.needs_ground_truth)
     contraction = None
-    if cfg.lipschitz_weight > 0 and type(model).contraction_norms is not Reconstructor.contraction_norms:
+    measurable = type(model).contraction_norms is not Reconstructor.contraction_norms
+    if cfg.lipschitz_weight > 0 and cfg.lipschitz_on == "operator" and measurable:
         contraction = _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg, Path(out_dir), resume)
         cfg = dataclasses.replace(cfg, lipschitz_target=contraction["target"])
     extra = {

@@ -149,6 +149,8 @@ class DeviceTimer:
     cache: dict[ConvKind, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise SpadeError(f"unknown device {self.device!r}: cpu | cuda[:N]")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpadeError(f"--device {self.device}: no CUDA GPU is visible here")
 

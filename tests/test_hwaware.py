@@ -161,7 +161,8 @@ def test_prune_cli_target_speedup_and_bad_options(tmp_path):
     for args, msg in ((["--round-to", "x"], "positive integer or 'auto'"),
                       (["--round-to", "0"], "positive integer or 'auto'"),
                       (["--target-speedup", "2", "-r", "0.4"], "either --ratio or --target-speedup"),
-                      (["--target-speedup", "0.9"], "greater than 1")):
+                      (["--target-speedup", "0.9"], "greater than 1"),
+                      (["--round-to", "auto", "--device", "tpu"], "unknown device")):
         res = runner.invoke(app, ["prune", str(src), *args, "-o", str(tmp_path / "q")])
         assert res.exit_code == 1 and "error:" in res.output and msg in res.output, (args, res.output)
         assert "Traceback" not in res.output
