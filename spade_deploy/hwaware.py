@@ -11,7 +11,9 @@ the ratio keeps and picks, per DepGraph group, the width with the best measured 
 Every timing is the median of a few repeats, interleaved across all the calls being compared (one
 call of each per round), so drift and load hit all of them alike. A :class:`Timer` is injectable;
 :class:`DeviceTimer` is the real one (PyTorch eager, channels-last as the priors run, CUDA
-synchronised).
+synchronised). It times PyTorch, not the deployed engine: exporting each candidate convolution to
+onnxruntime would cost seconds per width, and on the CPU of ``conv-width-cpu.md`` both oneDNN and
+onnxruntime's MLAS run the same widths slowly (38 and 40) and fast (32, 48, 64).
 """
 
 from __future__ import annotations
