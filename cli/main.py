@@ -351,10 +351,12 @@ def _train_once(model: str, preset: str, root: Path, run: Path, cfg, retrain: bo
 
 
 def _same_recipe(stored: dict | None, cfg) -> bool:
-    """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself)."""
+    """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself, and
+    the contraction target where ``cfg`` leaves it to be measured)."""
     want = dataclasses.asdict(cfg)
-    return stored is not None and {k: v for k, v in stored.items() if k != "fixed_masks"} == {
-        k: v for k, v in want.items() if k != "fixed_masks"}
+    own = {"fixed_masks"} | ({"lipschitz_target"} if cfg.lipschitz_target is None else set())
+    return stored is not None and {k: v for k, v in stored.items() if k not in own} == {
+        k: v for k, v in want.items() if k not in own}
 
 
 def _finished(run: Path, cfg) -> bool:
