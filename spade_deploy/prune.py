@@ -243,9 +243,12 @@ def search_speedup(
     ratio = min(max(1 - 1 / math.sqrt(target), 0.01), max_ratio)
     best = None
     tried = []
+    seen: dict[str, dict] = {}  # ratios that keep the same widths are the same model: timed once
     for _ in range(max_steps):
         pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=size)
-        sec = timer.prior_seconds({"unpruned": model, "pruned": pruned}, size)
+        shapes = repr(sorted((p.name, sorted(p.widths.items())) for p in report.priors))
+        sec = seen.get(shapes) or timer.prior_seconds({"unpruned": model, "pruned": pruned}, size)
+        seen[shapes] = sec
         speedup = sec["unpruned"] / sec["pruned"]
         tried.append((ratio, speedup))
         err = abs(math.log(speedup / target))
