@@ -20,8 +20,8 @@ given factor below the unpruned prior's.
 from __future__ import annotations
 
 import copy
-import warnings
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
