@@ -8,16 +8,21 @@ A pruned prior is only as much faster as its MACs if its kernels run its widths 
 the unpruned ones; this prints how far each back-end falls short (``efficiency`` is GMAC/s relative
 to the widest chain on the same back-end). A chain, not one layer, so that onnxruntime's layout
 changes at the graph's ends (NCHWc) weigh as little as in a prior. Calls are interleaved across
-widths; medians.
+widths; medians (spade_deploy.hwaware.interleaved_medians, what ``spade prune --round-to auto``
+times with).
+
+    python benchmarks/conv_width.py --prior CHECKPOINT [--ratio 0.4] [--size 160]
+
+prints instead what ``--round-to auto`` measures for that model on this device: per group of
+channels pruned together, the time of the group's own convolutions at each width near the
+paper-exact count, their time per MMAC, and the width chosen.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from spade_deploy.export import onnx_session
+from spade_deploy.hwaware import DeviceTimer, interleaved_medians
 
 
 def main() -> None:
@@ -33,7 +39,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--prior", type=Path, default=None, help="a checkpoint: show what --round-to auto measures for it")
+    ap.add_argument("--ratio", type=float, default=0.4)
     args = ap.parse_args()
+    if args.prior is not None:
+        return show_auto_widths(args)
     torch.manual_seed(0)
     s, depth = args.size, args.depth
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -48,15 +58,8 @@ def main() -> None:
             xc = x.contiguous(memory_format=torch.channels_last)
             runners[c] = {"torch": lambda conv=conv, xc=xc: conv(xc),
                           "onnxruntime": lambda session=session, xn=xn: session.run(None, {"x": xn})}
-        times = {(c, b): [] for c in runners for b in runners[c]}
-        with torch.no_grad():
-            for r in range(args.repeats + 2):  # two warm-up rounds
-                for c, fns in runners.items():
-                    for b, fn in fns.items():
-                        t0 = time.perf_counter()
-                        fn()
-                        if r >= 2:
-                            times[(c, b)].append(time.perf_counter() - t0)
+        calls = {(c, b): fn for c, fns in runners.items() for b, fn in fns.items()}
+        medians = interleaved_medians(calls, repeats=args.repeats, warmup=2)
     print(f"{depth} x (3x3 convolution c -> c, ReLU) on 1 x c x {s} x {s}; CPU {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats}")
     print("| width | GMACs | back-end | ms | GMAC/s | efficiency vs width " + str(max(args.widths)) + " |")
@@ -64,10 +67,28 @@ def main() -> None:
     widest = max(args.widths)
     for b in ("torch", "onnxruntime"):
         macs = {c: depth * 9 * c * c * s * s for c in runners}
-        rate = {c: macs[c] / statistics.median(times[(c, b)]) / 1e9 for c in runners}
+        rate = {c: macs[c] / medians[(c, b)] / 1e9 for c in runners}
         for c in runners:
-            print(f"| {c} | {macs[c] / 1e9:.2f} | {b} | {1000 * statistics.median(times[(c, b)]):.2f} | "
+            print(f"| {c} | {macs[c] / 1e9:.2f} | {b} | {1000 * medians[(c, b)]:.2f} | "
                   f"{rate[c]:.0f} | {rate[c] / rate[widest]:.2f} |")
+
+
+def show_auto_widths(args) -> None:
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.prune import prune_model
+
+    model, _ = load_model(args.prior)
+    timer = DeviceTimer("cuda" if torch.cuda.is_available() else "cpu", repeats=args.repeats)
+    _, report = prune_model(model, args.ratio, "auto", timer=timer, measure_size=(args.size, args.size))
+    print(f"{args.prior.name} at ratio {args.ratio:g}, convolutions timed on {timer.device} at {args.size} x {args.size}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats}")
+    print("| prior | group (first layer) | channels | paper | width | ms | ms per MMAC | chosen |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in report.priors:
+        for g in p.groups:
+            for w in sorted(g.ms):
+                print(f"| {p.name} | {g.layers[0]} | {g.channels} | {g.paper} | {w} | {g.ms[w]:.3f} | "
+                      f"{g.ms[w] / g.mmacs[w]:.4f} | {'<-' if w == g.chosen else ''} |")
 
 
 if __name__ == "__main__":

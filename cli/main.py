@@ -363,10 +363,12 @@ def _train_once(model: str, preset: str, root: Path, run: Path, cfg, retrain: bo
 
 
 def _same_recipe(stored: dict | None, cfg) -> bool:
-    """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself)."""
+    """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself, and
+    the contraction target where ``cfg`` leaves it to be measured)."""
     want = dataclasses.asdict(cfg)
-    return stored is not None and {k: v for k, v in stored.items() if k != "fixed_masks"} == {
-        k: v for k, v in want.items() if k != "fixed_masks"}
+    own = {"fixed_masks"} | ({"lipschitz_target"} if cfg.lipschitz_target is None else set())
+    return stored is not None and {k: v for k, v in stored.items() if k not in own} == {
+        k: v for k, v in want.items() if k not in own}
 
 
 def _finished(run: Path, cfg) -> bool:
@@ -404,7 +406,7 @@ def finetune(
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the iteration's Jacobian norm below its target, so the pruned model converges in few iterations (0: off).")] = 1.0,
-    lipschitz_target: Annotated[float, typer.Option(help="DEQ: the bound on that Jacobian norm.")] = 0.96,
+    lipschitz_target: Annotated[Optional[float], typer.Option(help="DEQ: the bound on that Jacobian norm (default: measured on the unpruned parent at its own fixed points, so the pruned model needs no more iterations).")] = None,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
 ):
@@ -434,6 +436,13 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
         result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
                                 on_step=on_step, on_epoch=on_epoch)
     console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
+    from spade_deploy.io import read_manifest
+
+    c = read_manifest(result.best_path).get("contraction")
+    if c:
+        where = (f"measured on the unpruned parent {c['parent']} (median over {len(c['norms'])} slices, max {c['max']:.4f})"
+                 if c.get("source") == "parent" else "given")
+        console.print(f"contraction target ||J_T|| <= {c['target']:.4f}, {where}")
     return result
 
 
@@ -468,31 +477,59 @@ def reconstruct(
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="The trained, unpruned model.")],
     ratios: Annotated[Optional[list[float]], typer.Option("--ratio", "-r", help="Per-layer pruning ratio (repeatable); default 0.05 0.1 0.2 0.4.")] = None,
-    round_to: Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of N (hardware-friendly widths).")] = None,
+    round_to: Annotated[Optional[str], typer.Option(help="Widths: N keeps channel counts multiples of N; 'auto' keeps per layer group the width this device runs fastest per MAC near the paper's count (measured). Default: the paper's exact counts.")] = None,
+    target_speedup: Annotated[Optional[float], typer.Option(help="Search the ratio whose measured prior latency is X times below the unpruned prior's (instead of --ratio).")] = None,
+    size: Annotated[int, typer.Option(min=8, help="Input size (square) at which --round-to auto and --target-speedup measure (the embedded data's 160).")] = 160,
+    device: Annotated[Optional[str], typer.Option(help="Device to measure on: cpu | cuda (default: cuda if visible, else cpu).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the pruned checkpoints (default: beside the input).")] = None,
 ):
     """SPADE: DepGraph groups, group-L1 ranking, per-layer ratio; a table of parameters and MACs."""
+    from spade_deploy.errors import SpadeError
     from spade_deploy.prune import PAPER_RATIOS
 
-    _run_prune(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to)
+    if target_speedup is not None and ratios:
+        raise SpadeError("give either --ratio or --target-speedup, not both")
+    _run_prune(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to,
+               target_speedup=target_speedup, size=(size, size), device=device)
 
 
-def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None):
-    from spade_deploy.prune import prune_checkpoint
+def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None, target_speedup=None,
+               size=(160, 160), device=None):
+    from spade_deploy.prune import check_widths, default_timer, prune_checkpoint, prune_to_speedup
 
-    results = prune_checkpoint(checkpoint, ratios, out, round_to)
+    round_to = check_widths(round_to)
+    timer = default_timer(device) if (round_to == "auto" or target_speedup is not None) else None
+    if target_speedup is not None:
+        with console.status(f"searching the ratio for x{target_speedup:g} measured on {timer.device}"):
+            results = [prune_to_speedup(checkpoint, target_speedup, out, round_to, timer=timer, size=size)]
+    else:
+        results = prune_checkpoint(checkpoint, ratios, out, round_to, timer=timer, measure_size=size)
     table = Table(title=f"SPADE pruning of {checkpoint}")
-    for col in ("ratio", "prior", "params before", "params after", "removed", "MACs before", "MACs after", "checkpoint"):
-        table.add_column(col, justify="right")
+    for col in ("ratio", "widths", "prior", "params before", "params after", "removed", "MACs before", "MACs after", "checkpoint"):
+        table.add_column(col, justify="right", overflow="fold")
     for path, rep in results:
         for p in rep.priors:
-            table.add_row(f"{rep.ratio:g}", p.name, f"{p.params_before:,}", f"{p.params_after:,}",
+            table.add_row(f"{rep.ratio:.3g}", rep.widths, p.name, f"{p.params_before:,}", f"{p.params_after:,}",
                           f"{1 - p.params_after / p.params_before:.1%}", f"{p.macs_before / 1e6:,.1f} M",
                           f"{p.macs_after / 1e6:,.1f} M", path.name)
-        table.add_row(f"{rep.ratio:g}", "[bold]total[/]", f"{rep.params_before:,}", f"{rep.params_after:,}",
-                      f"{1 - rep.params_after / rep.params_before:.1%}", "", "", "")
+        table.add_row(f"{rep.ratio:.3g}", rep.widths, "[bold]total[/]", f"{rep.params_before:,}", f"{rep.params_after:,}",
+                      f"{1 - rep.params_after / rep.params_before:.1%}", f"{rep.macs_before / 1e6:,.1f} M",
+                      f"{rep.macs_after / 1e6:,.1f} M", "")
     console.print(table)
     console.print(f"MACs per prior call on a {results[0][1].example_size[0]}x{results[0][1].example_size[1]} input.")
+    for path, rep in results:
+        for p in rep.priors:
+            changed = [g for g in p.groups if g.chosen != g.paper]
+            if p.groups:
+                console.print(f"{rep.ratio:g} {p.name}: widths measured on {rep.device} at {size[0]}x{size[1]}; "
+                              f"{len(changed)} of {len(p.groups)} groups moved from the paper's count: "
+                              + (", ".join(sorted({f'{g.paper} -> {g.chosen}' for g in changed})) or "none"))
+        s = rep.speedup
+        if s is not None:
+            verdict = "reached" if s.reached else "NOT reached (within 10 %)"
+            console.print(f"target x{s.target:g} {verdict}: ratio {s.ratio:.3g}, measured prior speed-up x{s.speedup:.2f} "
+                          f"({s.unpruned_ms:.2f} -> {s.pruned_ms:.2f} ms on {s.device}, {s.input[0]}x{s.input[1]}), "
+                          f"params {rep.params_after:,}, MACs {rep.macs_after / 1e6:,.1f} M")
     return results
 
 

@@ -3,19 +3,58 @@
 * supervised — ground truth of the training split (eq. 7);
 * school — the unpruned model as teacher, on the test measurements (eq. 8);
 * self-supervised — only the test measurements: data fidelity + equivariant imaging (eq. 9).
+
+A pruned DEQ must converge at least as fast as the model it came from, so unless the user sets it,
+the bound of the convergence penalty (``TrainConfig.lipschitz_target``) is measured on the unpruned
+parent: the median over the fine-tuning data of its whole-iteration Jacobian norm ``||J_T(x*)||``
+at its own fixed points (:func:`measure_contraction`), by the estimator the penalty itself uses.
+The median, not the maximum: the penalty is a per-slice hinge, so slices the parent itself ran
+slowly are pulled down to its typical rate rather than licensing every slice to run as slowly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from . import data as D
 from .checkpoint import is_pruned, load_model
 from .errors import SpadeError
 from .losses import STRATEGIES
-from .train import FitResult, TrainConfig, fit
+from .models import Reconstructor
+from .train import FitResult, TrainConfig, _loader, eval_seeds, fit, make_batch
+
+
+def measure_contraction(
+    model: Reconstructor, dataset, cfg: TrainConfig, max_slices: int = 8
+) -> dict | None:
+    """``||J_T(x*)||`` of ``model`` at its own fixed points (inference solver) on the first
+    ``max_slices`` slices of ``dataset``, with fastMRI's deterministic masks: ``{"median", "max",
+    "norms", "mean_iterations"}``; ``None`` for models that are not fixed points."""
+    model.eval()
+    norms, iters = [], []
+    for items in _loader(dataset, cfg.batch_size, shuffle=False, seed=0):
+        batch = make_batch(items, cfg.acceleration, cfg.cf, eval_seeds(items))
+        with torch.no_grad():
+            x = model(batch.y, batch.physics)
+        got = model.contraction_norms(batch, x)
+        if got is None:
+            return None
+        norms += got.tolist()
+        info = getattr(model, "last_info", None)
+        if info is not None:
+            iters += info.iterations.tolist()
+        if len(norms) >= max_slices:
+            break
+    if not norms:
+        raise SpadeError("no slices to measure the parent model's contraction on")
+    norms = norms[:max_slices]
+    return {"median": statistics.median(norms), "max": max(norms), "norms": [round(n, 5) for n in norms],
+            "mean_iterations": statistics.fmean(iters[: len(norms)]) if iters else None}
 
 
 def finetune_model(
@@ -59,9 +98,56 @@ def finetune_model(
     if val_ds is not None and not val_ds.has_ground_truth:
         val_ds = None
     cfg = dataclasses.replace(cfg, fixed_masks=not loss.needs_ground_truth)
+    contraction = None
+    measurable = type(model).contraction_norms is not Reconstructor.contraction_norms
+    if cfg.lipschitz_weight > 0 and cfg.lipschitz_on == "operator" and measurable:
+        contraction = _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg, Path(out_dir), resume)
+        cfg = dataclasses.replace(cfg, lipschitz_target=contraction["target"])
     extra = {
         "pruning": manifest.get("pruning"),
         "finetune": {"strategy": strategy, "parent": str(checkpoint), "teacher": str(teacher_path) if teacher else None, "data": str(root / split)},
+        "contraction": contraction,
     }
     return fit(model, loss, train_ds, val_ds, cfg, out_dir, resume=resume, teacher=teacher,
                extra_manifest=extra, on_step=on_step, on_epoch=on_epoch)
+
+
+# The parent's measurement per (parent file, data, masks): ``spade demo`` fine-tunes one parent's
+# pruned models 12 times on two splits, and measures twice instead of twelve times.
+_MEASURED: dict[tuple, dict | None] = {}
+
+
+def _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg: TrainConfig, out: Path, resume: bool) -> dict:
+    """The penalty's bound and where it came from: the user's, the interrupted run's (``--resume``
+    continues with the value it started with) or measured on the unpruned parent."""
+    if cfg.lipschitz_target is not None:
+        return {"target": cfg.lipschitz_target, "source": "user"}
+    last = out / "last.safetensors"
+    if resume and last.exists():
+        from .io import read_manifest
+
+        previous = read_manifest(last)
+        target = ((previous.get("train_state") or {}).get("train_config") or {}).get("lipschitz_target")
+        if target is not None:
+            return {**(previous.get("contraction") or {}), "target": target}
+    parent_path = (manifest.get("pruning") or {}).get("parent")
+    if teacher is not None and (not parent_path or Path(str(teacher_path)) == Path(parent_path)):
+        parent, parent_path = teacher, teacher_path
+    elif not parent_path:
+        raise SpadeError("the checkpoint records no unpruned parent to measure the contraction target on; "
+                         "give --lipschitz-target")
+    elif not Path(parent_path).exists():
+        raise SpadeError(f"the unpruned parent {parent_path} (recorded when pruning) is missing, so the contraction "
+                         "target cannot be measured on it; give --lipschitz-target")
+    else:
+        parent = None
+    key = (str(Path(parent_path).resolve()), Path(parent_path).stat().st_mtime_ns if Path(parent_path).exists() else None,
+           str(Path(train_ds.root).resolve()) if hasattr(train_ds, "root") else id(train_ds), cfg.acceleration, cfg.cf)
+    measured = _MEASURED.get(key)
+    if measured is None:
+        if parent is None:
+            parent = load_model(parent_path)[0]
+        measured = _MEASURED[key] = measure_contraction(parent, train_ds, cfg)
+    if measured is None:
+        raise SpadeError(f"the parent {parent_path} is not a fixed-point model; give --lipschitz-target")
+    return {"target": measured["median"], "source": "parent", "parent": str(parent_path), **measured}

@@ -8,11 +8,19 @@ Output convolutions are never pruned, so priors keep their 2-channel interface.
 
 Importance: ``GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)`` is eq. (6)
 exactly (per-layer L1 norms of each channel's filters, averaged over the group, no normalisation).
+
+Widths: the paper keeps ``int(c * (1 - ratio))`` of every group's ``c`` channels (the default);
+``round_to=N`` rounds that down to a multiple of ``N`` (torch-pruning's ``round_to``);
+``round_to="auto"`` keeps, per group, the width the run device runs fastest per useful MAC near the
+paper's count (:func:`spade_deploy.hwaware.choose_widths`), handed to torch-pruning as a per-group
+``pruning_ratio_dict``. :func:`search_speedup` searches the ratio whose *measured* prior latency is a
+given factor below the unpruned prior's.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +31,12 @@ from torch import nn
 
 from .checkpoint import load_model, save_model
 from .errors import SpadeError
+from .hwaware import TOLERANCE, DeviceTimer, GroupWidth, Timer, choose_widths, ratio_keeping
 from .models import Reconstructor, count_parameters, layer_shapes
 
 PAPER_RATIOS = (0.05, 0.1, 0.2, 0.4)
+# The input size latencies and convolution widths are measured at: the embedded data's 160 x 160.
+MEASURE_SIZE = (160, 160)
 
 
 @dataclass
@@ -36,16 +47,20 @@ class PriorReport:
     macs_before: int
     macs_after: int
     widths: dict[str, list[int]] = field(default_factory=dict)
+    groups: list[GroupWidth] = field(default_factory=list)  # "auto" widths: what was measured and chosen
 
 
 @dataclass
 class PruneReport:
     ratio: float
-    round_to: int | None
+    round_to: int | str | None
     params_before: int
     params_after: int
     priors: list[PriorReport]
     example_size: tuple[int, int]
+    measure_size: tuple[int, int] | None = None  # "auto" widths: the input size convolutions were timed at
+    device: str | None = None
+    speedup: "SpeedupSearch | None" = None
 
     @property
     def macs_before(self) -> int:
@@ -55,6 +70,52 @@ class PruneReport:
     def macs_after(self) -> int:
         return sum(p.macs_after for p in self.priors)
 
+    @property
+    def widths(self) -> str:
+        return widths_label(self.round_to)
+
+    def manifest_entry(self, parent: str) -> dict:
+        """The pruned checkpoint's ``pruning`` manifest entry (what the bench and fine-tuning read)."""
+        entry = {
+            "ratio": self.ratio, "round_to": self.round_to, "widths": self.widths, "parent": parent,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "macs_input": list(self.example_size),
+        }
+        if any(p.groups for p in self.priors):
+            entry["hardware"] = {
+                "device": self.device, "input": list(self.measure_size or ()), "tolerance": TOLERANCE,
+                "groups": {p.name: [g.as_dict() for g in p.groups] for p in self.priors},
+            }
+        if self.speedup is not None:
+            entry["target_speedup"] = self.speedup.as_dict()
+        return entry
+
+
+@dataclass
+class SpeedupSearch:
+    """What :func:`search_speedup` reached: the measured prior latencies of the unpruned and the
+    chosen pruned model (same interleaved run), and every ratio it tried."""
+
+    target: float
+    ratio: float
+    speedup: float
+    unpruned_ms: float
+    pruned_ms: float
+    device: str
+    input: tuple[int, int]
+    tried: list[tuple[float, float]] = field(default_factory=list)  # (ratio, measured speed-up)
+
+    @property
+    def reached(self) -> bool:
+        return abs(self.speedup / self.target - 1) <= 0.1
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "ratio": self.ratio, "speedup": round(self.speedup, 4),
+                "unpruned_ms": round(self.unpruned_ms, 4), "pruned_ms": round(self.pruned_ms, 4),
+                "device": self.device, "input": list(self.input),
+                "tried": [[round(r, 4), round(s, 4)] for r, s in self.tried]}
+
 
 def check_ratio(ratio: float) -> float:
     if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
@@ -62,18 +123,58 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
+def check_widths(round_to) -> int | str | None:
+    """``None`` / ``"paper"`` (paper-exact), ``"auto"`` (measured on the device) or a positive ``N``."""
+    if round_to is None or round_to == "paper":
+        return None
+    if round_to == "auto":
+        return "auto"
+    if isinstance(round_to, str) and round_to.strip().isdigit():
+        round_to = int(round_to)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise SpadeError(f"--round-to must be a positive integer or 'auto', got {round_to!r}")
+    return round_to
+
+
+def widths_label(round_to) -> str:
+    round_to = check_widths(round_to)
+    return "paper" if round_to is None else "auto" if round_to == "auto" else f"round-to {round_to}"
+
+
+def pruned_name(stem: str, ratio: float, round_to=None, target_speedup: float | None = None) -> str:
+    """``best.pruned-0.4.safetensors`` (paper widths), ``best.pruned-0.4.hw...`` (measured widths),
+    ``best.pruned-0.4.round8...``; ``best.pruned-x2...`` for a latency target."""
+    round_to = check_widths(round_to)
+    what = f"x{target_speedup:g}" if target_speedup is not None else f"{ratio:g}"
+    suffix = "" if round_to is None else ".hw" if round_to == "auto" else f".round{round_to}"
+    return f"{stem}.pruned-{what}{suffix}.safetensors"
+
+
 def count_macs(module: nn.Module, example: torch.Tensor) -> int:
     macs, _ = tp.utils.count_ops_and_params(module, example)
     return int(macs)
 
 
+def default_timer(device: str | None = None) -> DeviceTimer:
+    return DeviceTimer(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def prune_model(
-    model: Reconstructor, ratio: float, round_to: int | None = None, example_size: tuple[int, int] = (64, 64)
+    model: Reconstructor,
+    ratio: float,
+    round_to: int | str | None = None,
+    example_size: tuple[int, int] = (64, 64),
+    timer: Timer | None = None,
+    measure_size: tuple[int, int] = MEASURE_SIZE,
 ) -> tuple[Reconstructor, PruneReport]:
-    """Return a pruned deep copy of ``model`` and what changed."""
+    """Return a pruned deep copy of ``model`` and what changed.
+
+    ``round_to="auto"`` times the priors' convolutions with ``timer`` (default: PyTorch on the
+    CUDA GPU if any, else the CPU) at ``measure_size``; MACs are counted at ``example_size``."""
     ratio = check_ratio(ratio)
-    if round_to is not None and round_to < 1:
-        raise SpadeError(f"--round-to must be a positive integer, got {round_to}")
+    round_to = check_widths(round_to)
+    if round_to == "auto" and timer is None:
+        timer = default_timer()
     pruned = copy.deepcopy(model).eval()
     params_before = count_parameters(model)
     reports = []
@@ -83,6 +184,14 @@ def prune_model(
         with torch.no_grad():
             shape = prior(example).shape  # a prior may change the channel count (USRNet: 4 -> 3)
         importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+        groups: list[GroupWidth] = []
+        ratio_dict = None
+        if round_to == "auto":
+            chosen = choose_widths(prior, example, pruned.prior_example_input(name, *measure_size), ratio,
+                                   pruned.prior_output_layers(name), timer)
+            groups = [g for _, g in chosen]
+            # One local scope per group, pruned to exactly the chosen width.
+            ratio_dict = {root: ratio_keeping(g.channels, g.chosen) for root, g in chosen}
         with warnings.catch_warnings():
             # 0-d learnable scalars (the EDSR residual scale) have no channel dimension to prune.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -91,9 +200,10 @@ def prune_model(
                 example,
                 importance=importance,
                 pruning_ratio=ratio,
+                pruning_ratio_dict=ratio_dict,
                 global_pruning=False,
                 ignored_layers=pruned.prior_output_layers(name),
-                round_to=round_to,
+                round_to=round_to if isinstance(round_to, int) else None,
             )
             pruner.step()
         with torch.no_grad():
@@ -102,30 +212,102 @@ def prune_model(
             raise SpadeError(f"prior {name!r} changed its output shape after pruning: {tuple(out.shape)}")
         pruned.set_prior(name, prior)
         reports.append(PriorReport(name, before[0], count_parameters(prior), before[1], count_macs(prior, example),
-                                   {k: v for k, v in layer_shapes(prior).items()}))
-    report = PruneReport(ratio, round_to, params_before, count_parameters(pruned), reports, tuple(example_size))
+                                   {k: v for k, v in layer_shapes(prior).items()}, groups))
+    report = PruneReport(ratio, round_to, params_before, count_parameters(pruned), reports, tuple(example_size),
+                         tuple(measure_size) if round_to == "auto" else None,
+                         timer.device if round_to == "auto" else None)
     return pruned, report
 
 
-def prune_checkpoint(
-    src: str | Path, ratios: list[float], out_dir: str | Path, round_to: int | None = None
-) -> list[tuple[Path, PruneReport]]:
-    """Prune a checkpoint at each ratio; write ``<out_dir>/<stem>.pruned-<ratio>.safetensors``."""
-    ratios = [check_ratio(r) for r in ratios]
+def search_speedup(
+    model: Reconstructor,
+    target: float,
+    round_to: int | str | None = None,
+    timer: Timer | None = None,
+    size: tuple[int, int] = MEASURE_SIZE,
+    tolerance: float = 0.05,
+    max_steps: int = 8,
+    max_ratio: float = 0.95,
+) -> tuple[Reconstructor, PruneReport]:
+    """Prune ``model`` at the per-layer ratio whose measured prior latency at ``size`` is ``target``
+    times below the unpruned prior's.
+
+    Bisection on the ratio (latency falls as it grows), started at ``1 - 1/sqrt(target)`` (where the
+    MACs of c -> c convolutions fall ``target`` times); each step prunes, then times the unpruned
+    and the pruned priors in one interleaved run. Stops within ``tolerance`` of the target or after
+    ``max_steps``, and returns the step closest to it; ``report.speedup`` says what it reached,
+    timed once more for the chosen model (unless it was the only step)."""
+    if not (isinstance(target, (int, float)) and target > 1):
+        raise SpadeError(f"--target-speedup must be greater than 1, got {target}")
+    round_to = check_widths(round_to)
+    timer = timer or default_timer()
+    lo, hi = 0.0, max_ratio
+    ratio = min(max(1 - 1 / math.sqrt(target), 0.01), max_ratio)
+    best = None
+    tried = []
+    seen: dict[str, dict] = {}  # ratios that keep the same widths are the same model: timed once
+    for _ in range(max_steps):
+        pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=size)
+        shapes = repr(sorted((p.name, sorted(p.widths.items())) for p in report.priors))
+        sec = seen.get(shapes) or timer.prior_seconds({"unpruned": model, "pruned": pruned}, size)
+        seen[shapes] = sec
+        speedup = sec["unpruned"] / sec["pruned"]
+        tried.append((ratio, speedup))
+        err = abs(math.log(speedup / target))
+        if best is None or err < best[0]:
+            best = (err, pruned, report, ratio, speedup, sec)
+        if abs(speedup / target - 1) <= tolerance:
+            break
+        if speedup < target:
+            lo = ratio
+        else:
+            hi = ratio
+        ratio = (lo + hi) / 2
+    _, pruned, report, ratio, speedup, sec = best
+    if len(tried) > 1:  # what is reported is measured again, on its own, not the best of noisy draws
+        sec = timer.prior_seconds({"unpruned": model, "pruned": pruned}, size)
+        speedup = sec["unpruned"] / sec["pruned"]
+    report.speedup = SpeedupSearch(float(target), ratio, speedup, 1000 * sec["unpruned"], 1000 * sec["pruned"],
+                                   timer.device, tuple(size), tried)
+    return pruned, report
+
+
+def _load_unpruned(src: str | Path, out_dir: str | Path):
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
     model, manifest = load_model(src)
     if manifest.get("pruning"):
         raise SpadeError(f"{src} is already pruned; prune the unpruned model")
+    return model, manifest, out
+
+
+def prune_checkpoint(
+    src: str | Path, ratios: list[float], out_dir: str | Path, round_to: int | str | None = None,
+    timer: Timer | None = None, measure_size: tuple[int, int] = MEASURE_SIZE,
+) -> list[tuple[Path, PruneReport]]:
+    """Prune a checkpoint at each ratio; write ``<out_dir>/<stem>.pruned-<ratio>[.hw].safetensors``."""
+    ratios = [check_ratio(r) for r in ratios]
+    round_to = check_widths(round_to)
+    model, manifest, out = _load_unpruned(src, out_dir)
+    if round_to == "auto" and timer is None:
+        timer = default_timer()
     results = []
     for ratio in ratios:
-        pruned, report = prune_model(model, ratio, round_to)
-        path = out / f"{Path(src).stem}.pruned-{ratio:g}.safetensors"
-        save_model(path, pruned, pruning={
-            "ratio": ratio, "round_to": round_to, "parent": str(src),
-            "params_before": report.params_before, "params_after": report.params_after,
-            "macs_before": report.macs_before, "macs_after": report.macs_after,
-        }, train_config=manifest.get("train_config"))
+        pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=measure_size)
+        path = out / pruned_name(Path(src).stem, ratio, round_to)
+        save_model(path, pruned, pruning=report.manifest_entry(str(src)), train_config=manifest.get("train_config"))
         results.append((path, report))
     return results
+
+
+def prune_to_speedup(
+    src: str | Path, target: float, out_dir: str | Path, round_to: int | str | None = None,
+    timer: Timer | None = None, size: tuple[int, int] = MEASURE_SIZE,
+) -> tuple[Path, PruneReport]:
+    """:func:`search_speedup` on a checkpoint; write ``<out_dir>/<stem>.pruned-x<target>[.hw].safetensors``."""
+    model, manifest, out = _load_unpruned(src, out_dir)
+    pruned, report = search_speedup(model, target, round_to, timer=timer, size=size)
+    path = out / pruned_name(Path(src).stem, report.ratio, round_to, target_speedup=target)
+    save_model(path, pruned, pruning=report.manifest_entry(str(src)), train_config=manifest.get("train_config"))
+    return path, report

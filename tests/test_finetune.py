@@ -1,5 +1,7 @@
 """Fine-tuning strategies: what each needs, refused clearly when it is missing."""
 
+import dataclasses
+
 import h5py
 import pytest
 import torch
@@ -86,3 +88,88 @@ def test_deq_self_supervised_loss_is_unchanged():
         x_phi, physics_phi = rotate(x, ks), physics.rotate(ks)
         old = relative_sq_error(physics.A(x), y) + relative_sq_error(model(physics_phi.A(x_phi), physics_phi), x_phi)
     assert torch.equal(new, old)
+
+
+def test_pruned_deq_fine_tuned_needs_no_more_iterations_than_its_parent(tiny_dataset, tmp_path):
+    """The contraction target is measured on the unpruned parent (||J_T|| at its own fixed points on
+    the training data) and recorded; the fine-tuned pruned DEQ then converges in at most the
+    parent's mean number of iterations on the test slices, where pruning alone left it on the cap."""
+    from spade_deploy.finetune import measure_contraction
+    from spade_deploy.losses import SupervisedLoss
+    from spade_deploy.train import evaluate, fit
+
+    root = tiny_dataset.root
+    train, val, test = (D.SliceDataset(root / s) for s in ("train", "val", "test"))
+    torch.manual_seed(0)
+    base = TrainConfig(epochs=2, lr=2e-3, batch_size=4, train_max_iter=30, pretrain_steps=100,
+                       lipschitz_weight=10.0, lipschitz_target=0.98, lipschitz_on="prior")
+    parent_path = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, base, tmp_path / "base").best_path
+    parent, _ = load_model(parent_path)
+    before = evaluate(parent, test)
+    assert before.all_converged
+
+    (pruned_path, _), = prune_checkpoint(parent_path, [0.4], tmp_path / "pruned")
+    assert not evaluate(load_model(pruned_path)[0], test).all_converged  # pruning alone: on the cap
+
+    cfg = TrainConfig(epochs=20, lr=5e-4, batch_size=2, train_max_iter=30, lipschitz_weight=30.0)
+    assert cfg.lipschitz_target is None  # the default: measured on the parent
+    result = finetune_model(pruned_path, "supervised", root, tmp_path / "ft", cfg)
+    tuned, manifest = load_model(result.best_path)
+    after = evaluate(tuned, test)
+
+    measured = measure_contraction(parent, train, dataclasses.replace(cfg, fixed_masks=False))
+    c = manifest["contraction"]
+    assert c["source"] == "parent" and c["parent"] == str(parent_path)
+    assert c["target"] == pytest.approx(measured["median"]) and 0.5 < c["target"] < 1
+    assert manifest["train_config"]["lipschitz_target"] == pytest.approx(c["target"])
+    assert after.all_converged
+    assert after.mean_iterations <= before.mean_iterations, (after.mean_iterations, before.mean_iterations)
+
+
+def test_contraction_target_given_or_unmeasurable(setup, tmp_path):
+    root, teacher, student = setup
+    result = finetune_model(student, "self-supervised", root, tmp_path / "user",
+                            dataclasses.replace(CFG, lipschitz_target=0.9))
+    _, manifest = load_model(result.best_path)
+    assert manifest["contraction"] == {"target": 0.9, "source": "user"}
+
+    # a pruned checkpoint whose parent has gone cannot measure it: a clear error, not a guess
+    orphan = tmp_path / "orphan.safetensors"
+    model, man = load_model(student)
+    save_model(orphan, model, pruning={**man["pruning"], "parent": str(tmp_path / "gone.safetensors")})
+    with pytest.raises(SpadeError, match="--lipschitz-target"):
+        finetune_model(orphan, "self-supervised", root, tmp_path / "out", CFG)
+
+
+def test_resumed_fine_tuning_keeps_the_target_it_measured(setup, tmp_path):
+    root, teacher, _ = setup
+    parent = tmp_path / "parent.safetensors"
+    parent.write_bytes(teacher.read_bytes())
+    (student, _), = prune_checkpoint(parent, [0.4], tmp_path / "pruned")
+    cfg = dataclasses.replace(CFG, epochs=2)
+
+    def kill_in_second_epoch(label, step, n, loss):
+        if label.startswith("epoch 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_model(student, "self-supervised", root, tmp_path / "run", cfg, on_step=kill_in_second_epoch)
+    _, manifest = load_model(tmp_path / "run" / "last.safetensors")
+    target = manifest["contraction"]["target"]
+    assert manifest["contraction"]["source"] == "parent" and len(manifest["contraction"]["norms"]) == 2
+    parent.unlink()  # resuming does not measure again: it continues with the value it started with
+    again = finetune_model(student, "self-supervised", root, tmp_path / "run", cfg, resume=True)
+    _, manifest = load_model(again.last_path)
+    assert manifest["train_config"]["lipschitz_target"] == target and manifest["train_state"]["epoch"] == 2
+
+
+def test_demo_reuses_a_fine_tuning_whose_target_was_measured():
+    """``spade demo`` reuses finished stages whose recorded recipe is its own: a target measured on
+    the parent (the recipe leaves it to be measured) is still the same recipe; another given one is not."""
+    from cli.main import _same_recipe
+
+    recipe = TrainConfig(epochs=1, lr=5e-4)
+    stored = dataclasses.asdict(dataclasses.replace(recipe, lipschitz_target=0.9531, fixed_masks=True))
+    assert _same_recipe(stored, recipe)
+    assert not _same_recipe(stored, dataclasses.replace(recipe, lipschitz_target=0.96))
+    assert not _same_recipe(stored, dataclasses.replace(recipe, lr=1e-4))

@@ -58,6 +58,11 @@ class Reconstructor(nn.Module):
         operator applied to its image. Models whose native output is k-space (VarNet) override it."""
         return self.measurement_operator(y, physics).A(x)
 
+    def contraction_norms(self, batch, x_net: torch.Tensor) -> torch.Tensor | None:
+        """Per sample, the norm of the Jacobian of the model's iteration at its output ``x_net`` (the
+        rate of a fixed-point model's solver); ``None`` for models that are not fixed points."""
+        return None
+
     def prior_output_layers(self, name: str) -> list[nn.Module]:
         """The convolutions producing a prior's output: never pruned (they are its interface).
         Default: the prior's ``tail`` attribute, else its last convolution in registration order."""

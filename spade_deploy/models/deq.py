@@ -189,6 +189,18 @@ class DEQ(Reconstructor):
             return lipschitz_hinge(self.prior, z, target)
         return spectral_hinge(self.operator(physics, y_n), complex_to_channels(x), target, iters=1, from_residual=True)
 
+    def contraction_norms(self, batch, x_net: torch.Tensor) -> torch.Tensor:
+        """``||J_T(x*)||_2`` per sample at the fixed points ``x_net = self(batch.y, batch.physics)``,
+        by the estimator the operator penalty of :meth:`regularizer` uses (one power iteration from
+        the fixed-point residual), so a target measured here is what that penalty compares against.
+        Fine-tuning measures it on the unpruned parent to bound its pruned model's rate."""
+        y_n, _, s = self._normalise(batch.y, batch.physics)
+        x = x_net.detach() / s.view(-1, 1, 1)
+        with torch.enable_grad():
+            norms = spectral_norms(self.operator(batch.physics, y_n), complex_to_channels(x), iters=1,
+                                   from_residual=True, create_graph=False)
+        return norms.detach()
+
     def pretrain_loss(self, batch, reg_weight: float = 0.0, sigma_max: float = 0.1) -> torch.Tensor:
         """Stage 1 of training: the prior as a Gaussian denoiser of ground-truth images (noise level
         uniform in ``[0, sigma_max]`` of the image peak), the usual plug-and-play initialisation,
@@ -207,12 +219,12 @@ class DEQ(Reconstructor):
         return loss
 
 
-def spectral_hinge(f, x: torch.Tensor, rho: float, iters: int = 4, from_residual: bool = False) -> torch.Tensor:
-    """``mean_b relu(||J_f(x_b)||_2 - rho)^2``: per sample ``b`` of the batch, the spectral norm of
-    ``f``'s Jacobian at ``x_b`` by ``iters`` power iterations on ``J^T J``, differentiable in ``f``'s
-    parameters (Ryu et al. 2019; Pesquet et al. 2021); ``f`` must act on each sample on its own.
-    The iteration starts from a random vector or, with ``from_residual``, from ``f(x) - x``: near a
-    fixed point of ``f`` that residual is dominated by the slowest mode of the iteration."""
+def spectral_norms(f, x: torch.Tensor, iters: int = 4, from_residual: bool = False, create_graph: bool = True) -> torch.Tensor:
+    """Per sample ``b`` of the batch, the spectral norm of ``f``'s Jacobian at ``x_b`` by ``iters``
+    power iterations on ``J^T J``, differentiable in ``f``'s parameters when ``create_graph``
+    (Ryu et al. 2019; Pesquet et al. 2021); ``f`` must act on each sample on its own. The iteration
+    starts from a random vector or, with ``from_residual``, from ``f(x) - x``: near a fixed point of
+    ``f`` that residual is dominated by the slowest mode of the iteration."""
     x = x.detach().requires_grad_(True)
     out = f(x)
     probe = torch.zeros_like(out, requires_grad=True)
@@ -226,8 +238,13 @@ def spectral_hinge(f, x: torch.Tensor, rho: float, iters: int = 4, from_residual
         (ju,) = torch.autograd.grad(jt_probe, probe, u, retain_graph=True)  # J u
         (jtju,) = torch.autograd.grad(out, x, ju, retain_graph=True)  # J^T J u
         u = unit(jtju).detach()
-    (ju,) = torch.autograd.grad(jt_probe, probe, u, create_graph=True)
-    return (torch.relu(ju.flatten(1).norm(dim=1) - rho) ** 2).mean()
+    (ju,) = torch.autograd.grad(jt_probe, probe, u, create_graph=create_graph)
+    return ju.flatten(1).norm(dim=1)
+
+
+def spectral_hinge(f, x: torch.Tensor, rho: float, iters: int = 4, from_residual: bool = False) -> torch.Tensor:
+    """``mean_b relu(||J_f(x_b)||_2 - rho)^2`` with the norms of :func:`spectral_norms`."""
+    return (torch.relu(spectral_norms(f, x, iters, from_residual) - rho) ** 2).mean()
 
 
 def lipschitz_hinge(prior: nn.Module, z: torch.Tensor, rho: float, crop: int = 40, iters: int = 4) -> torch.Tensor:

@@ -1,0 +1,310 @@
+"""Widths and latencies measured on the run device, for hardware-aware and latency-targeted pruning.
+
+A pruned prior is only as much faster as its MACs if its kernels run the widths pruning leaves as
+efficiently as the unpruned ones, and they often do not: on the 2-core CPU of
+``benchmarks/results/conv-width-cpu.md`` 38- and 40-wide 3x3 convolutions run at 65-70 % of the
+GMAC/s of 32- or 64-wide ones (onnxruntime), and the small DEQ's prior pruned at 0.4 ran its 19 of
+32 filters about half as fast as when rounded to 16. So :func:`choose_widths` times the prior's own
+convolutions (their kinds, strides and input sizes at the data's shape) at every width near the one
+the ratio keeps and picks, per DepGraph group, the width with the best measured time per useful MAC.
+
+Every timing is the median of a few repeats, interleaved across all the calls being compared (one
+call of each per round), so drift and load hit all of them alike. A :class:`Timer` is injectable;
+:class:`DeviceTimer` is the real one (PyTorch eager, channels-last as the priors run, CUDA
+synchronised). It times PyTorch, not the deployed engine: exporting each candidate convolution to
+onnxruntime would cost seconds per width, and on the CPU of ``conv-width-cpu.md`` both oneDNN and
+onnxruntime's MLAS run the same widths slowly (38 and 40) and fast (32, 48, 64).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Hashable, Iterable, Protocol
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import SpadeError
+
+# A width may leave the paper-exact count by at most this fraction (down: 16 for the 19 of 32 the
+# ratio 0.4 keeps; 32 for 38 of 64), and replaces it only if it runs a useful MAC at least
+# ``MARGIN`` faster: where the measurement cannot tell them apart the paper's count stays.
+TOLERANCE = 0.2
+MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class ConvKind:
+    """One convolution as the device sees it: its shape and the spatial size of its input."""
+
+    in_ch: int
+    out_ch: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    transposed: bool
+    height: int
+    width: int
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of one call on a single image."""
+        if self.transposed:
+            h, w = self.height, self.width  # every input pixel scatters a kernel
+        else:
+            h, w = (
+                (size + 2 * p - d * (k - 1) - 1) // s + 1
+                for size, p, d, k, s in zip((self.height, self.width), self.padding, self.dilation, self.kernel, self.stride)
+            )
+        return int(h * w * self.out_ch * (self.in_ch // self.groups) * math.prod(self.kernel))
+
+    def with_widths(self, in_ch: int | None = None, out_ch: int | None = None) -> "ConvKind":
+        new_in = self.in_ch if in_ch is None else in_ch
+        new_out = self.out_ch if out_ch is None else out_ch
+        groups = self.groups
+        if groups > 1 and groups == self.in_ch == self.out_ch:  # depthwise stays depthwise
+            groups = new_in = new_out = in_ch or out_ch or self.in_ch
+        return replace(self, in_ch=new_in, out_ch=new_out, groups=groups)
+
+    def build(self) -> nn.Module:
+        cls = nn.ConvTranspose2d if self.transposed else nn.Conv2d
+        return cls(self.in_ch, self.out_ch, self.kernel, stride=self.stride, padding=self.padding,
+                   dilation=self.dilation, groups=self.groups)
+
+    def as_dict(self) -> dict:
+        return {"in": self.in_ch, "out": self.out_ch, "kernel": list(self.kernel), "stride": list(self.stride),
+                "input": [self.height, self.width], "transposed": self.transposed}
+
+
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def conv_kinds(module: nn.Module, example: torch.Tensor) -> dict[nn.Module, ConvKind]:
+    """Every convolution of ``module`` with the input size it sees on ``example`` (forward hooks)."""
+    kinds: dict[nn.Module, ConvKind] = {}
+
+    def hook(m, inputs, _out):
+        h, w = inputs[0].shape[-2:]
+        kinds[m] = ConvKind(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), tuple(m.padding),
+                            tuple(m.dilation), m.groups, isinstance(m, nn.ConvTranspose2d), int(h), int(w))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, _CONVS)]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kinds
+
+
+# ------------------------------------------------------------------------------------------------
+def interleaved_medians(
+    calls: dict[Hashable, Callable[[], Any]], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict[Hashable, float]:
+    """Seconds per call of each of ``calls``: median of ``repeats`` rounds after ``warmup`` rounds,
+    every round calling each once in turn (so drift and background load hit all of them alike)."""
+    if repeats < 1:
+        raise SpadeError(f"repeats must be at least 1, got {repeats}")
+    sync = sync or (lambda: None)
+    times: dict[Hashable, list[float]] = {k: [] for k in calls}
+    with torch.no_grad():
+        for r in range(warmup + repeats):
+            for key, fn in calls.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if r >= warmup:
+                    times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class Timer(Protocol):
+    """What the width choice and the latency search measure; inject one to test them."""
+
+    device: str
+
+    def conv_seconds(self, kinds: Iterable[ConvKind]) -> dict[ConvKind, float]:
+        """Seconds per call of each convolution kind (batch 1)."""
+
+    def prior_seconds(self, models: dict[str, nn.Module], size: tuple[int, int]) -> dict[str, float]:
+        """Seconds per call of all of each reconstructor's priors on a ``size`` input, one pass each."""
+
+
+@dataclass
+class DeviceTimer:
+    """PyTorch eager on ``device`` (channels-last, as the priors run), interleaved medians.
+
+    Convolution timings are cached per kind, so a search re-measures only widths it has not seen."""
+
+    device: str = "cpu"
+    repeats: int = 5
+    warmup: int = 1
+    cache: dict[ConvKind, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise SpadeError(f"unknown device {self.device!r}: cpu | cuda[:N]")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SpadeError(f"--device {self.device}: no CUDA GPU is visible here")
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def _input(self, shape) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device).contiguous(memory_format=torch.channels_last)
+
+    def conv_seconds(self, kinds: Iterable[ConvKind]) -> dict[ConvKind, float]:
+        todo = [k for k in dict.fromkeys(kinds) if k not in self.cache]
+        if todo:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                calls = {}
+                for k in todo:
+                    conv = k.build().to(self.device).eval().to(memory_format=torch.channels_last)
+                    x = self._input((1, k.in_ch, k.height, k.width))
+                    calls[k] = lambda conv=conv, x=x: conv(x)
+                self.cache.update(interleaved_medians(calls, self.repeats, self.warmup, self._sync))
+        return {k: self.cache[k] for k in kinds}
+
+    def prior_seconds(self, models: dict[str, nn.Module], size: tuple[int, int]) -> dict[str, float]:
+        import copy
+
+        calls = {}
+        for label, model in models.items():
+            model = copy.deepcopy(model).to(self.device).eval()
+            pairs = [(prior, model.prior_example_input(name, *size).to(self.device).contiguous(memory_format=torch.channels_last))
+                     for name, prior in model.priors().items()]
+            calls[label] = lambda pairs=pairs: [prior(x) for prior, x in pairs]
+        return interleaved_medians(calls, self.repeats, self.warmup, self._sync)
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class GroupWidth:
+    """One DepGraph group (channels pruned together) and the width chosen for it."""
+
+    layers: list[str]  # the convolutions whose filters the group's channels are
+    channels: int  # before pruning
+    paper: int  # what the ratio keeps: int(channels * (1 - ratio))
+    chosen: int
+    ms: dict[int, float]  # measured time of the group's convolutions at each candidate width
+    mmacs: dict[int, float]  # their MACs, millions
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, "channels": self.channels, "paper": self.paper, "chosen": self.chosen,
+                "ms": {str(w): round(t, 4) for w, t in self.ms.items()},
+                "mmacs": {str(w): round(m, 3) for w, m in self.mmacs.items()}}
+
+
+def _groups(prior: nn.Module, example: torch.Tensor, ignored: list[nn.Module]):
+    """``(root module, out layers, in layers, channels)`` per prunable group of ``prior``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        dg = tp.DependencyGraph().build_dependency(prior, example_inputs=example)
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.ConvTranspose2d)):
+        outs, ins = [], []
+        for dep, _ in group:
+            m = dep.target.module
+            if not isinstance(m, _CONVS):
+                continue
+            if dg.is_out_channel_pruning_fn(dep.handler) and m not in outs:
+                outs.append(m)
+            elif dg.is_in_channel_pruning_fn(dep.handler) and m not in ins:
+                ins.append(m)
+        root = group[0].dep.target.module
+        channels = dg.get_out_channels(root)
+        if outs and channels:
+            yield root, outs, ins, int(channels)
+
+
+def kept_channels(channels: int, ratio: float) -> int:
+    """What torch-pruning keeps of ``channels`` at ``ratio`` (local pruning): the paper-exact count."""
+    return max(int(channels * (1 - ratio)), 1)
+
+
+def ratio_keeping(channels: int, kept: int) -> float:
+    """The pruning ratio for which torch-pruning keeps exactly ``kept`` of ``channels``."""
+    return 1.0 - (kept + 0.5) / channels
+
+
+def choose_widths(
+    prior: nn.Module,
+    trace_example: torch.Tensor,
+    size_example: torch.Tensor,
+    ratio: float,
+    ignored: list[nn.Module],
+    timer: Timer,
+    tolerance: float = TOLERANCE,
+    margin: float = MARGIN,
+    max_passes: int = 4,
+) -> list[tuple[nn.Module, GroupWidth]]:
+    """Per prunable group of ``prior``, the width to keep: among widths within ``tolerance`` of the
+    paper-exact count ``k`` (and at most the group's channels), the one with the least measured
+    time per useful MAC of the group's convolutions; ``k`` itself unless the best is at least
+    ``margin`` better (so noise does not move it), and of equally fast widths the wider (more
+    filters when they cost nothing). A group's convolutions also
+    depend on the widths of the groups they connect to (a block's inner convolutions read and write
+    the residual trunk), so the choice is repeated, each group with its neighbours at their latest
+    choice, until no group changes (at most ``max_passes`` passes; timings are cached per kind).
+
+    ``trace_example`` traces the dependency graph; ``size_example`` sets the input size at which the
+    convolutions are timed (the data's shape)."""
+    names = {m: n for n, m in prior.named_modules()}
+    kinds = conv_kinds(prior, size_example)
+    groups = list(_groups(prior, trace_example, ignored))
+    out_w = {m: k.out_ch for m, k in kinds.items()}
+    in_w = {m: k.in_ch for m, k in kinds.items()}
+    paper = {}
+    for root, outs, ins, c in groups:
+        paper[root] = kept_channels(c, ratio)
+        for m in outs:
+            out_w[m] = paper[root]
+        for m in ins:
+            in_w[m] = paper[root]
+
+    def group_kinds(outs, ins, w) -> list[ConvKind]:
+        layers = list(dict.fromkeys([*outs, *ins]))
+        return [kinds[m].with_widths(in_ch=w if m in ins else in_w[m], out_ch=w if m in outs else out_w[m])
+                for m in layers if m in kinds]
+
+    def widths_near(k: int, c: int) -> range:
+        lo, hi = max(1, math.ceil(k * (1 - tolerance))), min(c, math.floor(k * (1 + tolerance)))
+        return range(min(lo, k), max(hi, k) + 1)
+
+    current = dict(paper)
+    result: dict[nn.Module, GroupWidth] = {}
+    for _ in range(max_passes):
+        changed = False
+        for root, outs, ins, c in groups:
+            k = paper[root]
+            per_w = {w: group_kinds(outs, ins, w) for w in widths_near(k, c)}
+            seconds = timer.conv_seconds([kd for ks in per_w.values() for kd in ks])
+            ms = {w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in per_w.items()}
+            mmacs = {w: sum(kd.macs for kd in ks) / 1e6 for w, ks in per_w.items()}
+            per_mac = {w: ms[w] / mmacs[w] for w in ms if mmacs[w] > 0}
+            best = min(per_mac.values()) if per_mac else None
+            w_best = k
+            if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
+                w_best = max(w for w, v in per_mac.items() if v <= best * (1 + 1e-9))  # ties: more filters
+            result[root] = GroupWidth([names[m] for m in outs], c, k, w_best, ms, mmacs)
+            if w_best != current[root]:
+                changed = True
+                current[root] = w_best
+                for m in outs:
+                    out_w[m] = w_best
+                for m in ins:
+                    in_w[m] = w_best
+        if not changed:
+            break
+    chosen = [(root, result[root]) for root, *_ in groups]
+    return chosen

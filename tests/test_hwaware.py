@@ -1,0 +1,168 @@
+"""Hardware-aware widths and latency-targeted pruning, with injected timers (deterministic): which
+width each group keeps, what the manifest records, that the search reports what it measured."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spade_deploy.checkpoint import load_model, save_model
+from cli.main import app
+from spade_deploy.errors import SpadeError
+from spade_deploy.hwaware import ConvKind, DeviceTimer, conv_kinds, interleaved_medians
+from spade_deploy.models import build_model, layer_shapes
+from spade_deploy.prune import count_macs, prune_checkpoint, prune_model, search_speedup
+
+runner = CliRunner()
+
+
+class MacTimer:
+    """Latency proportional to MACs; ``fast`` makes convolutions whose pruned widths are multiples
+    of 8 run each MAC twice as fast (the 2-channel prior ends do not count)."""
+
+    device = "mock"
+
+    def __init__(self, fast: bool = False):
+        self.fast = fast
+        self.seen: list[ConvKind] = []
+
+    def conv_seconds(self, kinds):
+        kinds = list(kinds)
+        self.seen += kinds
+        aligned = lambda k: all(c % 8 == 0 or c <= 2 for c in (k.in_ch, k.out_ch))  # noqa: E731
+        return {k: k.macs * 1e-12 * (0.5 if self.fast and aligned(k) else 1.0) for k in kinds}
+
+    def prior_seconds(self, models, size):
+        return {label: 1e-12 * sum(count_macs(p, m.prior_example_input(n, *size)) for n, p in m.priors().items())
+                for label, m in models.items()}
+
+
+def _small():
+    torch.manual_seed(0)
+    return build_model("deq", preset="small").eval()
+
+
+def _widths(model):
+    return {w for shape in layer_shapes(model.prior).values() for w in shape if w > 2}
+
+
+def test_auto_widths_take_the_faster_nearby_width_and_keep_the_paper_count_otherwise():
+    model = _small()
+    paper, _ = prune_model(model, 0.4)
+    assert _widths(paper) == {19}  # int(32 * 0.6)
+
+    timer = MacTimer(fast=True)
+    hw, report = prune_model(model, 0.4, "auto", timer=timer, measure_size=(40, 40))
+    assert _widths(hw) == {16}  # within 20 % below 19 and twice as fast per MAC
+    groups = report.priors[0].groups
+    assert len(groups) == 5  # the residual trunk and the 4 blocks' inner channels
+    assert all(g.paper == 19 and g.chosen == 16 and set(g.ms) == set(range(16, 23)) for g in groups)
+    assert {(k.height, k.width) for k in timer.seen} == {(40, 40)}  # timed at the measuring size
+
+    # Time proportional to MACs: no width is faster per MAC, so the paper's count stays, exactly.
+    same, report = prune_model(model, 0.4, "auto", timer=MacTimer(), measure_size=(40, 40))
+    assert all(g.chosen == 19 for g in report.priors[0].groups)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), paper.state_dict().values()))
+
+
+def test_auto_widths_stay_within_the_tolerance_and_may_keep_more_filters():
+    _, report = prune_model(_small(), 0.05, "auto", timer=MacTimer(fast=True), measure_size=(24, 24))
+    # paper 30 of 32: 24 and 32 are both twice as fast per MAC; the wider one wins, none goes below 24
+    assert {g.chosen for g in report.priors[0].groups} == {32}
+    assert all(min(g.ms) >= 24 and max(g.ms) <= 32 for g in report.priors[0].groups)
+
+
+class SlightlyFaster(MacTimer):
+    """17-wide convolutions 3 % faster per MAC: within the measurement's margin."""
+
+    def conv_seconds(self, kinds):
+        return {k: v * (0.97 if 17 in (k.in_ch, k.out_ch) else 1.0) for k, v in super().conv_seconds(kinds).items()}
+
+
+def test_auto_widths_ignore_differences_within_the_margin():
+    _, report = prune_model(_small(), 0.4, "auto", timer=SlightlyFaster(), measure_size=(24, 24))
+    assert {g.chosen for g in report.priors[0].groups} == {19}
+
+
+def test_variants_get_their_own_files_and_manifests(tmp_path):
+    src = save_model(tmp_path / "best.safetensors", _small())
+    (paper_path, paper_rep), = prune_checkpoint(src, [0.4], tmp_path / "pruned")
+    (hw_path, hw_rep), = prune_checkpoint(src, [0.4], tmp_path / "pruned", "auto", timer=MacTimer(fast=True),
+                                          measure_size=(32, 32))
+    (r8_path, _), = prune_checkpoint(src, [0.4], tmp_path / "pruned", 8)
+    assert (paper_path.name, hw_path.name, r8_path.name) == (
+        "best.pruned-0.4.safetensors", "best.pruned-0.4.hw.safetensors", "best.pruned-0.4.round8.safetensors")
+    _, pm = load_model(paper_path)
+    model, hm = load_model(hw_path)
+    _, rm = load_model(r8_path)
+    assert pm["pruning"]["widths"] == "paper" and "hardware" not in pm["pruning"]
+    assert rm["pruning"]["widths"] == "round-to 8"
+    p = hm["pruning"]
+    assert p["widths"] == "auto" and p["ratio"] == 0.4 and p["parent"] == str(src)
+    assert p["params_after"] == hw_rep.params_after < paper_rep.params_after
+    assert p["macs_after"] < pm["pruning"]["macs_after"]
+    groups = p["hardware"]["groups"]["prior"]
+    assert p["hardware"]["input"] == [32, 32] and p["hardware"]["device"] == "mock"
+    assert all(g["paper"] == 19 and g["chosen"] == 16 and len(g["ms"]) == 7 for g in groups)
+    assert _widths(model) == {16}
+
+
+def test_latency_search_reports_the_measured_speedup():
+    model = _small()
+    pruned, report = search_speedup(model, 2.0, timer=MacTimer(), size=(32, 32))
+    s = report.speedup
+    assert s is not None and s.target == 2.0 and s.reached
+    assert abs(s.speedup / 2 - 1) <= 0.05
+    assert s.unpruned_ms / s.pruned_ms == pytest.approx(s.speedup)
+    # the speed-up it reports is the one of the model it returns
+    macs = lambda m: count_macs(m.prior, m.prior_example_input("prior", 32, 32))  # noqa: E731
+    assert macs(model) / macs(pruned) == pytest.approx(s.speedup)
+    assert report.ratio == s.ratio and (s.ratio, s.speedup) in s.tried
+    entry = report.manifest_entry("src")
+    assert entry["target_speedup"]["speedup"] == pytest.approx(s.speedup, rel=1e-3)
+    json.dumps(entry)
+
+    # with measured widths too (here multiples of 8: 24 of 32 filters is x1.78 in MACs)
+    _, hw = search_speedup(model, 1.7, "auto", timer=MacTimer(fast=True), size=(32, 32))
+    assert hw.speedup.reached and hw.widths == "auto" and hw.speedup.speedup == pytest.approx(32**2 / 24**2, rel=0.02)
+    # a target the model cannot reach is reported as such, not hidden
+    _, far = search_speedup(model, 1e4, timer=MacTimer(), size=(32, 32), max_steps=3)
+    assert not far.speedup.reached and far.speedup.speedup > 1
+    with pytest.raises(SpadeError, match="greater than 1"):
+        search_speedup(model, 0.5, timer=MacTimer())
+
+
+def test_conv_kinds_and_device_timer():
+    prior = _small().prior
+    kinds = conv_kinds(prior, torch.randn(1, 2, 20, 24))
+    assert {(k.in_ch, k.out_ch, k.height, k.width) for k in kinds.values()} >= {(2, 32, 20, 24), (32, 2, 20, 24)}
+    head = kinds[prior.head]
+    assert head.macs == 20 * 24 * 32 * 2 * 9
+    timer = DeviceTimer("cpu", repeats=2, warmup=0)
+    seconds = timer.conv_seconds([head, head.with_widths(out_ch=16)])
+    assert all(v > 0 for v in seconds.values()) and len(timer.cache) == 2
+    calls = []
+    interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
+    assert calls == ["a", "b"] * 3  # one call of each per round
+
+
+def test_prune_cli_target_speedup_and_bad_options(tmp_path):
+    src = save_model(tmp_path / "m.safetensors", build_model("deq", preset="tiny"))
+    res = runner.invoke(app, ["prune", str(src), "--target-speedup", "1.5", "--size", "32", "--device", "cpu",
+                              "-o", str(tmp_path / "p")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "measured prior speed-up x" in res.output
+    _, manifest = load_model(tmp_path / "p" / "m.pruned-x1.5.safetensors")
+    t = manifest["pruning"]["target_speedup"]
+    assert t["target"] == 1.5 and t["speedup"] > 0 and t["input"] == [32, 32] and t["device"] == "cpu"
+    assert manifest["pruning"]["widths"] == "paper" and 0 < manifest["pruning"]["ratio"] < 1
+
+    for args, msg in ((["--round-to", "x"], "positive integer or 'auto'"),
+                      (["--round-to", "0"], "positive integer or 'auto'"),
+                      (["--target-speedup", "2", "-r", "0.4"], "either --ratio or --target-speedup"),
+                      (["--target-speedup", "0.9"], "greater than 1"),
+                      (["--round-to", "auto", "--device", "tpu"], "unknown device")):
+        res = runner.invoke(app, ["prune", str(src), *args, "-o", str(tmp_path / "q")])
+        assert res.exit_code == 1 and "error:" in res.output and msg in res.output, (args, res.output)
+        assert "Traceback" not in res.output
