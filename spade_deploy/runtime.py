@@ -19,7 +19,7 @@ from .errors import SpadeError
 from .export import onnx_session, read_export_manifest
 from .models import Reconstructor
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 class OrtPrior(nn.Module):
@@ -75,10 +75,19 @@ class TrtPrior(nn.Module):
         return y
 
 
-def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None = None, device: str = "cpu") -> Reconstructor:
-    """A copy of ``model`` whose priors run on ``backend`` (``torch`` returns the model itself)."""
+def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None = None, device: str = "cpu",
+           shape: tuple[int, int] | None = None, sample=None) -> Reconstructor:
+    """A copy of ``model`` whose priors run on ``backend`` (``torch`` returns the model itself).
+
+    ``auto``: the engine the manifest records as fastest on this device for images of ``shape``
+    (or those of ``sample = (y, physics)``), measured and recorded first where no such record
+    exists (:func:`spade_deploy.engines.deploy_auto`)."""
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        from .engines import deploy_auto
+
+        return deploy_auto(model, manifest_path, device, shape=shape, sample=sample)
     if backend == "torch":
         return model.to(device)
     if manifest_path is None:
