@@ -26,6 +26,7 @@ manifest)`` reads it back (see :func:`deploy_auto`).
 from __future__ import annotations
 
 import copy
+import os
 import datetime as _dt
 import statistics
 import time
@@ -41,6 +42,9 @@ from .io import write_json
 from .models import Reconstructor
 
 ENGINES = ("torch", "torch-compile", "onnxruntime", "cuda-graph", "tensorrt")
+# The candidates ``auto`` tries: all, or those named in $SPADE_AUTO_ENGINES (comma-separated), e.g.
+# to leave out torch.compile where its compilation time is not worth measuring.
+ENV_ENGINES = "SPADE_AUTO_ENGINES"
 TOLERANCE = 1e-4  # FP32 engines must reproduce PyTorch's prior within this relative error
 RECORD_KEY = "engine_choice"
 
@@ -149,6 +153,15 @@ def build_engine(name: str, prior: nn.Module, device: str, manifest: dict | None
 # ------------------------------------------------------------------------------------------------
 # Measurement
 # ------------------------------------------------------------------------------------------------
+def candidate_engines() -> tuple[str, ...]:
+    """The engines ``auto`` measures: :data:`ENGINES`, or the subset named in ``$SPADE_AUTO_ENGINES``."""
+    names = [n.strip() for n in os.environ.get(ENV_ENGINES, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown:
+        raise SpadeError(f"${ENV_ENGINES} names unknown engines {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    return tuple(names) or ENGINES
+
+
 def describe_device(device: str | torch.device) -> str:
     """The run device as recorded with a measurement (a CPU's thread count changes its timings)."""
     dev = torch.device(device)
@@ -243,7 +256,7 @@ def select_engines(
     manifest: dict | None = None,
     root: Path | None = None,
     device: str = "cpu",
-    engines: Sequence[str] = ENGINES,
+    engines: Sequence[str] | None = None,
     rounds: int = 7,
     loop_iterations: int = 3,
     measure_loop: bool = True,
@@ -259,6 +272,7 @@ def select_engines(
     loop swaps them all at once.
     """
     dev = torch.device(device)
+    engines = tuple(engines) if engines is not None else candidate_engines()
     model = model.to(dev).eval()
     y, physics = sample
     y, physics = y.to(dev), physics.to(dev)
@@ -276,11 +290,11 @@ def select_engines(
         for eng in engines:
             t = timings[name][eng] = EngineTiming()
             try:
-                t0 = time.perf_counter()
+                t0 = timer()
                 module = builder(eng, prior, device, manifest, entries.get(name), root)
                 out = module(x)  # the first call: compilation, session warm-up
                 _sync(dev)
-                t.setup_s = time.perf_counter() - t0
+                t.setup_s = timer() - t0
             except EngineUnavailable as exc:
                 t.status, t.note = "unavailable", str(exc)
                 continue
