@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from spade_deploy.errors import SpadeError
@@ -23,7 +24,7 @@ def print_table(table: Table, out: Console | None = None) -> None:
     are folded into several tables that each fit, the first column repeated in each so every row
     stays identified."""
     out = out or console
-    width = out.measure(table).maximum
+    width = _natural_width(out, table)
     if width <= out.width:
         out.print(table)
         return
@@ -34,6 +35,11 @@ def print_table(table: Table, out: Console | None = None) -> None:
         if i:
             out.print()
         out.print(part)
+
+
+def _natural_width(out: Console, table: Table) -> int:
+    """The table's width with no console limit (``Console.measure`` caps it at the console's width)."""
+    return Measurement.get(out, out.options.update_width(100_000), table).maximum
 
 
 def _fold_columns(table: Table, out: Console) -> list[Table]:
@@ -51,7 +57,7 @@ def _fold_columns(table: Table, out: Console) -> list[Table]:
 
     parts, current = [], [0]
     for i in range(1, len(columns)):
-        if len(current) > 1 and out.measure(build(current + [i], None)).maximum > out.width:
+        if len(current) > 1 and _natural_width(out, build(current + [i], None)) > out.width:
             parts.append(current)
             current = [0]
         current.append(i)
