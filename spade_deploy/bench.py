@@ -140,6 +140,60 @@ def bench_slices(test_ds: Dataset, acceleration: int, center_fraction: float, de
     return out
 
 
+@dataclass
+class SliceTimings:
+    """One model's timings: ``seconds[j]`` the rounds' times of slice ``j``."""
+
+    seconds: list[list[float]]
+    iterations: list[int]  # per slice (1 for a model without a fixed-point solver: one pass)
+    on_cap: list[bool]
+    has_solver: bool
+
+    @property
+    def median_ms(self) -> list[float]:
+        return [1000 * statistics.median(t) for t in self.seconds]
+
+    @property
+    def latency_ms(self) -> float:
+        """Mean over slices of each slice's median over rounds."""
+        return float(np.mean(self.median_ms))
+
+    @property
+    def iqr_ms(self) -> float:
+        return float(np.mean([1000 * np.subtract(*np.percentile(t, [75, 25])) for t in self.seconds]))
+
+    @property
+    def ms_per_iteration(self) -> float:
+        return float(sum(self.median_ms) / sum(self.iterations))
+
+    @property
+    def slices_on_cap(self) -> int | None:
+        return sum(self.on_cap) if self.has_solver else None
+
+
+def time_interleaved(models: Sequence[Reconstructor], slices: Sequence, rounds: int, solver: SolverConfig | None = None,
+                     timer: Callable[[], float] = time.perf_counter,
+                     on_step: Callable[[int, int], None] | None = None) -> list[SliceTimings]:
+    """Time every model on every slice ``(y, physics, ...)`` in interleaved rounds: round ``r``
+    reconstructs every slice once with every model, the models' order rotated by ``r``, so drift
+    on the machine hits all of them alike. ``on_step(r, i)`` before model ``i`` in round ``r``."""
+    n = len(models)
+    out = [SliceTimings([[] for _ in slices], [1] * len(slices), [False] * len(slices), False) for _ in models]
+    for r in range(rounds):
+        k = r % n if n else 0
+        for i in list(range(k, n)) + list(range(k)):
+            if on_step:
+                on_step(r, i)
+            for j, (y, physics, *_) in enumerate(slices):
+                out[i].seconds[j].append(time_once(models[i], y, physics, solver=solver, timer=timer))
+                info = getattr(models[i], "last_info", None)
+                if info is not None:
+                    out[i].has_solver = True
+                    out[i].iterations[j] = int(info.iterations.sum())
+                    out[i].on_cap[j] = not bool(info.converged.all())
+    return out
+
+
 def run_bench(
     variants: Sequence[Variant],
     backends: dict[str, Callable[..., Reconstructor]],
@@ -170,9 +224,8 @@ def run_bench(
     sample = slices[0][:2]
     macs = {id(v): prior_macs(v.model, tuple(sample[0].shape[-2:])) for v in variants}  # per variant, not per back-end
     total = len(plan) * (1 + repeats)
-    step = 0
     deployed, quality = [], []
-    for v, name, deploy in plan:
+    for step, (v, name, deploy) in enumerate(plan):
         if on_progress:
             on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}: quality", step, total)
         model = deploy(v, sample).to(dev).eval()
@@ -181,41 +234,26 @@ def run_bench(
             time_once(model, *sample, solver=solver, timer=timer)
         deployed.append(model)
         quality.append(res)
-        step += 1
     # Interleaved rounds: every variant reconstructs every slice once per round, order rotated.
-    times = [[[] for _ in slices] for _ in plan]
-    iters: list[list[int | None]] = [[None] * len(slices) for _ in plan]
-    on_cap: list[list[bool]] = [[False] * len(slices) for _ in plan]
-    for r in range(repeats):
-        k = r % len(plan)
-        for i in list(range(k, len(plan))) + list(range(k)):
-            v, name, _ = plan[i]
-            if on_progress:
-                on_progress(f"round {r + 1}/{repeats}: {v.label} r={v.ratio:g} {v.strategy or ''} on {name}", step, total)
-            for j, (y, physics, _) in enumerate(slices):
-                times[i][j].append(time_once(deployed[i], y, physics, solver=solver, timer=timer))
-                info = getattr(deployed[i], "last_info", None)
-                if info is not None:
-                    iters[i][j] = int(info.iterations.sum())
-                    on_cap[i][j] = not bool(info.converged.all())
-            step += 1
+    def on_round(r: int, i: int) -> None:
+        v, name, _ = plan[i]
+        if on_progress:
+            on_progress(f"round {r + 1}/{repeats}: {v.label} r={v.ratio:g} {v.strategy or ''} on {name}",
+                        len(plan) * (1 + r) + i, total)
+
+    timed = time_interleaved(deployed, slices, repeats, solver=solver, timer=timer, on_step=on_round)
     rows: list[BenchRow] = []
     for i, (v, name, _) in enumerate(plan):
-        res = quality[i]
-        med = [1000 * statistics.median(t) for t in times[i]]
-        iqr = [1000 * float(np.subtract(*np.percentile(t, [75, 25]))) for t in times[i]]
-        has_solver = iters[i][0] is not None
-        n_iter = [n if n is not None else 1 for n in iters[i]]
+        res, t = quality[i], timed[i]
         choice = getattr(deployed[i], "engine_choice", None)
         rows.append(BenchRow(
             label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name, widths=v.widths,
             engine=",".join(sorted(set(choice.values()))) if choice else name,
             params=count_parameters(v.model), macs=macs[id(v)], psnr=res.psnr, ssim=res.ssim,
             mean_iterations=res.mean_iterations, all_converged=res.all_converged,
-            latency_ms=float(np.mean(med)), latency_iqr_ms=float(np.mean(iqr)), n_slices=len(slices),
-            slices_on_cap=sum(on_cap[i]) if has_solver else None,
-            ms_per_iteration=float(sum(med) / sum(n_iter)), slice_latency_ms=med,
-            slice_iterations=[int(n) for n in n_iter] if has_solver else [],
+            latency_ms=t.latency_ms, latency_iqr_ms=t.iqr_ms, n_slices=len(slices),
+            slices_on_cap=t.slices_on_cap, ms_per_iteration=t.ms_per_iteration, slice_latency_ms=t.median_ms,
+            slice_iterations=t.iterations if t.has_solver else [],
         ))
     add_speedups(rows)
     cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
