@@ -123,7 +123,9 @@ def build_engine(name: str, prior: nn.Module, device: str, manifest: dict | None
     if name == "torch":
         return ChannelsLastPrior(prior).to(device)
     if name == "torch-compile":
-        return torch.compile(ChannelsLastPrior(prior).to(device), backend="inductor", dynamic=False)
+        # Shapes start static; a second batch size (the solver's shrinking active set) or image
+        # size recompiles once with that dimension dynamic instead of once per size.
+        return torch.compile(ChannelsLastPrior(prior).to(device), backend="inductor")
     if name == "onnxruntime":
         if entry is None or not entry.get("onnx"):
             raise EngineUnavailable("no exported ONNX prior (spade export)")

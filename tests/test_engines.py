@@ -32,7 +32,8 @@ def _record(manifest_path):
     return json.loads(manifest_path.read_text())["priors"][0].get(E.RECORD_KEY)
 
 
-def test_auto_measures_records_and_matches_pytorch(exported):
+def test_auto_measures_records_and_matches_pytorch(exported, monkeypatch):
+    monkeypatch.setenv(E.ENV_ENGINES, "torch,onnxruntime")
     model, mpath = exported
     y, physics = E.synthetic_sample(24, 32, coils=4)
     deployed = deploy(model, "auto", mpath, sample=(y, physics))
