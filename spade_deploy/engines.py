@@ -25,6 +25,7 @@ manifest)`` reads it back (see :func:`deploy_auto`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import datetime as _dt
@@ -251,7 +252,21 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _strict_fp32(device: torch.device):
+    """FP32 arithmetic for PyTorch on CUDA while engines are checked and timed: TF32 convolutions
+    (PyTorch's default for cuDNN) differ from FP32 by ~1e-3, beyond the 1e-4 the check allows."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def select_engines(
     model: Reconstructor,
     sample: tuple[torch.Tensor, object],
@@ -273,6 +288,13 @@ def select_engines(
     whole-iteration time where ``measure_loop`` else the prior's. One engine for every prior: the
     loop swaps them all at once.
     """
+    with torch.no_grad(), _strict_fp32(torch.device(device)):
+        return _select(model, sample, manifest, root, device, engines, rounds, loop_iterations, measure_loop,
+                       amortise_calls, timer, builder)
+
+
+def _select(model, sample, manifest, root, device, engines, rounds, loop_iterations, measure_loop, amortise_calls,
+            timer, builder) -> Selection:
     dev = torch.device(device)
     engines = tuple(engines) if engines is not None else candidate_engines()
     model = model.to(dev).eval()

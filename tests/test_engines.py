@@ -173,3 +173,20 @@ def test_unknown_engine_in_the_environment_is_one_line(monkeypatch, exported):
     monkeypatch.setenv(E.ENV_ENGINES, "torch,turbo")
     with pytest.raises(E.SpadeError, match="unknown engines turbo"):
         deploy(model, "auto", mpath, shape=(16, 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engines_are_checked_and_timed(exported):
+    """On a GPU: the CUDA graph of the eager prior matches PyTorch; onnxruntime / TensorRT run
+    where installed (else are skipped), and whatever wins deploys and reconstructs."""
+    model, mpath = exported
+    sample = E.synthetic_sample(32, 32, coils=2, device="cuda")
+    sel = E.select_engines(model, sample, json.loads(mpath.read_text()), mpath.parent, device="cuda",
+                           engines=["torch", "cuda-graph", "onnxruntime", "tensorrt"], rounds=3, loop_iterations=2)
+    engines = sel.record("prior")["engines"]
+    assert engines["torch"]["status"] == engines["cuda-graph"]["status"] == "ok", engines
+    assert engines["cuda-graph"]["max_rel_error"] <= 1e-4
+    assert all(engines[e]["status"] != "failed" for e in ("onnxruntime", "tensorrt")), engines
+    deployed = E.deploy_auto(model, mpath, "cuda", sample=sample)
+    with torch.no_grad():
+        assert torch.isfinite(deployed(*sample)).all()
