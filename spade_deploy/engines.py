@@ -351,8 +351,16 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
                 m.set_prior(name, module)
             swapped[eng] = m.eval()
         iters = {}
-        for eng, m in swapped.items():
-            m(y, physics, **solver_kw)  # warm-up
+        for eng, m in list(swapped.items()):
+            try:
+                m(y, physics, **solver_kw)  # warm-up
+                _sync(dev)
+            except Exception as exc:  # runs a prior alone but not inside the loop: recorded, not chosen
+                for name in timings:
+                    timings[name][eng].status, timings[name][eng].note = "failed", "in the loop: " + _first_line(exc)
+                del swapped[eng]
+                usable.remove(eng)
+                continue
             info = getattr(m, "last_info", None)
             iters[eng] = float(info.iterations.max()) if info is not None else 1.0
         sec = interleaved_medians({e: (lambda m=m: m(y, physics, **solver_kw)) for e, m in swapped.items()}, rounds, dev, timer)

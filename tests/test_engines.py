@@ -190,3 +190,32 @@ def test_cuda_engines_are_checked_and_timed(exported):
     deployed = E.deploy_auto(model, mpath, "cuda", sample=sample)
     with torch.no_grad():
         assert torch.isfinite(deployed(*sample)).all()
+
+
+def test_an_engine_that_fails_inside_the_loop_is_recorded_not_chosen(exported):
+    """Runs the prior alone, breaks on the loop's input (here: any input but the check's)."""
+    model, _ = exported
+    sample = E.synthetic_sample(16, 16, coils=2)
+    clock = [0.0]
+    costs = {"torch": 2.0, "torch-compile": 1.0}
+    inner = _fake_engines(costs, clock)
+
+    class OnlyContiguous(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            if not x.is_contiguous():  # the loop hands the prior channels-last input
+                raise RuntimeError("unsupported memory format")
+            return self.module(x)
+
+    def builder(name, *args):
+        m = inner(name, *args)
+        return OnlyContiguous(m) if name == "torch-compile" else m
+
+    sel = E.select_engines(model, sample, engines=list(costs), rounds=2, loop_iterations=1, timer=lambda: clock[0],
+                           builder=builder)
+    eng = sel.record("prior")["engines"]["torch-compile"]
+    assert sel.winner == "torch" and eng["status"] == "failed" and "in the loop" in eng["note"]
+    assert eng["prior_ms"] == pytest.approx(1.0)
