@@ -257,7 +257,10 @@ def run_bench(
         ))
     add_speedups(rows)
     cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
-           "solver": dataclasses.asdict(solver) if solver else None, "warmup": warmup, "rounds": repeats,
+           # the stopping rule every variant ran: the one given, else each architecture's own
+           "solver": dataclasses.asdict(solver) if solver else ({v.label: dataclasses.asdict(v.model.solver_cfg)
+                                                                 for v in variants if hasattr(v.model, "solver_cfg")} or None),
+           "warmup": warmup, "rounds": repeats,
            "backends": list(backends), "aggregation": AGGREGATION,
            "slices": [s[2] for s in slices], "slice_shape": list(sample[0].shape[-2:])}
     zf = quality[0].psnr_zero_filled if quality else float("nan")

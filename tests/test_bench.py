@@ -107,6 +107,7 @@ def test_bench_default_auto_table_is_whole_through_a_pipe(tiny_dataset, tmp_path
         assert any(all(c in line for c in cells) for line in table_lines), (cells, result.output)
     csv_text = (out / "bench.csv").read_text()
     assert csv_text.startswith("# device:") and '"rounds": 2' in csv_text.splitlines()[1]
+    assert data["config"]["solver"]["deq"]["tol"] == 1e-4 and data["config"]["solver"]["deq"]["max_iter"] == 100
 
 
 def test_speedups_without_a_reference_show_a_dash(tmp_path):
