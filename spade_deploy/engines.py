@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import os
 import datetime as _dt
 import statistics
@@ -233,6 +235,9 @@ class Selection:
     loop_iterations: int
     rounds: int
     modules: dict = field(default_factory=dict, repr=False)  # engine -> {prior: module}, reused by deploy_auto
+    # Timed on this model, or on another of the same architecture earlier in this process (speed
+    # depends on the layer widths, not on the weights; the winner is checked on these weights).
+    timed_on: str = "this model"
 
     def record(self, prior: str) -> dict:
         p = self.priors[prior]
@@ -243,7 +248,7 @@ class Selection:
                 "timings_ms": {e: t["prior_ms"] for e, t in p["engines"].items()},
                 "loop_timings_ms": {e: t["loop_ms"] for e, t in p["engines"].items()},
                 "max_rel_error": {e: t["max_rel_error"] for e, t in p["engines"].items()},
-                "engines": p["engines"],
+                "engines": p["engines"], "timed_on": self.timed_on,
                 "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -423,6 +428,44 @@ def record_selection(manifest_path: str | Path, selection: Selection) -> dict:
     return manifest
 
 
+# Selections made in this process, by architecture, device, shape and candidates: a bench of three
+# fine-tuning strategies per pruning ratio times each architecture once.
+_TIMED: dict[tuple, Selection] = {}
+
+
+def _architecture_key(model: Reconstructor, device, shape, engines) -> tuple:
+    from .models import layer_shapes
+
+    arch = json.dumps({n: layer_shapes(p) for n, p in model.priors().items()}, sort_keys=True)
+    cands = tuple(engines) if engines is not None else candidate_engines()
+    return model.registry_name, arch, describe_device(device), tuple(shape), cands
+
+
+@torch.no_grad()
+def _reuse(selection: Selection | None, model: Reconstructor, shape, device, manifest, root) -> Selection | None:
+    """``selection``'s timings for ``model`` (same architecture), its winner built and checked on
+    this model's weights; None where there is none or the winner is inaccurate here."""
+    if selection is None:
+        return None
+    entries = {e["name"]: e for e in (manifest or {}).get("priors", [])}
+    priors, modules = copy.deepcopy(selection.priors), {}
+    with _strict_fp32(torch.device(device)):
+        for name, prior in model.priors().items():
+            prior = prior.to(device).eval()
+            x = model.prior_example_input(name, *shape).to(device)
+            try:
+                module = build_engine(selection.winner, prior, device, manifest, entries.get(name), root)
+                err = max_relative_error(prior(x), module(x))
+            except Exception:
+                return None
+            if not err <= TOLERANCE:
+                return None
+            modules[name] = module
+            priors[name]["engines"][selection.winner]["max_rel_error"] = err
+    return dataclasses.replace(selection, priors=priors, modules={selection.winner: modules},
+                               timed_on="an identical architecture earlier in this run")
+
+
 def deploy_auto(
     model: Reconstructor,
     manifest_path: str | Path | None,
@@ -448,9 +491,12 @@ def deploy_auto(
     shapes = {n: list(model.prior_example_input(n, *shape).shape) for n in model.priors()}
     records = {n: recorded_choice(manifest, n, device, s) for n, s in shapes.items()} if manifest else {}
     if remeasure or not manifest or not all(records.values()):
-        if sample is None:
-            sample = synthetic_sample(*shape, device=device)
-        selection = select_engines(model, sample, manifest, root, device, **measure)
+        key = _architecture_key(model, device, shape, measure.get("engines"))
+        selection = None if remeasure else _reuse(_TIMED.get(key), model, shape, device, manifest, root)
+        if selection is None:
+            if sample is None:
+                sample = synthetic_sample(*shape, device=device)
+            selection = _TIMED[key] = select_engines(model, sample, manifest, root, device, **measure)
         if manifest_path is not None:
             manifest = record_selection(manifest_path, selection)
         records = {n: selection.record(n) for n in shapes}

@@ -21,6 +21,12 @@ from cli.main import app
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_timings(monkeypatch):
+    """Each test starts with no selection made earlier in the process."""
+    monkeypatch.setattr(E, "_TIMED", {})
+
+
 @pytest.fixture()
 def exported(tmp_path):
     torch.manual_seed(0)
@@ -219,3 +225,26 @@ def test_an_engine_that_fails_inside_the_loop_is_recorded_not_chosen(exported):
     eng = sel.record("prior")["engines"]["torch-compile"]
     assert sel.winner == "torch" and eng["status"] == "failed" and "in the loop" in eng["note"]
     assert eng["prior_ms"] == pytest.approx(1.0)
+
+
+def test_an_identical_architecture_is_timed_once(tmp_path, monkeypatch):
+    """Variants of one architecture (the strategies at one ratio) share its timings; each gets the
+    winner checked on its own weights and its own manifest record. Another architecture is timed."""
+    calls = []
+    real = E.select_engines
+    monkeypatch.setattr(E, "select_engines", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    a, b = build_model("deq", preset="tiny"), build_model("deq", preset="tiny")  # same widths, other weights
+    small = build_model("deq", config={**build_model("deq", preset="tiny").config.__dict__, "n_feats": 8})
+    paths = [export_onnx(m, tmp_path / "e", f"m{i}").manifest_path for i, m in enumerate((a, b, small))]
+    kw = dict(shape=(24, 24), engines=["torch", "onnxruntime"], rounds=2, loop_iterations=1)
+    da = E.deploy_auto(a, paths[0], **kw)
+    db = E.deploy_auto(b, paths[1], **kw)
+    assert len(calls) == 1 and db.engine_choice == da.engine_choice
+    (rec,) = _record(paths[1])
+    assert rec["timed_on"].startswith("an identical architecture") and rec["max_rel_error"][rec["winner"]] <= 1e-4
+    with torch.no_grad():
+        x = torch.randn(1, 2, 24, 24)
+        assert torch.allclose(db.prior(x), b.prior(x), atol=1e-5)  # b's own weights, not a's
+    E.deploy_auto(small, paths[2], **kw)
+    assert len(calls) == 2
