@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import importlib.util
-import json
 import sys
 import tempfile
 import time

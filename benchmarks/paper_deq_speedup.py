@@ -1,8 +1,13 @@
-"""Paper-size DEQ: a whole reconstruction of one 160 x 160 slice, unpruned PyTorch vs SPADE-pruned
-(per-layer ratio 0.4, 353,328 parameters) on each back-end, same tolerance and iteration cap,
-timed side by side in one run.
+"""Paper-size DEQ: whole reconstructions of every 160 x 160 test slice, unpruned PyTorch vs
+SPADE-pruned (per-layer ratio 0.4, 353,328 parameters) in PyTorch and on the engine measured
+fastest here (``auto``), same tolerance and iteration cap, timed side by side in one run.
 
-    python benchmarks/paper_deq_speedup.py [--repeats 3] [--out benchmarks/results]   # defaults: the committed table
+    python benchmarks/paper_deq_speedup.py [--repeats 3] [--slices N] [--out benchmarks/results]
+
+Timing as `spade bench` times (:func:`spade_deploy.bench.time_interleaved`): round ``r``
+reconstructs every slice once with every variant, the order rotated per round; latency is each
+slice's median over the rounds, averaged over the slices; per iteration, the sum of those medians
+over the slices' iterations.
 
 Weights: training the paper-size DEQ to convergence takes days on a CPU, so it is trained in two
 short stages on the embedded training split. Stage 1 (of `spade train`): the prior as a Gaussian
@@ -35,7 +40,7 @@ import torch
 
 from spade_deploy import data as D
 from spade_deploy.cli.main import progress_bar
-from spade_deploy.bench import prior_macs, time_reconstruction
+from spade_deploy.bench import AGGREGATION, prior_macs, time_interleaved
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.export import export_onnx
 from spade_deploy.io import write_json, write_text
@@ -100,6 +105,9 @@ def main() -> None:
     ap.add_argument("--matched-iterations", type=int, default=30, help="iterations of the fixed-length comparison")
     ap.add_argument("--train-only", action="store_true", help="train (or reuse) the priors, time nothing")
     ap.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: torch's)")
+    ap.add_argument("--slices", type=int, default=None, help="time the first N test slices only (default: all)")
+    ap.add_argument("--backend", action="append", default=None,
+                    help="back-ends besides the unpruned PyTorch reference (repeatable; default: torch and auto)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,8 +116,12 @@ def main() -> None:
     root = D.default_data_root()
     D.build_default_dataset(root)
     ds = D.SliceDataset(root / "test")
-    items = D.collate([ds[0]])
-    batch = make_batch(items, 6, 0.08, eval_seeds(items))
+    batches = []
+    for i in range(len(ds) if args.slices is None else min(args.slices, len(ds))):
+        items = D.collate([ds[i]])
+        batches.append(make_batch(items, 6, 0.08, eval_seeds(items)))
+    slices = [(b.y, b.physics, f"{b.fnames[0]}:{b.slices[0]}") for b in batches]
+    backends = list(dict.fromkeys(args.backend or ["torch", "auto"]))
 
     train_ds = D.SliceDataset(root / "train")
     tag = f"{args.steps}-rho{args.lipschitz_target:g}"
@@ -153,43 +165,62 @@ def main() -> None:
              f"{args.matched_iterations} iterations": dataclasses.replace(dense.solver_cfg, tol=1e-12, max_iter=args.matched_iterations)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"unpruned": dense, f"pruned {args.ratio:g}": pruned}
-        for i, (label, model) in enumerate(variants.items()):
+        nets = []  # (variant, backend, deployed model, sizes)
+        for i, (label, model) in enumerate({"unpruned": dense, f"pruned {args.ratio:g}": pruned}.items()):
             manifest = export_onnx(model, tmp, f"v{i}").manifest_path
             size = {"params": count_parameters(model), "macs_per_iteration": prior_macs(model, (160, 160))}  # once per variant
-            for backend in ("torch", "onnxruntime"):
-                net = deploy(model, backend, manifest)
-                for rule, solver in rules.items():
-                    with torch.no_grad():  # the warm-up run, scored
-                        out = net(batch.y, batch.physics, solver=solver)
-                    info = net.last_info
-                    times = time_reconstruction(net, batch.y, batch.physics, warmup=0, repeats=args.repeats, solver=solver)
-                    rows.append({
-                        "rule": rule, "variant": label, "backend": backend, **size,
-                        "iterations": int(info.iterations[0]), "converged": bool(info.converged[0]),
-                        "final_residual": float(info.residual[0]),
-                        "psnr": psnr(batch.x_gt.abs().numpy(), out.abs().numpy()),
-                        "median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times],
-                    })
+            names = backends if label != "unpruned" or "torch" in backends else ["torch", *backends]
+            for backend in names:
+                nets.append((label, backend, deploy(model, backend, manifest, sample=slices[0][:2]).eval(), size))
+        for rule, solver in rules.items():
+            quality = []
+            for label, backend, net, size in nets:  # the warm-up pass over every slice, scored
+                q = {"psnr": [], "residual": [], "converged": []}
+                with torch.no_grad():
+                    for b in batches:
+                        out = net(b.y, b.physics, solver=solver)
+                        q["psnr"].append(psnr(b.x_gt.abs().numpy(), out.abs().numpy()))
+                        q["residual"].append(float(net.last_info.residual[0]))
+                        q["converged"].append(bool(net.last_info.converged[0]))
+                quality.append(q)
+            timed = time_interleaved([n[2] for n in nets], slices, args.repeats, solver=solver)
+            for (label, backend, net, size), q, t in zip(nets, quality, timed):
+                choice = getattr(net, "engine_choice", None)
+                rows.append({
+                    "rule": rule, "variant": label, "backend": backend, **size,
+                    "engine": ",".join(sorted(set(choice.values()))) if choice else backend,
+                    "iterations": float(statistics.mean(t.iterations)), "slice_iterations": t.iterations,
+                    "slices_on_cap": sum(not c for c in q["converged"]), "final_residual": max(q["residual"]),
+                    "psnr": float(statistics.mean(q["psnr"])), "latency_ms": t.latency_ms,
+                    "ms_per_iteration": t.ms_per_iteration, "slice_latency_ms": t.median_ms,
+                    "times_ms": [[1000 * x for x in ts] for ts in t.seconds],
+                })
     for r in rows:
         base = next(b for b in rows if b["rule"] == r["rule"] and b["variant"] == "unpruned" and b["backend"] == "torch")
-        r["speedup_vs_unpruned_torch"] = base["median_ms"] / r["median_ms"]
-        r["per_iteration_speedup"] = (base["median_ms"] / base["iterations"]) / (r["median_ms"] / r["iterations"])
+        r["speedup_vs_unpruned_torch"] = base["latency_ms"] / r["latency_ms"]
+        r["per_iteration_speedup"] = base["ms_per_iteration"] / r["ms_per_iteration"]
+        r["efficiency"] = r["per_iteration_speedup"] / (base["macs_per_iteration"] / r["macs_per_iteration"])
     device = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    header = "| stopping rule | variant | backend | params | GMACs / iteration | iterations | final residual | PSNR dB | median ms | speed-up | per-iteration speed-up |"
-    lines = [f"Paper-size DEQ, one 160x160 slice ({batch.fnames[0]}:{batch.slices[0]}), acceleration 6, Anderson. "
-             f"Device: {device}. Command: `python benchmarks/paper_deq_speedup.py --repeats {args.repeats} --steps {args.steps} "
-             f"--deq-steps {args.deq_steps} --deq-lr {args.deq_lr:g} --lipschitz-target {args.lipschitz_target:g} --matched-iterations {args.matched_iterations}"
-             + (f" --threads {args.threads}" if args.threads else "") + "`.",
-             "", header, "|" + "---|" * 11]
+    command = (f"python benchmarks/paper_deq_speedup.py --repeats {args.repeats} --steps {args.steps} "
+               f"--deq-steps {args.deq_steps} --deq-lr {args.deq_lr:g} --lipschitz-target {args.lipschitz_target:g} "
+               f"--matched-iterations {args.matched_iterations}" + (f" --threads {args.threads}" if args.threads else "")
+               + (f" --slices {args.slices}" if args.slices else "") + "".join(f" --backend {b}" for b in args.backend or []))
+    header = ("| stopping rule | variant | backend | engine | params | GMACs / iteration | mean iterations | slices on cap | "
+              "max final residual | PSNR dB | ms / slice | speed-up | per-iteration speed-up | efficiency |")
+    lines = [f"Paper-size DEQ, {len(slices)} test slices of 160x160, acceleration 6, Anderson; {args.repeats} interleaved "
+             f"rounds; {AGGREGATION}; efficiency = per-iteration speed-up / MAC ratio. Device: {device}. Command: `{command}`.",
+             "", header, "|" + "---|" * 14]
     for r in rows:
-        lines.append(f"| {r['rule']} | {r['variant']} | {r['backend']} | {r['params']:,} | {r['macs_per_iteration'] / 1e9:.2f} | "
-                     f"{r['iterations']} | {r['final_residual']:.1e} | {r['psnr']:.2f} | {r['median_ms']:.0f} | x{r['speedup_vs_unpruned_torch']:.2f} | "
-                     f"x{r['per_iteration_speedup']:.2f} |")
+        lines.append(f"| {r['rule']} | {r['variant']} | {r['backend']} | {r['engine']} | {r['params']:,} | "
+                     f"{r['macs_per_iteration'] / 1e9:.2f} | {r['iterations']:.1f} | {r['slices_on_cap']}/{len(slices)} | "
+                     f"{r['final_residual']:.1e} | {r['psnr']:.2f} | {r['latency_ms']:.0f} | x{r['speedup_vs_unpruned_torch']:.2f} | "
+                     f"x{r['per_iteration_speedup']:.2f} | {r['efficiency']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     write_text(args.out / "paper-deq-cpu.md", text)
-    write_json(args.out / "paper-deq-cpu.json", {"device": device, "ratio": args.ratio, "repeats": args.repeats, "denoiser_steps": args.steps, "crop": args.crop,
+    write_json(args.out / "paper-deq-cpu.json", {"device": device, "command": command, "aggregation": AGGREGATION,
+                                                 "slices": [s[2] for s in slices], "backends": backends,
+                                                 "ratio": args.ratio, "repeats": args.repeats, "denoiser_steps": args.steps, "crop": args.crop,
                                                  "deq_steps": args.deq_steps, "deq_lr": args.deq_lr,
                                                  "lipschitz_target": args.lipschitz_target,
                                                  "prune_report_params": [report.params_before, report.params_after], "rows": rows})

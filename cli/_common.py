@@ -7,11 +7,62 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from spade_deploy.errors import SpadeError
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def print_table(table: Table, out: Console | None = None) -> None:
+    """Print ``table`` with every cell whole, never cut to "x0…" by a narrow console.
+
+    A table that fits is printed as is. Output that is not a terminal (a pipe, a file, a test
+    runner) gets a console as wide as the table. On a terminal narrower than the table the columns
+    are folded into several tables that each fit, the first column repeated in each so every row
+    stays identified."""
+    out = out or console
+    width = _natural_width(out, table)
+    if width <= out.width:
+        out.print(table)
+        return
+    if not out.is_terminal:
+        Console(file=out.file, width=width, no_color=out.no_color, highlight=False).print(table)
+        return
+    for i, part in enumerate(_fold_columns(table, out)):
+        if i:
+            out.print()
+        out.print(part)
+
+
+def _natural_width(out: Console, table: Table) -> int:
+    """The table's width with no console limit (``Console.measure`` caps it at the console's width)."""
+    return Measurement.get(out, out.options.update_width(100_000), table).maximum
+
+
+def _fold_columns(table: Table, out: Console) -> list[Table]:
+    columns = table.columns
+    cells = [list(c.cells) for c in columns]
+
+    def build(indices: list[int], title) -> Table:
+        t = Table(title=title, box=table.box, show_lines=table.show_lines)
+        for i in indices:
+            c = columns[i]
+            t.add_column(c.header, justify=c.justify, no_wrap=True, style=c.style)
+        for r in range(table.row_count):
+            t.add_row(*(cells[i][r] for i in indices))
+        return t
+
+    parts, current = [], [0]
+    for i in range(1, len(columns)):
+        if len(current) > 1 and _natural_width(out, build(current + [i], None)) > out.width:
+            parts.append(current)
+            current = [0]
+        current.append(i)
+    parts.append(current)
+    return [build(p, table.title if k == 0 else None) for k, p in enumerate(parts)]
 
 
 def user_errors(fn):

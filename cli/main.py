@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, user_errors
+from ._common import console, print_table, user_errors
 
 
 app = typer.Typer(
@@ -300,8 +300,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's checkpoints and results.")] = Path("runs/demo"),
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Architectures to run (repeatable): deq, varnet, e2e-varnet; one bench table for all.")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train and fine-tune again even where finished runs exist.")] = False,
-    backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to deploy every variant on (default onnxruntime; the unpruned model is always also timed in PyTorch).")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed reconstructions per variant and back-end.")] = 3,
+    backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to deploy every variant on (default auto: the engine measured fastest here; the unpruned model is always also timed in PyTorch).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds (every variant reconstructs every test slice once per round).")] = 3,
 ):
     """The main job on the embedded data: build it, train each model, prune, fine-tune, export, bench."""
     from spade_deploy.errors import SpadeError
@@ -336,7 +336,7 @@ def demo(
                 tuned.append(ft_out / "best.safetensors")
         checkpoints += [best, *pruned, *tuned]
     console.rule("SPADE: export + bench")
-    _run_bench(checkpoints, list(backends or ["onnxruntime"]), out / "engines", root, "test",
+    _run_bench(checkpoints, list(backends or ["auto"]), out / "engines", root, "test",
                DEMO_RECIPES[models[0]].train.acceleration, None, repeats=repeats, warmup=1, device="cpu",
                out=out / "results", stem="bench-" + "+".join(models))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out / 'results'}[/]")
@@ -455,15 +455,27 @@ def reconstruct(
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="auto (the engine measured fastest here for this data, recorded in the export manifest) | torch | onnxruntime | tensorrt.")] = "auto",
+    engines: Annotated[Path, typer.Option(help="Folder of exported priors (exported on the fly when missing).")] = Path("engines"),
 ):
     """Reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`), for fastMRI's evaluate.py."""
+    from spade_deploy import data as D
     from spade_deploy.checkpoint import load_model
+    from spade_deploy.errors import SpadeError
     from spade_deploy.physics import center_fraction_for
     from spade_deploy.reconstruct import reconstruct_files
+    from spade_deploy.runtime import BACKENDS, deploy
 
+    if backend not in BACKENDS:
+        raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
     _check_out_dir(out)
     net, _ = load_model(checkpoint)
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    if backend != "torch":
+        shape = tuple(D.SliceDataset(source)[0]["kspace"].shape[-2:])  # the engine is chosen for this size
+        net = deploy(net, backend, _exported(checkpoint, engines, trt=backend == "tensorrt"), "cpu", shape=shape)
+        if getattr(net, "engine_choice", None):
+            console.print("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
     with progress_bar(transient=True) as bar:
         task = bar.add_task("reconstructing", total=None, info="")
         res = reconstruct_files(net, source, out, acceleration, cf, batch_size,
@@ -632,19 +644,19 @@ def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = Fal
 @user_errors
 def bench(
     checkpoints: Annotated[list[Path], typer.Argument(help="The unpruned model and any pruned / fine-tuned ones.")],
-    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch | onnxruntime | tensorrt (repeatable).")] = None,
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="auto | torch | onnxruntime | tensorrt (repeatable; default auto: the engine measured fastest on this device at the data's size, recorded in the export manifest).")] = None,
     engines: Annotated[Path, typer.Option(help="Folder of exported priors (exported on the fly when missing).")] = Path("engines"),
     data: DataOpt = None,
     split: Annotated[str, typer.Option(help="Split scored for quality.")] = "test",
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed reconstructions per variant (median reported).")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds: each reconstructs every test slice once per variant (per-slice median over rounds, mean over slices).")] = 5,
     warmup: Annotated[int, typer.Option(min=0)] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
 ):
     """Quality and latency of every variant on every back-end, beside the unpruned model (Table 1)."""
-    _run_bench(checkpoints, list(backend or ["torch", "onnxruntime"]), engines, _dataset_root(data), split,
+    _run_bench(checkpoints, list(backend or ["auto"]), engines, _dataset_root(data), split,
                acceleration, center_fraction, repeats, warmup, device, out)
 
 
@@ -679,24 +691,28 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         if not pruning and any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"two unpruned {label!r} models given; bench one unpruned model per architecture")
         variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
-                                  strategy=ft.get("strategy") or ("none" if pruning else None), model=net))
+                                  strategy=ft.get("strategy") or ("none" if pruning else None), model=net,
+                                  widths=(pruning.get("widths") or "paper") if pruning else None))
         if any(b != "torch" for b in backends):
             manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends, stem=stems[path], size=trt_size)
     for label in {v.label for v in variants}:
         if not any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"bench needs the unpruned {label!r} among the checkpoints (speed-ups are relative to it)")
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
-    deployers = {b: (lambda v, b=b: deploy(v.model, b, manifests.get(id(v.model)), device)) for b in backends}
+    deployers = {b: (lambda v, sample, b=b: deploy(v.model, b, manifests.get(id(v.model)), device, sample=sample))
+                 for b in backends}
     with progress_bar(transient=True) as bar:
-        task = bar.add_task("benchmarking", total=len(variants) * len(backends), info="")
+        task = bar.add_task("benchmarking", total=None, info="")
         result = B.run_bench(variants, deployers, _split(root, split), acceleration, cf, repeats=repeats, warmup=warmup,
                              device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
     table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; zero-filled PSNR {result.psnr_zero_filled:.2f} dB)")
     for col in B.COLUMNS:
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for row in B.table_rows(result):
         table.add_row(*row)
-    console.print(table)
+    print_table(table)
+    console.print(B.AGGREGATION + "; speed-ups against the unpruned PyTorch model; efficiency = per-iteration "
+                  "speed-up / MAC ratio; on cap = slices stopped by the iteration cap.", soft_wrap=True)
     paths = B.write_results(result, out, stem)
     if any(v.strategy for v in variants):
         paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png", backend=backends[0])

@@ -1,10 +1,18 @@
 """Benchmark: quality and latency of unpruned and pruned reconstructors on every back-end.
 
 Every variant runs the same reconstructor loop under the same stopping rule (tolerance and
-iteration cap); latency is the median wall time of a whole reconstruction of one slice after
-warm-up, device-synchronised (CUDA events on a GPU). Speed-ups are ratios measured in the same run:
-against the unpruned PyTorch model (pruning + deployment) and against the unpruned model on the
-same back-end (pruning alone).
+iteration cap). Timing covers every test slice, not one, in interleaved rounds: round ``r``
+reconstructs every slice once with every variant, the variants' order rotated by ``r``, so drift
+on the machine hits all of them alike. A variant's latency is the **mean over slices of each
+slice's median over rounds** (the expected time to reconstruct one test slice), device-
+synchronised (CUDA events on a GPU). Its time per outer iteration is the sum of those medians over
+the sum of the slices' iterations (models without a fixed-point solver: one pass = one iteration).
+
+Speed-ups are ratios measured in the same run against the unpruned model of the same architecture:
+run in PyTorch (pruning + deployment: the whole reconstruction and per iteration), and run on the
+same back-end (pruning alone). Efficiency is the per-iteration speed-up divided by the fall of the
+priors' MACs: 1 where latency falls as fast as the arithmetic. Where no reference was measured a
+speed-up is ``None`` (shown "–").
 """
 
 from __future__ import annotations
@@ -23,22 +31,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .device import model_device, on_model_device, placed, to_device
+from .device import on_model_device, placed
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters
 from .solvers import SolverConfig
 from .data import collate as D_collate
+from .engines import describe_device
 from .train import EvalResult, _loader, eval_seeds, evaluate, make_batch
+
+AGGREGATION = "latency: median over rounds per slice, then mean over slices"
 
 
 @dataclass
 class Variant:
-    """One model to benchmark: the unpruned model (ratio 0, strategy None) or a fine-tuned pruned one."""
+    """One model to benchmark: the unpruned model (ratio 0, strategy None) or a fine-tuned pruned one.
+    ``widths``: how the pruned widths were chosen (``paper`` = the ratio exactly; None unpruned)."""
 
     label: str
     ratio: float
     strategy: str | None
     model: Reconstructor
+    widths: str | None = None
 
 
 @dataclass
@@ -53,10 +66,19 @@ class BenchRow:
     ssim: float
     mean_iterations: float | None
     all_converged: bool | None
-    latency_ms: float
-    latency_iqr_ms: float
-    speedup_vs_torch: float = 1.0
-    speedup_same_backend: float = 1.0
+    latency_ms: float  # mean over slices of the per-slice median over rounds
+    latency_iqr_ms: float  # mean over slices of the per-slice interquartile range over rounds
+    widths: str | None = None
+    engine: str = ""  # what ran the priors (the winner of ``auto``)
+    n_slices: int = 0
+    slices_on_cap: int | None = None  # slices that stopped on the iteration cap (None: no solver)
+    ms_per_iteration: float | None = None
+    slice_latency_ms: list[float] = field(default_factory=list)
+    slice_iterations: list[int] = field(default_factory=list)
+    speedup_vs_torch: float | None = None
+    speedup_per_iteration: float | None = None
+    efficiency: float | None = None
+    speedup_same_backend: float | None = None
 
 
 @dataclass
@@ -77,35 +99,105 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _solver_kwargs(model: Reconstructor, solver: SolverConfig | None) -> dict:
+    return {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
+
+
+@torch.no_grad()
+def time_once(model: Reconstructor, y: torch.Tensor, physics, solver: SolverConfig | None = None,
+              timer: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one whole reconstruction of ``y`` (device-synchronised; CUDA events on a GPU)."""
+    kwargs = _solver_kwargs(model, solver)
+    device = y.device
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(y, physics, **kwargs)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    t0 = timer()
+    model(y, physics, **kwargs)
+    return timer() - t0
+
+
 @torch.no_grad()
 def time_reconstruction(model: Reconstructor, y: torch.Tensor, physics, warmup: int = 1, repeats: int = 5,
                         solver: SolverConfig | None = None) -> list[float]:
-    """Seconds per whole reconstruction of ``y`` (device-synchronised; CUDA events on a GPU)."""
+    """Seconds per whole reconstruction of ``y``, ``repeats`` times after ``warmup``."""
     model.eval()
-    kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
-    device = y.device
     for _ in range(warmup):
-        model(y, physics, **kwargs)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(y, physics, **kwargs)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            model(y, physics, **kwargs)
-            times.append(time.perf_counter() - t0)
-    return times
+        model(y, physics, **_solver_kwargs(model, solver))
+    return [time_once(model, y, physics, solver) for _ in range(repeats)]
+
+
+def bench_slices(test_ds: Dataset, acceleration: int, center_fraction: float, device: torch.device) -> list:
+    """Every slice of ``test_ds`` as ``(y, physics, "file:slice")`` with fastMRI's per-file mask."""
+    out = []
+    for items in _loader(test_ds, 1, shuffle=False, seed=0):
+        batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
+        out.append((batch.y.to(device), batch.physics.to(device), f"{batch.fnames[0]}:{batch.slices[0]}"))
+    return out
+
+
+@dataclass
+class SliceTimings:
+    """One model's timings: ``seconds[j]`` the rounds' times of slice ``j``."""
+
+    seconds: list[list[float]]
+    iterations: list[int]  # per slice (1 for a model without a fixed-point solver: one pass)
+    on_cap: list[bool]
+    has_solver: bool
+
+    @property
+    def median_ms(self) -> list[float]:
+        return [1000 * statistics.median(t) for t in self.seconds]
+
+    @property
+    def latency_ms(self) -> float:
+        """Mean over slices of each slice's median over rounds."""
+        return float(np.mean(self.median_ms))
+
+    @property
+    def iqr_ms(self) -> float:
+        return float(np.mean([1000 * np.subtract(*np.percentile(t, [75, 25])) for t in self.seconds]))
+
+    @property
+    def ms_per_iteration(self) -> float:
+        return float(sum(self.median_ms) / sum(self.iterations))
+
+    @property
+    def slices_on_cap(self) -> int | None:
+        return sum(self.on_cap) if self.has_solver else None
+
+
+def time_interleaved(models: Sequence[Reconstructor], slices: Sequence, rounds: int, solver: SolverConfig | None = None,
+                     timer: Callable[[], float] = time.perf_counter,
+                     on_step: Callable[[int, int], None] | None = None) -> list[SliceTimings]:
+    """Time every model on every slice ``(y, physics, ...)`` in interleaved rounds: round ``r``
+    reconstructs every slice once with every model, the models' order rotated by ``r``, so drift
+    on the machine hits all of them alike. ``on_step(r, i)`` before model ``i`` in round ``r``."""
+    n = len(models)
+    out = [SliceTimings([[] for _ in slices], [1] * len(slices), [False] * len(slices), False) for _ in models]
+    for r in range(rounds):
+        k = r % n if n else 0
+        for i in list(range(k, n)) + list(range(k)):
+            if on_step:
+                on_step(r, i)
+            for j, (y, physics, *_) in enumerate(slices):
+                out[i].seconds[j].append(time_once(models[i], y, physics, solver=solver, timer=timer))
+                info = getattr(models[i], "last_info", None)
+                if info is not None:
+                    out[i].has_solver = True
+                    out[i].iterations[j] = int(info.iterations.sum())
+                    out[i].on_cap[j] = not bool(info.converged.all())
+    return out
 
 
 def run_bench(
     variants: Sequence[Variant],
-    backends: dict[str, Callable[[Variant], Reconstructor]],
+    backends: dict[str, Callable[..., Reconstructor]],
     test_ds: Dataset,
     acceleration: int,
     center_fraction: float,
@@ -114,50 +206,82 @@ def run_bench(
     repeats: int = 5,
     device: str = "cpu",
     on_progress: Callable[[str, int, int], None] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> BenchResult:
-    """Score and time every variant on every back-end; ``backends[name](variant)`` deploys one.
+    """Score and time every variant on every back-end; ``backends[name](variant, sample)`` deploys
+    one (``sample``: the first test slice's ``(y, physics)``, where the ``auto`` back-end measures).
 
     Each unpruned model is also measured in PyTorch when ``torch`` is not among ``backends``: it is
-    the reference of ``speedup_vs_torch``. Rows come per variant, in the order of ``backends``.
+    the reference of the speed-ups. ``repeats`` is the number of interleaved timing rounds, each
+    reconstructing every test slice once per variant (after ``warmup`` reconstructions of the first).
+    Rows come per variant, in the order of ``backends``.
     """
     dev = torch.device(device)
     plan = []
     for v in variants:
         names = list(backends) if "torch" in backends or v.ratio > 0 else ["torch", *backends]
-        plan += [(v, name, backends.get(name, lambda v: placed(v.model, dev))) for name in names]
-    # The timing slice: the first test slice, its fastMRI mask.
-    items = next(iter(_loader(test_ds, 1, shuffle=False, seed=0)))
-    batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
-    y, physics = batch.y.to(dev), batch.physics.to(dev)
-    rows: list[BenchRow] = []
-    zf = None
-    macs = {id(v): prior_macs(v.model, tuple(y.shape[-2:])) for v in variants}  # per variant, not per back-end
-    for v, name, deploy in plan:
+        plan += [(v, name, backends.get(name, lambda v, sample=None: placed(v.model, dev))) for name in names]
+    slices = bench_slices(test_ds, acceleration, center_fraction, dev)
+    sample = slices[0][:2]
+    macs = {id(v): prior_macs(v.model, tuple(sample[0].shape[-2:])) for v in variants}  # per variant, not per back-end
+    total = len(plan) * (1 + repeats)
+    deployed, quality = [], []
+    for step, (v, name, deploy) in enumerate(plan):
         if on_progress:
-            on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}", len(rows), len(plan))
-        model = deploy(v)
-        y, physics = to_device((y, physics), model_device(model))  # the batch goes where the model is
+            on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}: quality", step, total)
+        model = placed(deploy(v, sample), dev).eval()  # never moves the caller's model
         res: EvalResult = evaluate(model, test_ds, acceleration, center_fraction, solver=solver)
-        zf = res.psnr_zero_filled
-        t = time_reconstruction(model, y, physics, warmup=warmup, repeats=repeats, solver=solver)
-        q1, q3 = np.percentile(t, [25, 75])
+        for _ in range(warmup):
+            time_once(model, *sample, solver=solver, timer=timer)
+        deployed.append(model)
+        quality.append(res)
+    # Interleaved rounds: every variant reconstructs every slice once per round, order rotated.
+    def on_round(r: int, i: int) -> None:
+        v, name, _ = plan[i]
+        if on_progress:
+            on_progress(f"round {r + 1}/{repeats}: {v.label} r={v.ratio:g} {v.strategy or ''} on {name}",
+                        len(plan) * (1 + r) + i, total)
+
+    timed = time_interleaved(deployed, slices, repeats, solver=solver, timer=timer, on_step=on_round)
+    rows: list[BenchRow] = []
+    for i, (v, name, _) in enumerate(plan):
+        res, t = quality[i], timed[i]
+        choice = getattr(deployed[i], "engine_choice", None)
         rows.append(BenchRow(
-            label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name,
+            label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name, widths=v.widths,
+            engine=",".join(sorted(set(choice.values()))) if choice else name,
             params=count_parameters(v.model), macs=macs[id(v)], psnr=res.psnr, ssim=res.ssim,
             mean_iterations=res.mean_iterations, all_converged=res.all_converged,
-            latency_ms=1000 * statistics.median(t), latency_iqr_ms=1000 * float(q3 - q1),
+            latency_ms=t.latency_ms, latency_iqr_ms=t.iqr_ms, n_slices=len(slices),
+            slices_on_cap=t.slices_on_cap, ms_per_iteration=t.ms_per_iteration, slice_latency_ms=t.median_ms,
+            slice_iterations=t.iterations if t.has_solver else [],
         ))
-    for r in rows:  # each architecture against its own unpruned model
+    add_speedups(rows)
+    cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
+           # the stopping rule every variant ran: the one given, else each architecture's own
+           "solver": dataclasses.asdict(solver) if solver else ({v.label: dataclasses.asdict(v.model.solver_cfg)
+                                                                 for v in variants if hasattr(v.model, "solver_cfg")} or None),
+           "warmup": warmup, "rounds": repeats,
+           "backends": list(backends), "aggregation": AGGREGATION,
+           "slices": [s[2] for s in slices], "slice_shape": list(sample[0].shape[-2:])}
+    zf = quality[0].psnr_zero_filled if quality else float("nan")
+    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf)
+
+
+def add_speedups(rows: Sequence[BenchRow]) -> None:
+    """Each architecture against its own unpruned model: in PyTorch (whole reconstruction, per
+    iteration, efficiency) and on the same back-end. Left ``None`` where that reference is absent."""
+    for r in rows:
         base_torch = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == "torch"), None)
         same = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == r.backend), None)
         if base_torch:
             r.speedup_vs_torch = base_torch.latency_ms / r.latency_ms
+            if base_torch.ms_per_iteration and r.ms_per_iteration:
+                r.speedup_per_iteration = base_torch.ms_per_iteration / r.ms_per_iteration
+                if base_torch.macs and r.macs:
+                    r.efficiency = r.speedup_per_iteration / (base_torch.macs / r.macs)
         if same:
             r.speedup_same_backend = same.latency_ms / r.latency_ms
-    cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
-           "solver": dataclasses.asdict(solver) if solver else None, "warmup": warmup, "repeats": repeats,
-           "timing_slice": f"{batch.fnames[0]}:{batch.slices[0]}", "slice_shape": list(y.shape[-2:])}
-    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf or float("nan"))
 
 
 def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
@@ -167,44 +291,53 @@ def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
     return sum(count_macs(p, model.prior_example_input(n, *size)) for n, p in model.priors().items())
 
 
-def describe_device(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    import platform
-
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 # ------------------------------------------------------------------------------------------------
-COLUMNS = ["model", "ratio", "strategy", "backend", "params", "MACs", "PSNR", "SSIM", "iterations",
-           "latency_ms", "speedup_vs_torch", "speedup_same_backend"]
+COLUMNS = ["model", "ratio", "strategy", "widths", "backend", "engine", "params", "MACs", "PSNR", "SSIM",
+           "iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend"]
+NONE = "–"  # no reference measured: never a default ratio
+
+
+def _x(value: float | None) -> str:
+    return NONE if value is None else f"x{value:.2f}"
 
 
 def table_rows(result: BenchResult) -> list[list[str]]:
     out = []
     for r in result.rows:
         out.append([
-            r.label, f"{r.ratio:.0%}" if r.ratio else "0%", r.strategy or "-", r.backend, f"{r.params:,}",
-            f"{r.macs / 1e9:.2f} G" if r.macs else "-", f"{r.psnr:.2f}", f"{r.ssim:.4f}",
-            f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else "-",
-            f"{r.latency_ms:.1f}", f"x{r.speedup_vs_torch:.2f}", f"x{r.speedup_same_backend:.2f}",
+            r.label, f"{r.ratio:.0%}" if r.ratio else "0%", r.strategy or NONE, r.widths or NONE, r.backend,
+            r.engine or r.backend, f"{r.params:,}", f"{r.macs / 1e9:.2f}G" if r.macs else NONE, f"{r.psnr:.2f}",
+            f"{r.ssim:.4f}", f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else NONE,
+            NONE if r.slices_on_cap is None else (f"{r.slices_on_cap}/{r.n_slices}" if r.slices_on_cap else "0"),
+            f"{r.latency_ms:.1f}", f"{r.ms_per_iteration:.2f}" if r.ms_per_iteration is not None else NONE,
+            _x(r.speedup_vs_torch), _x(r.speedup_per_iteration),
+            NONE if r.efficiency is None else f"{r.efficiency:.2f}", _x(r.speedup_same_backend),
         ])
     return out
 
 
+def _header(result: BenchResult) -> str:
+    return (f"Device: {result.device}. Zero-filled PSNR {result.psnr_zero_filled:.2f} dB. {AGGREGATION}; "
+            "speed-ups against the unpruned PyTorch model (whole reconstruction, per outer iteration), "
+            "efficiency = per-iteration speed-up / MAC ratio, \"on cap\" = slices stopped by the iteration cap. "
+            f"Config: `{json.dumps(result.config)}`.")
+
+
 def write_results(result: BenchResult, out_dir: str | Path, stem: str = "bench") -> dict[str, Path]:
-    """JSON (with config), CSV and Markdown, each written atomically."""
+    """JSON (with config), CSV (config in its leading ``#`` lines) and Markdown, each written atomically."""
     out = Path(out_dir)
     paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
     write_json(paths["json"], result.as_dict())
     buf = io.StringIO()
+    buf.write(f"# device: {result.device}\n# config: {json.dumps(result.config)}\n# {AGGREGATION}\n")
     w = csv.writer(buf)
-    w.writerow(list(dataclasses.asdict(result.rows[0]).keys()) if result.rows else [])
+    fields = [f.name for f in dataclasses.fields(BenchRow)]
+    w.writerow(fields)
     for r in result.rows:
-        w.writerow(list(dataclasses.asdict(r).values()))
+        d = dataclasses.asdict(r)
+        w.writerow([json.dumps(d[k]) if isinstance(d[k], list) else d[k] for k in fields])
     write_text(paths["csv"], buf.getvalue())
-    md = [f"Device: {result.device}. Config: `{json.dumps(result.config)}`. Zero-filled PSNR {result.psnr_zero_filled:.2f} dB.", "",
-          "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md = [_header(result), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
     write_text(paths["md"], "\n".join(md) + "\n")
     return paths

@@ -22,7 +22,7 @@ from .errors import SpadeError
 from .export import onnx_session, read_export_manifest, require_tensorrt
 from .models import Reconstructor
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 class OrtPrior(nn.Module):
@@ -168,14 +168,23 @@ def check_precision(model: Reconstructor, y: torch.Tensor, physics, precision: s
     return result
 
 
-def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None = None, device: str = "cpu") -> Reconstructor:
+def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None = None, device: str = "cpu",
+           shape: tuple[int, int] | None = None, sample=None) -> Reconstructor:
     """A copy of ``model`` whose priors run on ``backend`` on ``device`` (``torch``: the model
-    itself when it is already there, else a copy; the caller's model is never moved)."""
+    itself when it is already there, else a copy; the caller's model is never moved).
+
+    ``auto``: the engine the manifest records as fastest on this device for images of ``shape``
+    (or those of ``sample = (y, physics)``), measured and recorded first where no such record
+    exists (:func:`spade_deploy.engines.deploy_auto`)."""
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose one of: {', '.join(BACKENDS)}")
     dev = require_device(device)
     if backend == "tensorrt" and dev.type != "cuda":
         raise SpadeError("the tensorrt back-end runs on a CUDA GPU: use --device cuda")
+    if backend == "auto":
+        from .engines import deploy_auto
+
+        return deploy_auto(model, manifest_path, device, shape=shape, sample=sample)
     if backend == "torch":
         return placed(model, dev)
     if manifest_path is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -10,6 +11,11 @@ import numpy as np
 import pytest
 
 from spade_deploy.data import DatasetInfo, SimConfig, build_default_dataset
+
+# The auto back-end measures its candidate engines; torch.compile takes ~20 s per prior to compile on
+# a 2-core CPU, so the suite's auto runs choose between eager PyTorch and onnxruntime (the tests of
+# the selection itself name their engines).
+os.environ.setdefault("SPADE_AUTO_ENGINES", "torch,onnxruntime")
 
 HEADER = (
     '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'

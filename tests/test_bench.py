@@ -1,8 +1,10 @@
 """`spade bench`: one table over every variant and back-end, speed-ups against each architecture's
 own unpruned model, results written as JSON / CSV / Markdown / PNG."""
 
+import copy
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -13,6 +15,12 @@ from spade_deploy.prune import prune_checkpoint
 from cli.main import app
 
 runner = CliRunner()
+
+
+def _split(info):
+    from spade_deploy.data import SliceDataset
+
+    return SliceDataset(info.root / "test")
 
 
 def test_bench_table_and_files(tiny_dataset, tmp_path):
@@ -61,3 +69,123 @@ def test_bench_on_one_deploy_backend_still_measures_the_pytorch_reference(tiny_d
     base_torch, _, pr_ort = rows
     assert pr_ort["speedup_vs_torch"] == base_torch["latency_ms"] / pr_ort["latency_ms"]
     assert (out / "bench-degradation.png").stat().st_size > 0
+
+
+def test_bench_default_auto_table_is_whole_through_a_pipe(tiny_dataset, tmp_path):
+    """Default back-end auto: the unpruned model also in PyTorch (the reference), every variant on
+    the engine measured fastest; the table printed to a pipe (CliRunner) keeps every cell whole,
+    and the result files keep the config that made them."""
+    torch.manual_seed(0)
+    base = save_model(tmp_path / "deq.safetensors", build_model("deq", preset="tiny"))
+    (pruned, _), = prune_checkpoint(base, [0.4], tmp_path / "pruned")
+    out = tmp_path / "results"
+    result = runner.invoke(app, ["bench", str(base), str(pruned), "--data", str(tiny_dataset.root), "--engines",
+                                 str(tmp_path / "engines"), "--repeats", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    rows = data["rows"]
+    assert [(r["ratio"], r["backend"]) for r in rows] == [(0.0, "torch"), (0.0, "auto"), (0.4, "auto")]
+    assert all(r["engine"] in ("torch", "onnxruntime") for r in rows[1:]) and rows[0]["engine"] == "torch"
+    assert rows[2]["widths"] == "paper" and rows[0]["widths"] is None
+    # Every test slice timed (the tiny test split has two), iterations per slice recorded.
+    assert len(data["config"]["slices"]) == 2 and data["config"]["rounds"] == 2
+    for r in rows:
+        assert len(r["slice_latency_ms"]) == 2 and len(r["slice_iterations"]) == 2
+        assert r["latency_ms"] == pytest.approx(sum(r["slice_latency_ms"]) / 2)
+        assert r["ms_per_iteration"] == pytest.approx(sum(r["slice_latency_ms"]) / sum(r["slice_iterations"]))
+        assert r["slices_on_cap"] == sum(n >= 100 for n in r["slice_iterations"])
+    ref, pr = rows[0], rows[2]
+    assert pr["speedup_per_iteration"] == pytest.approx(ref["ms_per_iteration"] / pr["ms_per_iteration"])
+    assert pr["efficiency"] == pytest.approx(pr["speedup_per_iteration"] / (ref["macs"] / pr["macs"]))
+    # The table on stdout: every cell of every row whole (no "…"), whatever the console's width.
+    md = (out / "bench.md").read_text().splitlines()
+    assert "Config:" in md[0] and '"rounds": 2' in md[0]
+    table_lines = [line for line in result.output.splitlines() if "│" in line or "┃" in line]
+    assert "…" not in result.output
+    for md_row in md[4:]:
+        cells = [c.strip() for c in md_row.strip("| ").split(" | ")]
+        assert any(all(c in line for c in cells) for line in table_lines), (cells, result.output)
+    csv_text = (out / "bench.csv").read_text()
+    assert csv_text.startswith("# device:") and '"rounds": 2' in csv_text.splitlines()[1]
+    assert data["config"]["solver"]["deq"]["tol"] == 1e-4 and data["config"]["solver"]["deq"]["max_iter"] == 100
+
+
+def test_speedups_without_a_reference_show_a_dash(tmp_path):
+    """No unpruned PyTorch row, no same-back-end row: "–", never x1.00."""
+    from spade_deploy.bench import BenchResult, BenchRow, add_speedups, table_rows
+
+    def row(ratio, backend, ms, macs):
+        return BenchRow(label="deq", ratio=ratio, strategy="school" if ratio else None, backend=backend, params=10,
+                        macs=macs, psnr=30.0, ssim=0.9, mean_iterations=20.0, all_converged=True, latency_ms=ms,
+                        latency_iqr_ms=0.1, n_slices=2, slices_on_cap=0, ms_per_iteration=ms / 20)
+
+    rows = [row(0.4, "onnxruntime", 50.0, 5), row(0.2, "tensorrt", 60.0, 8)]
+    add_speedups(rows)
+    cells = table_rows(BenchResult(rows=rows, config={}, device="cpu", psnr_zero_filled=20.0))
+    for line in cells:
+        assert line[-4:] == ["–", "–", "–", "–"], line
+    # With the unpruned PyTorch model measured, the ratios appear.
+    rows = [row(0.0, "torch", 100.0, 10), *rows]
+    add_speedups(rows)
+    cells = table_rows(BenchResult(rows=rows, config={}, device="cpu", psnr_zero_filled=20.0))
+    assert cells[0][-4:] == ["x1.00", "x1.00", "1.00", "x1.00"]
+    assert cells[1][-4:] == ["x2.00", "x2.00", "1.00", "–"]  # 2x faster for half the MACs; no unpruned ORT row
+
+
+def test_bench_interleaves_variants_over_rounds_on_every_slice(tiny_dataset, tmp_path):
+    """Round r: every variant reconstructs every slice once, the variants' order rotated by r."""
+    from spade_deploy.bench import Variant, run_bench
+    from spade_deploy.physics import center_fraction_for
+
+    torch.manual_seed(0)
+    log = []
+    variants = [Variant(label="deq", ratio=r, strategy="school" if r else None, model=build_model("deq", preset="tiny"))
+                for r in (0.0, 0.2, 0.4)]
+
+    def deployer(v, sample):
+        timed = copy.deepcopy(v.model)
+        timed.register_forward_hook(lambda m, args, out: log.append((v.ratio, args[0].shape[0], float(args[0].abs().sum()))))
+        return timed
+
+    clock = [0.0]
+
+    def timer():
+        clock[0] += 0.001
+        return clock[0]
+
+    res = run_bench(variants, {"torch": deployer}, _split(tiny_dataset), 6, center_fraction_for(6), warmup=0,
+                    repeats=3, timer=timer)
+    assert len(res.rows) == 3
+    timed = [(ratio, y) for ratio, _, y in log][-3 * 3 * 2:]  # the rounds, after the quality passes
+    slices = sorted({y for _, y in timed})
+    assert len(slices) == 2
+    order = [ratio for ratio, _ in timed[::2]]
+    assert order == [0.0, 0.2, 0.4, 0.2, 0.4, 0.0, 0.4, 0.0, 0.2]
+    assert all(sorted(y for _, y in timed[i:i + 2]) == slices for i in range(0, len(timed), 2))
+    for r in res.rows:  # the fake clock gives every reconstruction 1 ms
+        assert r.latency_ms == pytest.approx(1.0) and r.slice_latency_ms == pytest.approx([1.0, 1.0])
+
+
+def test_print_table_folds_columns_on_a_narrow_terminal():
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cli._common import print_table
+
+    table = Table(title="wide")
+    cols = [f"column{i}" for i in range(12)]
+    for c in cols:
+        table.add_column(c, no_wrap=True)
+    rows = [[f"x{r}.{i}{i}" for i in range(12)] for r in range(3)]
+    for row in rows:
+        table.add_row(*row)
+    buf = io.StringIO()
+    print_table(table, Console(file=buf, width=60, force_terminal=True, color_system=None))
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 60
+    for row in rows:
+        for cell in row:
+            assert cell in text
+    assert text.count(rows[0][0]) > 1  # the first column repeated in every fold

@@ -1,0 +1,524 @@
+"""The fastest engine for each prior, chosen by measurement on the run device at the data's shape.
+
+Candidates: PyTorch eager in channels-last (``torch``), ``torch.compile`` with inductor
+(``torch-compile``), onnxruntime with all graph optimisations (``onnxruntime``, from the export
+manifest) and, on CUDA, a CUDA graph of the eager prior (``cuda-graph``) and the manifest's
+TensorRT engine (``tensorrt``). An engine that is absent here is recorded as ``unavailable``, one
+that fails to build or run as ``failed``, one whose output differs from PyTorch's by more than
+``1e-4`` (``max|out - ref| / max|ref|``, FP32) as ``inaccurate``; none of them can win.
+
+Each candidate is timed twice, in interleaved rounds (round ``r`` runs every engine once, the
+order rotated per round, so drift hits them alike; the median is kept):
+
+* ``prior_ms``: one call of the prior alone;
+* ``loop_ms``: one whole outer iteration of the reconstructor (data consistency + every prior +
+  the solver's step) with every prior swapped for that engine. A prior faster alone can be slower
+  inside the loop (onnxruntime's thread pool against torch's between calls): where the loop is
+  measured it decides.
+
+The setup an engine costs in every new process (compilation, session creation) is spread over
+``amortise_calls`` prior calls and added to its time, so ``torch.compile`` wins only where its
+gain pays for its compilation. The winner and every timing are written into the export manifest,
+under ``engine_choice`` of each prior, one record per device and shape; ``deploy(model, "auto",
+manifest)`` reads it back (see :func:`deploy_auto`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import datetime as _dt
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import SpadeError
+from .io import write_json
+from .models import Reconstructor
+
+ENGINES = ("torch", "torch-compile", "onnxruntime", "cuda-graph", "tensorrt")
+# The candidates ``auto`` tries: all, or those named in $SPADE_AUTO_ENGINES (comma-separated), e.g.
+# to leave out torch.compile where its compilation time is not worth measuring.
+ENV_ENGINES = "SPADE_AUTO_ENGINES"
+TOLERANCE = 1e-4  # FP32 engines must reproduce PyTorch's prior within this relative error
+RECORD_KEY = "engine_choice"
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot run here (not installed, no GPU, not exported): skipped, not an error."""
+
+
+@dataclass
+class EngineTiming:
+    status: str = "ok"  # ok | unavailable | failed | inaccurate
+    prior_ms: float | None = None  # median ms of one prior call
+    loop_ms: float | None = None  # median ms of one outer iteration with this engine in the loop
+    max_rel_error: float | None = None
+    setup_s: float | None = None  # building the engine and its first call (compilation)
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The engines
+# ------------------------------------------------------------------------------------------------
+class ChannelsLastPrior(nn.Module):
+    """An eager PyTorch prior with weights and input in channels-last memory (oneDNN / cuDNN's fast
+    convolution path for any channel count, pruned widths included)."""
+
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = copy.deepcopy(prior).eval().to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prior(x.contiguous(memory_format=torch.channels_last))
+
+
+class CudaGraphPrior(nn.Module):
+    """A prior replayed from a CUDA graph captured once per input shape: one launch per call
+    instead of one per layer. The output is copied out of the graph's static buffer (callers keep
+    it, e.g. in the solver's history)."""
+
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+        self._graphs: dict = {}
+
+    @torch.no_grad()
+    def _capture(self, x: torch.Tensor):
+        static_in = x.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up off the capturing stream, as capture requires
+            for _ in range(2):
+                self.prior(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.prior(static_in)
+        return graph, static_in, static_out
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+
+def build_engine(name: str, prior: nn.Module, device: str, manifest: dict | None = None,
+                 entry: dict | None = None, root: Path | None = None) -> nn.Module:
+    """The module that runs ``prior`` on engine ``name``; :class:`EngineUnavailable` when it cannot
+    run here. ``entry``: the prior's record in the export manifest (ONNX file, TensorRT engine)."""
+    from .runtime import OrtPrior, TrtPrior
+
+    cuda = torch.device(device).type == "cuda"
+    if name == "torch":
+        return ChannelsLastPrior(prior).to(device)
+    if name == "torch-compile":
+        # Shapes start static; a second batch size (the solver's shrinking active set) or image
+        # size recompiles once with that dimension dynamic instead of once per size.
+        return torch.compile(ChannelsLastPrior(prior).to(device), backend="inductor")
+    if name == "onnxruntime":
+        if entry is None or not entry.get("onnx"):
+            raise EngineUnavailable("no exported ONNX prior (spade export)")
+        if cuda:
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise EngineUnavailable("onnxruntime has no CUDA provider here")
+        return OrtPrior(Path(root) / entry["onnx"], device, manifest["input"], manifest["output"])
+    if name == "cuda-graph":
+        if not cuda:
+            raise EngineUnavailable("CUDA graphs need a CUDA device")
+        return CudaGraphPrior(ChannelsLastPrior(prior).to(device))
+    if name == "tensorrt":
+        if not cuda:
+            raise EngineUnavailable("TensorRT needs a CUDA device")
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise EngineUnavailable("TensorRT is not installed") from None
+        if entry is None or not entry.get("engine"):
+            raise EngineUnavailable("no TensorRT engine in the export manifest (spade export --trt)")
+        return TrtPrior(Path(root) / entry["engine"], manifest["input"], manifest["output"])
+    raise SpadeError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement
+# ------------------------------------------------------------------------------------------------
+def candidate_engines() -> tuple[str, ...]:
+    """The engines ``auto`` measures: :data:`ENGINES`, or the subset named in ``$SPADE_AUTO_ENGINES``."""
+    names = [n.strip() for n in os.environ.get(ENV_ENGINES, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown:
+        raise SpadeError(f"${ENV_ENGINES} names unknown engines {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    return tuple(names) or ENGINES
+
+
+def describe_device(device: str | torch.device) -> str:
+    """The run device as recorded with a measurement (a CPU's thread count changes its timings)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach().float().cpu(), out.detach().float().cpu()
+    if ref.shape != out.shape:
+        return float("inf")
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device,
+                        timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds of each ``fns[name]()`` over ``rounds``; round ``r`` calls every function once,
+    the order rotated by ``r``."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            _sync(device)
+            t0 = timer()
+            fns[name]()
+            _sync(device)
+            times[name].append(timer() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def synthetic_sample(height: int, width: int, coils: int = 8, device: str = "cpu", seed: int = 0):
+    """Measurements ``(y, physics)`` of a random image at the data's size, for timing the loop
+    (the cost of an iteration does not depend on the values)."""
+    from .physics import MultiCoilMRI
+
+    g = torch.Generator().manual_seed(seed)
+    smaps = torch.randn(1, coils, height, width, dtype=torch.complex64, generator=g)
+    smaps = smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    mask = (torch.rand(width, generator=g) < 0.25).float()
+    mask[width // 2 - max(1, width // 25): width // 2 + max(1, width // 25)] = 1
+    physics = MultiCoilMRI(mask, smaps).to(device)
+    x = torch.randn(1, height, width, dtype=torch.complex64, generator=g).to(device)
+    return physics.A(x), physics
+
+
+@dataclass
+class Selection:
+    """One measurement: what :func:`select_engines` records for every prior."""
+
+    device: str
+    device_type: str
+    data_shape: list[int]  # (coils, H, W) of the measurements timed in the loop
+    winner: str
+    decided_by: str  # "loop" (whole iterations) or "prior" (the prior alone)
+    priors: dict[str, dict]  # name -> {"shape": [...], "engines": {engine: EngineTiming as dict}}
+    amortise_calls: int
+    loop_iterations: int
+    rounds: int
+    modules: dict = field(default_factory=dict, repr=False)  # engine -> {prior: module}, reused by deploy_auto
+    # Timed on this model, or on another of the same architecture earlier in this process (speed
+    # depends on the layer widths, not on the weights; the winner is checked on these weights).
+    timed_on: str = "this model"
+
+    def record(self, prior: str) -> dict:
+        p = self.priors[prior]
+        return {"device": self.device, "device_type": self.device_type, "shape": p["shape"],
+                "data_shape": self.data_shape, "winner": self.winner, "decided_by": self.decided_by,
+                "tolerance": TOLERANCE, "amortise_calls": self.amortise_calls,
+                "loop_iterations": self.loop_iterations, "rounds": self.rounds,
+                "timings_ms": {e: t["prior_ms"] for e, t in p["engines"].items()},
+                "loop_timings_ms": {e: t["loop_ms"] for e, t in p["engines"].items()},
+                "max_rel_error": {e: t["max_rel_error"] for e, t in p["engines"].items()},
+                "engines": p["engines"], "timed_on": self.timed_on,
+                "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _strict_fp32(device: torch.device):
+    """FP32 arithmetic for PyTorch on CUDA while engines are checked and timed: TF32 convolutions
+    (PyTorch's default for cuDNN) differ from FP32 by ~1e-3, beyond the 1e-4 the check allows."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def select_engines(
+    model: Reconstructor,
+    sample: tuple[torch.Tensor, object],
+    manifest: dict | None = None,
+    root: Path | None = None,
+    device: str = "cpu",
+    engines: Sequence[str] | None = None,
+    rounds: int = 7,
+    loop_iterations: int = 3,
+    measure_loop: bool = True,
+    amortise_calls: int = 1000,
+    timer: Callable[[], float] = time.perf_counter,
+    builder: Callable[..., nn.Module] = build_engine,
+) -> Selection:
+    """Build, check and time every engine of ``engines`` for every prior of ``model`` on
+    ``sample = (y, physics)`` (one slice of the data, or :func:`synthetic_sample`).
+
+    The winner is the accurate engine of least ``time + setup / amortise_calls``, time being the
+    whole-iteration time where ``measure_loop`` else the prior's. One engine for every prior: the
+    loop swaps them all at once.
+    """
+    with torch.no_grad(), _strict_fp32(torch.device(device)):
+        return _select(model, sample, manifest, root, device, engines, rounds, loop_iterations, measure_loop,
+                       amortise_calls, timer, builder)
+
+
+def _select(model, sample, manifest, root, device, engines, rounds, loop_iterations, measure_loop, amortise_calls,
+            timer, builder) -> Selection:
+    dev = torch.device(device)
+    engines = tuple(engines) if engines is not None else candidate_engines()
+    model = model.to(dev).eval()
+    y, physics = sample
+    y, physics = y.to(dev), physics.to(dev)
+    h, w = y.shape[-2:]
+    entries = {e["name"]: e for e in (manifest or {}).get("priors", [])}
+    timings: dict[str, dict[str, EngineTiming]] = {}
+    modules: dict[str, dict[str, nn.Module]] = {e: {} for e in engines}
+    shapes: dict[str, list[int]] = {}
+    for name, prior in model.priors().items():
+        prior = prior.eval()
+        x = model.prior_example_input(name, h, w).to(dev)
+        shapes[name] = list(x.shape)
+        ref = prior(x)
+        timings[name] = {}
+        for eng in engines:
+            t = timings[name][eng] = EngineTiming()
+            try:
+                t0 = timer()
+                module = builder(eng, prior, device, manifest, entries.get(name), root)
+                out = module(x)  # the first call: compilation, session warm-up
+                _sync(dev)
+                t.setup_s = timer() - t0
+            except EngineUnavailable as exc:
+                t.status, t.note = "unavailable", str(exc)
+                continue
+            except Exception as exc:  # an engine that cannot build or run is recorded, not fatal
+                t.status, t.note = "failed", _first_line(exc)
+                continue
+            t.max_rel_error = max_relative_error(ref, out)
+            if not t.max_rel_error <= TOLERANCE:
+                t.status, t.note = "inaccurate", f"max relative error {t.max_rel_error:.1e} > {TOLERANCE:g}"
+                continue
+            modules[eng][name] = module
+        ok = {e: modules[e][name] for e in engines if name in modules[e]}
+        for eng, sec in interleaved_medians({e: (lambda m=m: m(x)) for e, m in ok.items()}, rounds, dev, timer).items():
+            timings[name][eng].prior_ms = 1000 * sec
+    # Engines that run every prior can run the loop.
+    usable = [e for e in engines if len(modules[e]) == len(timings)]
+    loop_ms: dict[str, float] = {}
+    if measure_loop and usable:
+        solver_kw = {}
+        if hasattr(model, "solver_cfg"):
+            from .solvers import SolverConfig
+
+            # A tolerance no iterate meets: exactly ``loop_iterations`` iterations per call.
+            solver_kw["solver"] = SolverConfig(method=model.solver_cfg.method, max_iter=loop_iterations, tol=1e-30,
+                                               anderson_m=model.solver_cfg.anderson_m)
+        swapped = {}
+        for eng in usable:
+            m = copy.deepcopy(model)
+            for name, module in modules[eng].items():
+                m.set_prior(name, module)
+            swapped[eng] = m.eval()
+        iters = {}
+        for eng, m in list(swapped.items()):
+            try:
+                m(y, physics, **solver_kw)  # warm-up
+                _sync(dev)
+            except Exception as exc:  # runs a prior alone but not inside the loop: recorded, not chosen
+                for name in timings:
+                    timings[name][eng].status, timings[name][eng].note = "failed", "in the loop: " + _first_line(exc)
+                del swapped[eng]
+                usable.remove(eng)
+                continue
+            info = getattr(m, "last_info", None)
+            iters[eng] = float(info.iterations.max()) if info is not None else 1.0
+        sec = interleaved_medians({e: (lambda m=m: m(y, physics, **solver_kw)) for e, m in swapped.items()}, rounds, dev, timer)
+        loop_ms = {e: 1000 * s / iters[e] for e, s in sec.items()}
+        for name in timings:
+            for eng, ms in loop_ms.items():
+                timings[name][eng].loop_ms = ms
+    if not usable:
+        raise SpadeError("no engine runs every prior of this model here: " + "; ".join(
+            f"{e}: {timings[n][e].note}" for n in timings for e in engines if timings[n][e].note)[:500])
+
+    def cost(eng: str) -> float:  # ms per call, the setup of every prior spread over amortise_calls calls
+        setup_ms = 1000 * sum(timings[n][eng].setup_s or 0.0 for n in timings)
+        return run_ms(eng) + setup_ms / max(amortise_calls, 1)
+
+    def run_ms(eng: str) -> float:
+        return loop_ms[eng] if loop_ms else sum(timings[n][eng].prior_ms for n in timings)
+
+    winner = min(usable, key=cost)
+    for eng in usable:  # say why a faster-running engine lost
+        if eng != winner and run_ms(eng) < run_ms(winner):
+            for n in timings:
+                timings[n][eng].note = (f"faster per call, but its setup ({timings[n][eng].setup_s:.1f} s) costs more "
+                                        f"than it gains over {amortise_calls} calls")
+    return Selection(
+        device=describe_device(dev), device_type=dev.type, data_shape=list(y.shape[1:]), winner=winner,
+        decided_by="loop" if loop_ms else "prior",
+        priors={n: {"shape": shapes[n], "engines": {e: asdict(t) for e, t in timings[n].items()}} for n in timings},
+        amortise_calls=amortise_calls, loop_iterations=loop_iterations, rounds=rounds, modules=modules,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The manifest record and deployment
+# ------------------------------------------------------------------------------------------------
+def recorded_choice(manifest: dict, prior: str, device: str | torch.device, shape: Sequence[int]) -> dict | None:
+    """The record of ``prior`` measured on this device at this prior input shape, if any."""
+    desc = describe_device(device)
+    for entry in manifest.get("priors", []):
+        if entry.get("name") == prior:
+            for rec in entry.get(RECORD_KEY) or []:
+                if rec.get("device") == desc and list(rec.get("shape", [])) == list(shape) and rec.get("winner") in ENGINES:
+                    return rec
+    return None
+
+
+def record_selection(manifest_path: str | Path, selection: Selection) -> dict:
+    """Write ``selection`` into the export manifest (replacing a record of the same device and shape)."""
+    from .export import read_export_manifest
+
+    manifest = read_export_manifest(manifest_path)
+    for entry in manifest.get("priors", []):
+        if entry.get("name") not in selection.priors:
+            continue
+        rec = selection.record(entry["name"])
+        kept = [r for r in entry.get(RECORD_KEY) or []
+                if not (r.get("device") == rec["device"] and r.get("shape") == rec["shape"])]
+        entry[RECORD_KEY] = kept + [rec]
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+# Selections made in this process, by architecture, device, shape and candidates: a bench of three
+# fine-tuning strategies per pruning ratio times each architecture once.
+_TIMED: dict[tuple, Selection] = {}
+
+
+def _architecture_key(model: Reconstructor, device, shape, engines) -> tuple:
+    from .models import layer_shapes
+
+    arch = json.dumps({n: layer_shapes(p) for n, p in model.priors().items()}, sort_keys=True)
+    cands = tuple(engines) if engines is not None else candidate_engines()
+    return model.registry_name, arch, describe_device(device), tuple(shape), cands
+
+
+@torch.no_grad()
+def _reuse(selection: Selection | None, model: Reconstructor, shape, device, manifest, root) -> Selection | None:
+    """``selection``'s timings for ``model`` (same architecture), its winner built and checked on
+    this model's weights; None where there is none or the winner is inaccurate here."""
+    if selection is None:
+        return None
+    entries = {e["name"]: e for e in (manifest or {}).get("priors", [])}
+    priors, modules = copy.deepcopy(selection.priors), {}
+    with _strict_fp32(torch.device(device)):
+        for name, prior in model.priors().items():
+            prior = prior.to(device).eval()
+            x = model.prior_example_input(name, *shape).to(device)
+            try:
+                module = build_engine(selection.winner, prior, device, manifest, entries.get(name), root)
+                err = max_relative_error(prior(x), module(x))
+            except Exception:
+                return None
+            if not err <= TOLERANCE:
+                return None
+            modules[name] = module
+            priors[name]["engines"][selection.winner]["max_rel_error"] = err
+    return dataclasses.replace(selection, priors=priors, modules={selection.winner: modules},
+                               timed_on="an identical architecture earlier in this run")
+
+
+def deploy_auto(
+    model: Reconstructor,
+    manifest_path: str | Path | None,
+    device: str = "cpu",
+    shape: tuple[int, int] | None = None,
+    sample: tuple[torch.Tensor, object] | None = None,
+    remeasure: bool = False,
+    **measure,
+) -> Reconstructor:
+    """A copy of ``model`` whose priors run on the engine recorded as fastest for this device and
+    this data shape (``shape`` = image H, W, or that of ``sample``); measured and recorded first
+    when the manifest holds no such record. ``deployed.engine_choice`` names each prior's engine."""
+    from .export import read_export_manifest
+
+    if sample is None and shape is None:
+        raise SpadeError("the auto back-end needs the data's image size to choose an engine for it")
+    if sample is not None:
+        shape = tuple(sample[0].shape[-2:])
+    manifest = read_export_manifest(manifest_path) if manifest_path is not None else None
+    if manifest is not None and manifest.get("model") != model.registry_name:
+        raise SpadeError(f"{manifest_path} was exported from a {manifest.get('model')!r}, not a {model.registry_name!r}")
+    root = Path(manifest_path).parent if manifest_path is not None else None
+    shapes = {n: list(model.prior_example_input(n, *shape).shape) for n in model.priors()}
+    records = {n: recorded_choice(manifest, n, device, s) for n, s in shapes.items()} if manifest else {}
+    if remeasure or not manifest or not all(records.values()):
+        key = _architecture_key(model, device, shape, measure.get("engines"))
+        selection = None if remeasure else _reuse(_TIMED.get(key), model, shape, device, manifest, root)
+        if selection is None:
+            if sample is None:
+                sample = synthetic_sample(*shape, device=device)
+            selection = _TIMED[key] = select_engines(model, sample, manifest, root, device, **measure)
+        if manifest_path is not None:
+            manifest = record_selection(manifest_path, selection)
+        records = {n: selection.record(n) for n in shapes}
+        built = selection.modules
+    else:
+        built = {}
+    entries = {e["name"]: e for e in (manifest or {}).get("priors", [])}
+    deployed = copy.deepcopy(model).to(device).eval()
+    choice = {}
+    for name, prior in model.priors().items():
+        winner = records[name]["winner"]
+        try:
+            module = built.get(winner, {}).get(name) or build_engine(winner, prior.eval(), device, manifest,
+                                                                     entries.get(name), root)
+        except EngineUnavailable as exc:
+            raise SpadeError(f"the engine recorded for {name!r} ({winner}) cannot run here: {exc}") from None
+        deployed.set_prior(name, module)
+        choice[name] = winner
+    deployed.engine_choice = choice
+    return deployed
+
+
+__all__ = ["ENGINES", "TOLERANCE", "RECORD_KEY", "EngineTiming", "EngineUnavailable", "Selection", "build_engine",
+           "select_engines", "record_selection", "recorded_choice", "deploy_auto", "synthetic_sample",
+           "interleaved_medians", "describe_device", "ChannelsLastPrior", "CudaGraphPrior"]
