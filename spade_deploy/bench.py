@@ -48,7 +48,7 @@ class BenchRow:
     backend: str
     params: int
     macs: int | None
-    psnr: float
+    psnr: float  # fastMRI's, against reconstruction_rss
     ssim: float
     mean_iterations: float | None
     all_converged: bool | None
@@ -56,6 +56,9 @@ class BenchRow:
     latency_iqr_ms: float
     speedup_vs_torch: float = 1.0
     speedup_same_backend: float = 1.0
+    nmse: float = float("nan")
+    psnr_sense: float | None = None  # against the fully sampled SENSE image of the same maps
+    ssim_sense: float | None = None
 
 
 @dataclass
@@ -65,10 +68,11 @@ class BenchResult:
     device: str
     psnr_zero_filled: float
     examples: dict = field(default_factory=dict)
+    ssim_zero_filled: float = float("nan")
 
     def as_dict(self) -> dict:
         return {"device": self.device, "config": self.config, "psnr_zero_filled": self.psnr_zero_filled,
-                "rows": [dataclasses.asdict(r) for r in self.rows]}
+                "ssim_zero_filled": self.ssim_zero_filled, "rows": [dataclasses.asdict(r) for r in self.rows]}
 
 
 def _sync(device: torch.device) -> None:
@@ -129,14 +133,14 @@ def run_bench(
     batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
     y, physics = batch.y.to(dev), batch.physics.to(dev)
     rows: list[BenchRow] = []
-    zf = None
+    zf = zf_ssim = None
     macs = {id(v): prior_macs(v.model, tuple(y.shape[-2:])) for v in variants}  # per variant, not per back-end
     for v, name, deploy in plan:
         if on_progress:
             on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}", len(rows), len(plan))
         model = deploy(v).to(dev)
         res: EvalResult = evaluate(model, test_ds, acceleration, center_fraction, solver=solver)
-        zf = res.psnr_zero_filled
+        zf, zf_ssim = res.psnr_zero_filled, res.ssim_zero_filled
         t = time_reconstruction(model, y, physics, warmup=warmup, repeats=repeats, solver=solver)
         q1, q3 = np.percentile(t, [25, 75])
         rows.append(BenchRow(
@@ -144,6 +148,7 @@ def run_bench(
             params=count_parameters(v.model), macs=macs[id(v)], psnr=res.psnr, ssim=res.ssim,
             mean_iterations=res.mean_iterations, all_converged=res.all_converged,
             latency_ms=1000 * statistics.median(t), latency_iqr_ms=1000 * float(q3 - q1),
+            nmse=res.nmse, psnr_sense=res.psnr_sense, ssim_sense=res.ssim_sense,
         ))
     for r in rows:  # each architecture against its own unpruned model
         base_torch = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == "torch"), None)
@@ -155,7 +160,8 @@ def run_bench(
     cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
            "solver": dataclasses.asdict(solver) if solver else None, "warmup": warmup, "repeats": repeats,
            "timing_slice": f"{batch.fnames[0]}:{batch.slices[0]}", "slice_shape": list(y.shape[-2:])}
-    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf or float("nan"))
+    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf or float("nan"),
+                       ssim_zero_filled=zf_ssim or float("nan"))
 
 
 def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
@@ -174,7 +180,7 @@ def describe_device(dev: torch.device) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-COLUMNS = ["model", "ratio", "strategy", "backend", "params", "MACs", "PSNR", "SSIM", "iterations",
+COLUMNS = ["model", "ratio", "strategy", "backend", "params", "MACs", "PSNR", "SSIM", "PSNR (SENSE ref.)", "iterations",
            "latency_ms", "speedup_vs_torch", "speedup_same_backend"]
 
 
@@ -184,6 +190,7 @@ def table_rows(result: BenchResult) -> list[list[str]]:
         out.append([
             r.label, f"{r.ratio:.0%}" if r.ratio else "0%", r.strategy or "-", r.backend, f"{r.params:,}",
             f"{r.macs / 1e9:.2f} G" if r.macs else "-", f"{r.psnr:.2f}", f"{r.ssim:.4f}",
+            f"{r.psnr_sense:.2f}" if r.psnr_sense is not None else "-",
             f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else "-",
             f"{r.latency_ms:.1f}", f"x{r.speedup_vs_torch:.2f}", f"x{r.speedup_same_backend:.2f}",
         ])
@@ -201,7 +208,7 @@ def write_results(result: BenchResult, out_dir: str | Path, stem: str = "bench")
     for r in result.rows:
         w.writerow(list(dataclasses.asdict(r).values()))
     write_text(paths["csv"], buf.getvalue())
-    md = [f"Device: {result.device}. Config: `{json.dumps(result.config)}`. Zero-filled PSNR {result.psnr_zero_filled:.2f} dB.", "",
+    md = [f"Device: {result.device}. Config: `{json.dumps(result.config)}`. Scores: fastMRI's evaluate() against reconstruction_rss. Zero-filled (RSS) PSNR {result.psnr_zero_filled:.2f} dB.", "",
           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
     write_text(paths["md"], "\n".join(md) + "\n")
@@ -249,19 +256,22 @@ def plot_examples(variants: Sequence[Variant], test_ds: Dataset, acceleration: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import center_crop, psnr
+    from .metrics import fastmri_crop, psnr, recon_magnitude
+    from .physics import ifft2c, rss
 
     items = D_collate([test_ds[index]])
     batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
     ratio = ratio if ratio is not None else max(v.ratio for v in variants)
     shown = [v for v in variants if v.ratio == 0] + [v for v in variants if v.ratio == ratio and v.ratio > 0]
-    ref_t = batch.x_gt.abs() if shown[0].model.reference == "sense" else batch.target
-    crop = tuple(batch.target.shape[-2:])
-    ref = center_crop(ref_t, crop)[0].numpy()
-    zf = center_crop(batch.physics.A_adjoint(batch.y).abs(), crop)[0].numpy()
+    # As scored: reconstruction_rss and the header-size magnitude, both in fastMRI's crop.
+    def shown_pair(img):
+        return fastmri_crop(batch.target, recon_magnitude(img, batch.recon_size))
+
+    ref = shown_pair(batch.target)[0][0].numpy()
+    zf = shown_pair(rss(ifft2c(batch.y), dim=1))[1][0].numpy()
     panels = [("reference", ref, None), ("zero-filled", zf, None)]
     for v in shown:
-        x = center_crop(v.model.eval()(batch.y, batch.physics).abs(), crop)[0].numpy()
+        x = shown_pair(v.model.eval()(batch.y, batch.physics))[1][0].numpy()
         name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}: {v.strategy}"
         panels.append((name, x, v.ratio == 0))
     base_psnr = None
