@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,18 @@ HEADER = (
     "<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>19</maximum><center>10</center>"
     "</kspace_encoding_step_1></encodingLimits><trajectory>cartesian</trajectory></encoding></ismrmrdHeader>"
 )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache_home(tmp_path_factory: pytest.TempPathFactory):
+    """Coil-map caches of the tests go to a temporary cache home, not the user's."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 def _crandn(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
