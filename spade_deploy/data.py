@@ -391,7 +391,7 @@ class ShapeBatchSampler(Sampler[list[int]]):
     """Batches of at most ``batch_size`` slices of one shape (:meth:`SliceDataset.group_key`), so a
     folder may mix image sizes and coil counts. Without ``shuffle`` slices keep their order; with
     it, one ``torch.randperm`` of ``generator`` orders them and each shape's batches fill in that
-    order (for a single-shape folder exactly the batches of a shuffling ``DataLoader``)."""
+    order."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
                  generator: torch.Generator | None = None):

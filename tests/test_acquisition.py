@@ -273,3 +273,32 @@ def test_slices_on_the_iteration_cap_are_named_and_recorded(tiny_dataset, tmp_pa
             if not converged:
                 assert f["iterations"][()].tolist() == [2, 2] and (f["final_residual"][()] > tol).all()
         assert res.not_converged == ([] if converged else [f"{fname}:0", f"{fname}:1"])
+
+
+# ------------------------------------------------------------------------------------------------
+# folders of mixed sizes
+def test_shape_batches_never_mix_sizes_and_are_reproducible(tiny_dataset, tmp_path):
+    root = tmp_path / "data"
+    folder = _three_sizes(tiny_dataset, root)
+    ds = D.SliceDataset(folder)
+    g = torch.Generator().manual_seed(3)
+    sampler = D.ShapeBatchSampler(ds, 4, shuffle=True, generator=g)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3 and sorted(i for b in batches for i in b) == list(range(6))
+    assert all(len({ds.group_key(i) for i in b}) == 1 for b in batches)
+    again = list(D.ShapeBatchSampler(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(3)))
+    assert again == batches
+    assert list(D.ShapeBatchSampler(ds, 4)) == [[0, 1], [2, 3], [4, 5]]  # in order without shuffling
+
+
+def test_finetune_on_a_folder_of_mixed_sizes_and_coil_counts(tiny_dataset, tmp_path):
+    root = tmp_path / "data"
+    _three_sizes(tiny_dataset, root)
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "v.safetensors", build_model("varnet", preset="tiny"))
+    result = runner.invoke(app, ["finetune", str(ckpt), "-s", "self-supervised", "--data", str(root), "--epochs", "1",
+                                 "--batch-size", "2", "-a", "6", "--center-fraction", "0.12", "-o", str(tmp_path / "ft"),
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ft" / "best.safetensors").exists()
+    assert sorted(p.name for p in (root / "test").iterdir()) == ["a_48.h5", "b_44x32.h5", "c_oversampled.h5"]
