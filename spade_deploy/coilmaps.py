@@ -129,11 +129,11 @@ class CoilMapEstimator:
     """ESPIRiT maps from the ACS block, cached on disk (``cache_dir/espirit``) and in memory."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None, params: EspiritParams = EspiritParams(),
-                 memory_entries: int = 512):
+                 memory_bytes: int = 256 * 2**20):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.params = params
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._memory_entries = memory_entries
+        self._memory_bytes = memory_bytes  # the in-memory copy's bound (the demo's 100 slices: 164 MB)
         self.computed = 0  # ESPIRiT runs (cache misses), for tests and reports
 
     def key(self, y: np.ndarray, acs: tuple[int, int]) -> str:
@@ -158,7 +158,7 @@ class CoilMapEstimator:
             self.computed += 1
             self._store(path, maps)
         self._memory[key] = maps
-        if len(self._memory) > self._memory_entries:
+        while len(self._memory) > 1 and sum(m.nbytes for m in self._memory.values()) > self._memory_bytes:
             self._memory.popitem(last=False)
         return maps
 
