@@ -159,7 +159,9 @@ def run_bench(
             r.speedup_same_backend = same.latency_ms / r.latency_ms
     cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
            "solver": dataclasses.asdict(solver) if solver else None, "warmup": warmup, "repeats": repeats,
-           "timing_slice": f"{batch.fnames[0]}:{batch.slices[0]}", "slice_shape": list(y.shape[-2:])}
+           "timing_slice": f"{batch.fnames[0]}:{batch.slices[0]}", "slice_shape": list(y.shape[-2:]),
+           "scores": "fastMRI evaluate() vs reconstruction_rss", "coil_maps": "file" if items["smaps"] is not None
+           else {"espirit": dataclasses.asdict(test_ds.estimator.params)} if hasattr(test_ds, "estimator") else None}
     return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf or float("nan"),
                        ssim_zero_filled=zf_ssim or float("nan"))
 

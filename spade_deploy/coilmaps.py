@@ -141,7 +141,8 @@ class CoilMapEstimator:
         """Hash of what the maps depend on: the calibration region, the image shape, the settings."""
         calib, kernel = _calibration(y, acs, self.params)
         h, w = y.shape[-2:]
-        region = y[:, h // 2 - calib // 2 : h // 2 - calib // 2 + calib, w // 2 - calib // 2 : w // 2 - calib // 2 + calib]
+        top, left = h // 2 - calib // 2, w // 2 - calib // 2
+        region = y[:, top : top + calib, left : left + calib]
         digest = hashlib.sha256(np.ascontiguousarray(region, dtype=np.complex64).tobytes())
         digest.update(json.dumps({"shape": list(y.shape), "calib": calib, "kernel": kernel,
                                   **dataclasses.asdict(self.params)}, sort_keys=True).encode())

@@ -491,7 +491,8 @@ def acquire(
         else:
             if seed is None:
                 seed = int(np.random.randint(0, 2**31 - 1))
-            masks.append(torch.from_numpy(equispaced_mask(w, center_fraction, acceleration, seed=seed)))  # type: ignore[arg-type]
+            m = equispaced_mask(w, center_fraction, acceleration, seed=seed)  # type: ignore[arg-type]
+            masks.append(torch.from_numpy(m))
             blocks.append(centre_block(w, center_fraction))
     mask = torch.stack(masks).view(b, 1, 1, w).to(kspace.device)
     y = kspace * mask

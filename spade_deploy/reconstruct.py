@@ -8,6 +8,8 @@ view) and, for fixed-point models, ``iterations``, ``converged`` and ``final_res
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,8 @@ def reconstruct_files(
                 f.attrs["acceleration"] = acceleration if m is None else float(len(m) / max(m.sum(), 1))
                 f.attrs["model"] = getattr(model, "registry_name", "")
                 f.attrs["coil_maps"] = coil_maps
+                if coil_maps == "espirit":
+                    f.attrs["espirit"] = json.dumps(dataclasses.asdict(file_ds.estimator.params))
                 f.attrs["field_of_view"] = "full" if full_fov else "recon"
         outputs.append(target)
     return ReconstructResult(outputs=outputs, n_slices=done, mean_iterations=float(np.mean(iters)) if iters else None,

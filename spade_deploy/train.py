@@ -145,6 +145,7 @@ class EvalResult:
     not_converged: list[str] = field(default_factory=list)  # "file.h5:slice" on the iteration cap
     reference: str = "reconstruction_rss"
     coil_maps: str = "espirit"
+    espirit: dict | None = None  # the ESPIRiT settings of estimated maps
     per_volume: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -246,7 +247,8 @@ def evaluate(
             iters += info.iterations.tolist()
             resid += info.residual.tolist()
             conv += info.converged.tolist()
-            not_converged += [f"{f}:{s}" for f, s, c in zip(batch.fnames, batch.slices, info.converged.tolist()) if not c]
+            flags = info.converged.tolist()
+            not_converged += [f"{f}:{s}" for f, s, c in zip(batch.fnames, batch.slices, flags) if not c]
         for b, (f, s) in enumerate(zip(batch.fnames, batch.slices)):
             preds.setdefault(f, {})[s] = out[b].cpu().numpy()
             zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
@@ -284,6 +286,8 @@ def evaluate(
         not_converged=not_converged,
         n_slices=sum(len(v) for v in gts.values()),
         coil_maps=coil_maps,
+        espirit=(dataclasses.asdict(dataset.estimator.params)
+                 if coil_maps == "espirit" and hasattr(dataset, "estimator") else None),
         per_volume={f: {"psnr": m.psnr, "ssim": m.ssim, "nmse": m.nmse} for f, m in rec.per_volume.items()},
         seconds=seconds,
     )
