@@ -331,3 +331,35 @@ def test_default_data_root(monkeypatch, tmp_path):
     assert D.default_data_root() == Path("data") / "default"
     monkeypatch.setenv("SPADE_DATA", str(tmp_path))
     assert D.default_data_root() == tmp_path
+
+
+# ------------------------------------------------------------------------------------------------
+# acquisition masks and recon size, checked when a dataset is opened
+def test_recon_size_comes_from_the_header_and_bad_headers_are_refused(make_fastmri_file):
+    path, _ = make_fastmri_file(shape=(32, 20))
+    ns = "http://www.ismrm.org/ISMRMRD"
+    with h5py.File(path, "a") as f:
+        del f["ismrmrd_header"]
+        f["ismrmrd_header"] = np.bytes_(
+            f'<ismrmrdHeader xmlns="{ns}"><encoding><reconSpace><matrixSize><x>16</x><y>20</y></matrixSize>'
+            "</reconSpace></encoding></ismrmrdHeader>")
+    assert D.SliceDataset(path)[0]["recon_size"] == (16, 20)
+    with h5py.File(path, "a") as f:
+        del f["ismrmrd_header"]
+        f["ismrmrd_header"] = np.bytes_("<ismrmrdHeader")
+    with pytest.raises(SpadeError, match="ismrmrd_header is not readable XML"):
+        D.SliceDataset(path)
+    with h5py.File(path, "a") as f:
+        del f["ismrmrd_header"]
+    assert D.SliceDataset(path)[0]["recon_size"] == (32, 20)  # no header: the whole image
+
+
+def test_an_acquired_mask_is_used_as_acquired(make_fastmri_file):
+    mask = ((np.arange(20) % 3 == 0) | (np.abs(np.arange(20) - 10) < 3)).astype(np.float32)
+    path, arr = make_fastmri_file(shape=(16, 20), mask=mask)
+    item = D.SliceDataset(path)[0]
+    np.testing.assert_array_equal(item["mask"].numpy(), mask)
+    y, physics = D.acquire(D.collate([item]), 6, 0.08)
+    np.testing.assert_array_equal(physics.mask.reshape(-1).numpy(), mask)
+    np.testing.assert_array_equal(y[0].numpy(), arr["kspace"][0] * mask)
+    assert ((physics.smaps.abs() ** 2).sum(1) <= 1 + 1e-5).all()
