@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import importlib.resources
 import json
@@ -66,7 +65,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block
 from .errors import SpadeError
-from .io import atomic_path, write_json
+from .io import write_json
 from .physics import MultiCoilMRI, equispaced_mask, fft2c, ifft2c, rss
 
 CoilMapSource = Literal["espirit", "file"]
