@@ -181,6 +181,11 @@ class SliceDataset(Dataset):
         return self._infos[self._index[idx][0]].group
 
     @property
+    def fully_sampled(self) -> bool:
+        """True when no file carries an acquisition mask (its k-space is complete)."""
+        return all(info.mask is None for info in self._infos)
+
+    @property
     def has_ground_truth(self) -> bool:
         """True when every file has ``reconstruction_rss``."""
         return all(info.has_rss for info in self._infos)

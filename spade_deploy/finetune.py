@@ -56,6 +56,9 @@ def finetune_model(
     train_ds = D.SliceDataset(root / split, cache_dir=cache_dir)
     if loss.needs_ground_truth and not train_ds.has_ground_truth:
         raise SpadeError(f"strategy {strategy!r} needs ground truth, but {root / split} has no reconstruction_rss")
+    if loss.needs_ground_truth and not train_ds.fully_sampled:
+        raise SpadeError(f"strategy {strategy!r} trains on fully sampled k-space, but files in {root / split} carry "
+                         "an acquisition mask (already undersampled)")
     val_ds = D.SliceDataset(root / "val", cache_dir=cache_dir) if (root / "val").exists() else None
     if val_ds is not None and not val_ds.has_ground_truth:
         val_ds = None
