@@ -229,6 +229,8 @@ def evaluate(
     sense: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     iters, resid, conv, not_converged = [], [], [], []
     coil_maps = "espirit"
+    # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     loader = _loader(dataset, batch_size, shuffle=False, seed=0)
     t0 = time.perf_counter()
     for i, items in enumerate(loader):
@@ -238,8 +240,8 @@ def evaluate(
         if batch.target is None:
             raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
         kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
-        x = model(batch.y, batch.physics, **kwargs)
-        out = recon_magnitude(x, batch.recon_size)
+        x = model(batch.y.to(device), batch.physics.to(device), **kwargs)
+        out = recon_magnitude(x, batch.recon_size).cpu()
         zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.recon_size)
         ref_sense = recon_magnitude(batch.x_gt, batch.recon_size) if batch.x_gt is not None else None
         info = getattr(model, "last_info", None)
