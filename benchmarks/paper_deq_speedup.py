@@ -65,7 +65,7 @@ def train_denoiser(model, ds, steps: int, crop: int, what: str, seed: int = 0, b
         for step in range(steps):
             idx = torch.randint(0, len(ds), (batch_size,), generator=g).tolist()
             items = D.collate([ds[i] for i in idx])
-            x = D.sense_combine(items["kspace"], items["smaps"])
+            x = make_batch(items, 6, 0.08, None).x_gt  # SENSE image of the maps estimated from the ACS block
             h, w = x.shape[-2:]
             i, j = (int(torch.randint(0, n - crop + 1, (), generator=g)) for n in (h, w))
             loss = model.pretrain_loss(SimpleNamespace(x_gt=x[:, i : i + crop, j : j + crop]), reg_weight=10.0)

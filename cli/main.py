@@ -26,6 +26,8 @@ app = typer.Typer(
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root with train/ val/ test/ folders of fastMRI HDF5 files (default: the embedded dataset, built on first use).")]
 AccelOpt = Annotated[int, typer.Option("--acceleration", "-a", help="Undersampling factor: 6, 8, 10 = the paper's 16.7 %, 12.5 %, 10 % sampling.")]
 CfOpt = Annotated[Optional[float], typer.Option("--center-fraction", help="Fraction of auto-calibration lines (default per acceleration).")]
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache of estimated coil maps (default: $XDG_CACHE_HOME/spade-deploy or ~/.cache/spade-deploy; never the data folder).")]
+CoilMapsOpt = Annotated[str, typer.Option("--coil-maps", help="espirit: estimated from each measurement's fully sampled centre (ACS) only | file: the file's sens_maps, a reference no scanner gives (e.g. the simulation's true maps).")]
 
 
 def progress_bar(transient: bool = False) -> Progress:
@@ -73,14 +75,14 @@ def _check_out_dir(out: Path) -> None:
         raise SpadeError(f"output path {out} is a file, expected a folder")
 
 
-def _split(root: Path, split: str, coil_maps: str = "auto"):
+def _split(root: Path, split: str, coil_maps: str = "espirit", cache_dir: Path | None = None):
     from spade_deploy import data as D
     from spade_deploy.errors import SpadeError
 
     path = root / split
     if not path.exists():
         raise SpadeError(f"{root} has no {split}/ folder")
-    return D.SliceDataset(path, coil_maps=coil_maps)
+    return D.SliceDataset(path, coil_maps=coil_maps, cache_dir=cache_dir)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -249,13 +251,18 @@ def eval_(
     tol: Annotated[Optional[float], typer.Option(help="DEQ: relative-residual tolerance (default 1e-4).")] = None,
     solver: Annotated[Optional[str], typer.Option(help="DEQ: anderson | fixed-point.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices reconstructed together (slices of one size; a folder may mix sizes).")] = 4,
+    cache_dir: CacheOpt = None,
+    coil_maps: CoilMapsOpt = "espirit",
 ):
-    """PSNR / SSIM on a split (fastMRI's per-volume metrics), beside the zero-filled reconstruction."""
-    _run_eval(checkpoint, _dataset_root(data), split, acceleration, center_fraction, max_iter, tol, solver, json_out)
+    """fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS."""
+    _run_eval(checkpoint, _dataset_root(data), split, acceleration, center_fraction, max_iter, tol, solver, json_out,
+              batch_size=batch_size, cache_dir=cache_dir, coil_maps=coil_maps)
 
 
 def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, center_fraction=None,
-              max_iter=None, tol=None, solver=None, json_out: Path | None = None):
+              max_iter=None, tol=None, solver=None, json_out: Path | None = None, batch_size: int = 4,
+              cache_dir: Path | None = None, coil_maps: str = "espirit"):
     import dataclasses
 
     from spade_deploy.checkpoint import load_model
@@ -271,21 +278,27 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
             solver_cfg = dataclasses.replace(net.solver_cfg, **changes)
         except ValueError as exc:
             raise SpadeError(str(exc)) from None
-    ds = _split(root, split)
+    ds = _split(root, split, coil_maps, cache_dir)
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"reconstructing {split}", total=None, info="")
-        res = evaluate(net, ds, acceleration, center_fraction, solver=solver_cfg,
+        res = evaluate(net, ds, acceleration, center_fraction, solver=solver_cfg, batch_size=batch_size,
                        on_batch=lambda i, n: bar.update(task, completed=i, total=n))
-    table = Table(title=f"{manifest['model']} on {split} ({res.n_slices} slices, acceleration {acceleration}, reference {res.reference})")
-    for col in ("method", "PSNR (dB)", "SSIM"):
+    maps = "estimated from the ACS block" if res.coil_maps == "espirit" else "the files' sens_maps (reference)"
+    table = Table(title=f"{manifest['model']} on {split} ({res.n_slices} slices, acceleration {acceleration}; fastMRI's "
+                        f"scores against reconstruction_rss; coil maps {maps})")
+    cols = ["method", "PSNR (dB)", "SSIM", "NMSE"] + (["PSNR vs SENSE", "SSIM vs SENSE"] if res.psnr_sense is not None else [])
+    for col in cols:
         table.add_column(col, justify="right")
-    table.add_row("zero-filled", f"{res.psnr_zero_filled:.2f}", f"{res.ssim_zero_filled:.4f}")
-    table.add_row(manifest["model"], f"{res.psnr:.2f}", f"{res.ssim:.4f}")
+    table.add_row("zero-filled (RSS)", f"{res.psnr_zero_filled:.2f}", f"{res.ssim_zero_filled:.4f}", f"{res.nmse_zero_filled:.4f}",
+                  *(["", ""] if res.psnr_sense is not None else []))
+    table.add_row(manifest["model"], f"{res.psnr:.2f}", f"{res.ssim:.4f}", f"{res.nmse:.4f}",
+                  *([f"{res.psnr_sense:.2f}", f"{res.ssim_sense:.4f}"] if res.psnr_sense is not None else []))
     console.print(table)
     if res.mean_iterations is not None:
         console.print(
             f"fixed point: mean {res.mean_iterations:.1f} iterations, max relative residual {res.max_residual:.2e}, "
-            f"{'all slices converged' if res.all_converged else '[red]some slices hit the iteration cap[/]'}"
+            + ("all slices converged" if res.all_converged else
+               f"[red]{len(res.not_converged)} slices hit the iteration cap:[/] {', '.join(res.not_converged)}")
         )
     console.print(f"gain over zero-filled: {res.psnr - res.psnr_zero_filled:+.2f} dB; {res.seconds:.1f} s")
     if json_out:
@@ -409,6 +422,7 @@ def finetune(
     lipschitz_target: Annotated[Optional[float], typer.Option(help="DEQ: the bound on that Jacobian norm (default: measured on the unpruned parent at its own fixed points, so the pruned model needs no more iterations).")] = None,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
+    cache_dir: CacheOpt = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
     from spade_deploy.train import TrainConfig
@@ -417,10 +431,11 @@ def finetune(
                       center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
                       lipschitz_target=lipschitz_target)
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
-    _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume)
+    _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume, cache_dir=cache_dir)
 
 
-def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path, out: Path, cfg, resume=False):
+def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path, out: Path, cfg, resume=False,
+                  cache_dir: Path | None = None):
     from spade_deploy.finetune import finetune_model
 
     with progress_bar() as bar:
@@ -434,7 +449,7 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
                 bar.console.print(f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f}, val PSNR {rec['val_psnr']:.2f} dB")
 
         result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
-                                on_step=on_step, on_epoch=on_epoch)
+                                on_step=on_step, on_epoch=on_epoch, cache_dir=cache_dir)
     console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
     from spade_deploy.io import read_manifest
 
@@ -457,8 +472,11 @@ def reconstruct(
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (the engine measured fastest here for this data, recorded in the export manifest) | torch | onnxruntime | tensorrt.")] = "auto",
     engines: Annotated[Path, typer.Option(help="Folder of exported priors (exported on the fly when missing).")] = Path("engines"),
+    full_fov: Annotated[bool, typer.Option("--full-fov", help="Keep the full field of view (default: crop to the header's recon size, as fastMRI does).")] = False,
+    cache_dir: CacheOpt = None,
+    coil_maps: CoilMapsOpt = "espirit",
 ):
-    """Reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`), for fastMRI's evaluate.py."""
+    """Reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py."""
     from spade_deploy import data as D
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
@@ -479,9 +497,13 @@ def reconstruct(
     with progress_bar(transient=True) as bar:
         task = bar.add_task("reconstructing", total=None, info="")
         res = reconstruct_files(net, source, out, acceleration, cf, batch_size,
-                                on_slice=lambda i, n: bar.update(task, completed=i, total=n))
+                                on_slice=lambda i, n: bar.update(task, completed=i, total=n), full_fov=full_fov,
+                                coil_maps=coil_maps, cache_dir=cache_dir)  # type: ignore[arg-type]
     iters = f", mean {res.mean_iterations:.1f} fixed-point iterations" if res.mean_iterations is not None else ""
     console.print(f"{res.n_slices} slices in {len(res.outputs)} files written to [cyan]{out}[/]{iters}")
+    if res.not_converged:
+        console.print(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
+                      f"{', '.join(res.not_converged)}")
 
 
 @app.command()
@@ -654,14 +676,17 @@ def bench(
     warmup: Annotated[int, typer.Option(min=0)] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
+    cache_dir: CacheOpt = None,
+    coil_maps: CoilMapsOpt = "espirit",
 ):
-    """Quality and latency of every variant on every back-end, beside the unpruned model (Table 1)."""
+    """Quality (fastMRI's scores against reconstruction_rss) and latency of every variant on every back-end, beside the unpruned model (Table 1)."""
     _run_bench(checkpoints, list(backend or ["auto"]), engines, _dataset_root(data), split,
-               acceleration, center_fraction, repeats, warmup, device, out)
+               acceleration, center_fraction, repeats, warmup, device, out, cache_dir=cache_dir, coil_maps=coil_maps)
 
 
 def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acceleration: int, center_fraction,
-               repeats: int, warmup: int, device: str, out: Path, stem: str = "bench"):
+               repeats: int, warmup: int, device: str, out: Path, stem: str = "bench", cache_dir: Path | None = None,
+               coil_maps: str = "espirit"):
     from spade_deploy import bench as B
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
@@ -703,7 +728,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
                  for b in backends}
     with progress_bar(transient=True) as bar:
         task = bar.add_task("benchmarking", total=None, info="")
-        result = B.run_bench(variants, deployers, _split(root, split), acceleration, cf, repeats=repeats, warmup=warmup,
+        result = B.run_bench(variants, deployers, _split(root, split, coil_maps, cache_dir), acceleration, cf, repeats=repeats, warmup=warmup,
                              device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
     table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; zero-filled PSNR {result.psnr_zero_filled:.2f} dB)")
     for col in B.COLUMNS:
@@ -719,7 +744,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         for label in dict.fromkeys(v.label for v in variants):
             mine = [v for v in variants if v.label == label]
             if any(v.ratio > 0 for v in mine):
-                paths[f"examples {label}"] = B.plot_examples(mine, _split(root, split), acceleration, cf,
+                paths[f"examples {label}"] = B.plot_examples(mine, _split(root, split, coil_maps, cache_dir), acceleration, cf,
                                                              out / f"{stem}-{label}-examples.png")
     console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in paths.values()))
     return result

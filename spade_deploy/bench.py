@@ -62,7 +62,7 @@ class BenchRow:
     backend: str
     params: int
     macs: int | None
-    psnr: float
+    psnr: float  # fastMRI's, against reconstruction_rss
     ssim: float
     mean_iterations: float | None
     all_converged: bool | None
@@ -79,6 +79,9 @@ class BenchRow:
     speedup_per_iteration: float | None = None
     efficiency: float | None = None
     speedup_same_backend: float | None = None
+    nmse: float = float("nan")
+    psnr_sense: float | None = None  # against the fully sampled SENSE image of the same maps
+    ssim_sense: float | None = None
 
 
 @dataclass
@@ -88,10 +91,11 @@ class BenchResult:
     device: str
     psnr_zero_filled: float
     examples: dict = field(default_factory=dict)
+    ssim_zero_filled: float = float("nan")
 
     def as_dict(self) -> dict:
         return {"device": self.device, "config": self.config, "psnr_zero_filled": self.psnr_zero_filled,
-                "rows": [dataclasses.asdict(r) for r in self.rows]}
+                "ssim_zero_filled": self.ssim_zero_filled, "rows": [dataclasses.asdict(r) for r in self.rows]}
 
 
 def _sync(device: torch.device) -> None:
@@ -255,6 +259,7 @@ def run_bench(
             latency_ms=t.latency_ms, latency_iqr_ms=t.iqr_ms, n_slices=len(slices),
             slices_on_cap=t.slices_on_cap, ms_per_iteration=t.ms_per_iteration, slice_latency_ms=t.median_ms,
             slice_iterations=t.iterations if t.has_solver else [],
+            nmse=res.nmse, psnr_sense=res.psnr_sense, ssim_sense=res.ssim_sense,
         ))
     add_speedups(rows)
     cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
@@ -263,9 +268,13 @@ def run_bench(
                                                                  for v in variants if hasattr(v.model, "solver_cfg")} or None),
            "warmup": warmup, "rounds": repeats,
            "backends": list(backends), "aggregation": AGGREGATION,
-           "slices": [s[2] for s in slices], "slice_shape": list(sample[0].shape[-2:])}
+           "slices": [s[2] for s in slices], "slice_shape": list(sample[0].shape[-2:]),
+           "scores": "fastMRI evaluate() vs reconstruction_rss",
+           "coil_maps": quality[0].coil_maps if quality else None}
     zf = quality[0].psnr_zero_filled if quality else float("nan")
-    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf)
+    zf_ssim = quality[0].ssim_zero_filled if quality else float("nan")
+    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf,
+                       ssim_zero_filled=zf_ssim)
 
 
 def add_speedups(rows: Sequence[BenchRow]) -> None:
@@ -293,7 +302,7 @@ def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
 
 # ------------------------------------------------------------------------------------------------
 COLUMNS = ["model", "ratio", "strategy", "widths", "backend", "engine", "params", "MACs", "PSNR", "SSIM",
-           "iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend"]
+           "SENSE PSNR", "iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend"]
 NONE = "–"  # no reference measured: never a default ratio
 
 
@@ -307,7 +316,8 @@ def table_rows(result: BenchResult) -> list[list[str]]:
         out.append([
             r.label, f"{r.ratio:.0%}" if r.ratio else "0%", r.strategy or NONE, r.widths or NONE, r.backend,
             r.engine or r.backend, f"{r.params:,}", f"{r.macs / 1e9:.2f}G" if r.macs else NONE, f"{r.psnr:.2f}",
-            f"{r.ssim:.4f}", f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else NONE,
+            f"{r.ssim:.4f}",
+            f"{r.psnr_sense:.2f}" if r.psnr_sense is not None else NONE, f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else NONE,
             NONE if r.slices_on_cap is None else (f"{r.slices_on_cap}/{r.n_slices}" if r.slices_on_cap else "0"),
             f"{r.latency_ms:.1f}", f"{r.ms_per_iteration:.2f}" if r.ms_per_iteration is not None else NONE,
             _x(r.speedup_vs_torch), _x(r.speedup_per_iteration),
@@ -317,7 +327,8 @@ def table_rows(result: BenchResult) -> list[list[str]]:
 
 
 def _header(result: BenchResult) -> str:
-    return (f"Device: {result.device}. Zero-filled PSNR {result.psnr_zero_filled:.2f} dB. {AGGREGATION}; "
+    return (f"Device: {result.device}. Scores: fastMRI's evaluate() against reconstruction_rss (SENSE PSNR: against "
+            f"the fully sampled SENSE image). Zero-filled (RSS) PSNR {result.psnr_zero_filled:.2f} dB. {AGGREGATION}; "
             "speed-ups against the unpruned PyTorch model (whole reconstruction, per outer iteration), "
             "efficiency = per-iteration speed-up / MAC ratio, \"on cap\" = slices stopped by the iteration cap. "
             f"Config: `{json.dumps(result.config)}`.")
@@ -384,19 +395,22 @@ def plot_examples(variants: Sequence[Variant], test_ds: Dataset, acceleration: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import center_crop, psnr
+    from .metrics import fastmri_crop, psnr, recon_magnitude
+    from .physics import ifft2c, rss
 
     items = D_collate([test_ds[index]])
     batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
     ratio = ratio if ratio is not None else max(v.ratio for v in variants)
     shown = [v for v in variants if v.ratio == 0] + [v for v in variants if v.ratio == ratio and v.ratio > 0]
-    ref_t = batch.x_gt.abs() if shown[0].model.reference == "sense" else batch.target
-    crop = tuple(batch.target.shape[-2:])
-    ref = center_crop(ref_t, crop)[0].numpy()
-    zf = center_crop(batch.physics.A_adjoint(batch.y).abs(), crop)[0].numpy()
+    # As scored: reconstruction_rss and the header-size magnitude, both in fastMRI's crop.
+    def shown_pair(img):
+        return fastmri_crop(batch.target, recon_magnitude(img, batch.recon_size))
+
+    ref = shown_pair(batch.target)[0][0].numpy()
+    zf = shown_pair(rss(ifft2c(batch.y), dim=1))[1][0].numpy()
     panels = [("reference", ref, None), ("zero-filled", zf, None)]
     for v in shown:
-        x = center_crop(v.model.eval()(*on_model_device((batch.y, batch.physics), v.model)).abs().cpu(), crop)[0].numpy()
+        x = shown_pair(v.model.eval()(*on_model_device((batch.y, batch.physics), v.model)).cpu())[1][0].numpy()
         name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}: {v.strategy}"
         panels.append((name, x, v.ratio == 0))
     base_psnr = None

@@ -3,8 +3,12 @@
 Reader
     :class:`SliceDataset` reads fastMRI multi-coil HDF5 files (``kspace`` (slices, coils, H, W)
     complex, optional ``reconstruction_rss`` (slices, h, w), ``ismrmrd_header``, attribute ``max``)
-    one slice at a time. Coil maps come from the file (``sens_maps``, which our simulated data
-    stores) or from ESPIRiT (sigpy), cached on disk. :func:`collate` stacks items into a batch.
+    one slice at a time, checks a file's acquisition ``mask`` (one 0/1 value per k-space column:
+    the file is already undersampled) and its header's recon size. Coil maps are never read by
+    default: every reconstruction estimates them from the acquisition (:mod:`.coilmaps`); a
+    file's ``sens_maps`` (our simulation's true maps) serve only when asked for
+    (``coil_maps="file"``). :func:`collate` stacks items into a batch; :class:`ShapeBatchSampler`
+    batches slices of equal shape, so one folder may mix sizes and coil counts.
 
 Masks
     :func:`undersample` applies fastMRI equispaced-fraction masks (with fastMRI's per-file seed
@@ -41,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import importlib.resources
 import json
@@ -50,6 +53,7 @@ import os
 import shutil
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence, TypedDict
@@ -57,16 +61,16 @@ from typing import Callable, Literal, Sequence, TypedDict
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
+from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block
 from .errors import SpadeError
-from .io import atomic_path, write_json
+from .io import write_json
 from .physics import MultiCoilMRI, equispaced_mask, fft2c, ifft2c, rss
 
-CoilMapSource = Literal["auto", "file", "espirit"]
+CoilMapSource = Literal["espirit", "file"]
 MaskSeed = int | tuple[int, ...] | None
 
-CACHE_DIRNAME = ".spade-cache"
 TEMPLATE_NOTICE = (
     "MNI ICBM152 2009a nonlinear symmetric template (as shipped in nilearn). Copyright (C) 1993-2004 "
     "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University. "
@@ -83,25 +87,31 @@ TEMPLATE_NOTICE = (
 class SliceItem(TypedDict):
     """One slice. ``target`` is ground truth only where ``has_target`` is true."""
 
-    kspace: torch.Tensor  # (C, H, W) complex64, as stored (fully sampled for training data)
-    smaps: torch.Tensor  # (C, H, W) complex64
+    kspace: torch.Tensor  # (C, H, W) complex64, as stored (fully sampled unless ``mask``)
+    mask: torch.Tensor | None  # (W,) float32 acquisition mask of the file, None: fully sampled
+    smaps: torch.Tensor | None  # (C, H, W) the file's sens_maps, only with coil_maps="file"
     target: torch.Tensor  # (h, w) float32: reconstruction_rss, else the RSS of the stored k-space
     has_target: bool  # False when the file has no reconstruction_rss
     maxval: float  # attribute ``max``, else target.max() over the volume
+    recon_size: tuple[int, int]  # the header's reconSpace matrix (x, y), within (H, W)
     fname: str  # file name, e.g. "file_brain_001.h5" (fastMRI's mask-seed key)
     slice: int
+    coil_maps: CoilMapEstimator  # how the reconstruction's maps are estimated
 
 
 class SliceBatch(TypedDict):
     """A collated batch of :class:`SliceItem`."""
 
     kspace: torch.Tensor  # (B, C, H, W) complex64
-    smaps: torch.Tensor  # (B, C, H, W) complex64
+    mask: list[torch.Tensor | None]  # per slice: the file's acquisition mask (W,) or None
+    smaps: torch.Tensor | None  # (B, C, H, W) the files' sens_maps, only with coil_maps="file"
     target: torch.Tensor  # (B, h, w) float32
     has_target: torch.Tensor  # (B,) bool
     maxval: torch.Tensor  # (B,) float32
+    recon_size: tuple[int, int]
     fname: list[str]
     slice: torch.Tensor  # (B,) int64
+    coil_maps: CoilMapEstimator
 
 
 @dataclass(frozen=True)
@@ -112,36 +122,36 @@ class _FileInfo:
     has_rss: bool
     has_smaps: bool
     max_attr: float | None
+    mask: np.ndarray | None  # (W,) float32 acquisition mask, checked
+    recon_size: tuple[int, int]  # header reconSpace (x, y) = (rows, columns), clipped to (H, W)
+    rss_shape: tuple[int, int] | None
 
-
-@dataclass(frozen=True)
-class EspiritParams:
-    """ESPIRiT settings (sigpy ``EspiritCalib``); part of the cache key."""
-
-    calib_width: int = 24
-    thresh: float = 0.02
-    kernel_width: int = 6
-    crop: float = 0.95
+    @property
+    def group(self) -> tuple:
+        """Slices with equal keys can share a batch."""
+        return (self.shape, self.rss_shape, self.recon_size)
 
 
 class SliceDataset(Dataset):
     """Slices of fastMRI multi-coil HDF5 files, indexed lazily (one slice is read per item).
 
     ``root`` is one ``.h5`` file or a folder of them (not searched recursively). ``coil_maps``:
-    ``"file"`` reads ``sens_maps``; ``"espirit"`` computes ESPIRiT maps and caches them under
-    ``cache_dir`` (default ``<data folder>/.spade-cache``); ``"auto"`` uses the file's maps where
-    present, else ESPIRiT. Invalid input raises :class:`SpadeError` naming the file.
+    ``"espirit"`` (default) estimates every reconstruction's maps from the ACS block of the mask
+    used (:class:`~spade_deploy.coilmaps.CoilMapEstimator`, cached under ``cache_dir``, default
+    the user's cache home, never the data folder); ``"file"`` hands the file's ``sens_maps`` to
+    the reconstruction instead (a reference, e.g. the simulation's true maps, never a default).
+    Invalid input (including a malformed ``mask``) raises :class:`SpadeError` naming the file.
     """
 
     def __init__(
         self,
         root: str | os.PathLike,
-        coil_maps: CoilMapSource = "auto",
+        coil_maps: CoilMapSource = "espirit",
         cache_dir: str | os.PathLike | None = None,
         espirit: EspiritParams = EspiritParams(),
     ):
-        if coil_maps not in ("auto", "file", "espirit"):
-            raise SpadeError(f"unknown coil-map source {coil_maps!r}; choose auto, file or espirit")
+        if coil_maps not in ("espirit", "file"):
+            raise SpadeError(f"unknown coil-map source {coil_maps!r}; choose espirit or file")
         root = Path(root)
         if not root.exists():
             raise SpadeError(f"data path {root} does not exist (missing file or folder)")
@@ -153,19 +163,27 @@ class SliceDataset(Dataset):
             files = [root]
         self.root = root
         self.coil_maps: CoilMapSource = coil_maps
-        self.espirit = espirit
-        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.estimator = CoilMapEstimator(cache_dir, espirit)
         self._infos = [_inspect(p) for p in files]
         if coil_maps == "file":
             for info in self._infos:
                 if not info.has_smaps:
-                    raise SpadeError(f"{info.path}: no sens_maps dataset; use coil maps 'espirit' or 'auto'")
+                    raise SpadeError(f"{info.path}: no sens_maps dataset; use coil maps 'espirit'")
         self._index = [(i, s) for i, info in enumerate(self._infos) for s in range(info.n_slices)]
         self._maxvals: dict[int, float] = {}
 
     @property
     def files(self) -> list[Path]:
         return [info.path for info in self._infos]
+
+    def group_key(self, idx: int) -> tuple:
+        """Slices of equal key (k-space shape, target shape, recon size) can share a batch."""
+        return self._infos[self._index[idx][0]].group
+
+    @property
+    def fully_sampled(self) -> bool:
+        """True when no file carries an acquisition mask (its k-space is complete)."""
+        return all(info.mask is None for info in self._infos)
 
     @property
     def has_ground_truth(self) -> bool:
@@ -183,13 +201,11 @@ class SliceDataset(Dataset):
         with _open(info.path) as f:
             kspace = _finite(f["kspace"][s], info.path, s, "kspace").astype(np.complex64, copy=False)
             smaps = None
-            if info.has_smaps and self.coil_maps in ("auto", "file"):
+            if self.coil_maps == "file":
                 smaps = _finite(f["sens_maps"][s], info.path, s, "sens_maps").astype(np.complex64, copy=False)
             target = None
             if info.has_rss:
                 target = _finite(f["reconstruction_rss"][s], info.path, s, "reconstruction_rss").astype(np.float32)
-        if smaps is None:
-            smaps = self._espirit_maps(kspace, info.path, s)
         k = torch.from_numpy(np.ascontiguousarray(kspace))
         if target is None:
             target_t = rss(ifft2c(k), dim=0).float()
@@ -197,12 +213,15 @@ class SliceDataset(Dataset):
             target_t = torch.from_numpy(np.ascontiguousarray(target))
         return SliceItem(
             kspace=k,
-            smaps=torch.from_numpy(np.ascontiguousarray(smaps)),
+            mask=torch.from_numpy(info.mask) if info.mask is not None else None,
+            smaps=torch.from_numpy(np.ascontiguousarray(smaps)) if smaps is not None else None,
             target=target_t,
             has_target=info.has_rss,
             maxval=self.volume_maxval(fi),
+            recon_size=info.recon_size,
             fname=info.path.name,
             slice=s,
+            coil_maps=self.estimator,
         )
 
     def volume_maxval(self, file_index: int) -> float:
@@ -223,59 +242,66 @@ class SliceDataset(Dataset):
             self._maxvals[file_index] = value
         return self._maxvals[file_index]
 
-    # --------------------------------------------------------------------------------------------
-    def _espirit_maps(self, kspace: np.ndarray, path: Path, s: int) -> np.ndarray:
-        cache = self._cache_file(kspace, path, s)
-        if cache is not None and cache.exists():
-            try:
-                maps = np.load(cache, allow_pickle=False)
-                if maps.shape == kspace.shape and maps.dtype == np.complex64:
-                    return maps
-            except (OSError, ValueError):
-                pass  # unreadable cache entry: recompute and overwrite
-        maps = espirit_maps(kspace, self.espirit)
-        if cache is not None:
-            try:
-                with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, maps, allow_pickle=False)
-            except (OSError, SpadeError):
-                pass  # a read-only location only costs recomputation
-        return maps
 
-    def _cache_file(self, kspace: np.ndarray, path: Path, s: int) -> Path | None:
-        folder = self._cache_dir if self._cache_dir is not None else _default_cache_dir(path)
-        if folder is None:
-            return None
-        h = hashlib.sha1(np.ascontiguousarray(kspace).tobytes())
-        h.update(json.dumps(dataclasses.asdict(self.espirit), sort_keys=True).encode())
-        return folder / f"{path.stem}.s{s:04d}.{h.hexdigest()[:20]}.npy"
+def espirit_maps(kspace: np.ndarray, acs: tuple[int, int], params: EspiritParams = EspiritParams()) -> np.ndarray:
+    """ESPIRiT coil maps of one slice ``(C, H, W)`` from its ACS columns ``acs`` only (see
+    :func:`~spade_deploy.coilmaps.espirit_from_acs`)."""
+    from .coilmaps import espirit_from_acs
+
+    return espirit_from_acs(kspace, acs, params)
 
 
-def espirit_maps(kspace: np.ndarray, params: EspiritParams = EspiritParams()) -> np.ndarray:
-    """ESPIRiT coil maps (sigpy) of one fully sampled slice ``(C, H, W)``; zero outside the object."""
-    import sigpy.mri.app  # imported here: sigpy takes seconds to import
+def acquired_mask(path: Path, f: h5py.File, width: int) -> np.ndarray | None:
+    """The file's acquisition mask (fastMRI test / challenge files: one 0/1 value per k-space
+    column; their k-space is already undersampled), or None. A mask that cannot belong to the
+    file's k-space is refused: a wrong width, a 2-D array, values other than 0/1 (NaN included),
+    no sampled column, no sampled centre column (nothing to calibrate coil maps on)."""
+    if "mask" not in f:
+        return None
+    ds = f["mask"]
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.shape[0] != width:
+        shape = getattr(ds, "shape", None)
+        raise SpadeError(f"{path}: mask of shape {shape} does not match kspace of width {width} (expected ({width},))")
+    if ds.dtype.kind not in "biuf":
+        raise SpadeError(f"{path}: mask must be numeric 0/1, got {ds.dtype}")
+    mask = np.asarray(ds[()]).astype(np.float32)
+    if not np.isin(mask, (0.0, 1.0)).all():  # NaN fails this too
+        raise SpadeError(f"{path}: mask must hold only 0 and 1 (one value per k-space column)")
+    if not mask.any():
+        raise SpadeError(f"{path}: mask samples no k-space column")
+    try:
+        acs_run(mask)
+    except SpadeError as exc:
+        raise SpadeError(f"{path}: {exc}") from None
+    return mask
 
-    calib = max(params.kernel_width, min(params.calib_width, *kspace.shape[-2:]))
-    maps = sigpy.mri.app.EspiritCalib(
-        kspace,
-        calib_width=calib,
-        thresh=params.thresh,
-        kernel_width=params.kernel_width,
-        crop=params.crop,
-        show_pbar=False,
-    ).run()
-    return np.asarray(maps, dtype=np.complex64)
 
-
-def _default_cache_dir(path: Path) -> Path | None:
-    for folder in (path.parent / CACHE_DIRNAME, Path.home() / ".cache" / "spade-deploy" / "espirit"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                return folder
-        except OSError:
-            continue
-    return None
+def recon_size(path: Path, f: h5py.File, shape: tuple[int, int]) -> tuple[int, int]:
+    """The ismrmrd header's reconSpace matrix ``(x, y)``, fastMRI's crop of the image ``(H, W)``
+    (e.g. 320 x 320 of a 640 x 320 readout-oversampled k-space); ``(H, W)`` without a header.
+    Each side is clipped to the image."""
+    h, w = shape
+    if "ismrmrd_header" not in f:
+        return h, w
+    try:
+        raw = f["ismrmrd_header"][()]
+        text = raw.decode() if isinstance(raw, (bytes, np.bytes_)) else str(raw)
+        root = ET.fromstring(text)
+    except (ET.ParseError, UnicodeDecodeError, TypeError, ValueError, OSError):
+        raise SpadeError(f"{path}: ismrmrd_header is not readable XML") from None
+    ns = {"m": "http://www.ismrm.org/ISMRMRD"}
+    found = [root.find(f"m:encoding/m:reconSpace/m:matrixSize/m:{a}", ns) for a in ("x", "y")]
+    if any(e is None for e in found):
+        found = [root.find(f"encoding/reconSpace/matrixSize/{a}") for a in ("x", "y")]
+    if any(e is None for e in found):
+        return h, w
+    try:
+        x, y = (int(e.text) for e in found)  # type: ignore[union-attr, arg-type]
+    except (TypeError, ValueError):
+        raise SpadeError(f"{path}: ismrmrd_header reconSpace matrixSize is not a pair of integers") from None
+    if x < 1 or y < 1:
+        raise SpadeError(f"{path}: ismrmrd_header reconSpace matrixSize ({x}, {y}) is not positive")
+    return min(x, h), min(y, w)
 
 
 def _open(path: Path) -> h5py.File:
@@ -323,6 +349,9 @@ def _inspect(path: Path) -> _FileInfo:
             has_rss=has_rss,
             has_smaps=has_smaps,
             max_attr=float(max_attr) if max_attr is not None else None,
+            mask=acquired_mask(path, f, w),
+            recon_size=recon_size(path, f, (h, w)),
+            rss_shape=tuple(f["reconstruction_rss"].shape[1:]) if has_rss else None,
         )
 
 
@@ -333,25 +362,69 @@ def _finite(a: np.ndarray, path: Path, s: int, name: str) -> np.ndarray:
 
 
 def collate(items: Sequence[SliceItem]) -> SliceBatch:
-    """Stack slices of equal size into a batch; slices of different sizes raise :class:`SpadeError`."""
+    """Stack slices of equal size into a batch; slices of different sizes raise :class:`SpadeError`
+    (:class:`ShapeBatchSampler` never mixes them)."""
     if not items:
         raise SpadeError("cannot collate an empty batch")
     first = items[0]
     for it in items[1:]:
-        if it["kspace"].shape != first["kspace"].shape or it["target"].shape != first["target"].shape:
+        if (it["kspace"].shape != first["kspace"].shape or it["target"].shape != first["target"].shape
+                or it["recon_size"] != first["recon_size"]):
             raise SpadeError(
                 f"cannot batch slices of different sizes: {it['fname']} {tuple(it['kspace'].shape)} vs "
                 f"{first['fname']} {tuple(first['kspace'].shape)}; use a batch size of 1"
             )
+    with_maps = [it["smaps"] is not None for it in items]
+    if any(with_maps) and not all(with_maps):
+        raise SpadeError("cannot batch slices with and without file coil maps")
     return SliceBatch(
         kspace=torch.stack([it["kspace"] for it in items]),
-        smaps=torch.stack([it["smaps"] for it in items]),
+        mask=[it["mask"] for it in items],
+        smaps=torch.stack([it["smaps"] for it in items]) if all(with_maps) else None,  # type: ignore[misc]
         target=torch.stack([it["target"] for it in items]),
         has_target=torch.tensor([it["has_target"] for it in items], dtype=torch.bool),
         maxval=torch.tensor([it["maxval"] for it in items], dtype=torch.float32),
+        recon_size=first["recon_size"],
         fname=[it["fname"] for it in items],
         slice=torch.tensor([it["slice"] for it in items], dtype=torch.int64),
+        coil_maps=first["coil_maps"],
     )
+
+
+class ShapeBatchSampler(Sampler[list[int]]):
+    """Batches of at most ``batch_size`` slices of one shape (:meth:`SliceDataset.group_key`), so a
+    folder may mix image sizes and coil counts. Without ``shuffle`` slices keep their order; with
+    it, one ``torch.randperm`` of ``generator`` orders them and each shape's batches fill in that
+    order."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None):
+        if batch_size < 1:
+            raise SpadeError(f"batch size must be at least 1, got {batch_size}")
+        self.dataset, self.batch_size, self.shuffle, self.generator = dataset, batch_size, shuffle, generator
+        n = len(dataset)  # type: ignore[arg-type]
+        key = getattr(dataset, "group_key", None)
+        self._keys = [key(i) if key else () for i in range(n)]
+
+    def __len__(self) -> int:
+        counts: dict = {}
+        for k in self._keys:
+            counts[k] = counts.get(k, 0) + 1
+        return sum(math.ceil(c / self.batch_size) for c in counts.values())
+
+    def __iter__(self):
+        n = len(self._keys)
+        order = torch.randperm(n, generator=self.generator).tolist() if self.shuffle else range(n)
+        open_: dict = {}
+        for i in order:
+            batch = open_.setdefault(self._keys[i], [])
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                yield batch
+                open_[self._keys[i]] = []
+        for batch in open_.values():
+            if batch:
+                yield batch
 
 
 # ================================================================================================
@@ -394,6 +467,45 @@ def undersample(
     mask = torch.from_numpy(np.stack(masks)).view(b, 1, 1, w).to(kspace.device)
     physics = MultiCoilMRI(mask, smaps.to(kspace.device))
     return kspace * physics.mask, physics
+
+
+def acquire(
+    batch: SliceBatch, acceleration: int, center_fraction: float, seeds: Sequence[MaskSeed] | None = None,
+) -> tuple[torch.Tensor, MultiCoilMRI]:
+    """The measurements of a collated batch and their operator ``A = P F S``.
+
+    Each slice's mask is its file's acquisition ``mask`` when it has one (the k-space is used as
+    acquired), else a fastMRI equispaced mask (``seeds`` as in :func:`undersample`). k-space
+    outside the mask is zeroed. Coil maps are the file's ``sens_maps`` only when the dataset was
+    opened with ``coil_maps="file"``; otherwise ESPIRiT maps estimated from the measurements'
+    ACS block alone (the centre block of the equispaced mask, or the acquired mask's sampled
+    centre run), so nothing outside the mask reaches the reconstruction.
+    """
+    kspace = batch["kspace"]
+    b, w = kspace.shape[0], kspace.shape[-1]
+    if seeds is None:
+        seeds = [None] * b
+    if len(seeds) != b:
+        raise SpadeError(f"{len(seeds)} mask seeds for a batch of {b}")
+    masks, blocks = [], []
+    for acquired, seed in zip(batch["mask"], seeds):
+        if acquired is not None:
+            masks.append(acquired.float())
+            blocks.append(acs_run(acquired.numpy()))
+        else:
+            if seed is None:
+                seed = int(np.random.randint(0, 2**31 - 1))
+            m = equispaced_mask(w, center_fraction, acceleration, seed=seed)  # type: ignore[arg-type]
+            masks.append(torch.from_numpy(m))
+            blocks.append(centre_block(w, center_fraction))
+    mask = torch.stack(masks).view(b, 1, 1, w).to(kspace.device)
+    y = kspace * mask
+    if batch["smaps"] is not None:
+        smaps = batch["smaps"]
+    else:
+        y_np = y.detach().cpu().numpy()
+        smaps = torch.from_numpy(np.stack([batch["coil_maps"](y_np[i], blocks[i]) for i in range(b)]))
+    return y, MultiCoilMRI(mask, smaps.to(kspace.device))
 
 
 def sense_combine(kspace: torch.Tensor, smaps: torch.Tensor) -> torch.Tensor:

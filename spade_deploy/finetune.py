@@ -67,6 +67,7 @@ def finetune_model(
     resume: bool = False,
     on_step: Callable | None = None,
     on_epoch: Callable | None = None,
+    cache_dir: str | Path | None = None,
 ) -> FitResult:
     if strategy not in STRATEGIES:
         raise SpadeError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -91,10 +92,13 @@ def finetune_model(
     # supervised learns from the training split's ground truth; school and self-supervised from
     # the test measurements as acquired (fixed masks), which need no ground truth.
     split = "train" if loss.needs_ground_truth else "test"
-    train_ds = D.SliceDataset(root / split)
+    train_ds = D.SliceDataset(root / split, cache_dir=cache_dir)
     if loss.needs_ground_truth and not train_ds.has_ground_truth:
         raise SpadeError(f"strategy {strategy!r} needs ground truth, but {root / split} has no reconstruction_rss")
-    val_ds = D.SliceDataset(root / "val") if (root / "val").exists() else None
+    if loss.needs_ground_truth and not train_ds.fully_sampled:
+        raise SpadeError(f"strategy {strategy!r} trains on fully sampled k-space, but files in {root / split} carry "
+                         "an acquisition mask (already undersampled)")
+    val_ds = D.SliceDataset(root / "val", cache_dir=cache_dir) if (root / "val").exists() else None
     if val_ds is not None and not val_ds.has_ground_truth:
         val_ds = None
     cfg = dataclasses.replace(cfg, fixed_masks=not loss.needs_ground_truth)

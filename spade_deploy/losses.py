@@ -25,6 +25,7 @@ class Batch:
     maxval: torch.Tensor  # (B,)
     fnames: list[str]
     slices: list[int]
+    recon_size: tuple[int, int] | None = None  # the header's recon size (what reconstruct writes)
 
 
 def relative_sq_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

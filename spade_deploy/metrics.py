@@ -30,6 +30,23 @@ def center_crop(x: ArrayT, shape: tuple[int, int]) -> ArrayT:
     return x[..., top : top + h, left : left + w]
 
 
+def recon_magnitude(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """What ``spade reconstruct`` writes: ``|x|`` as float32, centre-cropped to ``size`` (the
+    header's recon size; None keeps the full field of view). Each side is clipped to the image."""
+    mag = x.abs().float() if torch.is_complex(x) else x.float()
+    if size is None:
+        return mag
+    return center_crop(mag, (min(size[0], mag.shape[-2]), min(size[1], mag.shape[-1])))
+
+
+def fastmri_crop(target: ArrayT, pred: ArrayT) -> tuple[ArrayT, ArrayT]:
+    """fastMRI's ``evaluate()`` crop: both volumes centre-cropped to ``(w, w)``, ``w`` the target's
+    width (each side clipped to the images, where fastMRI would fail)."""
+    w = target.shape[-1]
+    h = min(w, target.shape[-2], pred.shape[-2])
+    return center_crop(target, (h, w)), center_crop(pred, (h, min(w, pred.shape[-1])))
+
+
 def _check(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gt, pred = _numpy(gt), _numpy(pred)
     if gt.shape != pred.shape:

@@ -1,9 +1,17 @@
 """Reconstruct fastMRI-format files and write fastMRI-format outputs (dataset ``reconstruction``),
-so fastMRI's own ``evaluate.py`` can score them against the targets."""
+so fastMRI's own ``evaluate.py`` can score them against the targets.
+
+Each output holds, per slice, the magnitude image cropped to the header's recon size (e.g.
+320 x 320 of a 640 x 320 readout-oversampled k-space; ``full_fov`` keeps the whole field of
+view) and, for fixed-point models, ``iterations``, ``converged`` and ``final_residual``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,8 +23,9 @@ from . import data as D
 from .device import on_model_device
 from .errors import SpadeError
 from .io import atomic_path
+from .metrics import recon_magnitude
 from .models import Reconstructor
-from .physics import MultiCoilMRI
+from .train import eval_seeds, make_batch
 
 
 @dataclass
@@ -24,25 +33,7 @@ class ReconstructResult:
     outputs: list[Path]
     n_slices: int
     mean_iterations: float | None
-
-
-def _acquired_mask(path: Path) -> np.ndarray | None:
-    """fastMRI test/challenge files carry the acquisition mask, one 0/1 value per k-space column;
-    their k-space is already undersampled. A mask that cannot belong to the file's k-space is
-    refused (a wrong width, a 2-D array, values other than 0/1, no sampled column)."""
-    with h5py.File(path, "r") as f:
-        if "mask" not in f:
-            return None
-        width = f["kspace"].shape[-1]
-        mask = np.asarray(f["mask"][()])
-    if mask.ndim == 0 or mask.size != width or mask.shape[-1] != width:
-        raise SpadeError(f"{path}: mask of shape {mask.shape} does not match kspace of width {width} (expected ({width},))")
-    mask = mask.reshape(width).astype(np.float32)
-    if not np.isin(mask, (0.0, 1.0)).all():  # NaN fails this too
-        raise SpadeError(f"{path}: mask must hold only 0 and 1 (one value per k-space column)")
-    if not mask.any():
-        raise SpadeError(f"{path}: mask samples no k-space column")
-    return mask
+    not_converged: list[str] = field(default_factory=list)  # "file.h5:slice" on the iteration cap
 
 
 @torch.no_grad()
@@ -54,35 +45,39 @@ def reconstruct_files(
     center_fraction: float,
     batch_size: int = 4,
     on_slice: Callable[[int, int], None] | None = None,
+    full_fov: bool = False,
+    coil_maps: D.CoilMapSource = "espirit",
+    cache_dir: str | os.PathLike | None = None,
 ) -> ReconstructResult:
     """Reconstruct every slice of every file under ``source``.
 
     Fully sampled files are undersampled retrospectively with fastMRI's per-file mask seed (the
     same measurements `spade eval` scores); files that carry a ``mask`` are used as acquired.
+    Coil maps come from each measurement's ACS block (see :func:`~spade_deploy.data.acquire`).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
-    ds = D.SliceDataset(source)
+    ds = D.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
     model.eval()
-    outputs, iters, done = [], [], 0
+    outputs, iters, not_converged, done = [], [], [], 0
     for path in ds.files:
-        file_ds = D.SliceDataset(path, coil_maps=ds.coil_maps)
-        mask = _acquired_mask(path)
-        slices = []
+        file_ds = D.SliceDataset(path, coil_maps=coil_maps, cache_dir=cache_dir)
+        images, per_slice = [], {"iterations": [], "converged": [], "final_residual": []}
+        mask = None
         for start in range(0, len(file_ds), batch_size):
             items = D.collate([file_ds[i] for i in range(start, min(start + batch_size, len(file_ds)))])
-            if mask is None:
-                seeds = [D.fastmri_seed(f) for f in items["fname"]]
-                y, physics = D.undersample(items["kspace"], acceleration, center_fraction, seeds, smaps=items["smaps"])
-            else:
-                physics = MultiCoilMRI(torch.from_numpy(mask), items["smaps"])
-                y = items["kspace"] * physics.mask
-            x = model(*on_model_device((y, physics), model))
+            mask = items["mask"][0]
+            batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
+            x = model(*on_model_device((batch.y, batch.physics), model))
             info = getattr(model, "last_info", None)
             if info is not None:
                 iters += info.iterations.tolist()
-            slices.append(x.abs().float().cpu().numpy())
+                per_slice["iterations"] += info.iterations.tolist()
+                per_slice["converged"] += info.converged.tolist()
+                per_slice["final_residual"] += info.residual.tolist()
+                not_converged += [f"{path.name}:{s}" for s, c in zip(batch.slices, info.converged.tolist()) if not c]
+            images.append(recon_magnitude(x, None if full_fov else batch.recon_size).cpu().numpy())
             done += len(items["fname"])
             if on_slice:
                 on_slice(done, len(ds))
@@ -90,8 +85,18 @@ def reconstruct_files(
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             with h5py.File(tmp, "w") as f:
-                f.create_dataset("reconstruction", data=np.concatenate(slices))
-                f.attrs["acceleration"] = acceleration if mask is None else float(len(mask) / max(mask.sum(), 1))
+                f.create_dataset("reconstruction", data=np.concatenate(images))
+                if per_slice["iterations"]:
+                    f.create_dataset("iterations", data=np.asarray(per_slice["iterations"], dtype=np.int32))
+                    f.create_dataset("converged", data=np.asarray(per_slice["converged"], dtype=bool))
+                    f.create_dataset("final_residual", data=np.asarray(per_slice["final_residual"], dtype=np.float32))
+                m = mask.numpy() if mask is not None else None
+                f.attrs["acceleration"] = acceleration if m is None else float(len(m) / max(m.sum(), 1))
                 f.attrs["model"] = getattr(model, "registry_name", "")
+                f.attrs["coil_maps"] = coil_maps
+                if coil_maps == "espirit":
+                    f.attrs["espirit"] = json.dumps(dataclasses.asdict(file_ds.estimator.params))
+                f.attrs["field_of_view"] = "full" if full_fov else "recon"
         outputs.append(target)
-    return ReconstructResult(outputs=outputs, n_slices=done, mean_iterations=float(np.mean(iters)) if iters else None)
+    return ReconstructResult(outputs=outputs, n_slices=done, mean_iterations=float(np.mean(iters)) if iters else None,
+                             not_converged=not_converged)

@@ -25,7 +25,7 @@ from .device import model_device, on_model_device
 from .errors import SpadeError
 from .io import load_checkpoint, save_checkpoint
 from .losses import Batch, Loss
-from .metrics import center_crop, evaluate_volumes
+from .metrics import evaluate_volumes
 from .models import Reconstructor, load_state
 from .physics import center_fraction_for
 from .solvers import SolverConfig
@@ -140,6 +140,11 @@ DEMO_RECIPES = {
 
 @dataclass
 class EvalResult:
+    """fastMRI's scores against ``reconstruction_rss`` (the default), beside the zero-filled
+    baseline (fastMRI's RSS of the zero-filled k-space) and, where the data is fully sampled,
+    the scores against the magnitude of the fully sampled SENSE image of the same estimated maps
+    (``*_sense``: what the DEQ is trained towards)."""
+
     psnr: float
     ssim: float
     psnr_zero_filled: float
@@ -148,7 +153,14 @@ class EvalResult:
     max_residual: float | None
     all_converged: bool | None
     n_slices: int
-    reference: str = "sense"
+    nmse: float = float("nan")
+    nmse_zero_filled: float = float("nan")
+    psnr_sense: float | None = None
+    ssim_sense: float | None = None
+    not_converged: list[str] = field(default_factory=list)  # "file.h5:slice" on the iteration cap
+    reference: str = "reconstruction_rss"
+    coil_maps: str = "espirit"
+    espirit: dict | None = None  # the ESPIRiT settings of estimated maps
     per_volume: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -166,18 +178,22 @@ class FitResult:
 
 # ------------------------------------------------------------------------------------------------
 def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
-    """Undersample a collated batch with fastMRI equispaced masks and build the operator."""
-    y, physics = D.undersample(items["kspace"], acceleration, center_fraction, seeds, smaps=items["smaps"])
-    x_gt = D.sense_combine(items["kspace"], items["smaps"])
+    """Measure a collated batch (:func:`~spade_deploy.data.acquire`: the file's mask or a fastMRI
+    equispaced one, coil maps from the ACS block) and build the operator. ``x_gt`` is the fully
+    sampled SENSE image of the same maps, only for fully sampled files with ground truth."""
+    y, physics = D.acquire(items, acceleration, center_fraction, seeds)
     has_gt = bool(items["has_target"].all())
+    fully_sampled = all(m is None for m in items["mask"])
+    x_gt = D.sense_combine(items["kspace"], physics.smaps) if has_gt and fully_sampled else None
     return Batch(
         y=y,
         physics=physics,
-        x_gt=x_gt if has_gt else None,
+        x_gt=x_gt,
         target=items["target"] if has_gt else None,
         maxval=items["maxval"],
         fnames=list(items["fname"]),
         slices=[int(s) for s in items["slice"]],
+        recon_size=tuple(items["recon_size"]),
     )
 
 
@@ -187,9 +203,11 @@ def eval_seeds(items: dict) -> list[tuple[int, ...]]:
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of slices of one shape (a folder may mix sizes and coil counts)."""
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=D.collate, num_workers=0)
+    sampler = D.ShapeBatchSampler(ds, batch_size, shuffle=shuffle, generator=g)
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=D.collate, num_workers=0)
 
 
 @torch.no_grad()
@@ -202,44 +220,58 @@ def evaluate(
     batch_size: int = 4,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """PSNR/SSIM per volume exactly as fastMRI's evaluate.py (``data_range`` = the reference
-    volume's maximum), beside the zero-filled baseline. The reference is the model's own kind of
-    ground truth (:attr:`Reconstructor.reference`): for the DEQ the magnitude of the fully sampled
-    SENSE-combined image, which it is trained on; RSS would add a noise floor no coil-combined
-    reconstruction can reproduce (fully sampled SENSE scores SSIM 0.80 against it)."""
+    """fastMRI's ``evaluate()`` on what ``spade reconstruct`` writes.
+
+    Each slice is measured as ``reconstruct`` measures it (fastMRI's per-file mask seed, or the
+    file's own mask; coil maps from the ACS block), its reconstruction's magnitude is cropped to
+    the header's recon size, and PSNR / SSIM / NMSE are fastMRI's: per volume against
+    ``reconstruction_rss``, both centre-cropped to the target's width squared, ``data_range`` the
+    target volume's maximum, averaged over volumes. Zero-filled is fastMRI's RSS of the
+    zero-filled k-space, cropped likewise. ``psnr_sense`` / ``ssim_sense`` score against the
+    magnitude of the fully sampled SENSE image of the same maps (fully sampled data only).
+    Slices whose fixed-point solve stopped on its cap are listed in ``not_converged``.
+    """
     import time
+
+    from .metrics import fastmri_crop, recon_magnitude
+    from .physics import ifft2c, rss
 
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
     model.eval()
     preds: dict[str, dict[int, np.ndarray]] = {}
     zfs: dict[str, dict[int, np.ndarray]] = {}
     gts: dict[str, dict[int, np.ndarray]] = {}
-    maxvals: dict[str, float] = {}
-    iters, resid, conv = [], [], []
+    sense: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    iters, resid, conv, not_converged = [], [], [], []
+    coil_maps = "espirit"
+    # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     loader = _loader(dataset, batch_size, shuffle=False, seed=0)
     t0 = time.perf_counter()
     for i, items in enumerate(loader):
         batch = on_model_device(make_batch(items, acceleration, cf, eval_seeds(items)), model)
+        if items["smaps"] is not None:
+            coil_maps = "file"
         if batch.target is None:
             raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
         kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
-        x = model(batch.y, batch.physics, **kwargs)
-        zf = batch.physics.A_adjoint(batch.y)
-        ref = batch.x_gt.abs() if model.reference == "sense" else batch.target
-        # fastMRI scores the centre crop of the size of reconstruction_rss (e.g. 320 x 320 out of
-        # 640 x 320 k-space with readout oversampling).
-        crop = tuple(batch.target.shape[-2:])
-        x, zf, ref = (center_crop(t, crop) for t in (x, zf, ref))
+        x = model(batch.y.to(device), batch.physics.to(device), **kwargs)
+        out = recon_magnitude(x, batch.recon_size).cpu()
+        zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.recon_size)
+        ref_sense = recon_magnitude(batch.x_gt, batch.recon_size) if batch.x_gt is not None else None
         info = getattr(model, "last_info", None)
         if info is not None:
             iters += info.iterations.tolist()
             resid += info.residual.tolist()
             conv += info.converged.tolist()
+            flags = info.converged.tolist()
+            not_converged += [f"{f}:{s}" for f, s, c in zip(batch.fnames, batch.slices, flags) if not c]
         for b, (f, s) in enumerate(zip(batch.fnames, batch.slices)):
-            preds.setdefault(f, {})[s] = x[b].abs().cpu().numpy()
-            zfs.setdefault(f, {})[s] = zf[b].abs().cpu().numpy()
-            gts.setdefault(f, {})[s] = ref[b].cpu().numpy()
-            maxvals[f] = float(batch.maxval[b])
+            preds.setdefault(f, {})[s] = out[b].cpu().numpy()
+            zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
+            gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
+            if ref_sense is not None:
+                sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), out[b].cpu().numpy())
         if on_batch:
             on_batch(i + 1, len(loader))
     seconds = time.perf_counter() - t0
@@ -248,19 +280,32 @@ def evaluate(
         return {f: np.stack([v[s] for s in sorted(v)]) for f, v in d.items()}
 
     gt_v, pr_v, zf_v = stack(gts), stack(preds), stack(zfs)
-    rec = evaluate_volumes({f: (gt_v[f], pr_v[f]) for f in gt_v})
-    base = evaluate_volumes({f: (gt_v[f], zf_v[f]) for f in gt_v})
+    rec = evaluate_volumes({f: fastmri_crop(gt_v[f], pr_v[f]) for f in gt_v})
+    base = evaluate_volumes({f: fastmri_crop(gt_v[f], zf_v[f]) for f in gt_v})
+    sense_m = None
+    if sense and set(sense) == set(gts) and all(len(sense[f]) == len(gts[f]) for f in gts):
+        sense_m = evaluate_volumes({
+            f: fastmri_crop(np.stack([v[s][0] for s in sorted(v)]), np.stack([v[s][1] for s in sorted(v)]))
+            for f, v in sense.items()
+        })
     return EvalResult(
         psnr=rec.psnr,
         ssim=rec.ssim,
+        nmse=rec.nmse,
         psnr_zero_filled=base.psnr,
         ssim_zero_filled=base.ssim,
+        nmse_zero_filled=base.nmse,
+        psnr_sense=sense_m.psnr if sense_m else None,
+        ssim_sense=sense_m.ssim if sense_m else None,
         mean_iterations=float(np.mean(iters)) if iters else None,
         max_residual=float(np.max(resid)) if resid else None,
         all_converged=bool(all(conv)) if conv else None,
+        not_converged=not_converged,
         n_slices=sum(len(v) for v in gts.values()),
-        reference=model.reference,
-        per_volume={f: {"psnr": m.psnr, "ssim": m.ssim} for f, m in rec.per_volume.items()},
+        coil_maps=coil_maps,
+        espirit=(dataclasses.asdict(dataset.estimator.params)
+                 if coil_maps == "espirit" and hasattr(dataset, "estimator") else None),
+        per_volume={f: {"psnr": m.psnr, "ssim": m.ssim, "nmse": m.nmse} for f, m in rec.per_volume.items()},
         seconds=seconds,
     )
 

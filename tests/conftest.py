@@ -26,6 +26,18 @@ HEADER = (
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache_home(tmp_path_factory: pytest.TempPathFactory):
+    """Coil-map caches of the tests go to a temporary cache home, not the user's."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def _crandn(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
 

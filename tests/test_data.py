@@ -122,7 +122,7 @@ def test_non_finite_values_are_reported_when_the_slice_is_read(make_fastmri_file
     bad[1].flat[5] = value
     with h5py.File(path, "a") as f:
         f[dataset][...] = bad
-    ds = D.SliceDataset(path)
+    ds = D.SliceDataset(path, coil_maps="file" if dataset == "sens_maps" else "espirit")
     ds[0]  # other slices stay readable
     with pytest.raises(SpadeError, match=f"slice 1 of {dataset} contains NaN or inf"):
         ds[1]
@@ -139,7 +139,10 @@ def test_coil_map_source_errors(make_fastmri_file):
 def test_collate_stacks_and_refuses_mixed_sizes(make_fastmri_file, tmp_path):
     ds = D.SliceDataset(make_fastmri_file()[0])
     batch = D.collate([ds[0], ds[2]])
-    assert batch["kspace"].shape == (2, 4, 16, 20) and batch["smaps"].shape == (2, 4, 16, 20)
+    assert batch["kspace"].shape == (2, 4, 16, 20) and batch["smaps"] is None  # maps come from the acquisition
+    assert batch["mask"] == [None, None] and batch["recon_size"] == (16, 20)
+    with_file_maps = D.SliceDataset(ds.files[0], coil_maps="file")
+    assert D.collate([with_file_maps[0], with_file_maps[1]])["smaps"].shape == (2, 4, 16, 20)
     assert batch["target"].shape == (2, 16, 20) and batch["maxval"].tolist() == [2.5, 2.5]
     assert batch["has_target"].tolist() == [True, True] and batch["slice"].tolist() == [0, 2]
     assert batch["fname"] == ["vol.h5", "vol.h5"]
@@ -241,8 +244,9 @@ def test_default_dataset_is_read_by_fastmri_and_by_our_reader(tiny_dataset, tmp_
     np.testing.assert_array_equal(target, item["target"].numpy())
     assert attrs["encoding_size"] == (tiny_dataset.config.size, tiny_dataset.config.size, 1)
     assert attrs["max"] == item["maxval"]
-    with h5py.File(split / fname, "r") as f:
-        np.testing.assert_array_equal(item["smaps"].numpy(), f["sens_maps"][s])
+    assert item["recon_size"] == tuple(attrs["recon_size"][:2]) and item["smaps"] is None
+    with h5py.File(split / fname, "r") as f:  # the true maps only on request
+        np.testing.assert_array_equal(D.SliceDataset(split, coil_maps="file")[1]["smaps"].numpy(), f["sens_maps"][s])
 
 
 def test_splits_use_different_subjects_and_separated_planes(tiny_dataset):
@@ -330,40 +334,32 @@ def test_default_data_root(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# ESPIRiT
-def test_espirit_maps_match_the_true_maps_and_are_cached(tmp_path, monkeypatch):
-    cfg = D.SimConfig(train_volumes=1, train_slices=1, val_volumes=1, val_slices=1, test_volumes=1, test_slices=1,
-                      size=64, n_coils=8)
-    info = D.build_default_dataset(tmp_path / "d", seed=5, config=cfg)
-    split = info.root / "test"
-    cache = tmp_path / "cache"
-    est = D.SliceDataset(split, coil_maps="espirit", cache_dir=cache)[0]
-    true = D.SliceDataset(split, coil_maps="file")[0]
-    obj = true["target"] > 0.15 * true["target"].max()
-    assert obj.float().mean() > 0.2
-    # equal up to a phase per pixel: |<S_espirit(x), S_true(x)>| = 1 where the object is
-    inner = (est["smaps"].conj() * true["smaps"]).sum(0).abs()
-    assert inner[obj].mean() > 0.99 and inner[obj].min() > 0.95
-    img_est = D.sense_combine(est["kspace"], est["smaps"]).abs()[obj]
-    img_true = D.sense_combine(true["kspace"], true["smaps"]).abs()[obj]
-    assert np.corrcoef(img_est.numpy(), img_true.numpy())[0, 1] > 0.999
-    assert len(list(cache.glob("*.npy"))) == 1
-
-    import sigpy.mri.app
-
-    def no_espirit(*a, **k):
-        raise AssertionError("ESPIRiT recomputed despite the cache")
-
-    monkeypatch.setattr(sigpy.mri.app, "EspiritCalib", no_espirit)
-    again = D.SliceDataset(split, coil_maps="espirit", cache_dir=cache)[0]
-    torch.testing.assert_close(again["smaps"], est["smaps"], rtol=0, atol=0)
-    # different ESPIRiT settings are a different cache entry
-    with pytest.raises(AssertionError, match="recomputed"):
-        D.SliceDataset(split, coil_maps="espirit", cache_dir=cache, espirit=D.EspiritParams(calib_width=20))[0]
+# acquisition masks and recon size, checked when a dataset is opened
+def test_recon_size_comes_from_the_header_and_bad_headers_are_refused(make_fastmri_file):
+    path, _ = make_fastmri_file(shape=(32, 20))
+    ns = "http://www.ismrm.org/ISMRMRD"
+    with h5py.File(path, "a") as f:
+        del f["ismrmrd_header"]
+        f["ismrmrd_header"] = np.bytes_(
+            f'<ismrmrdHeader xmlns="{ns}"><encoding><reconSpace><matrixSize><x>16</x><y>20</y></matrixSize>'
+            "</reconSpace></encoding></ismrmrdHeader>")
+    assert D.SliceDataset(path)[0]["recon_size"] == (16, 20)
+    with h5py.File(path, "a") as f:
+        del f["ismrmrd_header"]
+        f["ismrmrd_header"] = np.bytes_("<ismrmrdHeader")
+    with pytest.raises(SpadeError, match="ismrmrd_header is not readable XML"):
+        D.SliceDataset(path)
+    with h5py.File(path, "a") as f:
+        del f["ismrmrd_header"]
+    assert D.SliceDataset(path)[0]["recon_size"] == (32, 20)  # no header: the whole image
 
 
-def test_auto_coil_maps_fall_back_to_espirit_next_to_the_data(make_fastmri_file, tmp_path):
-    path, _ = make_fastmri_file(smaps=False, shape=(16, 16), slices=1)
+def test_an_acquired_mask_is_used_as_acquired(make_fastmri_file):
+    mask = ((np.arange(20) % 3 == 0) | (np.abs(np.arange(20) - 10) < 3)).astype(np.float32)
+    path, arr = make_fastmri_file(shape=(16, 20), mask=mask)
     item = D.SliceDataset(path)[0]
-    assert item["smaps"].shape == (4, 16, 16) and torch.isfinite(item["smaps"].abs()).all()
-    assert len(list((tmp_path / D.CACHE_DIRNAME).glob("vol.s0000.*.npy"))) == 1
+    np.testing.assert_array_equal(item["mask"].numpy(), mask)
+    y, physics = D.acquire(D.collate([item]), 6, 0.08)
+    np.testing.assert_array_equal(physics.mask.reshape(-1).numpy(), mask)
+    np.testing.assert_array_equal(y[0].numpy(), arr["kspace"][0] * mask)
+    assert ((physics.smaps.abs() ** 2).sum(1) <= 1 + 1e-5).all()

@@ -93,3 +93,20 @@ def test_metric_input_errors():
         ssim(gt, pred.astype(np.complex64))
     with pytest.raises(SpadeError, match="no volumes"):
         evaluate_volumes({})
+
+
+def test_recon_magnitude_and_fastmri_crop_match_fastmri_transforms():
+    from fastmri.data.transforms import center_crop as fm_crop
+
+    from spade_deploy.metrics import fastmri_crop, recon_magnitude
+
+    x = torch.randn(2, 96, 48, dtype=torch.complex64)
+    out = recon_magnitude(x, (48, 48))
+    assert out.dtype == torch.float32 and out.shape == (2, 48, 48)
+    torch.testing.assert_close(out, fm_crop(x.abs(), (48, 48)))
+    assert recon_magnitude(x, None).shape == (2, 96, 48)
+    assert recon_magnitude(x, (200, 30)).shape == (2, 96, 30)  # each side clipped to the image
+    target, pred = np.random.rand(3, 44, 32), np.random.rand(3, 44, 32)
+    t, p = fastmri_crop(target, pred)
+    np.testing.assert_array_equal(t, fm_crop(target, (32, 32)))
+    np.testing.assert_array_equal(p, fm_crop(pred, (32, 32)))
