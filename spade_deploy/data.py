@@ -61,6 +61,7 @@ from torch.utils.data import Dataset
 
 from .errors import SpadeError
 from .io import atomic_path, write_json
+from .paths import memory_bytes
 from .physics import MultiCoilMRI, equispaced_mask, fft2c, ifft2c, rss
 
 CoilMapSource = Literal["auto", "file", "espirit"]
@@ -302,6 +303,9 @@ def _inspect(path: Path) -> _FileInfo:
         if k.shape[0] == 0 or min(k.shape[1:]) == 0:
             raise SpadeError(f"{path}: kspace {k.shape} is empty")
         n, c, h, w = k.shape
+        if c * h * w * 8 > memory_bytes() // 16:  # a slice is copied several times over (coil maps, FFTs)
+            raise SpadeError(f"{path}: a kspace slice of {c} x {h} x {w} ({c * h * w * 8 / 2**30:,.1f} GiB) would not "
+                             "fit in this machine's memory; refusing the file")
         has_smaps = "sens_maps" in f
         if has_smaps and f["sens_maps"].shape != k.shape:
             raise SpadeError(f"{path}: sens_maps of shape {f['sens_maps'].shape} does not match kspace {k.shape}")

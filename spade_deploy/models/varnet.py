@@ -356,11 +356,15 @@ def load_fastmri_checkpoint(
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal or corrupt file
         raise SpadeError(f"{path} is not a loadable PyTorch state dict ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if (not isinstance(state, dict) or not state or not all(isinstance(k, str) for k in state)
+            or not all(torch.is_tensor(v) for v in state.values())):
         raise SpadeError(f"{path} does not hold a state dict of tensors")
     if any(k.startswith("varnet.") for k in state):  # fastMRI's Lightning module wraps the model
         state = {k[len("varnet."):]: v for k, v in state.items() if k.startswith("varnet.")}
-    cfg = config_from_state_dict(state)
+    try:
+        cfg = config_from_state_dict(state)
+    except (IndexError, ValueError, TypeError) as exc:
+        raise SpadeError(f"{path} is not a fastMRI VarNet state dict ({type(exc).__name__}: {exc})") from None
     if expect is not None and (cfg.num_cascades, cfg.chans, cfg.pools) != (expect.num_cascades, expect.chans, expect.pools):
         raise SpadeError(
             f"{path} has {cfg.num_cascades} cascades of U-Nets with {cfg.chans} channels and {cfg.pools} pools; "
