@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, user_errors
+from ._common import check_choice, check_device, check_number, check_sampling, check_solver, console, user_errors
 
 
 app = typer.Typer(
@@ -26,6 +26,13 @@ app = typer.Typer(
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root with train/ val/ test/ folders of fastMRI HDF5 files (default: the embedded dataset, built on first use).")]
 AccelOpt = Annotated[int, typer.Option("--acceleration", "-a", help="Undersampling factor: 6, 8, 10 = the paper's 16.7 %, 12.5 %, 10 % sampling.")]
 CfOpt = Annotated[Optional[float], typer.Option("--center-fraction", help="Fraction of auto-calibration lines (default per acceleration).")]
+CkptSecondsOpt = Annotated[float, typer.Option("--checkpoint-seconds", help="Write a resumable last.safetensors within an epoch after this many seconds (0: every step).")]
+SPLITS = ("train", "val", "test")
+
+
+def _data_folders(root: Path, splits=SPLITS) -> list[Path]:
+    """The user's data folders, where nothing is ever written."""
+    return [root / split for split in splits]
 
 
 def progress_bar(transient: bool = False) -> Progress:
@@ -77,8 +84,9 @@ def _split(root: Path, split: str, coil_maps: str = "auto"):
     from spade_deploy import data as D
     from spade_deploy.errors import SpadeError
 
+    check_choice("split", split, SPLITS)
     path = root / split
-    if not path.exists():
+    if not path.is_dir():
         raise SpadeError(f"{root} has no {split}/ folder")
     return D.SliceDataset(path, coil_maps=coil_maps)
 
@@ -93,6 +101,7 @@ def data(
     """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space)."""
     from spade_deploy import data as D
 
+    check_number("--seed", seed, 0, 2**31 - 1)
     root = root or D.default_data_root()
     info = _build_default(root, seed=seed, force=force)
     table = Table(title=f"Embedded dataset at {root}")
@@ -145,6 +154,7 @@ def train(
     pretrain_lr: Annotated[float, typer.Option(help="DEQ: learning rate of the denoiser pretraining.")] = 2e-3,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
+    checkpoint_seconds: CkptSecondsOpt = 120.0,
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR."""
     from spade_deploy.train import TrainConfig
@@ -154,10 +164,12 @@ def train(
         seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
         train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
     )
-    _run_training(model, preset, _dataset_root(data), out, cfg, resume)
+    check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
+    _run_training(model, preset, _dataset_root(data), out, cfg, resume, checkpoint_seconds)
 
 
-def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, resume: bool = False):
+def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, resume: bool = False,
+                  checkpoint_seconds: float | None = 120.0):
     import dataclasses
 
     import torch
@@ -165,10 +177,12 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
     from spade_deploy.io import write_json
     from spade_deploy.losses import SupervisedLoss
     from spade_deploy.models import build_model, count_parameters
-    from spade_deploy.train import fit
+    from spade_deploy.paths import check_outputs
+    from spade_deploy.train import RUN_FILES, fit
     from spade_deploy.zoo import dataset_key
 
     _check_out_dir(out)
+    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[root], data=_data_folders(root))
     torch.manual_seed(cfg.seed)  # the initial weights, reproducibly
     net = build_model(model, preset=preset)
     train_ds, val_ds = _split(root, "train"), _split(root, "val")
@@ -192,7 +206,8 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
             )
 
         result = fit(net, SupervisedLoss(), train_ds, val_ds, cfg, out, resume=resume,
-                     extra_manifest={"data": str(root), "preset": preset, "dataset": dataset_key(root)}, on_step=on_step, on_epoch=on_epoch)
+                     extra_manifest={"data": str(root), "preset": preset, "dataset": dataset_key(root)}, on_step=on_step, on_epoch=on_epoch,
+                     checkpoint_seconds=checkpoint_seconds)
     write_json(Path(out) / "history.json", {"train_config": dataclasses.asdict(cfg), "history": result.history})
     console.print(f"best checkpoint: [cyan]{result.best_path}[/] (val PSNR {result.best_val_psnr:.2f} dB) in {time.perf_counter() - t0:.0f} s")
     return result
@@ -210,11 +225,13 @@ def import_(
     from spade_deploy.checkpoint import save_model
     from spade_deploy.models import count_parameters, preset_config
     from spade_deploy.models.varnet import load_fastmri_checkpoint
+    from spade_deploy.paths import check_outputs
 
     if out.exists() and out.is_dir():
         from spade_deploy.errors import SpadeError
 
         raise SpadeError(f"output path {out} is a folder, expected a .safetensors file")
+    check_outputs(files=[out], inputs=[source])
     expect = preset_config(model, preset) if preset else None
     net, info = load_fastmri_checkpoint(source, model, expect=expect)
     save_model(out, net, imported=info, preset=preset)
@@ -239,6 +256,11 @@ def eval_(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
 ):
     """PSNR / SSIM on a split (fastMRI's per-volume metrics), beside the zero-filled reconstruction."""
+    check_choice("--split", split, SPLITS)
+    check_sampling(acceleration, center_fraction)
+    check_solver(max_iter, tol)
+    if solver is not None:
+        check_choice("--solver", solver, ("anderson", "fixed-point"))
     _run_eval(checkpoint, _dataset_root(data), split, acceleration, center_fraction, max_iter, tol, solver, json_out)
 
 
@@ -249,15 +271,20 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
     from spade_deploy.io import write_json
+    from spade_deploy.paths import check_outputs
     from spade_deploy.train import evaluate
 
+    if json_out is not None:
+        if json_out.is_dir():
+            raise SpadeError(f"--json {json_out} is a folder, expected a file")
+        check_outputs(files=[json_out], inputs=[checkpoint, root], data=_data_folders(root))
     net, manifest = load_model(checkpoint)
     solver_cfg = None
     if hasattr(net, "solver_cfg"):
         changes = {k: v for k, v in (("max_iter", max_iter), ("tol", tol), ("method", solver)) if v is not None}
         try:
             solver_cfg = dataclasses.replace(net.solver_cfg, **changes)
-        except ValueError as exc:
+        except (ValueError, SpadeError) as exc:
             raise SpadeError(str(exc)) from None
     ds = _split(root, split)
     with progress_bar(transient=True) as bar:
@@ -395,6 +422,7 @@ def finetune(
     lipschitz_target: Annotated[float, typer.Option(help="DEQ: the bound on that Jacobian norm.")] = 0.96,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
+    checkpoint_seconds: CkptSecondsOpt = 120.0,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
     from spade_deploy.train import TrainConfig
@@ -402,12 +430,23 @@ def finetune(
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
                       center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
                       lipschitz_target=lipschitz_target)
+    check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
+    from spade_deploy.losses import STRATEGIES
+
+    check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
-    _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume)
+    _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume, checkpoint_seconds)
 
 
-def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path, out: Path, cfg, resume=False):
+def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path, out: Path, cfg, resume=False,
+                  checkpoint_seconds: float | None = 120.0):
     from spade_deploy.finetune import finetune_model
+    from spade_deploy.paths import check_outputs
+    from spade_deploy.train import RUN_FILES
+
+    _check_out_dir(out)
+    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[checkpoint, teacher_path, root],
+                  data=_data_folders(root))
 
     with progress_bar() as bar:
         task = bar.add_task(f"{strategy} fine-tuning", total=None, info="")
@@ -420,7 +459,7 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
                 bar.console.print(f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f}, val PSNR {rec['val_psnr']:.2f} dB")
 
         result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
-                                on_step=on_step, on_epoch=on_epoch)
+                                on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds)
     console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
     return result
 
@@ -436,11 +475,17 @@ def reconstruct(
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
 ):
     """Reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`), for fastMRI's evaluate.py."""
+    from spade_deploy import data as D
     from spade_deploy.checkpoint import load_model
+    from spade_deploy.paths import check_outputs
     from spade_deploy.physics import center_fraction_for
     from spade_deploy.reconstruct import reconstruct_files
 
+    check_sampling(acceleration, center_fraction)
     _check_out_dir(out)
+    sources = D.SliceDataset(source).files
+    check_outputs(files=[out / p.name for p in sources], folders=[out], inputs=[checkpoint, source, *sources],
+                  data=[source if source.is_dir() else source.parent])
     net, _ = load_model(checkpoint)
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
     with progress_bar(transient=True) as bar:
@@ -462,12 +507,18 @@ def prune(
     """SPADE: DepGraph groups, group-L1 ranking, per-layer ratio; a table of parameters and MACs."""
     from spade_deploy.prune import PAPER_RATIOS
 
+    check_number("--round-to", round_to, 1, 4096)
     _run_prune(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to)
 
 
 def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None):
-    from spade_deploy.prune import prune_checkpoint
+    from spade_deploy.paths import check_outputs
+    from spade_deploy.prune import check_ratio, prune_checkpoint
 
+    ratios = [check_ratio(r) for r in ratios]
+    _check_out_dir(out)
+    check_outputs(files=[out / f"{checkpoint.stem}.pruned-{r:g}.safetensors" for r in ratios], folders=[out],
+                  inputs=[checkpoint])
     results = prune_checkpoint(checkpoint, ratios, out, round_to)
     table = Table(title=f"SPADE pruning of {checkpoint}")
     for col in ("ratio", "prior", "params before", "params after", "removed", "MACs before", "MACs after", "checkpoint"):
@@ -492,9 +543,12 @@ def export(
     onnx_: Annotated[bool, typer.Option("--onnx", help="Export ONNX: always done (TensorRT engines are built from it).")] = True,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT and a GPU).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in FP16.")] = False,
-    opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 17,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 up to the newest the installed onnx and torch support).")] = 17,
 ):
     """Export every prior to ONNX (checked against PyTorch) and, with --trt, to TensorRT engines."""
+    from spade_deploy.export import check_opset
+
+    check_opset(opset)
     _run_export(checkpoint, out, trt=trt, fp16=fp16, opset=opset)
 
 
@@ -519,33 +573,49 @@ def _export_stems(checkpoints: list[Path]) -> dict[Path, str]:
     return stems
 
 
-def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | None = None) -> Path:
-    """The export manifest of ``checkpoint``, exporting it first unless an up-to-date one exists."""
+def _fresh_export(net, checkpoint_sha256: str, engines: Path, stem: str, backends) -> Path | None:
+    """The manifest ``engines/<stem>.manifest.json`` when it is an export of exactly this checkpoint
+    (same SHA-256) with every file the back-ends need intact; None when there is none or it was
+    exported from another version of the checkpoint (export again). A manifest that is malformed,
+    or whose files differ from the ones it records, is an error: it is never silently replaced."""
     from spade_deploy.export import read_export_manifest
+    from spade_deploy.runtime import verify_export
 
-    stem = stem or _export_stem(checkpoint)
     mpath = engines / f"{stem}.manifest.json"
-    if mpath.exists():
-        man = read_export_manifest(mpath)
-        fresh = man.get("source") == str(checkpoint) and man.get("checkpoint_mtime") == checkpoint.stat().st_mtime
-        if fresh and (not trt or all(p.get("engine") for p in man["priors"])):
-            return mpath
-    return _run_export(checkpoint, engines, trt=trt, quiet=True, stem=stem).manifest_path
+    if not mpath.exists():
+        return None
+    man = read_export_manifest(mpath)
+    if man.get("checkpoint_sha256") != checkpoint_sha256:
+        return None
+    if "tensorrt" in backends and not all(p.get("engine") for p in man["priors"]):
+        return None
+    for b in backends:
+        if b != "torch":
+            verify_export(net, b, mpath, checkpoint_sha256)
+    return mpath
+
+
+def _export_files(net, out: Path, stem: str) -> list[Path]:
+    return [out / f"{stem}.manifest.json", *(out / f"{stem}.{name}.onnx" for name in net.priors())]
 
 
 def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17, quiet: bool = False,
                 stem: str | None = None):
     from spade_deploy.checkpoint import load_model
-    from spade_deploy.export import build_trt_engines, export_onnx
+    from spade_deploy.export import build_trt_engines, check_opset, export_onnx
+    from spade_deploy.paths import check_outputs, sha256_file
 
+    check_opset(opset)
     _check_out_dir(out)
     if trt:  # fail before writing anything when TensorRT cannot run here
         from spade_deploy.export import require_tensorrt
 
         require_tensorrt()
     net, manifest = load_model(checkpoint)
-    res = export_onnx(net, out, stem or _export_stem(checkpoint), opset=opset, source=str(checkpoint),
-                      extra={"checkpoint_mtime": checkpoint.stat().st_mtime, "pruning": manifest.get("pruning"),
+    stem = stem or _export_stem(checkpoint)
+    check_outputs(files=_export_files(net, out, stem), folders=[out], inputs=[checkpoint])
+    res = export_onnx(net, out, stem, opset=opset, source=str(checkpoint),
+                      extra={"checkpoint_sha256": sha256_file(checkpoint), "pruning": manifest.get("pruning"),
                              "finetune": manifest.get("finetune")})
     if trt:
         build_trt_engines(res.manifest_path, fp16=fp16)
@@ -576,6 +646,11 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
 ):
     """Quality and latency of every variant on every back-end, beside the unpruned model (Table 1)."""
+    check_choice("--split", split, SPLITS)
+    check_sampling(acceleration, center_fraction)
+    check_number("--repeats", repeats, 1, 10_000)
+    check_number("--warmup", warmup, 0, 10_000)
+    check_device(device)
     _run_bench(checkpoints, list(backend or ["torch", "onnxruntime"]), engines, _dataset_root(data), split,
                acceleration, center_fraction, repeats, warmup, device, out)
 
@@ -585,19 +660,19 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     from spade_deploy import bench as B
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
+    from spade_deploy.paths import check_outputs, sha256_file
     from spade_deploy.physics import center_fraction_for
     from spade_deploy.runtime import BACKENDS, deploy
 
     for b in backends:
         if b not in BACKENDS:
             raise SpadeError(f"unknown back-end {b!r}; choose from {', '.join(BACKENDS)}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SpadeError("--device cuda: no CUDA GPU is visible here")
+    check_device(device)
     _check_out_dir(out)
-    variants, manifests = [], {}
+    _check_out_dir(engines)
+    results = [out / f"{stem}.{ext}" for ext in ("json", "csv", "md")] + [out / f"{stem}-degradation.png"]
+    check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root], data=_data_folders(root, [split]))
+    variants, manifests, hashes, to_export = [], {}, {}, []
     stems = _export_stems(checkpoints)
     for path in checkpoints:
         net, man = load_model(path)
@@ -607,13 +682,24 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
             raise SpadeError(f"two unpruned {label!r} models given; bench one unpruned model per architecture")
         variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
                                   strategy=ft.get("strategy") or ("none" if pruning else None), model=net))
+        check_outputs(files=[out / f"{stem}-{label}-examples.png"], inputs=checkpoints)
         if any(b != "torch" for b in backends):
-            manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends, stem=stems[path])
+            # Read and check every existing export before anything is written.
+            hashes[id(net)] = sha256_file(path)
+            check_outputs(files=_export_files(net, engines, stems[path]), inputs=checkpoints)
+            fresh = _fresh_export(net, hashes[id(net)], engines, stems[path], backends)
+            if fresh is None:
+                to_export.append((path, net))
+            else:
+                manifests[id(net)] = fresh
     for label in {v.label for v in variants}:
         if not any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"bench needs the unpruned {label!r} among the checkpoints (speed-ups are relative to it)")
+    for path, net in to_export:
+        manifests[id(net)] = _run_export(path, engines, trt="tensorrt" in backends, quiet=True, stem=stems[path]).manifest_path
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
-    deployers = {b: (lambda v, b=b: deploy(v.model, b, manifests.get(id(v.model)), device)) for b in backends}
+    deployers = {b: (lambda v, b=b: deploy(v.model, b, manifests.get(id(v.model)), device, hashes.get(id(v.model))))
+                 for b in backends}
     with progress_bar(transient=True) as bar:
         task = bar.add_task("benchmarking", total=len(variants) * len(backends), info="")
         result = B.run_bench(variants, deployers, _split(root, split), acceleration, cf, repeats=repeats, warmup=warmup,

@@ -28,6 +28,7 @@ def finetune_model(
     resume: bool = False,
     on_step: Callable | None = None,
     on_epoch: Callable | None = None,
+    checkpoint_seconds: float | None = 120.0,
 ) -> FitResult:
     if strategy not in STRATEGIES:
         raise SpadeError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -64,4 +65,4 @@ def finetune_model(
         "finetune": {"strategy": strategy, "parent": str(checkpoint), "teacher": str(teacher_path) if teacher else None, "data": str(root / split)},
     }
     return fit(model, loss, train_ds, val_ds, cfg, out_dir, resume=resume, teacher=teacher,
-               extra_manifest=extra, on_step=on_step, on_epoch=on_epoch)
+               extra_manifest=extra, on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds)
