@@ -140,9 +140,9 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (paper | small | tiny).")] = None,
     data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: best.safetensors, last.safetensors, history.json.")] = Path("runs/deq"),
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 5,
     lr: Annotated[float, typer.Option(help="Adam learning rate (fixed-point stage).")] = 2e-4,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping a Jacobian norm below its target (a contractive fixed point).")] = 10.0,
@@ -316,7 +316,7 @@ def demo(
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Architectures to run (repeatable): deq, varnet, e2e-varnet; one bench table for all.")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train and fine-tune again even where finished runs exist.")] = False,
     backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to deploy every variant on (default onnxruntime; the unpruned model is always also timed in PyTorch).")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed reconstructions per variant and back-end.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed reconstructions per variant and back-end.")] = 3,
 ):
     """The main job on the embedded data: build it, train each model, prune, fine-tune, export, bench."""
     from spade_deploy.errors import SpadeError
@@ -324,6 +324,7 @@ def demo(
     from spade_deploy.prune import PAPER_RATIOS
     from spade_deploy.train import DEMO_RECIPES
 
+    check_number("--repeats", repeats, 1, 10_000)
     models = list(dict.fromkeys(model or ["deq"]))
     for name in models:
         if name not in DEMO_RECIPES:
@@ -413,9 +414,9 @@ def finetune(
     teacher: Annotated[Optional[Path], typer.Option(help="school: the unpruned model (default: the pruned model's parent).")] = None,
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: next to the checkpoint).")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 5,
     lr: Annotated[float, typer.Option(help="Adam learning rate (the paper's 1e-5 by default).")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the iteration's Jacobian norm below its target, so the pruned model converges in few iterations (0: off).")] = 1.0,
@@ -472,7 +473,7 @@ def reconstruct(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fastMRI-format reconstructions.")] = Path("reconstructions"),
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
 ):
     """Reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`), for fastMRI's evaluate.py."""
     from spade_deploy import data as D
@@ -482,6 +483,7 @@ def reconstruct(
     from spade_deploy.reconstruct import reconstruct_files
 
     check_sampling(acceleration, center_fraction)
+    check_number("--batch-size", batch_size, 1, 4096)
     _check_out_dir(out)
     sources = D.SliceDataset(source).files
     check_outputs(files=[out / p.name for p in sources], folders=[out], inputs=[checkpoint, source, *sources],
@@ -640,8 +642,8 @@ def bench(
     split: Annotated[str, typer.Option(help="Split scored for quality.")] = "test",
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed reconstructions per variant (median reported).")] = 5,
-    warmup: Annotated[int, typer.Option(min=0)] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed reconstructions per variant (median reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed reconstructions first (>= 0).")] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
 ):

@@ -99,6 +99,8 @@ def _open(path: str | os.PathLike, load_tensors: bool) -> tuple[dict[str, torch.
         manifest = json.loads(raw)
     except json.JSONDecodeError:
         raise SpadeError(f"{path}: its manifest is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise SpadeError(f"{path}: its manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
         raise SpadeError(f"{path}: unsupported checkpoint format {manifest.get('format')!r}")
     return state, manifest

@@ -354,7 +354,8 @@ def load_fastmri_checkpoint(
     except FileNotFoundError:
         raise SpadeError(f"checkpoint {path} not found") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal or corrupt file
-        raise SpadeError(f"{path} is not a loadable PyTorch state dict ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        detail = str(exc).splitlines()[0] if str(exc).strip() else "empty or truncated file"
+        raise SpadeError(f"{path} is not a loadable PyTorch state dict ({type(exc).__name__}: {detail})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if (not isinstance(state, dict) or not state or not all(isinstance(k, str) for k in state)
             or not all(torch.is_tensor(v) for v in state.values())):
