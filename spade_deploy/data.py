@@ -303,7 +303,9 @@ def _inspect(path: Path) -> _FileInfo:
         if k.shape[0] == 0 or min(k.shape[1:]) == 0:
             raise SpadeError(f"{path}: kspace {k.shape} is empty")
         n, c, h, w = k.shape
-        if c * h * w * 8 > memory_bytes() // 16:  # a slice is copied several times over (coil maps, FFTs)
+        # A slice is held several times over (coil maps, FFTs): refuse one above 1/16 of memory or
+        # 2 GiB (40 times a fastMRI brain slice) before anything is read.
+        if c * h * w * 8 > min(memory_bytes() // 16, 2 << 30):
             raise SpadeError(f"{path}: a kspace slice of {c} x {h} x {w} ({c * h * w * 8 / 2**30:,.1f} GiB) would not "
                              "fit in this machine's memory; refusing the file")
         has_smaps = "sens_maps" in f

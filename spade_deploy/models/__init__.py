@@ -195,12 +195,18 @@ def config_from_dict(cls: type, data: Any) -> Any:
     return config
 
 
+# A generous cap on a checkpoint's parameter count whatever the machine (the paper-size models
+# have 1 M (DEQ) and 20 M (VarNet)): 10^9 float32 parameters are 4 GiB.
+MAX_PARAMETERS = 1_000_000_000
+
+
 def max_parameters() -> int:
     """The largest model a checkpoint may describe: float32 weights within a quarter of this
-    machine's memory (the weights are held several times over: model, state dict, Adam moments)."""
+    machine's memory (held several times over: model, state dict, Adam moments), at most
+    :data:`MAX_PARAMETERS`."""
     from ..paths import memory_bytes
 
-    return memory_bytes() // 16
+    return min(memory_bytes() // 16, MAX_PARAMETERS)
 
 
 def check_size(model: nn.Module, what: str) -> None:
