@@ -277,22 +277,27 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+# The denoiser pretraining's own Adam state, in a checkpoint written during pretraining.
+_PRETRAIN_PREFIX = f"{_OPTIM_PREFIX}pretrain."
+
+
+def _optim_tensors(opt: torch.optim.Optimizer, prefix: str = _OPTIM_PREFIX) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{_OPTIM_PREFIX}{pid}.{k}"] = v
+                tensors[f"{prefix}{pid}.{k}"] = v
             else:
                 scalars[f"{pid}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                   prefix: str = _OPTIM_PREFIX) -> None:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
-        pid, k = key[len(_OPTIM_PREFIX) :].split(".", 1)
+        pid, k = key[len(prefix) :].split(".", 1)
         state.setdefault(int(pid), {})[k] = v
     for key, v in meta.get("scalars", {}).items():
         pid, k = key.split(".", 1)
@@ -325,6 +330,25 @@ def _rng_restore(state: dict, where: str) -> None:
         raise SpadeError(f"{where}: its random-number state is corrupt; cannot resume mid-epoch") from None
 
 
+def _rng_neutral(loader: DataLoader):
+    """The batches of ``loader``, each fetched with the global RNG states put back afterwards.
+    Reading a slice may draw from them (an ESPIRiT estimate's random start), and whether it does
+    depends on a cache; a resumed run skips the fetches of finished steps. Fetching outside the
+    random streams keeps a resumed run identical to an uninterrupted one."""
+    it = iter(loader)
+    while True:
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            items = next(it)
+        except StopIteration:
+            return
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+        yield items
+
+
 def _epoch_batches(n_items: int, batch_size: int, seed: int) -> list[list[int]]:
     """The index batches of ``_loader(ds, batch_size, shuffle=True, seed)`` for a dataset of
     ``n_items``, drawn without reading any data: a mid-epoch resume skips the finished ones."""
@@ -348,13 +372,29 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
-def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step) -> None:
-    _rng_state(cfg.seed, -1)
+def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step, opt: torch.optim.Optimizer,
+              resume: dict | None = None, save: Callable[[dict], None] | None = None,
+              checkpoint_seconds: float | None = None) -> None:
+    """The denoiser pretraining (``model.pretrain_loss``). Each pass over the data is shuffled with
+    the seed ``seed * 1000 - (step at the pass's start) - 1``; ``save(state)`` is called every
+    ``checkpoint_seconds`` with what :func:`fit` needs to continue exactly (``resume``)."""
+    if resume is None:
+        _rng_state(cfg.seed, -1)
+        step = pass_start = 0
+    else:
+        step, pass_start = int(resume["step"]), int(resume["pass_start"])
+        _rng_restore(resume["rng"], "last.safetensors")
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
-    step, recent = 0, []
+    recent: list[float] = []
+    last_save = time.monotonic()
     while step < cfg.pretrain_steps:
-        for items in _loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 - step - 1):
+        if resume is None or step != int(resume["step"]):
+            pass_start = step
+        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
+        loader = DataLoader(train_ds, batch_sampler=batches[step - pass_start:], collate_fn=D.collate, num_workers=0,
+                            generator=torch.Generator().manual_seed(0))
+        resume = None
+        for items in _rng_neutral(loader):
             if step >= cfg.pretrain_steps:
                 break
             batch = make_batch(items, cfg.acceleration, cfg.cf, None)
@@ -364,6 +404,10 @@ def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step
             opt.step()
             step += 1
             recent.append(value.item())
+            if (save is not None and checkpoint_seconds is not None and step < cfg.pretrain_steps
+                    and time.monotonic() - last_save >= checkpoint_seconds):
+                save({"step": step, "pass_start": pass_start, "rng": _rng_capture()})
+                last_save = time.monotonic()
             if on_step:
                 on_step("pretraining prior", step, cfg.pretrain_steps, float(np.mean(recent[-20:])))
 
@@ -385,7 +429,7 @@ def fit(
     """Train ``model`` with ``loss``; write ``best.safetensors`` and ``last.safetensors`` in ``out_dir``.
 
     ``last.safetensors`` is written after each epoch, after the denoiser pretraining, and within an
-    epoch once ``checkpoint_seconds`` have passed since the last write (``0``: after every step;
+    epoch or the pretraining once ``checkpoint_seconds`` have passed since the last write (``0``: after every step;
     ``None``: only at epoch ends). A mid-epoch checkpoint holds the finished step count, the running
     losses and the global RNG states, so ``resume`` continues exactly: the same masks, the same
     batches, tensor-identical weights. ``resume`` without a ``last.safetensors`` (a kill before the
@@ -398,8 +442,10 @@ def fit(
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
     extra_manifest = dict(extra_manifest or {})
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    pre_opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
     history: list[dict] = []
     start_epoch, start_step, start_running, start_rng, best = 0, 0, [], None, -math.inf
+    pretrain_state = None
 
     resumed = resume and last_path.exists()
     if resumed:
@@ -417,9 +463,13 @@ def fit(
         try:
             start_epoch, best, history = int(ts["epoch"]), float(ts["best_val_psnr"]), list(ts["history"])
             start_step, start_running = int(ts.get("step", 0)), [float(v) for v in ts.get("running", [])]
-            start_rng = ts.get("rng")
+            start_rng, pretrain_state = ts.get("rng"), ts.get("pretrain")
             load_state(model, {k: v for k, v in state.items() if not k.startswith(_OPTIM_PREFIX)}, where=str(last_path))
-            _restore_optim(opt, {k: v for k, v in state.items() if k.startswith(_OPTIM_PREFIX)}, ts["optimizer"])
+            _restore_optim(opt, {k: v for k, v in state.items()
+                                 if k.startswith(_OPTIM_PREFIX) and not k.startswith(_PRETRAIN_PREFIX)}, ts["optimizer"])
+            if pretrain_state is not None:
+                _restore_optim(pre_opt, {k: v for k, v in state.items() if k.startswith(_PRETRAIN_PREFIX)},
+                               pretrain_state["optimizer"], prefix=_PRETRAIN_PREFIX)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SpadeError(f"{last_path}: its training state is incomplete or corrupt ({type(exc).__name__}); "
                              "start a new run instead") from None
@@ -436,8 +486,11 @@ def fit(
     if hasattr(model, "train_solver_cfg"):
         model.train_solver_cfg = dataclasses.replace(model.solver_cfg, max_iter=cfg.train_max_iter, tol=cfg.train_tol)
 
-    def save_last(epoch: int, step: int, running: list[float], rng: dict | None) -> None:
+    def save_last(epoch: int, step: int, running: list[float], rng: dict | None, pretrain: dict | None = None) -> None:
         optim_tensors, optim_meta = _optim_tensors(opt)
+        if pretrain is not None:  # mid-pretraining: its own optimizer and position
+            pre_tensors, pretrain["optimizer"] = _optim_tensors(pre_opt, _PRETRAIN_PREFIX)
+            optim_tensors.update(pre_tensors)
         train_state = {
             "epoch": epoch,  # finished epochs
             "step": step,  # finished steps of the next epoch (0: at an epoch boundary)
@@ -447,13 +500,15 @@ def fit(
             "history": history,
             "optimizer": optim_meta,
             "train_config": dataclasses.asdict(cfg),
+            **({"pretrain": pretrain} if pretrain is not None else {}),
         }
         save_checkpoint(last_path, {**model.state_dict(), **optim_tensors},
                         model_manifest(model, **extra_manifest, train_config=dataclasses.asdict(cfg), epoch=epoch,
                                        train_state=train_state))
 
-    if cfg.pretrain_steps and hasattr(model, "pretrain_loss") and not resumed:
-        _pretrain(model, train_ds, cfg, on_step)
+    if cfg.pretrain_steps and hasattr(model, "pretrain_loss") and (not resumed or pretrain_state is not None):
+        _pretrain(model, train_ds, cfg, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
+                  save=lambda pre: save_last(0, 0, [], None, pretrain=pre))
         save_last(0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
 
     last_save = time.monotonic()
@@ -471,7 +526,7 @@ def fit(
         # Its own generator: a loader without one would draw its base seed from torch's global RNG.
         loader = DataLoader(train_ds, batch_sampler=batches[first:n_steps], collate_fn=D.collate, num_workers=0,
                             generator=torch.Generator().manual_seed(0))
-        for step, items in enumerate(loader, start=first):
+        for step, items in enumerate(_rng_neutral(loader), start=first):
             # Fine-tuning on test measurements keeps their (fixed) masks; training draws new ones.
             seeds = eval_seeds(items) if cfg.fixed_masks else [np.random.randint(0, 2**31 - 1) for _ in items["fname"]]
             batch = make_batch(items, cfg.acceleration, cfg.cf, seeds)

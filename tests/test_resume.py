@@ -99,7 +99,7 @@ def _kill_and_resume(args: list[str], run: Path, rng: random.Random, kills: int,
 def test_kill_9_then_resume_ends_identical(tiny_dataset, tmp_path):
     rng = random.Random(20261130)
     data = ["--data", str(tiny_dataset.root)]
-    train = ["train", "--preset", "tiny", *data, "--epochs", "2", "--batch-size", "1", "--pretrain-steps", "3",
+    train = ["train", "--preset", "tiny", *data, "--epochs", "2", "--batch-size", "1", "--pretrain-steps", "6",
              "--train-max-iter", "10", "--lr", "1e-3", "--checkpoint-seconds", "0"]
     _run([*train, "-o", str(tmp_path / "train-straight")])
     killed = _kill_and_resume(train, tmp_path / "train-killed", rng, kills=3, first_early=True)
