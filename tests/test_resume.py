@@ -22,6 +22,9 @@ SPADE = str(Path(sys.executable).parent / "spade")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
+KILLED_AT: list[str] = []  # what each kill interrupted (read back from last.safetensors)
+
+
 def _run(args: list[str], timeout: float = 120) -> None:
     proc = subprocess.run([SPADE, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -35,22 +38,23 @@ def _mtime(path: Path) -> int:
         return 0
 
 
-def _run_and_kill(args: list[str], run: Path, rng: random.Random, before_first_checkpoint: bool) -> bool:
-    """Start ``spade args`` and ``kill -9`` it: ``before_first_checkpoint``, a random moment
-    before it writes anything; else just after a random number (1-3) of its writes of
-    last.safetensors, plus a random delay. Returns whether it was killed before it finished."""
+def _run_and_kill(args: list[str], run: Path, rng: random.Random, when: str) -> bool:
+    """Start ``spade args`` and ``kill -9`` it: ``early``, at a random moment before it writes
+    anything; ``soon``, within 50 ms of its first or second write of last.safetensors (the
+    pretraining, when it starts afresh); ``any``, up to 0.3 s after its 1st-3rd write. Returns
+    whether it was killed before it finished."""
     last = run / "last.safetensors"
     proc = subprocess.Popen([SPADE, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        if before_first_checkpoint:
+        if when == "early":
             time.sleep(rng.uniform(0.3, 1.5))  # importing / building: nothing written yet
         else:
-            writes, seen, deadline = rng.randint(1, 3), _mtime(last), time.monotonic() + 120
+            writes, seen, deadline = rng.randint(1, 2 if when == "soon" else 3), _mtime(last), time.monotonic() + 120
             while writes and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
                 if _mtime(last) != seen:
                     seen, writes = _mtime(last), writes - 1
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.05 if when == "soon" else 0.3))
         killed = proc.poll() is None
         if killed:
             proc.send_signal(signal.SIGKILL)
@@ -79,15 +83,18 @@ def _assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(sa[key], sb[key]), f"{a.name}: {key} differs from the uninterrupted run"
 
 
-def _kill_and_resume(args: list[str], run: Path, rng: random.Random, kills: int, first_early: bool) -> int:
+def _kill_and_resume(args: list[str], run: Path, rng: random.Random, kills: list[str]) -> int:
     done, n_killed = False, 0
-    for i in range(kills):
+    for i, when in enumerate(kills):
         resume = ["--resume"] if i else []
-        if not _run_and_kill([*args, "-o", str(run), *resume], run, rng, before_first_checkpoint=first_early and i == 0):
+        if not _run_and_kill([*args, "-o", str(run), *resume], run, rng, when):
             done = True
             break
         n_killed += 1
         _check_loadable(run)
+        if (run / "last.safetensors").exists():
+            ts = load_checkpoint(run / "last.safetensors")[1]["train_state"]
+            KILLED_AT.append("pretraining" if "pretrain" in ts else "mid-epoch" if ts["step"] else "epoch end")
     if not done:
         _run([*args, "-o", str(run), "--resume"])
     _check_loadable(run)
@@ -99,10 +106,10 @@ def _kill_and_resume(args: list[str], run: Path, rng: random.Random, kills: int,
 def test_kill_9_then_resume_ends_identical(tiny_dataset, tmp_path):
     rng = random.Random(20261130)
     data = ["--data", str(tiny_dataset.root)]
-    train = ["train", "--preset", "tiny", *data, "--epochs", "2", "--batch-size", "1", "--pretrain-steps", "6",
+    train = ["train", "--preset", "tiny", *data, "--epochs", "2", "--batch-size", "1", "--pretrain-steps", "12",
              "--train-max-iter", "10", "--lr", "1e-3", "--checkpoint-seconds", "0"]
     _run([*train, "-o", str(tmp_path / "train-straight")])
-    killed = _kill_and_resume(train, tmp_path / "train-killed", rng, kills=3, first_early=True)
+    killed = _kill_and_resume(train, tmp_path / "train-killed", rng, ["early", "soon", "any"])
     for name in ("best.safetensors", "last.safetensors"):
         _assert_same_tensors(tmp_path / "train-straight" / name, tmp_path / "train-killed" / name)
 
@@ -110,10 +117,11 @@ def test_kill_9_then_resume_ends_identical(tiny_dataset, tmp_path):
     finetune = ["finetune", str(pruned), "-s", "self-supervised", *data, "--epochs", "3", "--batch-size", "1",
                 "--lr", "1e-3", "--checkpoint-seconds", "0"]
     _run([*finetune, "-o", str(tmp_path / "ft-straight")])
-    killed += _kill_and_resume(finetune, tmp_path / "ft-killed", rng, kills=3, first_early=False)
+    killed += _kill_and_resume(finetune, tmp_path / "ft-killed", rng, ["any", "any", "any"])
     for name in ("best.safetensors", "last.safetensors"):
         _assert_same_tensors(tmp_path / "ft-straight" / name, tmp_path / "ft-killed" / name)
     assert killed >= 5, f"only {killed} runs were killed before they finished"
+    assert "pretraining" in KILLED_AT, KILLED_AT  # a kill in the denoiser pretraining, resumed exactly
 
 
 def test_resume_removes_stale_temp_files(tiny_dataset, tmp_path):
