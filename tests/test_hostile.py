@@ -100,6 +100,11 @@ CHECKPOINT_CASES = {
     "shapes-unknown-layer": lambda m: m["shapes"].update({"prior.evil": [16, 16]}),
     "manifest-list": lambda m: [m],
     "format": _set(["format"], "spade-deploy/99"),
+    "pruning-string": _set(["pruning"], "0.4"),
+    "pruning-ratio-string": _set(["pruning"], {"ratio": "x"}),
+    "pruning-parent-list": _set(["pruning"], {"ratio": 0.4, "parent": [1]}),
+    "finetune-list": _set(["finetune"], [1]),
+    "train-state-list": _set(["train_state"], [1]),
 }
 TENSOR_CASES = {
     "nan-weights": lambda s: s["prior.head.weight"].view(-1).__setitem__(0, float("nan")),
@@ -260,7 +265,7 @@ def _cases():
                 ["reconstruct", "{ckpt}", f"{d}/test", "-o", "{ws}/out-rec"],
                 ["finetune", "{ckpt}", "-s", "supervised", "--data", d, "-o", "{ws}/out-ft"],
                 ["bench", "{ckpt}", "-b", "torch", "--data", d, "-o", "{ws}/out-bench", "--engines", "{ws}/out-eng"]):
-        for name in ("shapes-36TB", "nan-weights", "solver-tol"):
+        for name in ("shapes-36TB", "nan-weights", "solver-tol", "pruning-string", "pruning-ratio-string"):
             add(f"{cmd[0]}-{name}", [a.replace("{ckpt}", f"{{ws}}/bad/{name}.safetensors") for a in cmd], "")
     add("directory-as-checkpoint", ["eval", "{ws}/bad", "--data", d], "folder")
 
