@@ -383,3 +383,25 @@ def test_export_bound_to_its_checkpoint(ws):
     deploy(model, "onnxruntime", mpath, checkpoint_sha256=sha256_file(ws / "good.safetensors"))
     with pytest.raises(SpadeError, match="another checkpoint"):
         deploy(model, "onnxruntime", mpath, checkpoint_sha256=sha256_file(ws / "pruned" / "good.pruned-0.4.safetensors"))
+
+
+@pytest.mark.parametrize("args", [
+    ["import", "{ws}/import/pickled.pt", "-o", "{ws}/o.safetensors"],
+    ["eval", "{ws}/bad/shapes-36TB.safetensors", "--data", "{ws}/data"],
+    ["eval", "{ws}/good.safetensors", "--data", "{ws}/h5/huge"],
+    ["finetune", "{ws}/run/best.safetensors", "-s", "supervised", "--data", "{ws}/data", "-o", "{ws}/run"],
+], ids=["pickled-import", "36TB-checkpoint", "huge-hdf5", "finetune-onto-input"])
+def test_hostile_input_in_a_real_process(ws, args):
+    """The installed `spade` in its own process: exit 1, one stderr line, nothing on stdout (no
+    warning or progress output around the error)."""
+    import subprocess
+    import sys
+
+    before = _snapshot(ws)
+    proc = subprocess.run([str(Path(sys.executable).parent / "spade"), *(a.replace("{ws}", str(ws)) for a in args)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert proc.stdout == ""
+    assert _snapshot(ws) == before

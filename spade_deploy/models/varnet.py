@@ -21,6 +21,7 @@ prediction of the measurements is its final multi-coil k-space under the mask,
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,7 +351,9 @@ def load_fastmri_checkpoint(
     if model not in ("varnet", "e2e-varnet"):
         raise SpadeError(f"fastMRI checkpoints hold a varnet or e2e-varnet, not {model!r}")
     try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SpadeError(f"checkpoint {path} not found") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal or corrupt file
