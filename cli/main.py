@@ -674,6 +674,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     _check_out_dir(engines)
     results = [out / f"{stem}.{ext}" for ext in ("json", "csv", "md")] + [out / f"{stem}-degradation.png"]
     check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root], data=_data_folders(root, [split]))
+    test_ds = _split(root, split)  # a missing split fails before any export is written
     variants, manifests, hashes, to_export = [], {}, {}, []
     stems = _export_stems(checkpoints)
     for path in checkpoints:
@@ -704,7 +705,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
                  for b in backends}
     with progress_bar(transient=True) as bar:
         task = bar.add_task("benchmarking", total=len(variants) * len(backends), info="")
-        result = B.run_bench(variants, deployers, _split(root, split), acceleration, cf, repeats=repeats, warmup=warmup,
+        result = B.run_bench(variants, deployers, test_ds, acceleration, cf, repeats=repeats, warmup=warmup,
                              device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
     table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; zero-filled PSNR {result.psnr_zero_filled:.2f} dB)")
     for col in B.COLUMNS:

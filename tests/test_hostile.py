@@ -335,6 +335,8 @@ def _cases():
         "bench-backend": ["bench", g, "--data", d, "-b", "bogus", "-o", "{ws}/o"],
         "bench-repeats": ["bench", g, "--data", d, "--repeats", "0", "-o", "{ws}/o"],
         "bench-warmup": ["bench", g, "--data", d, "--warmup", "-1", "-o", "{ws}/o"],
+        "bench-missing-split": ["bench", g, "-b", "onnxruntime", "--data", "{ws}/h5/huge", "--split", "val",
+                                "--engines", "{ws}/out-eng", "-o", "{ws}/o"],
         "export-opset-99": ["export", g, "--opset", "99", "-o", "{ws}/o"],
         "export-opset-16": ["export", g, "--opset", "16", "-o", "{ws}/o"],
         "prune-ratio-0": ["prune", g, "-r", "0", "-o", "{ws}/o"],
