@@ -157,15 +157,28 @@ def train(
     checkpoint_seconds: CkptSecondsOpt = 120.0,
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR."""
-    from spade_deploy.train import TrainConfig
-
-    cfg = TrainConfig(
+    cfg = _train_config(
         epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration, center_fraction=center_fraction,
         seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
         train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
     )
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     _run_training(model, preset, _dataset_root(data), out, cfg, resume, checkpoint_seconds)
+
+
+def _train_config(**options):
+    """A :class:`TrainConfig` from CLI options; a bad value is named as the option (``--lr``)."""
+    from spade_deploy.errors import SpadeError
+    from spade_deploy.train import TrainConfig
+
+    try:
+        return TrainConfig(**options)
+    except SpadeError as exc:
+        msg = str(exc)
+        name = msg.split(" ", 1)[0]
+        if name in options:
+            msg = "--" + name.replace("_", "-") + msg[len(name):]
+        raise SpadeError(msg) from None
 
 
 def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, resume: bool = False,
@@ -426,11 +439,9 @@ def finetune(
     checkpoint_seconds: CkptSecondsOpt = 120.0,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
-    from spade_deploy.train import TrainConfig
-
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
-                      center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
-                      lipschitz_target=lipschitz_target)
+    cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
+                        center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
+                        lipschitz_target=lipschitz_target)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     from spade_deploy.losses import STRATEGIES
 
