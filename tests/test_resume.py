@@ -114,12 +114,13 @@ def test_kill_9_then_resume_ends_identical(tiny_dataset, tmp_path):
         _assert_same_tensors(tmp_path / "train-straight" / name, tmp_path / "train-killed" / name)
 
     (pruned, _), = prune_checkpoint(tmp_path / "train-straight" / "best.safetensors", [0.4], tmp_path / "pruned")
-    finetune = ["finetune", str(pruned), "-s", "self-supervised", *data, "--epochs", "3", "--batch-size", "1",
+    finetune = ["finetune", str(pruned), "-s", "self-supervised", *data, "--epochs", "4", "--batch-size", "1",
                 "--lr", "1e-3", "--checkpoint-seconds", "0"]
     _run([*finetune, "-o", str(tmp_path / "ft-straight")])
     killed += _kill_and_resume(finetune, tmp_path / "ft-killed", rng, ["any", "any", "any"])
     for name in ("best.safetensors", "last.safetensors"):
         _assert_same_tensors(tmp_path / "ft-straight" / name, tmp_path / "ft-killed" / name)
+    print("kills interrupted:", KILLED_AT)
     assert killed >= 5, f"only {killed} runs were killed before they finished"
     assert "pretraining" in KILLED_AT, KILLED_AT  # a kill in the denoiser pretraining, resumed exactly
 
