@@ -82,3 +82,55 @@ def user_errors(fn):
         raise typer.Exit(1)
 
     return wrapper
+
+
+# ------------------------------------------------------------------------------------------------
+# Option validation: every numeric option is checked before anything is read, built or written.
+def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+    """``value`` (an option, or None when not given) lies in the range; else a one-line error."""
+    import math
+
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise SpadeError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+                         f"{')' if hi_open else ']'}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: str, choices) -> str:
+    if value not in choices:
+        raise SpadeError(f"{name} {value!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; CUDA only where a GPU is visible."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d{1,2})?", device):
+        raise SpadeError(f"--device {device!r} is not a device: cpu | cuda | cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpadeError(f"--device {device}: no CUDA GPU is visible here")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise SpadeError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return device
+
+
+def check_sampling(acceleration: int, center_fraction) -> None:
+    check_number("--acceleration", acceleration, 1, 64)
+    check_number("--center-fraction", center_fraction, 0.0, 1.0, lo_open=True)
+
+
+def check_solver(max_iter, tol) -> None:
+    from spade_deploy.solvers import MAX_ITER, MIN_TOL
+
+    check_number("--max-iter", max_iter, 1, MAX_ITER)
+    check_number("--tol", tol, MIN_TOL, 1.0, hi_open=True)

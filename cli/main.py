@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, print_table, user_errors
+from ._common import check_choice, check_device, check_number, check_sampling, check_solver, console, print_table, user_errors
 
 
 app = typer.Typer(
@@ -28,6 +28,13 @@ AccelOpt = Annotated[int, typer.Option("--acceleration", "-a", help="Undersampli
 CfOpt = Annotated[Optional[float], typer.Option("--center-fraction", help="Fraction of auto-calibration lines (default per acceleration).")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache of estimated coil maps (default: $XDG_CACHE_HOME/spade-deploy or ~/.cache/spade-deploy; never the data folder).")]
 CoilMapsOpt = Annotated[str, typer.Option("--coil-maps", help="espirit: estimated from each measurement's fully sampled centre (ACS) only | file: the file's sens_maps, a reference no scanner gives (e.g. the simulation's true maps).")]
+CkptSecondsOpt = Annotated[float, typer.Option("--checkpoint-seconds", help="Write a resumable last.safetensors within an epoch after this many seconds (0: every step).")]
+SPLITS = ("train", "val", "test")
+
+
+def _data_folders(root: Path, splits=SPLITS) -> list[Path]:
+    """The user's data folders, where nothing is ever written."""
+    return [root / split for split in splits]
 
 
 def progress_bar(transient: bool = False) -> Progress:
@@ -79,8 +86,9 @@ def _split(root: Path, split: str, coil_maps: str = "espirit", cache_dir: Path |
     from spade_deploy import data as D
     from spade_deploy.errors import SpadeError
 
+    check_choice("split", split, SPLITS)
     path = root / split
-    if not path.exists():
+    if not path.is_dir():
         raise SpadeError(f"{root} has no {split}/ folder")
     return D.SliceDataset(path, coil_maps=coil_maps, cache_dir=cache_dir)  # type: ignore[arg-type]
 
@@ -95,6 +103,7 @@ def data(
     """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space)."""
     from spade_deploy import data as D
 
+    check_number("--seed", seed, 0, 2**31 - 1)
     root = root or D.default_data_root()
     info = _build_default(root, seed=seed, force=force)
     table = Table(title=f"Embedded dataset at {root}")
@@ -133,9 +142,9 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (paper | small | tiny).")] = None,
     data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: best.safetensors, last.safetensors, history.json.")] = Path("runs/deq"),
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 5,
     lr: Annotated[float, typer.Option(help="Adam learning rate (fixed-point stage).")] = 2e-4,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping a Jacobian norm below its target (a contractive fixed point).")] = 10.0,
@@ -147,19 +156,35 @@ def train(
     pretrain_lr: Annotated[float, typer.Option(help="DEQ: learning rate of the denoiser pretraining.")] = 2e-3,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
+    checkpoint_seconds: CkptSecondsOpt = 120.0,
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR."""
-    from spade_deploy.train import TrainConfig
-
-    cfg = TrainConfig(
+    cfg = _train_config(
         epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration, center_fraction=center_fraction,
         seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
         train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
     )
-    _run_training(model, preset, _dataset_root(data), out, cfg, resume)
+    check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
+    _run_training(model, preset, _dataset_root(data), out, cfg, resume, checkpoint_seconds)
 
 
-def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, resume: bool = False):
+def _train_config(**options):
+    """A :class:`TrainConfig` from CLI options; a bad value is named as the option (``--lr``)."""
+    from spade_deploy.errors import SpadeError
+    from spade_deploy.train import TrainConfig
+
+    try:
+        return TrainConfig(**options)
+    except SpadeError as exc:
+        msg = str(exc)
+        name = msg.split(" ", 1)[0]
+        if name in options:
+            msg = "--" + name.replace("_", "-") + msg[len(name):]
+        raise SpadeError(msg) from None
+
+
+def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, resume: bool = False,
+                  checkpoint_seconds: float | None = 120.0):
     import dataclasses
 
     import torch
@@ -167,10 +192,12 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
     from spade_deploy.io import write_json
     from spade_deploy.losses import SupervisedLoss
     from spade_deploy.models import build_model, count_parameters
-    from spade_deploy.train import fit
+    from spade_deploy.paths import check_outputs
+    from spade_deploy.train import RUN_FILES, fit
     from spade_deploy.zoo import dataset_key
 
     _check_out_dir(out)
+    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[root], data=_data_folders(root))
     torch.manual_seed(cfg.seed)  # the initial weights, reproducibly
     net = build_model(model, preset=preset)
     train_ds, val_ds = _split(root, "train"), _split(root, "val")
@@ -194,7 +221,8 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
             )
 
         result = fit(net, SupervisedLoss(), train_ds, val_ds, cfg, out, resume=resume,
-                     extra_manifest={"data": str(root), "preset": preset, "dataset": dataset_key(root)}, on_step=on_step, on_epoch=on_epoch)
+                     extra_manifest={"data": str(root), "preset": preset, "dataset": dataset_key(root)}, on_step=on_step, on_epoch=on_epoch,
+                     checkpoint_seconds=checkpoint_seconds)
     write_json(Path(out) / "history.json", {"train_config": dataclasses.asdict(cfg), "history": result.history})
     console.print(f"best checkpoint: [cyan]{result.best_path}[/] (val PSNR {result.best_val_psnr:.2f} dB) in {time.perf_counter() - t0:.0f} s")
     return result
@@ -212,9 +240,11 @@ def import_(
     from spade_deploy.checkpoint import save_model
     from spade_deploy.errors import SpadeError
     from spade_deploy.models import count_parameters, preset_config
+    from spade_deploy.paths import check_outputs
 
     if out.exists() and out.is_dir():
         raise SpadeError(f"output path {out} is a folder, expected a .safetensors file")
+    check_outputs(files=[out], inputs=[source])
     expect = preset_config(model, preset) if preset else None
     if model == "usrnet":
         from spade_deploy.models.usrnet import load_official_checkpoint
@@ -256,6 +286,11 @@ def eval_(
     coil_maps: CoilMapsOpt = "espirit",
 ):
     """fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS."""
+    check_choice("--split", split, SPLITS)
+    check_sampling(acceleration, center_fraction)
+    check_solver(max_iter, tol)
+    if solver is not None:
+        check_choice("--solver", solver, ("anderson", "fixed-point"))
     _run_eval(checkpoint, _dataset_root(data), split, acceleration, center_fraction, max_iter, tol, solver, json_out,
               batch_size=batch_size, cache_dir=cache_dir, coil_maps=coil_maps)
 
@@ -268,15 +303,20 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
     from spade_deploy.io import write_json
+    from spade_deploy.paths import check_outputs
     from spade_deploy.train import evaluate
 
+    if json_out is not None:
+        if json_out.is_dir():
+            raise SpadeError(f"--json {json_out} is a folder, expected a file")
+        check_outputs(files=[json_out], inputs=[checkpoint, root], data=_data_folders(root))
     net, manifest = load_model(checkpoint)
     solver_cfg = None
     if hasattr(net, "solver_cfg"):
         changes = {k: v for k, v in (("max_iter", max_iter), ("tol", tol), ("method", solver)) if v is not None}
         try:
             solver_cfg = dataclasses.replace(net.solver_cfg, **changes)
-        except ValueError as exc:
+        except (ValueError, SpadeError) as exc:
             raise SpadeError(str(exc)) from None
     ds = _split(root, split, coil_maps, cache_dir)
     with progress_bar(transient=True) as bar:
@@ -322,6 +362,7 @@ def demo(
     from spade_deploy.prune import PAPER_RATIOS
     from spade_deploy.train import DEMO_RECIPES
 
+    check_number("--repeats", repeats, 1, 10_000)
     models = list(dict.fromkeys(model or ["deq"]))
     for name in models:
         if name not in DEMO_RECIPES:
@@ -413,9 +454,9 @@ def finetune(
     teacher: Annotated[Optional[Path], typer.Option(help="school: the unpruned model (default: the pruned model's parent).")] = None,
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: next to the checkpoint).")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 5,
     lr: Annotated[float, typer.Option(help="Adam learning rate (the paper's 1e-5 by default).")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the iteration's Jacobian norm below its target, so the pruned model converges in few iterations (0: off).")] = 1.0,
@@ -423,20 +464,30 @@ def finetune(
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
     cache_dir: CacheOpt = None,
+    checkpoint_seconds: CkptSecondsOpt = 120.0,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
-    from spade_deploy.train import TrainConfig
+    cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
+                        center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
+                        lipschitz_target=lipschitz_target)
+    check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
+    from spade_deploy.losses import STRATEGIES
 
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
-                      center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
-                      lipschitz_target=lipschitz_target)
+    check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
-    _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume, cache_dir=cache_dir)
+    _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume, checkpoint_seconds,
+                  cache_dir=cache_dir)
 
 
 def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path, out: Path, cfg, resume=False,
-                  cache_dir: Path | None = None):
+                  checkpoint_seconds: float | None = 120.0, cache_dir: Path | None = None):
     from spade_deploy.finetune import finetune_model
+    from spade_deploy.paths import check_outputs
+    from spade_deploy.train import RUN_FILES
+
+    _check_out_dir(out)
+    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[checkpoint, teacher_path, root],
+                  data=_data_folders(root))
 
     with progress_bar() as bar:
         task = bar.add_task(f"{strategy} fine-tuning", total=None, info="")
@@ -449,7 +500,8 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
                 bar.console.print(f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f}, val PSNR {rec['val_psnr']:.2f} dB")
 
         result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
-                                on_step=on_step, on_epoch=on_epoch, cache_dir=cache_dir)
+                                on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds,
+                                cache_dir=cache_dir)
     console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
     from spade_deploy.io import read_manifest
 
@@ -469,7 +521,7 @@ def reconstruct(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fastMRI-format reconstructions.")] = Path("reconstructions"),
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (the engine measured fastest here for this data, recorded in the export manifest) | torch | onnxruntime | tensorrt.")] = "auto",
     engines: Annotated[Path, typer.Option(help="Folder of exported priors (exported on the fly when missing).")] = Path("engines"),
     full_fov: Annotated[bool, typer.Option("--full-fov", help="Keep the full field of view (default: crop to the header's recon size, as fastMRI does).")] = False,
@@ -480,18 +532,25 @@ def reconstruct(
     from spade_deploy import data as D
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
+    from spade_deploy.paths import check_outputs
     from spade_deploy.physics import center_fraction_for
     from spade_deploy.reconstruct import reconstruct_files
     from spade_deploy.runtime import BACKENDS, deploy
 
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
+    check_sampling(acceleration, center_fraction)
+    check_number("--batch-size", batch_size, 1, 4096)
     _check_out_dir(out)
+    sources = D.SliceDataset(source).files
+    check_outputs(files=[out / p.name for p in sources], folders=[out], inputs=[checkpoint, source, *sources],
+                  data=[source if source.is_dir() else source.parent])
     net, _ = load_model(checkpoint)
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
     if backend != "torch":
         shape = tuple(D.SliceDataset(source)[0]["kspace"].shape[-2:])  # the engine is chosen for this size
-        net = deploy(net, backend, _exported(checkpoint, engines, trt=backend == "tensorrt"), "cpu", shape=shape)
+        mpath, sha = _export_for(checkpoint, net, engines, [backend], data=[source if source.is_dir() else source.parent])
+        net = deploy(net, backend, mpath, "cpu", shape=shape, checkpoint_sha256=sha)
         if getattr(net, "engine_choice", None):
             console.print("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
     with progress_bar(transient=True) as bar:
@@ -529,9 +588,15 @@ def prune(
 
 def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None, target_speedup=None,
                size=(160, 160), device=None):
-    from spade_deploy.prune import check_widths, default_timer, prune_checkpoint, prune_to_speedup
+    from spade_deploy.prune import check_ratio, check_widths, default_timer, prune_checkpoint, prune_to_speedup
+
+    from spade_deploy.paths import check_outputs
 
     round_to = check_widths(round_to)
+    if target_speedup is None:
+        ratios = [check_ratio(r) for r in ratios]
+    _check_out_dir(out)
+    check_outputs(folders=[out], inputs=[checkpoint])
     timer = default_timer(device) if (round_to == "auto" or target_speedup is not None) else None
     if target_speedup is not None:
         with console.status(f"searching the ratio for x{target_speedup:g} measured on {timer.device}"):
@@ -576,11 +641,13 @@ def export(
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT and a GPU).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in FP16 (with --trt).")] = False,
     size: Annotated[Optional[str], typer.Option("--size", help="With --trt: the slices' k-space size HxW (e.g. 160x160), the engines' profile.")] = None,
-    opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 17,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 up to the newest the installed onnx and torch support).")] = 17,
 ):
     """Export every prior to ONNX (checked against PyTorch) and, with --trt, to TensorRT engines."""
     from spade_deploy.errors import SpadeError
+    from spade_deploy.export import check_opset
 
+    check_opset(opset)
     if fp16 and not trt:
         raise SpadeError("--fp16 sets the precision of TensorRT engines: add --trt (ONNX files stay FP32)")
     if size is not None and not trt:
@@ -617,27 +684,56 @@ def _export_stems(checkpoints: list[Path]) -> dict[Path, str]:
     return stems
 
 
-def _exported(checkpoint: Path, engines: Path, trt: bool = False, stem: str | None = None, size=None) -> Path:
-    """The export manifest of ``checkpoint``, exporting it first unless an up-to-date one exists."""
+def _fresh_export(net, checkpoint_sha256: str, engines: Path, stem: str, backends, size=None) -> Path | None:
+    """The manifest ``engines/<stem>.manifest.json`` when it is an export of exactly this checkpoint
+    (same SHA-256) with every file the back-ends need intact; None when there is none or it was
+    exported from another version of the checkpoint (export again). A manifest that is malformed,
+    or whose files differ from the ones it records, is an error: it is never silently replaced."""
     from spade_deploy.export import read_export_manifest
+    from spade_deploy.runtime import verify_export
 
-    stem = stem or _export_stem(checkpoint)
     mpath = engines / f"{stem}.manifest.json"
-    if mpath.exists():
-        man = read_export_manifest(mpath)
-        fresh = man.get("source") == str(checkpoint) and man.get("checkpoint_mtime") == checkpoint.stat().st_mtime
-        engines_fit = all(p.get("engine") and p.get("engine_image_size") == list(size or ()) for p in man["priors"])
-        if fresh and (not trt or engines_fit):
-            return mpath
-    return _run_export(checkpoint, engines, trt=trt, quiet=True, stem=stem, size=size).manifest_path
+    if not mpath.exists():
+        return None
+    man = read_export_manifest(mpath)
+    if man.get("checkpoint_sha256") != checkpoint_sha256:
+        return None
+    if "tensorrt" in backends and not all(p.get("engine") and p.get("engine_image_size") == list(size or ())
+                                          for p in man["priors"]):
+        return None
+    for b in backends:
+        if b != "torch":
+            verify_export(net, "onnxruntime" if b == "auto" else b, mpath, checkpoint_sha256)
+    return mpath
+
+
+def _export_files(net, out: Path, stem: str) -> list[Path]:
+    return [out / f"{stem}.manifest.json", *(out / f"{stem}.{name}.onnx" for name in net.priors())]
+
+
+def _export_for(checkpoint: Path, net, engines: Path, backends, size=None, data=()) -> tuple[Path, str]:
+    """The export manifest of ``checkpoint`` for ``backends`` (exported first unless an intact export
+    of exactly this checkpoint exists) and the checkpoint's SHA-256 it is bound to."""
+    from spade_deploy.paths import check_outputs, sha256_file
+
+    stem = _export_stem(checkpoint)
+    sha = sha256_file(checkpoint)
+    _check_out_dir(engines)
+    check_outputs(files=_export_files(net, engines, stem), folders=[engines], inputs=[checkpoint], data=data)
+    mpath = _fresh_export(net, sha, engines, stem, backends, size=size)
+    if mpath is None:
+        mpath = _run_export(checkpoint, engines, trt="tensorrt" in backends, quiet=True, stem=stem, size=size).manifest_path
+    return mpath, sha
 
 
 def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17, quiet: bool = False,
                 stem: str | None = None, size=None):
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
-    from spade_deploy.export import build_trt_engines, export_onnx
+    from spade_deploy.export import build_trt_engines, check_opset, export_onnx
+    from spade_deploy.paths import check_outputs, sha256_file
 
+    check_opset(opset)
     _check_out_dir(out)
     if trt:  # fail before writing anything when TensorRT cannot run here
         from spade_deploy.export import require_tensorrt
@@ -646,8 +742,10 @@ def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = Fal
         if size is None:
             raise SpadeError("--trt needs --size HxW: the slices' k-space size, which the engines' profile is built for")
     net, manifest = load_model(checkpoint)
-    res = export_onnx(net, out, stem or _export_stem(checkpoint), opset=opset, source=str(checkpoint),
-                      extra={"checkpoint_mtime": checkpoint.stat().st_mtime, "pruning": manifest.get("pruning"),
+    stem = stem or _export_stem(checkpoint)
+    check_outputs(files=_export_files(net, out, stem), folders=[out], inputs=[checkpoint])
+    res = export_onnx(net, out, stem, opset=opset, source=str(checkpoint),
+                      extra={"checkpoint_sha256": sha256_file(checkpoint), "pruning": manifest.get("pruning"),
                              "finetune": manifest.get("finetune")})
     if trt:
         build_trt_engines(res.manifest_path, net, size, fp16=fp16)
@@ -672,14 +770,18 @@ def bench(
     split: Annotated[str, typer.Option(help="Split scored for quality.")] = "test",
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds: each reconstructs every test slice once per variant (per-slice median over rounds, mean over slices).")] = 5,
-    warmup: Annotated[int, typer.Option(min=0)] = 1,
+    repeats: Annotated[int, typer.Option(help="Interleaved timing rounds: each reconstructs every test slice once per variant (per-slice median over rounds, mean over slices).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed reconstructions first (>= 0).")] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
     cache_dir: CacheOpt = None,
     coil_maps: CoilMapsOpt = "espirit",
 ):
-    """Quality (fastMRI's scores against reconstruction_rss) and latency of every variant on every back-end, beside the unpruned model (Table 1)."""
+    check_choice("--split", split, SPLITS)
+    check_sampling(acceleration, center_fraction)
+    check_number("--repeats", repeats, 1, 10_000)
+    check_number("--warmup", warmup, 0, 10_000)
+    check_device(device)
     _run_bench(checkpoints, list(backend or ["auto"]), engines, _dataset_root(data), split,
                acceleration, center_fraction, repeats, warmup, device, out, cache_dir=cache_dir, coil_maps=coil_maps)
 
@@ -690,6 +792,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     from spade_deploy import bench as B
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
+    from spade_deploy.paths import check_outputs, sha256_file
     from spade_deploy.physics import center_fraction_for
     from spade_deploy.runtime import BACKENDS, deploy
 
@@ -706,8 +809,12 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
 
         require_tensorrt()
     _check_out_dir(out)
-    trt_size = tuple(_split(root, split)[0]["kspace"].shape[-2:]) if "tensorrt" in backends else None
-    variants, manifests = [], {}
+    _check_out_dir(engines)
+    results = [out / f"{stem}.{ext}" for ext in ("json", "csv", "md")] + [out / f"{stem}-degradation.png"]
+    check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root], data=_data_folders(root, [split]))
+    test_ds = _split(root, split, coil_maps, cache_dir)  # a missing split fails before any export is written
+    trt_size = tuple(test_ds[0]["kspace"].shape[-2:]) if "tensorrt" in backends else None
+    variants, manifests, hashes, to_export = [], {}, {}, []
     stems = _export_stems(checkpoints)
     for path in checkpoints:
         net, man = load_model(path)
@@ -718,17 +825,29 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
                                   strategy=ft.get("strategy") or ("none" if pruning else None), model=net,
                                   widths=(pruning.get("widths") or "paper") if pruning else None))
+        check_outputs(files=[out / f"{stem}-{label}-examples.png"], inputs=checkpoints)
         if any(b != "torch" for b in backends):
-            manifests[id(net)] = _exported(path, engines, trt="tensorrt" in backends, stem=stems[path], size=trt_size)
+            # Read and check every existing export before anything is written.
+            hashes[id(net)] = sha256_file(path)
+            check_outputs(files=_export_files(net, engines, stems[path]), inputs=checkpoints)
+            fresh = _fresh_export(net, hashes[id(net)], engines, stems[path], backends, size=trt_size)
+            if fresh is None:
+                to_export.append((path, net))
+            else:
+                manifests[id(net)] = fresh
     for label in {v.label for v in variants}:
         if not any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"bench needs the unpruned {label!r} among the checkpoints (speed-ups are relative to it)")
+    for path, net in to_export:
+        manifests[id(net)] = _run_export(path, engines, trt="tensorrt" in backends, quiet=True, stem=stems[path],
+                                         size=trt_size).manifest_path
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
-    deployers = {b: (lambda v, sample, b=b: deploy(v.model, b, manifests.get(id(v.model)), device, sample=sample))
+    deployers = {b: (lambda v, sample, b=b: deploy(v.model, b, manifests.get(id(v.model)), device, sample=sample,
+                                             checkpoint_sha256=hashes.get(id(v.model))))
                  for b in backends}
     with progress_bar(transient=True) as bar:
         task = bar.add_task("benchmarking", total=None, info="")
-        result = B.run_bench(variants, deployers, _split(root, split, coil_maps, cache_dir), acceleration, cf, repeats=repeats, warmup=warmup,
+        result = B.run_bench(variants, deployers, test_ds, acceleration, cf, repeats=repeats, warmup=warmup,
                              device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
     table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; zero-filled PSNR {result.psnr_zero_filled:.2f} dB)")
     for col in B.COLUMNS:

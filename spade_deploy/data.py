@@ -66,6 +66,7 @@ from torch.utils.data import Dataset, Sampler
 from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block
 from .errors import SpadeError
 from .io import write_json
+from .paths import memory_bytes
 from .physics import MultiCoilMRI, equispaced_mask, fft2c, ifft2c, rss
 
 CoilMapSource = Literal["espirit", "file"]
@@ -328,6 +329,11 @@ def _inspect(path: Path) -> _FileInfo:
         if k.shape[0] == 0 or min(k.shape[1:]) == 0:
             raise SpadeError(f"{path}: kspace {k.shape} is empty")
         n, c, h, w = k.shape
+        # A slice is held several times over (coil maps, FFTs): refuse one above 1/16 of memory or
+        # 2 GiB (40 times a fastMRI brain slice) before anything is read.
+        if c * h * w * 8 > min(memory_bytes() // 16, 2 << 30):
+            raise SpadeError(f"{path}: a kspace slice of {c} x {h} x {w} ({c * h * w * 8 / 2**30:,.1f} GiB) would not "
+                             "fit in this machine's memory; refusing the file")
         has_smaps = "sens_maps" in f
         if has_smaps and f["sens_maps"].shape != k.shape:
             raise SpadeError(f"{path}: sens_maps of shape {f['sens_maps'].shape} does not match kspace {k.shape}")

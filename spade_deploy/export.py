@@ -21,6 +21,7 @@ import torch
 from .errors import SpadeError
 from .io import atomic_path, write_json
 from .models import Reconstructor, count_parameters
+from .paths import sha256_file
 
 OPSET = 17
 INPUT, OUTPUT = "x", "y"
@@ -36,6 +37,7 @@ class PriorExport:
     check_shape: list[int]
     engine: str | None = None
     engine_precision: str | None = None
+    sha256: str | None = None  # of the ONNX file: a deployment runs exactly the file exported
 
 
 @dataclass
@@ -101,6 +103,7 @@ def export_onnx(
     """Write ``<out_dir>/<stem>.<prior>.onnx`` per prior and ``<out_dir>/<stem>.manifest.json``."""
     import onnx
 
+    check_opset(opset)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
@@ -130,7 +133,8 @@ def export_onnx(
         with torch.no_grad():
             ref = prior(fresh).numpy()
         got = onnx_session(path).run([OUTPUT], {INPUT: fresh.numpy()})[0]
-        exports.append(PriorExport(name, path.name, count_parameters(prior), max_relative_error(ref, got), list(fresh.shape)))
+        exports.append(PriorExport(name, path.name, count_parameters(prior), max_relative_error(ref, got), list(fresh.shape),
+                                   sha256=sha256_file(path)))
     manifest = {
         "model": model.registry_name,
         "config": dataclasses.asdict(model.config),
@@ -147,14 +151,91 @@ def export_onnx(
     return ExportResult(mpath, exports)
 
 
+def max_opset() -> int:
+    """The newest opset both the installed ``onnx`` and torch's TorchScript exporter support."""
+    import onnx
+    from torch.onnx import _constants
+
+    torch_max = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", OPSET))
+    return min(int(onnx.defs.onnx_opset_version()), int(torch_max))
+
+
+def check_opset(opset: int) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSET <= opset <= max_opset():
+        raise SpadeError(f"ONNX opset {opset!r} is not supported here: choose {OPSET}..{max_opset()}")
+    return opset
+
+
+_SHA256 = frozenset("0123456789abcdef")
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _SHA256
+
+
+def member_path(root: str | Path, name, where: str) -> Path:
+    """``root / name`` for a file name read from a manifest, refusing anything outside ``root``
+    (absolute paths, ``..``, or a symbolic link leading out)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise SpadeError(f"{where}: file name {name!r} is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or name.startswith(("/", "\\")) or ".." in rel.parts or ".." in name.split("\\"):
+        raise SpadeError(f"{where}: file {name!r} is outside the manifest's folder; only files beside it are used")
+    root = Path(root)
+    path = root / rel
+    if root.resolve() not in path.resolve().parents:
+        raise SpadeError(f"{where}: file {name!r} resolves outside the manifest's folder; only files beside it are used")
+    return path
+
+
+def validate_export_manifest(manifest, path: str | Path) -> dict:
+    """Check an export manifest's structure before anything in it is used: the model name, the
+    tensor names the priors were exported with, one entry per prior with its file inside the
+    manifest's folder, and hashes where recorded. One-line :class:`SpadeError` otherwise."""
+    where = str(path)
+    if not isinstance(manifest, dict):
+        raise SpadeError(f"{where}: an export manifest must be a JSON object")
+    if not isinstance(manifest.get("model"), str):
+        raise SpadeError(f"{where}: the manifest names no model")
+    for key, expected in (("input", INPUT), ("output", OUTPUT)):
+        if manifest.get(key) != expected:
+            raise SpadeError(f"{where}: {key} tensor {manifest.get(key)!r} is not the exported one ({expected!r})")
+    sha = manifest.get("checkpoint_sha256")
+    if sha is not None and not _is_sha256(sha):
+        raise SpadeError(f"{where}: checkpoint_sha256 is not a SHA-256 hex digest")
+    priors = manifest.get("priors")
+    if not isinstance(priors, list) or not priors:
+        raise SpadeError(f"{where}: the manifest lists no priors")
+    names = set()
+    for entry in priors:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise SpadeError(f"{where}: a prior entry has no name")
+        if entry["name"] in names:
+            raise SpadeError(f"{where}: prior {entry['name']!r} is listed twice")
+        names.add(entry["name"])
+        member_path(Path(path).parent, entry.get("onnx"), where)
+        if entry.get("engine") is not None:
+            member_path(Path(path).parent, entry["engine"], where)
+        for key in ("sha256", "engine_sha256"):
+            if entry.get(key) is not None and not _is_sha256(entry[key]):
+                raise SpadeError(f"{where}: {key} of prior {entry['name']!r} is not a SHA-256 hex digest")
+    return manifest
+
+
 def read_export_manifest(path: str | Path) -> dict:
+    """Read and validate an export manifest (:func:`validate_export_manifest`)."""
     path = Path(path)
     if not path.exists():
         raise SpadeError(f"export manifest not found: {path} (run `spade export` first)")
+    if not path.is_file():
+        raise SpadeError(f"export manifest {path} is not a file")
+    if path.stat().st_size > 16 << 20:
+        raise SpadeError(f"{path} is too large to be an export manifest")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise SpadeError(f"{path} is not valid JSON") from None
+    return validate_export_manifest(manifest, path)
 
 
 def require_tensorrt():
@@ -213,7 +294,9 @@ def build_trt_engines(
     priors = model.priors()
     logger = trt.Logger(trt.Logger.WARNING)
     for entry in manifest["priors"]:
-        onnx_path = manifest_path.parent / entry["onnx"]
+        onnx_path = member_path(manifest_path.parent, entry["onnx"], str(manifest_path))
+        if entry.get("sha256") and sha256_file(onnx_path) != entry["sha256"]:
+            raise SpadeError(f"{onnx_path} is not the file exported for prior {entry['name']!r} (its hash differs)")
         builder = trt.Builder(logger)
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, logger)
@@ -248,11 +331,12 @@ def build_trt_engines(
             raise SpadeError(f"TensorRT {precision} engine for {entry['name']!r} differs from PyTorch by {err:.1e} "
                              f"(relative), above {tolerance:g}")
         entry.update(engine=engine_path.name, engine_precision=precision, engine_profile=shapes,
-                     engine_image_size=list(image_size),
+                     engine_image_size=list(image_size), engine_sha256=sha256_file(engine_path),
                      engine_max_rel_error=err, engine_check_shape=list(fresh.shape))
     manifest.update(precision=precision, tensorrt=str(trt.__version__), gpu=gpu, tf32=allow_tf32)
     write_json(manifest_path, manifest)
     return manifest
 
 
-__all__ = ["export_onnx", "build_trt_engines", "trt_profile", "require_tensorrt", "read_export_manifest", "onnx_session", "max_relative_error"]
+__all__ = ["export_onnx", "build_trt_engines", "trt_profile", "require_tensorrt", "read_export_manifest",
+           "validate_export_manifest", "member_path", "check_opset", "max_opset", "onnx_session", "max_relative_error"]

@@ -68,6 +68,7 @@ def finetune_model(
     on_step: Callable | None = None,
     on_epoch: Callable | None = None,
     cache_dir: str | Path | None = None,
+    checkpoint_seconds: float | None = 120.0,
 ) -> FitResult:
     if strategy not in STRATEGIES:
         raise SpadeError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -113,7 +114,8 @@ def finetune_model(
         "contraction": contraction,
     }
     return fit(model, loss, train_ds, val_ds, cfg, out_dir, resume=resume, teacher=teacher,
-               extra_manifest=extra, on_step=on_step, on_epoch=on_epoch)
+               extra_manifest=extra, on_step=on_step, on_epoch=on_epoch,
+               checkpoint_seconds=checkpoint_seconds)
 
 
 # The parent's measurement per (parent file, data, masks): ``spade demo`` fine-tunes one parent's

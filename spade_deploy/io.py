@@ -99,6 +99,27 @@ def _open(path: str | os.PathLike, load_tensors: bool) -> tuple[dict[str, torch.
         manifest = json.loads(raw)
     except json.JSONDecodeError:
         raise SpadeError(f"{path}: its manifest is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise SpadeError(f"{path}: its manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
         raise SpadeError(f"{path}: unsupported checkpoint format {manifest.get('format')!r}")
+    _check_sections(manifest, path)
     return state, manifest
+
+
+# Manifest sections other modules read with ``.get``: each absent, null or a JSON object.
+_SECTIONS = ("config", "shapes", "provenance", "pruning", "finetune", "train_state", "train_config", "imported")
+
+
+def _check_sections(manifest: dict, path: Path) -> None:
+    for key in _SECTIONS:
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise SpadeError(f"{path}: manifest section {key!r} must be a JSON object, got {type(manifest[key]).__name__}")
+    pruning = manifest.get("pruning") or {}
+    ratio = pruning.get("ratio", 0.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise SpadeError(f"{path}: pruning ratio {ratio!r} is not a number in [0, 1)")
+    for section, key in (("pruning", "parent"), ("finetune", "strategy")):
+        value = (manifest.get(section) or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise SpadeError(f"{path}: {section}.{key} must be a string, got {type(value).__name__}")

@@ -94,6 +94,7 @@ def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float
         gt, pred = gt[None], pred[None]
     if gt.ndim != 3:
         raise SpadeError(f"SSIM needs a (slices, H, W) volume, got shape {gt.shape}")
+    _ssim_window_fits(gt)
     data_range = _maxval(gt, maxval)
     total = 0.0
     for s in range(gt.shape[0]):
@@ -101,11 +102,18 @@ def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float
     return float(total / gt.shape[0])
 
 
+def _ssim_window_fits(vol: np.ndarray) -> None:
+    """skimage's SSIM uses a 7 x 7 window: smaller images have no SSIM."""
+    if min(vol.shape[-2:]) < 7:
+        raise SpadeError(f"SSIM needs images of at least 7 x 7 pixels (its window), got {vol.shape[-2]} x {vol.shape[-1]}")
+
+
 def slice_metrics(gt_vol: np.ndarray, pred_vol: np.ndarray, maxval: float | None = None) -> dict[str, list[float]]:
     """Per-slice PSNR / SSIM of a volume, each with the *volume's* ``maxval`` (default ``gt.max()``)."""
     gt_vol, pred_vol = _check(gt_vol, pred_vol)
     if gt_vol.ndim != 3:
         raise SpadeError(f"per-slice metrics need a (slices, H, W) volume, got shape {gt_vol.shape}")
+    _ssim_window_fits(gt_vol)
     m = _maxval(gt_vol, maxval)
     return {
         "psnr": [psnr(g, p, m) for g, p in zip(gt_vol, pred_vol)],

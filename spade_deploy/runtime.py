@@ -21,6 +21,7 @@ from .device import on_model_device, placed, require_device
 from .errors import SpadeError
 from .export import onnx_session, read_export_manifest, require_tensorrt
 from .models import Reconstructor
+from .paths import sha256_file
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -168,10 +169,45 @@ def check_precision(model: Reconstructor, y: torch.Tensor, physics, precision: s
     return result
 
 
+def verify_export(model: Reconstructor, backend: str, manifest_path: str | Path,
+                  checkpoint_sha256: str | None = None) -> dict:
+    """The export manifest at ``manifest_path``, checked to belong to ``model`` before any engine is
+    loaded: its structure (:func:`~spade_deploy.export.read_export_manifest`), the model name, one
+    entry per prior of the model, the checkpoint it was exported from (``checkpoint_sha256``: the
+    SHA-256 of the checkpoint file being deployed) and the hash of every file it would run."""
+    from .export import member_path
+
+    manifest = read_export_manifest(manifest_path)
+    if manifest.get("model") != model.registry_name:
+        raise SpadeError(f"{manifest_path} was exported from a {manifest.get('model')!r}, not a {model.registry_name!r}")
+    names = [e["name"] for e in manifest["priors"]]
+    if sorted(names) != sorted(model.priors()):
+        raise SpadeError(f"{manifest_path} lists priors {', '.join(map(repr, names))}; the model has "
+                         f"{', '.join(map(repr, model.priors()))}")
+    if checkpoint_sha256 is not None and manifest.get("checkpoint_sha256") != checkpoint_sha256:
+        raise SpadeError(f"{manifest_path} was exported from another checkpoint than the one deployed "
+                         "(its checkpoint hash differs); export this checkpoint again")
+    root = Path(manifest_path).parent
+    file_key, hash_key = ("onnx", "sha256") if backend == "onnxruntime" else ("engine", "engine_sha256")
+    for entry in manifest["priors"]:
+        if backend == "tensorrt" and not entry.get("engine"):
+            raise SpadeError(f"{manifest_path} has no TensorRT engine for {entry['name']!r}; run `spade export --trt`")
+        path = member_path(root, entry[file_key], str(manifest_path))
+        if not path.is_file():
+            raise SpadeError(f"{manifest_path}: {path} is missing; export again")
+        want = entry.get(hash_key)
+        if want is None and checkpoint_sha256 is not None:
+            raise SpadeError(f"{manifest_path} records no hash of {path.name}; export again")
+        if want is not None and sha256_file(path) != want:
+            raise SpadeError(f"{path} is not the file exported for prior {entry['name']!r} (its hash differs); export again")
+    return manifest
+
+
 def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None = None, device: str = "cpu",
-           shape: tuple[int, int] | None = None, sample=None) -> Reconstructor:
+           shape: tuple[int, int] | None = None, sample=None, checkpoint_sha256: str | None = None) -> Reconstructor:
     """A copy of ``model`` whose priors run on ``backend`` on ``device`` (``torch``: the model
-    itself when it is already there, else a copy; the caller's model is never moved).
+    itself when it is already there, else a copy; the caller's model is never moved). With
+    ``checkpoint_sha256``, the export must come from that checkpoint file (:func:`verify_export`).
 
     ``auto``: the engine the manifest records as fastest on this device for images of ``shape``
     (or those of ``sample = (y, physics)``), measured and recorded first where no such record
@@ -184,22 +220,20 @@ def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None 
     if backend == "auto":
         from .engines import deploy_auto
 
+        if manifest_path is not None:  # the engines it may pick must belong to this model
+            verify_export(model, "onnxruntime", manifest_path, checkpoint_sha256)
         return deploy_auto(model, manifest_path, device, shape=shape, sample=sample)
     if backend == "torch":
         return placed(model, dev)
     if manifest_path is None:
         raise SpadeError(f"the {backend} back-end needs an export manifest (spade export)")
-    manifest = read_export_manifest(manifest_path)
-    if manifest.get("model") != model.registry_name:
-        raise SpadeError(f"{manifest_path} was exported from a {manifest.get('model')!r}, not a {model.registry_name!r}")
+    manifest = verify_export(model, backend, manifest_path, checkpoint_sha256)
     root = Path(manifest_path).parent
     deployed = copy.deepcopy(model).to(device).eval()
     for entry in manifest["priors"]:
         if backend == "onnxruntime":
             module = OrtPrior(root / entry["onnx"], device, manifest["input"], manifest["output"])
         else:
-            if not entry.get("engine"):
-                raise SpadeError(f"{manifest_path} has no TensorRT engine for {entry['name']!r}; run `spade export --trt`")
             module = TrtPrior(root / entry["engine"], manifest["input"], manifest["output"], device)
         deployed.set_prior(entry["name"], module)
     return deployed

@@ -21,10 +21,22 @@ Two ways to run that rule, with the same iterates and per-sample iteration count
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .errors import SpadeError
+
+# Bounds of a solver's stopping rule: a cap of 10^4 iterations is minutes per slice for the
+# paper-size DEQ; a tolerance below 1e-12 is under float32 round-off and would always run to the cap.
+MAX_ITER = 10_000
+MIN_TOL = 1e-12
+
+
+class SolverConfigError(SpadeError, ValueError):
+    """A solver setting out of its bounds (a ValueError too, for callers that catch that)."""
 
 # ``T(x, idx)``: the iteration of the samples ``idx`` (a LongTensor of batch indices; ``None``: the
 # whole batch) applied to ``x``, which holds those samples only.
@@ -45,11 +57,18 @@ class SolverConfig:
 
     def __post_init__(self):
         if self.method not in ("anderson", "fixed-point"):
-            raise ValueError(f"unknown solver {self.method!r} (anderson | fixed-point)")
-        if self.max_iter < 1 or not self.tol > 0:
-            raise ValueError("solver needs max_iter >= 1 and tol > 0")
-        if self.check_every < 1:
-            raise ValueError("solver needs check_every >= 1")
+            raise SolverConfigError(f"unknown solver {self.method!r} (anderson | fixed-point)")
+        for name, value, lo, hi in (("max_iter", self.max_iter, 1, MAX_ITER), ("anderson_m", self.anderson_m, 1, 100)):
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise SolverConfigError(f"solver {name} must be an integer in [{lo}, {hi}], got {value!r}")
+        for name, value, lo, hi in (("tol", self.tol, MIN_TOL, 1.0), ("anderson_beta", self.anderson_beta, 1e-6, 1.0),
+                                    ("anderson_lam", self.anderson_lam, 0.0, 1.0)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not lo <= value <= hi or (name == "tol" and value >= hi):
+                raise SolverConfigError(f"solver {name} must be a finite number in [{lo:g}, {hi:g}"
+                                        f"{')' if name == 'tol' else ']'}, got {value!r}")
+        if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 1:
+            raise SolverConfigError(f"solver check_every must be an integer >= 1, got {self.check_every!r}")
 
 
 @dataclass

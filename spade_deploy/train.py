@@ -2,7 +2,8 @@
 
 ``fit`` runs Adam over a :class:`~spade_deploy.losses.Loss`; after each epoch it validates,
 keeps the best checkpoint and atomically writes a resumable ``last.safetensors`` (model, Adam
-state, epoch, history), so a kill loses at most the current epoch.
+state, epoch, history), and within an epoch every ``checkpoint_seconds`` (with the step and the
+RNG states), so a kill loses at most that much work and a resumed run ends tensor-identical.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 import dataclasses
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,6 +68,30 @@ class TrainConfig:
     def __post_init__(self):
         if self.lipschitz_on not in ("operator", "prior"):
             raise SpadeError(f"unknown Lipschitz penalty {self.lipschitz_on!r}: operator | prior")
+        from .solvers import MAX_ITER, MIN_TOL
+
+        ints = (("epochs", self.epochs, 1, 100_000), ("batch_size", self.batch_size, 1, 4096),
+                ("acceleration", self.acceleration, 1, 64), ("seed", self.seed, 0, 2**31 - 1),
+                ("train_max_iter", self.train_max_iter, 1, MAX_ITER), ("pretrain_steps", self.pretrain_steps, 0, 10**7),
+                ("max_steps_per_epoch", self.max_steps_per_epoch, 1, 10**9))
+        for name, value, lo, hi in ints:
+            if name == "max_steps_per_epoch" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise SpadeError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        # (name, value, low, high, low included): learning rates, penalties and tolerances.
+        floats = (("lr", self.lr, 0.0, 10.0, False), ("pretrain_lr", self.pretrain_lr, 0.0, 10.0, False),
+                  ("grad_clip", self.grad_clip, 0.0, 1e6, True), ("train_tol", self.train_tol, MIN_TOL, 1.0, True),
+                  ("lipschitz_weight", self.lipschitz_weight, 0.0, 1e6, True),
+                  ("lipschitz_target", self.lipschitz_target, 0.0, 1e3, False),
+                  ("center_fraction", self.center_fraction, 0.0, 1.0, False))
+        for name, value, lo, hi, closed in floats:
+            if name == "center_fraction" and value is None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not (lo <= value if closed else lo < value) or not value <= hi or (name == "train_tol" and value >= hi):
+                raise SpadeError(f"{name} must be a finite number in {'[' if closed else '('}{lo:g}, {hi:g}"
+                                 f"{')' if name == 'train_tol' else ']'}, got {value!r}")
 
     @property
     def contraction_target(self) -> float:
@@ -311,22 +337,27 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+# The denoiser pretraining's own Adam state, in a checkpoint written during pretraining.
+_PRETRAIN_PREFIX = f"{_OPTIM_PREFIX}pretrain."
+
+
+def _optim_tensors(opt: torch.optim.Optimizer, prefix: str = _OPTIM_PREFIX) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{_OPTIM_PREFIX}{pid}.{k}"] = v
+                tensors[f"{prefix}{pid}.{k}"] = v
             else:
                 scalars[f"{pid}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                   prefix: str = _OPTIM_PREFIX) -> None:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
-        pid, k = key[len(_OPTIM_PREFIX) :].split(".", 1)
+        pid, k = key[len(prefix) :].split(".", 1)
         state.setdefault(int(pid), {})[k] = v
     for key, v in meta.get("scalars", {}).items():
         pid, k = key.split(".", 1)
@@ -341,13 +372,89 @@ def _rng_state(seed: int, epoch: int) -> None:
     torch.manual_seed(s)
 
 
-def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step) -> None:
-    _rng_state(cfg.seed, -1)
+def _rng_capture() -> dict:
+    """The global RNG states (python, numpy, torch) as JSON: what a mid-epoch resume restores."""
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def _rng_restore(state: dict, where: str) -> None:
+    try:
+        py, npy = state["python"], state["numpy"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
+        raise SpadeError(f"{where}: its random-number state is corrupt; cannot resume mid-epoch") from None
+
+
+def _rng_neutral(loader: DataLoader):
+    """The batches of ``loader``, each fetched with the global RNG states put back afterwards.
+    Reading a slice may draw from them (an ESPIRiT estimate's random start), and whether it does
+    depends on a cache; a resumed run skips the fetches of finished steps. Fetching outside the
+    random streams keeps a resumed run identical to an uninterrupted one."""
+    it = iter(loader)
+    while True:
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            items = next(it)
+        except StopIteration:
+            return
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+        yield items
+
+
+def _epoch_batches(n_items: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The index batches of ``_loader(ds, batch_size, shuffle=True, seed)`` for a dataset of
+    ``n_items``, drawn without reading any data: a mid-epoch resume skips the finished ones."""
+    order = DataLoader(range(n_items), batch_size=batch_size, shuffle=True, collate_fn=list,
+                       generator=torch.Generator().manual_seed(seed), num_workers=0)
+    return [[int(i) for i in b] for b in order]
+
+
+# The files ``fit`` writes in its folder; a kill during an atomic write leaves ``.<name>.*.tmp``.
+RUN_FILES = ("best.safetensors", "last.safetensors", "history.json")
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temporary files a killed run left beside the run's files (atomic_path's)."""
+    removed = []
+    for name in RUN_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step, opt: torch.optim.Optimizer,
+              resume: dict | None = None, save: Callable[[dict], None] | None = None,
+              checkpoint_seconds: float | None = None) -> None:
+    """The denoiser pretraining (``model.pretrain_loss``). Each pass over the data is shuffled with
+    the seed ``seed * 1000 - (step at the pass's start) - 1``; ``save(state)`` is called every
+    ``checkpoint_seconds`` with what :func:`fit` needs to continue exactly (``resume``)."""
+    if resume is None:
+        _rng_state(cfg.seed, -1)
+        step = pass_start = 0
+    else:
+        step, pass_start = int(resume["step"]), int(resume["pass_start"])
+        _rng_restore(resume["rng"], "last.safetensors")
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
-    step, recent = 0, []
+    recent: list[float] = []
+    last_save = time.monotonic()
     while step < cfg.pretrain_steps:
-        for items in _loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 - step - 1):
+        if resume is None or step != int(resume["step"]):
+            pass_start = step
+        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
+        loader = DataLoader(train_ds, batch_sampler=batches[step - pass_start:], collate_fn=D.collate, num_workers=0,
+                            generator=torch.Generator().manual_seed(0))
+        resume = None
+        for items in _rng_neutral(loader):
             if step >= cfg.pretrain_steps:
                 break
             batch = on_model_device(make_batch(items, cfg.acceleration, cfg.cf, None), model)
@@ -357,6 +464,10 @@ def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step
             opt.step()
             step += 1
             recent.append(value.item())
+            if (save is not None and checkpoint_seconds is not None and step < cfg.pretrain_steps
+                    and time.monotonic() - last_save >= checkpoint_seconds):
+                save({"step": step, "pass_start": pass_start, "rng": _rng_capture()})
+                last_save = time.monotonic()
             if on_step:
                 on_step("pretraining prior", step, cfg.pretrain_steps, float(np.mean(recent[-20:])))
 
@@ -373,32 +484,59 @@ def fit(
     extra_manifest: dict | None = None,
     on_step: Callable[[str, int, int, float], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint_seconds: float | None = 120.0,
 ) -> FitResult:
-    """Train ``model`` with ``loss``; write ``best.safetensors`` and ``last.safetensors`` in ``out_dir``."""
+    """Train ``model`` with ``loss``; write ``best.safetensors`` and ``last.safetensors`` in ``out_dir``.
+
+    ``last.safetensors`` is written after each epoch, after the denoiser pretraining, and within an
+    epoch or the pretraining once ``checkpoint_seconds`` have passed since the last write (``0``: after every step;
+    ``None``: only at epoch ends). A mid-epoch checkpoint holds the finished step count, the running
+    losses and the global RNG states, so ``resume`` continues exactly: the same masks, the same
+    batches, tensor-identical weights. ``resume`` without a ``last.safetensors`` (a kill before the
+    first one) starts afresh. Stale temporary files of a killed run are removed on start."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint_seconds is not None and not (math.isfinite(checkpoint_seconds) and checkpoint_seconds >= 0):
+        raise SpadeError(f"checkpoint interval must be a finite number of seconds >= 0, got {checkpoint_seconds!r}")
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
     extra_manifest = dict(extra_manifest or {})
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    pre_opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
     history: list[dict] = []
-    start_epoch, best = 0, -math.inf
+    start_epoch, start_step, start_running, start_rng, best = 0, 0, [], None, -math.inf
+    pretrain_state = None
 
-    if resume:
-        if not last_path.exists():
-            raise SpadeError(f"--resume: no {last_path} to resume from")
+    resumed = resume and last_path.exists()
+    if resumed:
         state, manifest = load_checkpoint(last_path)
         ts = manifest.get("train_state")
-        if not ts:
+        if not isinstance(ts, dict) or not ts:
             raise SpadeError(f"{last_path} holds no training state")
-        if manifest.get("model") != model.registry_name or manifest.get("shapes") != model_manifest(model)["shapes"]:
-            raise SpadeError(f"{last_path} was written for another architecture; cannot resume")
-        load_state(model, {k: v for k, v in state.items() if not k.startswith(_OPTIM_PREFIX)}, where=str(last_path))
-        _restore_optim(opt, {k: v for k, v in state.items() if k.startswith(_OPTIM_PREFIX)}, ts["optimizer"])
-        start_epoch, best, history = ts["epoch"], ts["best_val_psnr"], ts["history"]
         if ts.get("train_config") != dataclasses.asdict(cfg):
             raise SpadeError("--resume with a different training configuration; start a new run instead")
+        if manifest.get("model") != model.registry_name or manifest.get("shapes") != model_manifest(model)["shapes"]:
+            raise SpadeError(f"{last_path} was written for another architecture; cannot resume")
+        from .checkpoint import check_finite
+
+        check_finite(state, str(last_path))
+        try:
+            start_epoch, best, history = int(ts["epoch"]), float(ts["best_val_psnr"]), list(ts["history"])
+            start_step, start_running = int(ts.get("step", 0)), [float(v) for v in ts.get("running", [])]
+            start_rng, pretrain_state = ts.get("rng"), ts.get("pretrain")
+            load_state(model, {k: v for k, v in state.items() if not k.startswith(_OPTIM_PREFIX)}, where=str(last_path))
+            _restore_optim(opt, {k: v for k, v in state.items()
+                                 if k.startswith(_OPTIM_PREFIX) and not k.startswith(_PRETRAIN_PREFIX)}, ts["optimizer"])
+            if pretrain_state is not None:
+                _restore_optim(pre_opt, {k: v for k, v in state.items() if k.startswith(_PRETRAIN_PREFIX)},
+                               pretrain_state["optimizer"], prefix=_PRETRAIN_PREFIX)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SpadeError(f"{last_path}: its training state is incomplete or corrupt ({type(exc).__name__}); "
+                             "start a new run instead") from None
+        if not 0 <= start_epoch <= cfg.epochs or start_step < 0 or (start_step and start_rng is None):
+            raise SpadeError(f"{last_path}: its training state (epoch {start_epoch}, step {start_step}) is inconsistent")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
 
     if teacher is not None:
         if model_device(teacher) != model_device(model):  # a copy: the caller's teacher stays where it is
@@ -410,18 +548,47 @@ def fit(
     if hasattr(model, "train_solver_cfg"):
         model.train_solver_cfg = dataclasses.replace(model.solver_cfg, max_iter=cfg.train_max_iter, tol=cfg.train_tol)
 
-    if cfg.pretrain_steps and hasattr(model, "pretrain_loss") and not resume:
-        _pretrain(model, train_ds, cfg, on_step)
+    def save_last(epoch: int, step: int, running: list[float], rng: dict | None, pretrain: dict | None = None) -> None:
+        optim_tensors, optim_meta = _optim_tensors(opt)
+        if pretrain is not None:  # mid-pretraining: its own optimizer and position
+            pre_tensors, pretrain["optimizer"] = _optim_tensors(pre_opt, _PRETRAIN_PREFIX)
+            optim_tensors.update(pre_tensors)
+        train_state = {
+            "epoch": epoch,  # finished epochs
+            "step": step,  # finished steps of the next epoch (0: at an epoch boundary)
+            "running": running,
+            "rng": rng,
+            "best_val_psnr": best,
+            "history": history,
+            "optimizer": optim_meta,
+            "train_config": dataclasses.asdict(cfg),
+            **({"pretrain": pretrain} if pretrain is not None else {}),
+        }
+        save_checkpoint(last_path, {**model.state_dict(), **optim_tensors},
+                        model_manifest(model, **extra_manifest, train_config=dataclasses.asdict(cfg), epoch=epoch,
+                                       train_state=train_state))
 
+    if cfg.pretrain_steps and hasattr(model, "pretrain_loss") and (not resumed or pretrain_state is not None):
+        _pretrain(model, train_ds, cfg, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
+                  save=lambda pre: save_last(0, 0, [], None, pretrain=pre))
+        save_last(0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
+
+    last_save = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
-        _rng_state(cfg.seed, epoch)
+        mid_epoch = epoch == start_epoch and start_step > 0
+        if mid_epoch:
+            _rng_restore(start_rng, str(last_path))
+        else:
+            _rng_state(cfg.seed, epoch)
         model.train()
-        loader = _loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
-        n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        running = []
-        for step, items in enumerate(loader):
-            if step >= n_steps:
-                break
+        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed * 1000 + epoch)
+        n_steps = len(batches) if cfg.max_steps_per_epoch is None else min(len(batches), cfg.max_steps_per_epoch)
+        first = min(start_step, n_steps) if mid_epoch else 0
+        running = list(start_running) if mid_epoch else []
+        # Its own generator: a loader without one would draw its base seed from torch's global RNG.
+        loader = DataLoader(train_ds, batch_sampler=batches[first:n_steps], collate_fn=D.collate, num_workers=0,
+                            generator=torch.Generator().manual_seed(0))
+        for step, items in enumerate(_rng_neutral(loader), start=first):
             # Fine-tuning on test measurements keeps their (fixed) masks; training draws new ones.
             seeds = eval_seeds(items) if cfg.fixed_masks else [np.random.randint(0, 2**31 - 1) for _ in items["fname"]]
             batch = on_model_device(make_batch(items, cfg.acceleration, cfg.cf, seeds), model)
@@ -436,6 +603,10 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             running.append(value.item())
+            if (checkpoint_seconds is not None and step + 1 < n_steps
+                    and time.monotonic() - last_save >= checkpoint_seconds):
+                save_last(epoch, step + 1, running, _rng_capture())
+                last_save = time.monotonic()
             if on_step:
                 on_step(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, n_steps, float(np.mean(running[-20:])))
 
@@ -458,19 +629,8 @@ def fit(
             best = score
             record["best"] = True
             save_checkpoint(best_path, model.state_dict(), model_manifest(model, **manifest_extra, history=history))
-        optim_tensors, optim_meta = _optim_tensors(opt)
-        train_state = {
-            "epoch": epoch + 1,
-            "best_val_psnr": best,
-            "history": history,
-            "optimizer": optim_meta,
-            "train_config": dataclasses.asdict(cfg),
-        }
-        save_checkpoint(
-            last_path,
-            {**model.state_dict(), **optim_tensors},
-            model_manifest(model, **manifest_extra, train_state=train_state),
-        )
+        save_last(epoch + 1, 0, [], None)
+        last_save = time.monotonic()
         if on_epoch:
             on_epoch(record)
     best_record = [h for h in history if h.get("best")][-1]

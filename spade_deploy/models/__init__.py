@@ -12,6 +12,9 @@ the dense one before the tensors are loaded (no pickled modules anywhere).
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -121,23 +124,107 @@ def preset_config(name: str, preset: str | None = None, **overrides: Any):
 
 
 def build_model(name: str, config: Any = None, preset: str | None = None) -> Reconstructor:
+    """The registered architecture ``name``. A ``config`` given as a dict (a checkpoint's manifest)
+    is validated first: field types and ranges, then its parameter count on the meta device
+    (nothing allocated), so a tampered file cannot make this allocate more than the machine has."""
     entry = get_entry(name)
     if config is None:
         config = preset_config(name, preset)
-    elif isinstance(config, dict):
+    elif isinstance(config, dict) or not isinstance(config, entry.config_cls):
         config = config_from_dict(entry.config_cls, config)
-    model = entry.builder(config)
+        check_size(_build(entry, config, meta=True), f"{name} config")
+    model = _build(entry, config)
     model.registry_name = name
     model.config = config
     return model
 
 
-def config_from_dict(cls: type, data: dict) -> Any:
+def _build(entry: ModelEntry, config: Any, meta: bool = False) -> Reconstructor:
+    try:
+        if meta:
+            with torch.device("meta"):
+                return entry.builder(config)
+        return entry.builder(config)
+    except SpadeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a validated but inconsistent config (a builder's assertion)
+        raise SpadeError(f"cannot build a {entry.name!r} from config {dataclasses.asdict(config)}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+# Config fields are counts, widths and iteration caps: every int field lies in [1, INT_MAX].
+INT_MAX = 10_000
+FLOAT_MAX = 1e6
+
+
+def _check_value(where: str, hint: Any, value: Any) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return
+        hint = next((a for a in args if a is not type(None)), hint)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not 1 <= value <= INT_MAX:
+            raise SpadeError(f"{where} = {value} is out of range [1, {INT_MAX}]")
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not (math.isfinite(value) and abs(value) <= FLOAT_MAX):
+            raise SpadeError(f"{where} = {value} is not a finite number of magnitude <= {FLOAT_MAX:g}")
+    elif hint is str:
+        ok = isinstance(value, str) and 0 < len(value) <= 100
+    else:
+        ok = isinstance(value, (bool, int, float, str)) or value is None
+    if not ok:
+        expected = getattr(hint, "__name__", str(hint))
+        raise SpadeError(f"{where} must be {expected}, got {type(value).__name__} {str(value)[:40]!r}")
+
+
+def config_from_dict(cls: type, data: Any) -> Any:
+    """A config dataclass from a manifest's JSON, every field checked against its annotation."""
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, dict):
+        raise SpadeError(f"config for {cls.__name__} must be a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise SpadeError(f"config for {cls.__name__} has unknown fields: {', '.join(sorted(unknown))}")
-    return cls(**data)
+        raise SpadeError(f"config for {cls.__name__} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        _check_value(f"config field {cls.__name__}.{key}", hints[key], value)
+    try:
+        config = cls(**data)
+        getattr(config, "solver_config", None)  # a DEQ's solver limits (SolverConfig) checked here
+    except SpadeError as exc:
+        raise SpadeError(f"config for {cls.__name__}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise SpadeError(f"config for {cls.__name__} is invalid: {exc}") from None
+    return config
+
+
+# A generous cap on a checkpoint's parameter count whatever the machine (the paper-size models
+# have 1 M (DEQ) and 20 M (VarNet)): 10^9 float32 parameters are 4 GiB.
+MAX_PARAMETERS = 1_000_000_000
+
+
+def max_parameters() -> int:
+    """The largest model a checkpoint may describe: float32 weights within a quarter of this
+    machine's memory (held several times over: model, state dict, Adam moments), at most
+    :data:`MAX_PARAMETERS`."""
+    from ..paths import memory_bytes
+
+    return min(memory_bytes() // 16, MAX_PARAMETERS)
+
+
+def check_size(model: nn.Module, what: str) -> None:
+    n = count_parameters(model)
+    if n > max_parameters():
+        raise SpadeError(f"{what} describes {n:,} parameters ({4 * n / 2**30:,.1f} GiB), more than this machine "
+                         f"can hold (limit {max_parameters():,})")
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -159,12 +246,24 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 
 def adapt_widths(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
-    """Replace convolutions (and the norms that follow their width) by ones of the recorded widths."""
+    """Replace convolutions (and the norms that follow their width) by ones of the recorded widths.
+
+    ``shapes`` comes from a file: it must map this architecture's convolution names to two widths
+    in ``[1, INT_MAX]``, else a one-line :class:`SpadeError` (the caller bounds the total size)."""
+    if not isinstance(shapes, dict):
+        raise SpadeError(f"checkpoint layer shapes must be a JSON object, got {type(shapes).__name__}")
     modules = dict(model.named_modules())
-    for name, (cin, cout) in shapes.items():
+    for name, widths in shapes.items():
+        if (not isinstance(widths, (list, tuple)) or len(widths) != 2
+                or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= INT_MAX for w in widths)):
+            raise SpadeError(f"checkpoint layer shape of {name!r} must be two widths in [1, {INT_MAX}], "
+                             f"got {str(widths)[:40]!r}")
+        cin, cout = widths
         old = modules.get(name)
         if not isinstance(old, _ADAPTABLE):
             raise SpadeError(f"checkpoint names layer {name!r}, which this architecture does not have")
+        if old.groups != 1 and (cin % old.groups or cout % old.groups):
+            raise SpadeError(f"checkpoint layer {name!r}: widths {cin}, {cout} are not divisible by its {old.groups} groups")
         if (old.in_channels, old.out_channels) == (cin, cout):
             continue
         kwargs = dict(

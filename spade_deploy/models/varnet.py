@@ -21,6 +21,7 @@ prediction of the measurements is its final multi-coil k-space under the mask,
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,17 +351,24 @@ def load_fastmri_checkpoint(
     if model not in ("varnet", "e2e-varnet"):
         raise SpadeError(f"fastMRI checkpoints hold a varnet or e2e-varnet, not {model!r}")
     try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SpadeError(f"checkpoint {path} not found") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal or corrupt file
-        raise SpadeError(f"{path} is not a loadable PyTorch state dict ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        detail = str(exc).splitlines()[0] if str(exc).strip() else "empty or truncated file"
+        raise SpadeError(f"{path} is not a loadable PyTorch state dict ({type(exc).__name__}: {detail})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if (not isinstance(state, dict) or not state or not all(isinstance(k, str) for k in state)
+            or not all(torch.is_tensor(v) for v in state.values())):
         raise SpadeError(f"{path} does not hold a state dict of tensors")
     if any(k.startswith("varnet.") for k in state):  # fastMRI's Lightning module wraps the model
         state = {k[len("varnet."):]: v for k, v in state.items() if k.startswith("varnet.")}
-    cfg = config_from_state_dict(state)
+    try:
+        cfg = config_from_state_dict(state)
+    except (IndexError, ValueError, TypeError) as exc:
+        raise SpadeError(f"{path} is not a fastMRI VarNet state dict ({type(exc).__name__}: {exc})") from None
     if expect is not None and (cfg.num_cascades, cfg.chans, cfg.pools) != (expect.num_cascades, expect.chans, expect.pools):
         raise SpadeError(
             f"{path} has {cfg.num_cascades} cascades of U-Nets with {cfg.chans} channels and {cfg.pools} pools; "
