@@ -588,15 +588,18 @@ def prune(
 
 def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None, target_speedup=None,
                size=(160, 160), device=None):
-    from spade_deploy.prune import check_ratio, check_widths, default_timer, prune_checkpoint, prune_to_speedup
+    from spade_deploy.prune import (check_ratio, check_widths, default_timer, prune_checkpoint, prune_to_speedup,
+                                     pruned_name)
 
     from spade_deploy.paths import check_outputs
 
     round_to = check_widths(round_to)
     if target_speedup is None:
         ratios = [check_ratio(r) for r in ratios]
+    names = ([pruned_name(checkpoint.stem, r, round_to) for r in ratios] if target_speedup is None
+             else [pruned_name(checkpoint.stem, 0.0, round_to, target_speedup)])
     _check_out_dir(out)
-    check_outputs(folders=[out], inputs=[checkpoint])
+    check_outputs(files=[out / n for n in names], folders=[out], inputs=[checkpoint])
     timer = default_timer(device) if (round_to == "auto" or target_speedup is not None) else None
     if target_speedup is not None:
         with console.status(f"searching the ratio for x{target_speedup:g} measured on {timer.device}"):

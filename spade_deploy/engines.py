@@ -344,10 +344,10 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
     if measure_loop and usable:
         solver_kw = {}
         if hasattr(model, "solver_cfg"):
-            from .solvers import SolverConfig
+            from .solvers import MIN_TOL, SolverConfig
 
-            # A tolerance no iterate meets: exactly ``loop_iterations`` iterations per call.
-            solver_kw["solver"] = SolverConfig(method=model.solver_cfg.method, max_iter=loop_iterations, tol=1e-30,
+            # The smallest tolerance allowed, which no float32 iterate meets: exactly ``loop_iterations`` iterations per call.
+            solver_kw["solver"] = SolverConfig(method=model.solver_cfg.method, max_iter=loop_iterations, tol=MIN_TOL,
                                                anderson_m=model.solver_cfg.anderson_m)
         swapped = {}
         for eng in usable:

@@ -86,7 +86,7 @@ class TrainConfig:
                   ("lipschitz_target", self.lipschitz_target, 0.0, 1e3, False),
                   ("center_fraction", self.center_fraction, 0.0, 1.0, False))
         for name, value, lo, hi, closed in floats:
-            if name == "center_fraction" and value is None:
+            if name in ("center_fraction", "lipschitz_target") and value is None:
                 continue
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or not (lo <= value if closed else lo < value) or not value <= hi or (name == "train_tol" and value >= hi):
@@ -409,12 +409,11 @@ def _rng_neutral(loader: DataLoader):
         yield items
 
 
-def _epoch_batches(n_items: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The index batches of ``_loader(ds, batch_size, shuffle=True, seed)`` for a dataset of
-    ``n_items``, drawn without reading any data: a mid-epoch resume skips the finished ones."""
-    order = DataLoader(range(n_items), batch_size=batch_size, shuffle=True, collate_fn=list,
-                       generator=torch.Generator().manual_seed(seed), num_workers=0)
-    return [[int(i) for i in b] for b in order]
+def _epoch_batches(ds: Dataset, batch_size: int, seed: int) -> list[list[int]]:
+    """The index batches of ``_loader(ds, batch_size, shuffle=True, seed)`` (slices of one shape
+    each), drawn without reading any data: a mid-epoch resume skips the finished ones."""
+    sampler = D.ShapeBatchSampler(ds, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return [list(b) for b in sampler]
 
 
 # The files ``fit`` writes in its folder; a kill during an atomic write leaves ``.<name>.*.tmp``.
@@ -450,7 +449,7 @@ def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step
     while step < cfg.pretrain_steps:
         if resume is None or step != int(resume["step"]):
             pass_start = step
-        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
+        batches = _epoch_batches(train_ds, cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
         loader = DataLoader(train_ds, batch_sampler=batches[step - pass_start:], collate_fn=D.collate, num_workers=0,
                             generator=torch.Generator().manual_seed(0))
         resume = None
@@ -581,7 +580,7 @@ def fit(
         else:
             _rng_state(cfg.seed, epoch)
         model.train()
-        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed * 1000 + epoch)
+        batches = _epoch_batches(train_ds, cfg.batch_size, cfg.seed * 1000 + epoch)
         n_steps = len(batches) if cfg.max_steps_per_epoch is None else min(len(batches), cfg.max_steps_per_epoch)
         first = min(start_step, n_steps) if mid_epoch else 0
         running = list(start_running) if mid_epoch else []

@@ -164,6 +164,13 @@ def _check_value(where: str, hint: Any, value: Any) -> None:
         if value is None and type(None) in args:
             return
         hint = next((a for a in args if a is not type(None)), hint)
+    if origin in (tuple, list):  # e.g. USRNet's widths per level, a JSON list in the manifest
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis] or [Any]
+        if not isinstance(value, (list, tuple)) or not 0 < len(value) <= 64:
+            raise SpadeError(f"{where} must be a list of at most 64 values, got {type(value).__name__} {str(value)[:40]!r}")
+        for i, v in enumerate(value):
+            _check_value(f"{where}[{i}]", args[0], v)
+        return
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -196,6 +203,7 @@ def config_from_dict(cls: type, data: Any) -> Any:
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         _check_value(f"config field {cls.__name__}.{key}", hints[key], value)
+    data = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in data.items()}
     try:
         config = cls(**data)
         getattr(config, "solver_config", None)  # a DEQ's solver limits (SolverConfig) checked here
