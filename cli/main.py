@@ -378,6 +378,8 @@ def demo(
         _run_eval(best, root, "test", recipe.train.acceleration, json_out=base_dir / "eval-test.json")
         console.rule(f"{name}: SPADE prune")
         pruned = [p for p, _ in _run_prune(best, list(PAPER_RATIOS), base_dir / "pruned")]
+        # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
+        pruned += [p for p, _ in _run_prune(best, [max(PAPER_RATIOS)], base_dir / "pruned", round_to="auto")]
         console.rule(f"{name}: SPADE fine-tune")
         tuned = []
         for path in pruned:
