@@ -51,7 +51,7 @@ from spade_deploy.models import build_model  # noqa: E402
 from spade_deploy.physics import center_fraction_for  # noqa: E402
 from spade_deploy.prune import prune_model  # noqa: E402
 from spade_deploy.runtime import check_precision, deploy, low_precision  # noqa: E402
-from spade_deploy.train import _loader, eval_seeds, make_batch  # noqa: E402
+from spade_deploy.tasks.mri import MRITask  # noqa: E402
 
 ACCELERATION = 6
 RATIO = 0.4
@@ -181,8 +181,8 @@ def run(data: Path, out: Path, dev: torch.device, engines: list[str], budget_s: 
     t_start = time.monotonic()
     test = SliceDataset(data)
     cf = center_fraction_for(ACCELERATION)
-    items = next(iter(_loader(test, 1, shuffle=False, seed=0)))
-    batch = make_batch(items, ACCELERATION, cf, eval_seeds(items))
+    task = MRITask(ACCELERATION, cf)
+    batch = task.eval_batch(next(iter(task.loader(test, 1, shuffle=False, seed=0))))
     check_input = to_device((batch.y, batch.physics), dev)
     size = tuple(batch.y.shape[-2:])
     device_name = B.describe_device(dev)
@@ -233,7 +233,7 @@ def run(data: Path, out: Path, dev: torch.device, engines: list[str], budget_s: 
         backends = {e: (lambda v, e=e: deployed[(by_model[id(v.model)], e)]) for e in ran}
         result = None
         if "torch" in ran:
-            result = B.run_bench(variants, backends, test, ACCELERATION, cf, repeats=repeats, warmup=2, device=str(dev))
+            result = B.run_bench(variants, backends, test, MRITask(ACCELERATION, cf), repeats=repeats, warmup=2, device=str(dev))
         md = md_head + _status_lines(status) + [""]
         payload = {"device": device_name, "weights": weights, "engines": status, "torch": torch.__version__,
                    "cuda": torch.version.cuda if dev.type == "cuda" else None}

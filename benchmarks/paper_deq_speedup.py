@@ -49,7 +49,8 @@ from spade_deploy.metrics import psnr
 from spade_deploy.models import build_model, count_parameters, preset_config
 from spade_deploy.prune import prune_model
 from spade_deploy.runtime import deploy
-from spade_deploy.train import TrainConfig, eval_seeds, fit, make_batch
+from spade_deploy.tasks.mri import eval_seeds, make_batch
+from spade_deploy.train import TrainConfig, fit
 
 
 def train_denoiser(model, ds, steps: int, crop: int, what: str, seed: int = 0, batch_size: int = 4) -> None:
@@ -120,7 +121,7 @@ def main() -> None:
     for i in range(len(ds) if args.slices is None else min(args.slices, len(ds))):
         items = D.collate([ds[i]])
         batches.append(make_batch(items, 6, 0.08, eval_seeds(items)))
-    slices = [(b.y, b.physics, f"{b.fnames[0]}:{b.slices[0]}") for b in batches]
+    slices = [(b.y, b.physics, "{}:{}".format(*b.keys[0])) for b in batches]
     backends = list(dict.fromkeys(args.backend or ["torch", "auto"]))
 
     train_ds = D.SliceDataset(root / "train")

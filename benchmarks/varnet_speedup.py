@@ -29,6 +29,7 @@ import torch
 
 from spade_deploy import data as D
 from spade_deploy.bench import AGGREGATION, bench_slices, prior_macs, time_interleaved
+from spade_deploy.tasks.mri import MRITask
 from spade_deploy.checkpoint import load_model
 from spade_deploy.export import export_onnx
 from spade_deploy.io import write_json, write_text
@@ -55,7 +56,7 @@ def main() -> None:
 
     root = D.default_data_root()
     test_ds = D.SliceDataset(root / "test")
-    slices = bench_slices(test_ds, 6, 0.08, torch.device("cpu"))[: args.slices]
+    slices = bench_slices(test_ds, MRITask(6, 0.08), torch.device("cpu"))[: args.slices]
     y, physics = slices[0][:2]
     backends = list(dict.fromkeys(args.backend or ["torch", "auto"]))
 

@@ -304,6 +304,7 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
     from spade_deploy.errors import SpadeError
     from spade_deploy.io import write_json
     from spade_deploy.paths import check_outputs
+    from spade_deploy.tasks.mri import MRITask
     from spade_deploy.train import evaluate
 
     if json_out is not None:
@@ -321,7 +322,8 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
     ds = _split(root, split, coil_maps, cache_dir)
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"reconstructing {split}", total=None, info="")
-        res = evaluate(net, ds, acceleration, center_fraction, solver=solver_cfg, batch_size=batch_size,
+        res = evaluate(net, ds, MRITask(acceleration, center_fraction, coil_maps, cache_dir), solver=solver_cfg,
+                       batch_size=batch_size,
                        on_batch=lambda i, n: bar.update(task, completed=i, total=n))
     maps = "estimated from the ACS block" if res.coil_maps == "espirit" else "the files' sens_maps (reference)"
     table = Table(title=f"{manifest['model']} on {split} ({res.n_slices} slices, acceleration {acceleration}; fastMRI's "
@@ -798,8 +800,8 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
     from spade_deploy.paths import check_outputs, sha256_file
-    from spade_deploy.physics import center_fraction_for
     from spade_deploy.runtime import BACKENDS, deploy
+    from spade_deploy.tasks.mri import MRITask
 
     for b in backends:
         if b not in BACKENDS:
@@ -846,15 +848,15 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     for path, net in to_export:
         manifests[id(net)] = _run_export(path, engines, trt="tensorrt" in backends, quiet=True, stem=stems[path],
                                          size=trt_size).manifest_path
-    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    task_ = MRITask(acceleration, center_fraction, coil_maps, cache_dir)
     deployers = {b: (lambda v, sample, b=b: deploy(v.model, b, manifests.get(id(v.model)), device, sample=sample,
                                              checkpoint_sha256=hashes.get(id(v.model))))
                  for b in backends}
     with progress_bar(transient=True) as bar:
         task = bar.add_task("benchmarking", total=None, info="")
-        result = B.run_bench(variants, deployers, test_ds, acceleration, cf, repeats=repeats, warmup=warmup,
+        result = B.run_bench(variants, deployers, test_ds, task_, repeats=repeats, warmup=warmup,
                              device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
-    table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; zero-filled PSNR {result.psnr_zero_filled:.2f} dB)")
+    table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; {result.baseline} PSNR {result.psnr_baseline:.2f} dB)")
     for col in B.COLUMNS:
         table.add_column(col, justify="right", no_wrap=True)
     for row in B.table_rows(result):
@@ -868,7 +870,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         for label in dict.fromkeys(v.label for v in variants):
             mine = [v for v in variants if v.label == label]
             if any(v.ratio > 0 for v in mine):
-                paths[f"examples {label}"] = B.plot_examples(mine, _split(root, split, coil_maps, cache_dir), acceleration, cf,
+                paths[f"examples {label}"] = B.plot_examples(mine, _split(root, split, coil_maps, cache_dir), task_,
                                                              out / f"{stem}-{label}-examples.png")
     console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in paths.values()))
     return result

@@ -35,9 +35,9 @@ from .device import on_model_device, placed
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters
 from .solvers import SolverConfig
-from .data import collate as D_collate
 from .engines import describe_device
-from .train import EvalResult, _loader, eval_seeds, evaluate, make_batch
+from .tasks import Task
+from .train import evaluate
 
 AGGREGATION = "latency: median over rounds per slice, then mean over slices"
 
@@ -62,7 +62,7 @@ class BenchRow:
     backend: str
     params: int
     macs: int | None
-    psnr: float  # fastMRI's, against reconstruction_rss
+    psnr: float  # the task's (MRI: fastMRI's, against reconstruction_rss)
     ssim: float
     mean_iterations: float | None
     all_converged: bool | None
@@ -79,8 +79,10 @@ class BenchRow:
     speedup_per_iteration: float | None = None
     efficiency: float | None = None
     speedup_same_backend: float | None = None
+    # the task's secondary scores (Task.secondary_scores; MRI: NMSE, and PSNR / SSIM against the
+    # fully sampled SENSE image of the same maps)
     nmse: float = float("nan")
-    psnr_sense: float | None = None  # against the fully sampled SENSE image of the same maps
+    psnr_sense: float | None = None
     ssim_sense: float | None = None
 
 
@@ -89,13 +91,16 @@ class BenchResult:
     rows: list[BenchRow]
     config: dict
     device: str
-    psnr_zero_filled: float
+    psnr_baseline: float  # the task's naive reconstruction (MRI: zero-filled RSS; SR: bicubic)
     examples: dict = field(default_factory=dict)
-    ssim_zero_filled: float = float("nan")
+    ssim_baseline: float = float("nan")
+    baseline: str = ""
+    header: str = ""  # what the scores are (the task's description)
 
     def as_dict(self) -> dict:
-        return {"device": self.device, "config": self.config, "psnr_zero_filled": self.psnr_zero_filled,
-                "ssim_zero_filled": self.ssim_zero_filled, "rows": [dataclasses.asdict(r) for r in self.rows]}
+        return {"device": self.device, "config": self.config, "baseline": self.baseline,
+                "psnr_baseline": self.psnr_baseline, "ssim_baseline": self.ssim_baseline,
+                "rows": [dataclasses.asdict(r) for r in self.rows]}
 
 
 def _sync(device: torch.device) -> None:
@@ -136,12 +141,13 @@ def time_reconstruction(model: Reconstructor, y: torch.Tensor, physics, warmup: 
     return [time_once(model, y, physics, solver) for _ in range(repeats)]
 
 
-def bench_slices(test_ds: Dataset, acceleration: int, center_fraction: float, device: torch.device) -> list:
-    """Every slice of ``test_ds`` as ``(y, physics, "file:slice")`` with fastMRI's per-file mask."""
+def bench_slices(test_ds: Dataset, task: Task, device: torch.device) -> list:
+    """Every sample of ``test_ds`` as ``(y, physics, label)``, measured as the task evaluates
+    (MRI: fastMRI's per-file mask; label "file:slice")."""
     out = []
-    for items in _loader(test_ds, 1, shuffle=False, seed=0):
-        batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
-        out.append((batch.y.to(device), batch.physics.to(device), f"{batch.fnames[0]}:{batch.slices[0]}"))
+    for items in task.loader(test_ds, 1, shuffle=False, seed=0):
+        batch = task.eval_batch(items)
+        out.append((batch.y.to(device), batch.physics.to(device), task.sample_label(batch.keys[0])))
     return out
 
 
@@ -203,8 +209,7 @@ def run_bench(
     variants: Sequence[Variant],
     backends: dict[str, Callable[..., Reconstructor]],
     test_ds: Dataset,
-    acceleration: int,
-    center_fraction: float,
+    task: Task,
     solver: SolverConfig | None = None,
     warmup: int = 1,
     repeats: int = 5,
@@ -225,7 +230,7 @@ def run_bench(
     for v in variants:
         names = list(backends) if "torch" in backends or v.ratio > 0 else ["torch", *backends]
         plan += [(v, name, backends.get(name, lambda v, sample=None: placed(v.model, dev))) for name in names]
-    slices = bench_slices(test_ds, acceleration, center_fraction, dev)
+    slices = bench_slices(test_ds, task, dev)
     sample = slices[0][:2]
     macs = {id(v): prior_macs(v.model, tuple(sample[0].shape[-2:])) for v in variants}  # per variant, not per back-end
     total = len(plan) * (1 + repeats)
@@ -234,7 +239,7 @@ def run_bench(
         if on_progress:
             on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}: quality", step, total)
         model = placed(deploy(v, sample), dev).eval()  # never moves the caller's model
-        res: EvalResult = evaluate(model, test_ds, acceleration, center_fraction, solver=solver)
+        res = evaluate(model, test_ds, task, solver=solver)
         for _ in range(warmup):
             time_once(model, *sample, solver=solver, timer=timer)
         deployed.append(model)
@@ -258,23 +263,21 @@ def run_bench(
             mean_iterations=res.mean_iterations, all_converged=res.all_converged,
             latency_ms=t.latency_ms, latency_iqr_ms=t.iqr_ms, n_slices=len(slices),
             slices_on_cap=t.slices_on_cap, ms_per_iteration=t.ms_per_iteration, slice_latency_ms=t.median_ms,
-            slice_iterations=t.iterations if t.has_solver else [],
-            nmse=res.nmse, psnr_sense=res.psnr_sense, ssim_sense=res.ssim_sense,
+            slice_iterations=t.iterations if t.has_solver else [], **task.secondary_scores(res),
         ))
     add_speedups(rows)
-    cfg = {"acceleration": acceleration, "center_fraction": center_fraction,
+    cfg = {**task.options(),
            # the stopping rule every variant ran: the one given, else each architecture's own
            "solver": dataclasses.asdict(solver) if solver else ({v.label: dataclasses.asdict(v.model.solver_cfg)
                                                                  for v in variants if hasattr(v.model, "solver_cfg")} or None),
            "warmup": warmup, "rounds": repeats,
            "backends": list(backends), "aggregation": AGGREGATION,
            "slices": [s[2] for s in slices], "slice_shape": list(sample[0].shape[-2:]),
-           "scores": "fastMRI evaluate() vs reconstruction_rss",
-           "coil_maps": quality[0].coil_maps if quality else None}
-    zf = quality[0].psnr_zero_filled if quality else float("nan")
-    zf_ssim = quality[0].ssim_zero_filled if quality else float("nan")
-    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_zero_filled=zf,
-                       ssim_zero_filled=zf_ssim)
+           "scores": task.scores_name, **(task.result_config(quality[0]) if quality else {})}
+    zf = quality[0].psnr_baseline if quality else float("nan")
+    zf_ssim = quality[0].ssim_baseline if quality else float("nan")
+    return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_baseline=zf,
+                       ssim_baseline=zf_ssim, baseline=task.baseline_name, header=task.bench_header)
 
 
 def add_speedups(rows: Sequence[BenchRow]) -> None:
@@ -327,8 +330,9 @@ def table_rows(result: BenchResult) -> list[list[str]]:
 
 
 def _header(result: BenchResult) -> str:
-    return (f"Device: {result.device}. Scores: fastMRI's evaluate() against reconstruction_rss (SENSE PSNR: against "
-            f"the fully sampled SENSE image). Zero-filled (RSS) PSNR {result.psnr_zero_filled:.2f} dB. {AGGREGATION}; "
+    baseline = (result.baseline or "baseline")[:1].upper() + (result.baseline or "baseline")[1:]
+    return (f"Device: {result.device}. Scores: {result.header or 'the task'}. {baseline} PSNR "
+            f"{result.psnr_baseline:.2f} dB. {AGGREGATION}; "
             "speed-ups against the unpruned PyTorch model (whole reconstruction, per outer iteration), "
             "efficiency = per-iteration speed-up / MAC ratio, \"on cap\" = slices stopped by the iteration cap. "
             f"Config: `{json.dumps(result.config)}`.")
@@ -385,46 +389,39 @@ def plot_degradation(result: BenchResult, path: str | Path, backend: str = "torc
 
 
 @torch.no_grad()
-def plot_examples(variants: Sequence[Variant], test_ds: Dataset, acceleration: int, center_fraction: float,
+def plot_examples(variants: Sequence[Variant], test_ds: Dataset, task: Task,
                   path: str | Path, index: int = 0, ratio: float | None = None) -> Path:
-    """One test slice of one architecture's ``variants``: reference, zero-filled, unpruned and the
-    pruned variants at ``ratio`` (default: the largest), each labelled with its PSNR and its degradation against the unpruned model
-    (the paper's Figures 6-8)."""
+    """One test sample of one architecture's ``variants``: the reference, the task's baseline, the
+    unpruned model and the pruned variants at ``ratio`` (default: the largest), each as the task
+    scores it (:meth:`Task.shown`), labelled with its PSNR and its degradation against the unpruned
+    model (the paper's Figures 5-8)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import fastmri_crop, psnr, recon_magnitude
-    from .physics import ifft2c, rss
-
-    items = D_collate([test_ds[index]])
-    batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
+    batch = task.eval_batch(task.collate([test_ds[index]]))
     ratio = ratio if ratio is not None else max(v.ratio for v in variants)
     shown = [v for v in variants if v.ratio == 0] + [v for v in variants if v.ratio == ratio and v.ratio > 0]
-    # As scored: reconstruction_rss and the header-size magnitude, both in fastMRI's crop.
-    def shown_pair(img):
-        return fastmri_crop(batch.target, recon_magnitude(img, batch.recon_size))
-
-    ref = shown_pair(batch.target)[0][0].numpy()
-    zf = shown_pair(rss(ifft2c(batch.y), dim=1))[1][0].numpy()
-    panels = [("reference", ref, None), ("zero-filled", zf, None)]
+    ref = task.shown_reference(batch)
+    zf = task.shown(batch, task.baseline(batch))
+    panels = [("reference", ref, None), (task.baseline_name, zf, None)]
     for v in shown:
-        x = shown_pair(v.model.eval()(*on_model_device((batch.y, batch.physics), v.model)).cpu())[1][0].numpy()
+        x = task.shown(batch, v.model.eval()(*on_model_device((batch.y, batch.physics), v.model)).cpu())
         name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}: {v.strategy}"
         panels.append((name, x, v.ratio == 0))
     base_psnr = None
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.8))
     for ax, (name, img, is_base) in zip(axes, panels):
-        ax.imshow(img, cmap="gray", vmin=0, vmax=ref.max())
+        ax.imshow(img, cmap="gray", vmin=0, vmax=ref.max()) if img.ndim == 2 else ax.imshow(img.clip(0, 1))
         ax.set_title(name, fontsize=8)
         ax.axis("off")
         if name != "reference":
-            p = psnr(ref[None], img[None])
+            p = task.example_psnr(ref, img)
             if is_base:
                 base_psnr = p
             ax.text(3, 12, f"{p:.2f} dB", color="yellow", fontsize=8)
-            if base_psnr is not None and not is_base and name != "zero-filled":
+            if base_psnr is not None and not is_base and name != task.baseline_name:
                 ax.text(3, img.shape[0] - 6, f"{100 * (base_psnr - p) / base_psnr:+.1f} %", color="cyan", fontsize=8)
     fig.tight_layout()
     path = Path(path)

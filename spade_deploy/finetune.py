@@ -21,24 +21,26 @@ from typing import Callable
 
 import torch
 
-from . import data as D
 from .checkpoint import is_pruned, load_model
 from .errors import SpadeError
 from .losses import STRATEGIES
 from .models import Reconstructor
-from .train import FitResult, TrainConfig, _loader, eval_seeds, fit, make_batch
+from .tasks import Task, task_for
+from .train import FitResult, TrainConfig, fit
 
 
 def measure_contraction(
-    model: Reconstructor, dataset, cfg: TrainConfig, max_slices: int = 8
+    model: Reconstructor, dataset, cfg: TrainConfig, max_slices: int = 8, task: Task | None = None
 ) -> dict | None:
     """``||J_T(x*)||`` of ``model`` at its own fixed points (inference solver) on the first
-    ``max_slices`` slices of ``dataset``, with fastMRI's deterministic masks: ``{"median", "max",
-    "norms", "mean_iterations"}``; ``None`` for models that are not fixed points."""
+    ``max_slices`` samples of ``dataset``, measured as evaluation measures them (``task``; default
+    the model's with ``cfg``'s options): ``{"median", "max", "norms", "mean_iterations"}``;
+    ``None`` for models that are not fixed points."""
+    task = task if task is not None else task_for(model, cfg)
     model.eval()
     norms, iters = [], []
-    for items in _loader(dataset, cfg.batch_size, shuffle=False, seed=0):
-        batch = make_batch(items, cfg.acceleration, cfg.cf, eval_seeds(items))
+    for items in task.loader(dataset, cfg.batch_size, shuffle=False, seed=0):
+        batch = task.eval_batch(items)
         with torch.no_grad():
             x = model(batch.y, batch.physics)
         got = model.contraction_norms(batch, x)
@@ -69,12 +71,19 @@ def finetune_model(
     on_epoch: Callable | None = None,
     cache_dir: str | Path | None = None,
     checkpoint_seconds: float | None = 120.0,
+    task: Task | None = None,
 ) -> FitResult:
+    """Fine-tune ``checkpoint`` with ``strategy`` on the data under ``data_root`` (the task's
+    splits: supervised on train, school and self-supervised on test; val when present, for
+    keeping the best epoch). ``task``: the model's own with ``cfg``'s options (and ``cache_dir``)
+    when not given."""
     if strategy not in STRATEGIES:
         raise SpadeError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     loss = STRATEGIES[strategy]()
     model, manifest = load_model(checkpoint)
     root = Path(data_root)
+    if task is None:
+        task = task_for(model, cfg, cache_dir=cache_dir)
 
     teacher = None
     if loss.needs_teacher:
@@ -93,20 +102,18 @@ def finetune_model(
     # supervised learns from the training split's ground truth; school and self-supervised from
     # the test measurements as acquired (fixed masks), which need no ground truth.
     split = "train" if loss.needs_ground_truth else "test"
-    train_ds = D.SliceDataset(root / split, cache_dir=cache_dir)
-    if loss.needs_ground_truth and not train_ds.has_ground_truth:
-        raise SpadeError(f"strategy {strategy!r} needs ground truth, but {root / split} has no reconstruction_rss")
-    if loss.needs_ground_truth and not train_ds.fully_sampled:
-        raise SpadeError(f"strategy {strategy!r} trains on fully sampled k-space, but files in {root / split} carry "
-                         "an acquisition mask (already undersampled)")
-    val_ds = D.SliceDataset(root / "val", cache_dir=cache_dir) if (root / "val").exists() else None
-    if val_ds is not None and not val_ds.has_ground_truth:
+    train_ds = task.dataset(root, split)
+    if loss.needs_ground_truth:
+        task.check_ground_truth(train_ds, f"strategy {strategy!r}", root / split)
+    val_ds = task.dataset(root, "val") if task.has_split(root, "val") else None
+    if val_ds is not None and not task.has_ground_truth(val_ds):
         val_ds = None
     cfg = dataclasses.replace(cfg, fixed_masks=not loss.needs_ground_truth)
     contraction = None
     measurable = type(model).contraction_norms is not Reconstructor.contraction_norms
     if cfg.lipschitz_weight > 0 and cfg.lipschitz_on == "operator" and measurable:
-        contraction = _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg, Path(out_dir), resume)
+        contraction = _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg, Path(out_dir), resume,
+                                          task)
         cfg = dataclasses.replace(cfg, lipschitz_target=contraction["target"])
     extra = {
         "pruning": manifest.get("pruning"),
@@ -115,7 +122,7 @@ def finetune_model(
     }
     return fit(model, loss, train_ds, val_ds, cfg, out_dir, resume=resume, teacher=teacher,
                extra_manifest=extra, on_step=on_step, on_epoch=on_epoch,
-               checkpoint_seconds=checkpoint_seconds)
+               checkpoint_seconds=checkpoint_seconds, task=task)
 
 
 # The parent's measurement per (parent file, data, masks): ``spade demo`` fine-tunes one parent's
@@ -123,7 +130,8 @@ def finetune_model(
 _MEASURED: dict[tuple, dict | None] = {}
 
 
-def _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg: TrainConfig, out: Path, resume: bool) -> dict:
+def _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg: TrainConfig, out: Path, resume: bool,
+                        task: Task) -> dict:
     """The penalty's bound and where it came from: the user's, the interrupted run's (``--resume``
     continues with the value it started with) or measured on the unpruned parent."""
     if cfg.lipschitz_target is not None:
@@ -148,12 +156,13 @@ def _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg: T
     else:
         parent = None
     key = (str(Path(parent_path).resolve()), Path(parent_path).stat().st_mtime_ns if Path(parent_path).exists() else None,
-           str(Path(train_ds.root).resolve()) if hasattr(train_ds, "root") else id(train_ds), cfg.acceleration, cfg.cf)
+           str(Path(train_ds.root).resolve()) if hasattr(train_ds, "root") else id(train_ds),
+           task.name, tuple(sorted(task.options().items())))
     measured = _MEASURED.get(key)
     if measured is None:
         if parent is None:
             parent = load_model(parent_path)[0]
-        measured = _MEASURED[key] = measure_contraction(parent, train_ds, cfg)
+        measured = _MEASURED[key] = measure_contraction(parent, train_ds, cfg, task=task)
     if measured is None:
         raise SpadeError(f"the parent {parent_path} is not a fixed-point model; give --lipschitz-target")
     return {"target": measured["median"], "source": "parent", "parent": str(parent_path), **measured}

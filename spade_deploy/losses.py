@@ -1,31 +1,39 @@
-"""Training and fine-tuning losses, one signature for all: ``loss(x_net, batch, physics, model, teacher)``.
+"""Training and fine-tuning losses, one signature for all: ``loss(x_net, batch, model, teacher)``.
 
 The trainer never branches on a strategy's name: each strategy is a sibling class (STYLE 3).
-``x_net`` is the reconstruction (complex ``(B, H, W)``), ``batch`` a :class:`Batch`.
+``x_net`` is the reconstruction, ``batch`` a :class:`Batch` made by the task
+(:mod:`spade_deploy.tasks`). Which part of the output is compared with which reference is the
+model's (:meth:`Reconstructor.supervised_pair`, :meth:`Reconstructor.distillation_pair`); the
+losses know no task.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .metrics import center_crop
-from .physics import MultiCoilMRI
+from .physics import Physics
 
 
 @dataclass
 class Batch:
-    """One undersampled batch: measurements, operator, and (when known) the complex ground truth."""
+    """One batch of measurements as a task makes it.
 
-    y: torch.Tensor  # (B, C, H, W) undersampled k-space
-    physics: MultiCoilMRI
-    x_gt: torch.Tensor | None  # (B, H, W) complex SENSE-combined fully sampled image
-    target: torch.Tensor | None  # (B, H, W) magnitude reference (reconstruction_rss)
-    maxval: torch.Tensor  # (B,)
-    fnames: list[str]
-    slices: list[int]
-    recon_size: tuple[int, int] | None = None  # the header's recon size (what reconstruct writes)
+    ``y``: the measurements; ``physics``: their operator; ``x_gt``: the image the model is trained
+    towards where it is known (MRI: the fully sampled SENSE image; SR: the high-resolution image);
+    ``target``: the image it is scored against (MRI: ``reconstruction_rss``; SR: the HR image);
+    ``keys``: one hashable identity per sample (what a teacher's output is cached under);
+    ``meta``: what the task itself needs later (MRI: ``maxval``, ``recon_size``, file names).
+    """
+
+    y: torch.Tensor
+    physics: Physics
+    x_gt: torch.Tensor | None
+    target: torch.Tensor | None
+    keys: list = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def relative_sq_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -50,27 +58,24 @@ class SupervisedLoss(Loss):
     needs_ground_truth = True
 
     def __call__(self, x_net, batch, model, teacher=None):
-        if model.reference == "rss":
-            # Models scored against reconstruction_rss (VarNet) learn its magnitude on its crop.
-            return relative_sq_error(center_crop(x_net.abs(), tuple(batch.target.shape[-2:])), batch.target)
-        return relative_sq_error(x_net, batch.x_gt)
+        return relative_sq_error(*model.supervised_pair(x_net, batch))
 
 
 class SchoolLoss(Loss):
-    """Eq. (8): distil from the unpruned model (teacher) on the test measurements (for models
-    scored against ``reconstruction_rss``, their magnitudes, as fastMRI's VarNet outputs).
+    """Eq. (8): distil from the unpruned model (teacher) on the test measurements (what of the two
+    outputs is compared: :meth:`Reconstructor.distillation_pair`).
 
     The teacher's reconstruction of a measurement never changes, so it is computed once per
-    ``(file, slice)`` and cached.
+    sample (``batch.keys``) and cached.
     """
 
     needs_teacher = True
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cache: dict[Any, torch.Tensor] = {}
 
     def teacher_output(self, batch: Batch, teacher) -> torch.Tensor:
-        keys = list(zip(batch.fnames, batch.slices))
+        keys = list(batch.keys)
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         if missing:
             with torch.no_grad():
@@ -81,12 +86,7 @@ class SchoolLoss(Loss):
         return torch.stack([self._cache[k] for k in keys])
 
     def __call__(self, x_net, batch, model, teacher=None):
-        target = self.teacher_output(batch, teacher)
-        if model.reference == "rss":
-            # VarNet's output is fastMRI's magnitude; the phase it carries (for the data-fidelity
-            # term) is not what it is trained or scored on, so the student learns the magnitude.
-            return relative_sq_error(x_net.abs(), target.abs())
-        return relative_sq_error(x_net, target)
+        return relative_sq_error(*model.distillation_pair(x_net, self.teacher_output(batch, teacher)))
 
 
 def random_quarter_turns(x: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:

@@ -88,7 +88,33 @@ def center_fraction_for(acceleration: int) -> float:
         ) from None
 
 
-class MultiCoilMRI(nn.Module):
+class Physics(nn.Module):
+    """The interface every measurement operator of a task implements (trainer, losses and models
+    use nothing else): the forward operator ``A``, its adjoint, the gradient of the data term,
+    the operator of a sub-batch, and the operator seen in rotated images (equivariant imaging).
+    Operators are ``nn.Module`` s whose tensors are buffers, so ``.to(device)`` moves them."""
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``0.5 * ||A x - y||^2``."""
+        return self.A_adjoint(self.A(x) - y)
+
+    def select(self, index) -> "Physics":
+        """The operator of a sub-batch (a slice or indices of the batch)."""
+        raise NotImplementedError
+
+    def rotate(self, ks: list[int]) -> "Physics":
+        """The operator that measures images rotated by ``ks[b]`` quarter turns (sample ``b``)
+        as this one measures the unrotated images (the task decides what turns with the scene)."""
+        raise NotImplementedError
+
+
+class MultiCoilMRI(Physics):
     """``A = P F S``: coil maps ``S`` (B, C, H, W), centred orthonormal FFT ``F``, column mask ``P``.
 
     ``mask`` broadcasts against k-space ``(B, C, H, W)``: shape ``(B, 1, 1, W)`` or ``(W,)``.
@@ -116,10 +142,6 @@ class MultiCoilMRI(nn.Module):
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) k-space -> (B, H, W) coil-combined image."""
         return (self.smaps.conj() * ifft2c(self.mask * y)).sum(dim=1)
-
-    def grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Gradient of ``0.5 * ||A x - y||^2``."""
-        return self.A_adjoint(self.A(x) - y)
 
     def select(self, index) -> "MultiCoilMRI":
         """The operator of a sub-batch (a slice or indices of the batch)."""

@@ -25,7 +25,7 @@ from .errors import SpadeError
 from .io import atomic_path
 from .metrics import recon_magnitude
 from .models import Reconstructor
-from .train import eval_seeds, make_batch
+from .tasks.mri import eval_seeds, make_batch
 
 
 @dataclass
@@ -76,8 +76,8 @@ def reconstruct_files(
                 per_slice["iterations"] += info.iterations.tolist()
                 per_slice["converged"] += info.converged.tolist()
                 per_slice["final_residual"] += info.residual.tolist()
-                not_converged += [f"{path.name}:{s}" for s, c in zip(batch.slices, info.converged.tolist()) if not c]
-            images.append(recon_magnitude(x, None if full_fov else batch.recon_size).cpu().numpy())
+                not_converged += [f"{path.name}:{s}" for s, c in zip(batch.meta["slices"], info.converged.tolist()) if not c]
+            images.append(recon_magnitude(x, None if full_fov else batch.meta["recon_size"]).cpu().numpy())
             done += len(items["fname"])
             if on_slice:
                 on_slice(done, len(ds))

@@ -21,16 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import data as D
 from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, model_manifest
 from .device import model_device, on_model_device
 from .errors import SpadeError
 from .io import load_checkpoint, save_checkpoint
-from .losses import Batch, Loss
-from .metrics import evaluate_volumes
+from .losses import Loss
 from .models import Reconstructor, load_state
-from .physics import center_fraction_for
 from .solvers import SolverConfig
+from .tasks import Scores, Task, task_for
 
 
 # The bound on ||J_T|| when no parent model sets it (the measured rate of the demo's unpruned DEQ:
@@ -43,8 +41,10 @@ class TrainConfig:
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 4
+    # The MRI task's sampling (spade_deploy.tasks.mri.MRITask.from_config), recorded with the run;
+    # the trainer itself never reads them. center_fraction None: the default for the acceleration.
     acceleration: int = 6
-    center_fraction: float | None = None  # None: the default for the acceleration
+    center_fraction: float | None = None
     seed: int = 0
     grad_clip: float = 1.0
     # DEQ only: solve the training forward pass with the inference solver at this tolerance and
@@ -96,10 +96,6 @@ class TrainConfig:
     @property
     def contraction_target(self) -> float:
         return self.lipschitz_target if self.lipschitz_target is not None else DEFAULT_LIPSCHITZ_TARGET
-
-    @property
-    def cf(self) -> float:
-        return self.center_fraction if self.center_fraction is not None else center_fraction_for(self.acceleration)
 
 
 @dataclass(frozen=True)
@@ -165,36 +161,6 @@ DEMO_RECIPES = {
 
 
 @dataclass
-class EvalResult:
-    """fastMRI's scores against ``reconstruction_rss`` (the default), beside the zero-filled
-    baseline (fastMRI's RSS of the zero-filled k-space) and, where the data is fully sampled,
-    the scores against the magnitude of the fully sampled SENSE image of the same estimated maps
-    (``*_sense``: what the DEQ is trained towards)."""
-
-    psnr: float
-    ssim: float
-    psnr_zero_filled: float
-    ssim_zero_filled: float
-    mean_iterations: float | None
-    max_residual: float | None
-    all_converged: bool | None
-    n_slices: int
-    nmse: float = float("nan")
-    nmse_zero_filled: float = float("nan")
-    psnr_sense: float | None = None
-    ssim_sense: float | None = None
-    not_converged: list[str] = field(default_factory=list)  # "file.h5:slice" on the iteration cap
-    reference: str = "reconstruction_rss"
-    coil_maps: str = "espirit"
-    espirit: dict | None = None  # the ESPIRiT settings of estimated maps
-    per_volume: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
 class FitResult:
     best_path: Path
     last_path: Path
@@ -203,137 +169,18 @@ class FitResult:
 
 
 # ------------------------------------------------------------------------------------------------
-def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
-    """Measure a collated batch (:func:`~spade_deploy.data.acquire`: the file's mask or a fastMRI
-    equispaced one, coil maps from the ACS block) and build the operator. ``x_gt`` is the fully
-    sampled SENSE image of the same maps, only for fully sampled files with ground truth."""
-    y, physics = D.acquire(items, acceleration, center_fraction, seeds)
-    has_gt = bool(items["has_target"].all())
-    fully_sampled = all(m is None for m in items["mask"])
-    x_gt = D.sense_combine(items["kspace"], physics.smaps) if has_gt and fully_sampled else None
-    return Batch(
-        y=y,
-        physics=physics,
-        x_gt=x_gt,
-        target=items["target"] if has_gt else None,
-        maxval=items["maxval"],
-        fnames=list(items["fname"]),
-        slices=[int(s) for s in items["slice"]],
-        recon_size=tuple(items["recon_size"]),
-    )
-
-
-def eval_seeds(items: dict) -> list[tuple[int, ...]]:
-    """fastMRI's deterministic per-file mask seed."""
-    return [D.fastmri_seed(f) for f in items["fname"]]
-
-
-def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """Batches of slices of one shape (a folder may mix sizes and coil counts)."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    sampler = D.ShapeBatchSampler(ds, batch_size, shuffle=shuffle, generator=g)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=D.collate, num_workers=0)
-
-
-@torch.no_grad()
 def evaluate(
     model: Reconstructor,
     dataset: Dataset,
-    acceleration: int = 6,
-    center_fraction: float | None = None,
+    task: Task | None = None,
     solver: SolverConfig | None = None,
     batch_size: int = 4,
     on_batch: Callable[[int, int], None] | None = None,
-) -> EvalResult:
-    """fastMRI's ``evaluate()`` on what ``spade reconstruct`` writes.
-
-    Each slice is measured as ``reconstruct`` measures it (fastMRI's per-file mask seed, or the
-    file's own mask; coil maps from the ACS block), its reconstruction's magnitude is cropped to
-    the header's recon size, and PSNR / SSIM / NMSE are fastMRI's: per volume against
-    ``reconstruction_rss``, both centre-cropped to the target's width squared, ``data_range`` the
-    target volume's maximum, averaged over volumes. Zero-filled is fastMRI's RSS of the
-    zero-filled k-space, cropped likewise. ``psnr_sense`` / ``ssim_sense`` score against the
-    magnitude of the fully sampled SENSE image of the same maps (fully sampled data only).
-    Slices whose fixed-point solve stopped on its cap are listed in ``not_converged``.
-    """
-    import time
-
-    from .metrics import fastmri_crop, recon_magnitude
-    from .physics import ifft2c, rss
-
-    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
-    model.eval()
-    preds: dict[str, dict[int, np.ndarray]] = {}
-    zfs: dict[str, dict[int, np.ndarray]] = {}
-    gts: dict[str, dict[int, np.ndarray]] = {}
-    sense: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-    iters, resid, conv, not_converged = [], [], [], []
-    coil_maps = "espirit"
-    # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    loader = _loader(dataset, batch_size, shuffle=False, seed=0)
-    t0 = time.perf_counter()
-    for i, items in enumerate(loader):
-        batch = on_model_device(make_batch(items, acceleration, cf, eval_seeds(items)), model)
-        if items["smaps"] is not None:
-            coil_maps = "file"
-        if batch.target is None:
-            raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
-        kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
-        x = model(batch.y.to(device), batch.physics.to(device), **kwargs)
-        out = recon_magnitude(x, batch.recon_size).cpu()
-        zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.recon_size)
-        ref_sense = recon_magnitude(batch.x_gt, batch.recon_size) if batch.x_gt is not None else None
-        info = getattr(model, "last_info", None)
-        if info is not None:
-            iters += info.iterations.tolist()
-            resid += info.residual.tolist()
-            conv += info.converged.tolist()
-            flags = info.converged.tolist()
-            not_converged += [f"{f}:{s}" for f, s, c in zip(batch.fnames, batch.slices, flags) if not c]
-        for b, (f, s) in enumerate(zip(batch.fnames, batch.slices)):
-            preds.setdefault(f, {})[s] = out[b].cpu().numpy()
-            zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
-            gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
-            if ref_sense is not None:
-                sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), out[b].cpu().numpy())
-        if on_batch:
-            on_batch(i + 1, len(loader))
-    seconds = time.perf_counter() - t0
-
-    def stack(d):
-        return {f: np.stack([v[s] for s in sorted(v)]) for f, v in d.items()}
-
-    gt_v, pr_v, zf_v = stack(gts), stack(preds), stack(zfs)
-    rec = evaluate_volumes({f: fastmri_crop(gt_v[f], pr_v[f]) for f in gt_v})
-    base = evaluate_volumes({f: fastmri_crop(gt_v[f], zf_v[f]) for f in gt_v})
-    sense_m = None
-    if sense and set(sense) == set(gts) and all(len(sense[f]) == len(gts[f]) for f in gts):
-        sense_m = evaluate_volumes({
-            f: fastmri_crop(np.stack([v[s][0] for s in sorted(v)]), np.stack([v[s][1] for s in sorted(v)]))
-            for f, v in sense.items()
-        })
-    return EvalResult(
-        psnr=rec.psnr,
-        ssim=rec.ssim,
-        nmse=rec.nmse,
-        psnr_zero_filled=base.psnr,
-        ssim_zero_filled=base.ssim,
-        nmse_zero_filled=base.nmse,
-        psnr_sense=sense_m.psnr if sense_m else None,
-        ssim_sense=sense_m.ssim if sense_m else None,
-        mean_iterations=float(np.mean(iters)) if iters else None,
-        max_residual=float(np.max(resid)) if resid else None,
-        all_converged=bool(all(conv)) if conv else None,
-        not_converged=not_converged,
-        n_slices=sum(len(v) for v in gts.values()),
-        coil_maps=coil_maps,
-        espirit=(dataclasses.asdict(dataset.estimator.params)
-                 if coil_maps == "espirit" and hasattr(dataset, "estimator") else None),
-        per_volume={f: {"psnr": m.psnr, "ssim": m.ssim, "nmse": m.nmse} for f, m in rec.per_volume.items()},
-        seconds=seconds,
-    )
+) -> Scores:
+    """The scores of ``model`` on ``dataset`` as its task defines them (:meth:`Task.evaluate`;
+    ``task``: the model's own with its default options when not given)."""
+    task = task if task is not None else task_for(model)
+    return task.evaluate(model, dataset, solver=solver, batch_size=batch_size, on_batch=on_batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,11 +256,10 @@ def _rng_neutral(loader: DataLoader):
         yield items
 
 
-def _epoch_batches(ds: Dataset, batch_size: int, seed: int) -> list[list[int]]:
-    """The index batches of ``_loader(ds, batch_size, shuffle=True, seed)`` (slices of one shape
-    each), drawn without reading any data: a mid-epoch resume skips the finished ones."""
-    sampler = D.ShapeBatchSampler(ds, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    return [list(b) for b in sampler]
+def _epoch_batches(task: Task, ds: Dataset, batch_size: int, seed: int) -> list[list[int]]:
+    """The index batches of ``task.loader(ds, batch_size, shuffle=True, seed)`` (samples of one
+    shape each), drawn without reading any data: a mid-epoch resume skips the finished ones."""
+    return [list(b) for b in task.sampler(ds, batch_size, True, torch.Generator().manual_seed(seed))]
 
 
 # The files ``fit`` writes in its folder; a kill during an atomic write leaves ``.<name>.*.tmp``.
@@ -431,7 +277,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
-def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step, opt: torch.optim.Optimizer,
+def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainConfig, on_step, opt: torch.optim.Optimizer,
               resume: dict | None = None, save: Callable[[dict], None] | None = None,
               checkpoint_seconds: float | None = None) -> None:
     """The denoiser pretraining (``model.pretrain_loss``). Each pass over the data is shuffled with
@@ -449,14 +295,14 @@ def _pretrain(model: Reconstructor, train_ds: Dataset, cfg: TrainConfig, on_step
     while step < cfg.pretrain_steps:
         if resume is None or step != int(resume["step"]):
             pass_start = step
-        batches = _epoch_batches(train_ds, cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
-        loader = DataLoader(train_ds, batch_sampler=batches[step - pass_start:], collate_fn=D.collate, num_workers=0,
+        batches = _epoch_batches(task, train_ds, cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
+        loader = DataLoader(train_ds, batch_sampler=batches[step - pass_start:], collate_fn=task.collate, num_workers=0,
                             generator=torch.Generator().manual_seed(0))
         resume = None
         for items in _rng_neutral(loader):
             if step >= cfg.pretrain_steps:
                 break
-            batch = on_model_device(make_batch(items, cfg.acceleration, cfg.cf, None), model)
+            batch = on_model_device(task.pretrain_batch(items), model)
             value = model.pretrain_loss(batch)
             opt.zero_grad(set_to_none=True)
             value.backward()
@@ -484,8 +330,14 @@ def fit(
     on_step: Callable[[str, int, int, float], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint_seconds: float | None = 120.0,
+    task: Task | None = None,
 ) -> FitResult:
     """Train ``model`` with ``loss``; write ``best.safetensors`` and ``last.safetensors`` in ``out_dir``.
+
+    ``task`` makes the batches and the validation scores (default: the model's own task with the
+    options ``cfg`` records, :func:`~spade_deploy.tasks.task_for`). Training batches are the task's
+    fresh random measurements, or with ``cfg.fixed_masks`` the data as evaluation measures it
+    (fine-tuning on the test measurements as acquired).
 
     ``last.safetensors`` is written after each epoch, after the denoiser pretraining, and within an
     epoch or the pretraining once ``checkpoint_seconds`` have passed since the last write (``0``: after every step;
@@ -493,6 +345,7 @@ def fit(
     losses and the global RNG states, so ``resume`` continues exactly: the same masks, the same
     batches, tensor-identical weights. ``resume`` without a ``last.safetensors`` (a kill before the
     first one) starts afresh. Stale temporary files of a killed run are removed on start."""
+    task = task if task is not None else task_for(model, cfg)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
@@ -568,7 +421,7 @@ def fit(
                                        train_state=train_state))
 
     if cfg.pretrain_steps and hasattr(model, "pretrain_loss") and (not resumed or pretrain_state is not None):
-        _pretrain(model, train_ds, cfg, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
+        _pretrain(model, task, train_ds, cfg, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
                   save=lambda pre: save_last(0, 0, [], None, pretrain=pre))
         save_last(0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
 
@@ -580,17 +433,16 @@ def fit(
         else:
             _rng_state(cfg.seed, epoch)
         model.train()
-        batches = _epoch_batches(train_ds, cfg.batch_size, cfg.seed * 1000 + epoch)
+        batches = _epoch_batches(task, train_ds, cfg.batch_size, cfg.seed * 1000 + epoch)
         n_steps = len(batches) if cfg.max_steps_per_epoch is None else min(len(batches), cfg.max_steps_per_epoch)
         first = min(start_step, n_steps) if mid_epoch else 0
         running = list(start_running) if mid_epoch else []
         # Its own generator: a loader without one would draw its base seed from torch's global RNG.
-        loader = DataLoader(train_ds, batch_sampler=batches[first:n_steps], collate_fn=D.collate, num_workers=0,
+        loader = DataLoader(train_ds, batch_sampler=batches[first:n_steps], collate_fn=task.collate, num_workers=0,
                             generator=torch.Generator().manual_seed(0))
         for step, items in enumerate(_rng_neutral(loader), start=first):
-            # Fine-tuning on test measurements keeps their (fixed) masks; training draws new ones.
-            seeds = eval_seeds(items) if cfg.fixed_masks else [np.random.randint(0, 2**31 - 1) for _ in items["fname"]]
-            batch = on_model_device(make_batch(items, cfg.acceleration, cfg.cf, seeds), model)
+            # Fine-tuning on test measurements keeps them as measured; training draws new ones.
+            batch = on_model_device(task.eval_batch(items) if cfg.fixed_masks else task.train_batch(items), model)
             x = model(batch.y, batch.physics)
             value = loss(x, batch, model, teacher)
             reg = (model.regularizer(batch, x, cfg.contraction_target, cfg.lipschitz_on)
@@ -612,7 +464,7 @@ def fit(
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(running)) if running else None}
         if val_ds is not None and len(val_ds) > 0:
             try:
-                res = evaluate(model, val_ds, cfg.acceleration, cfg.cf, batch_size=cfg.batch_size)
+                res = evaluate(model, val_ds, task, batch_size=cfg.batch_size)
                 record.update(val_psnr=res.psnr, val_ssim=res.ssim, val_iterations=res.mean_iterations,
                               val_converged=res.all_converged)
             except SpadeError:

@@ -23,6 +23,7 @@ from spade_deploy.errors import SpadeError
 from spade_deploy.models import build_model
 from spade_deploy.physics import equispaced_mask, fft2c, ifft2c, rss
 from spade_deploy.reconstruct import reconstruct_files
+from spade_deploy.tasks.mri import MRITask
 from spade_deploy.train import evaluate
 
 from cli.main import app
@@ -154,7 +155,7 @@ def test_nothing_outside_the_mask_reaches_any_reconstruction(tiny_dataset, tmp_p
     # training batches: with the test measurements' own masks (school / self-supervised
     # fine-tuning) nothing changes; with fresh random masks (training on fully sampled data) the
     # measurements differ, but the maps still come from the ACS block alone
-    from spade_deploy.train import eval_seeds, make_batch
+    from spade_deploy.tasks.mri import eval_seeds, make_batch
 
     for fixed in (True, False):
         batches = []
@@ -172,7 +173,7 @@ def test_nothing_outside_the_mask_reaches_any_reconstruction(tiny_dataset, tmp_p
         outs = {}
         for tag, folder in (("clean", clean), ("junk", junk)):
             reconstruct_files(model, folder, tmp_path / f"{name}-{tag}", 6, 0.08, batch_size=2, cache_dir=cache)
-            ev = evaluate(model, D.SliceDataset(folder, cache_dir=cache), 6, 0.08, batch_size=3)
+            ev = evaluate(model, D.SliceDataset(folder, cache_dir=cache), MRITask(6, 0.08), batch_size=3)
             outs[tag] = ev
         for fname in (src.name, "acquired.h5"):
             with h5py.File(tmp_path / f"{name}-clean" / fname) as a, h5py.File(tmp_path / f"{name}-junk" / fname) as b:

@@ -124,13 +124,13 @@ def test_speedups_without_a_reference_show_a_dash(tmp_path):
 
     rows = [row(0.4, "onnxruntime", 50.0, 5), row(0.2, "tensorrt", 60.0, 8)]
     add_speedups(rows)
-    cells = table_rows(BenchResult(rows=rows, config={}, device="cpu", psnr_zero_filled=20.0))
+    cells = table_rows(BenchResult(rows=rows, config={}, device="cpu", psnr_baseline=20.0))
     for line in cells:
         assert line[-4:] == ["–", "–", "–", "–"], line
     # With the unpruned PyTorch model measured, the ratios appear.
     rows = [row(0.0, "torch", 100.0, 10), *rows]
     add_speedups(rows)
-    cells = table_rows(BenchResult(rows=rows, config={}, device="cpu", psnr_zero_filled=20.0))
+    cells = table_rows(BenchResult(rows=rows, config={}, device="cpu", psnr_baseline=20.0))
     assert cells[0][-4:] == ["x1.00", "x1.00", "1.00", "x1.00"]
     assert cells[1][-4:] == ["x2.00", "x2.00", "1.00", "–"]  # 2x faster for half the MACs; no unpruned ORT row
 
@@ -139,6 +139,7 @@ def test_bench_interleaves_variants_over_rounds_on_every_slice(tiny_dataset, tmp
     """Round r: every variant reconstructs every slice once, the variants' order rotated by r."""
     from spade_deploy.bench import Variant, run_bench
     from spade_deploy.physics import center_fraction_for
+    from spade_deploy.tasks.mri import MRITask
 
     torch.manual_seed(0)
     log = []
@@ -156,7 +157,7 @@ def test_bench_interleaves_variants_over_rounds_on_every_slice(tiny_dataset, tmp
         clock[0] += 0.001
         return clock[0]
 
-    res = run_bench(variants, {"torch": deployer}, _split(tiny_dataset), 6, center_fraction_for(6), warmup=0,
+    res = run_bench(variants, {"torch": deployer}, _split(tiny_dataset), MRITask(6, center_fraction_for(6)), warmup=0,
                     repeats=3, timer=timer)
     assert len(res.rows) == 3
     timed = [(ratio, y) for ratio, _, y in log][-3 * 3 * 2:]  # the rounds, after the quality passes

@@ -160,7 +160,8 @@ def _batch(n=2, h=16, w=16):
     smaps = torch.randn(n, 4, h, w, dtype=torch.complex64, generator=g)
     physics = MultiCoilMRI(torch.ones(w), smaps)
     y = torch.randn(n, 4, h, w, dtype=torch.complex64, generator=g)
-    return Batch(y=y, physics=physics, x_gt=None, target=torch.rand(n, h, w), maxval=torch.ones(n), fnames=["a"] * n, slices=[0, 1])
+    return Batch(y=y, physics=physics, x_gt=None, target=torch.rand(n, h, w), keys=[("a", 0), ("a", 1)],
+                 meta={"maxval": torch.ones(n), "fnames": ["a"] * n, "slices": [0, 1]})
 
 
 def test_a_batch_goes_to_the_device_of_its_model():
@@ -168,7 +169,8 @@ def test_a_batch_goes_to_the_device_of_its_model():
     batch = on_model_device(_batch(), model)
     assert model_device(model).type == "meta"
     assert batch.y.device.type == "meta" and batch.target.device.type == "meta"
-    assert batch.physics.smaps.device.type == "meta" and batch.x_gt is None and batch.fnames == ["a", "a"]
+    assert batch.physics.smaps.device.type == "meta" and batch.x_gt is None and batch.meta["fnames"] == ["a", "a"]
+    assert batch.meta["maxval"].device.type == "meta"
     y, physics = to_device((torch.ones(2), MultiCoilMRI(torch.ones(4), torch.ones(1, 1, 2, 4, dtype=torch.complex64))), "meta")
     assert y.device.type == "meta" and physics.mask.device.type == "meta"
 
@@ -186,6 +188,8 @@ def test_every_batch_meets_its_model_through_the_placement(monkeypatch, where, t
     """evaluate, the trainer, reconstruct and bench move each batch to the model's device."""
     import spade_deploy.bench as B
     import spade_deploy.reconstruct as R
+    import spade_deploy.tasks.mri as MRI
+    from spade_deploy.tasks.mri import MRITask
     import spade_deploy.train as TR
     from spade_deploy.data import SliceDataset
     from spade_deploy.losses import SupervisedLoss
@@ -197,6 +201,7 @@ def test_every_batch_meets_its_model_through_the_placement(monkeypatch, where, t
         return on_model_device(obj, model)
 
     monkeypatch.setattr(TR, "on_model_device", record)
+    monkeypatch.setattr(MRI, "on_model_device", record)
     monkeypatch.setattr(R, "on_model_device", record)
     monkeypatch.setattr(B, "on_model_device", record)
     model = build_model("deq", preset="tiny")
@@ -212,7 +217,7 @@ def test_every_batch_meets_its_model_through_the_placement(monkeypatch, where, t
     elif where == "reconstruct":
         R.reconstruct_files(model, root / "test", tmp_path / "rec", 6, 0.08, batch_size=2)
     else:
-        B.plot_examples([B.Variant("deq", 0.0, None, model)], test, 6, 0.08, tmp_path / "ex.png")
+        B.plot_examples([B.Variant("deq", 0.0, None, model)], test, MRITask(6, 0.08), tmp_path / "ex.png")
     assert seen and all(m is model for m in seen)
 
 

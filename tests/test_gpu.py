@@ -97,6 +97,7 @@ def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmr
     from spade_deploy import bench as B
     from spade_deploy.data import SliceDataset
     from spade_deploy.runtime import deploy
+    from spade_deploy.tasks.mri import MRITask
     from spade_deploy.train import evaluate
 
     make_fastmri_file("a.h5", slices=3, shape=(32, 32), folder=tmp_path / "test")  # h5py only: no dataset builder needed
@@ -104,10 +105,10 @@ def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmr
     model.solver_cfg = SolverConfig(max_iter=10, tol=1e-3)
     test = SliceDataset(tmp_path / "test")
     res = B.run_bench([B.Variant("deq", 0.0, None, model)], {"torch": lambda v: deploy(v.model, "torch", device="cuda")},
-                      test, 6, 0.08, repeats=2, device="cuda")
+                      test, MRITask(6, 0.08), repeats=2, device="cuda")
     assert model_device(model).type == "cpu"
     assert res.rows[0].latency_ms > 0 and res.device == torch.cuda.get_device_name()
-    B.plot_examples([B.Variant("deq", 0.0, None, model.cuda())], test, 6, 0.08, tmp_path / "ex.png")
+    B.plot_examples([B.Variant("deq", 0.0, None, model.cuda())], test, MRITask(6, 0.08), tmp_path / "ex.png")
     cuda_res = evaluate(model, test)
     cpu_res = evaluate(model.cpu(), test)
     assert abs(cuda_res.psnr - cpu_res.psnr) < 0.05

@@ -5,7 +5,7 @@ import torch
 from spade_deploy import data as D
 from spade_deploy.checkpoint import load_model
 from spade_deploy.metrics import psnr
-from spade_deploy.train import eval_seeds, make_batch
+from spade_deploy.tasks.mri import eval_seeds, make_batch
 from spade_deploy.zoo import bundled_base, bundled_path
 
 

@@ -28,8 +28,11 @@ class Reconstructor(nn.Module):
     """Base class: ``forward(y, physics) -> (x, info)``; priors are the prunable sub-networks."""
 
     registry_name: str = ""
-    # The fully sampled image the model is trained and scored against: "sense" = |S^H F^-1 k|
-    # (a coil-combined estimate, as the DEQ produces), "rss" = fastMRI's reconstruction_rss.
+    # The imaging task the model solves (spade_deploy.tasks: its data, physics, metrics, baseline).
+    task: str = "mri"
+    # The image the model is trained and scored against, in its task's terms. MRI: "sense" =
+    # |S^H F^-1 k| (a coil-combined estimate, as the DEQ produces), "rss" = fastMRI's
+    # reconstruction_rss; SR: "hr" = the high-resolution image.
     reference: str = "sense"
 
     def priors(self) -> dict[str, nn.Module]:
@@ -60,6 +63,15 @@ class Reconstructor(nn.Module):
         the data-fidelity term ``A f(y)`` of self-supervised fine-tuning. Default: the model's
         operator applied to its image. Models whose native output is k-space (VarNet) override it."""
         return self.measurement_operator(y, physics).A(x)
+
+    def supervised_pair(self, x_net: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What supervised training compares: ``(output, reference)``. Default: the output and the
+        batch's ``x_gt``."""
+        return x_net, batch.x_gt
+
+    def distillation_pair(self, x_net: torch.Tensor, teacher_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What school fine-tuning compares: ``(student output, teacher output)``. Default: both whole."""
+        return x_net, teacher_out
 
     def contraction_norms(self, batch, x_net: torch.Tensor) -> torch.Tensor | None:
         """Per sample, the norm of the Jacobian of the model's iteration at its output ``x_net`` (the

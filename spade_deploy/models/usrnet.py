@@ -156,6 +156,7 @@ PRESETS = {
 class USRNet(Reconstructor):
     """``model(y, physics) -> x``: low-resolution ``(B, 3, h, w)`` in ``[0, 1]`` -> ``(B, 3, s h, s w)``."""
 
+    task = "sr"
     reference = "hr"  # scored against the high-resolution image itself
 
     def __init__(self, cfg: USRNetConfig):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpadeError
+from ..metrics import center_crop
 from ..physics import MultiCoilMRI, fft2c, ifft2c
 from . import Reconstructor, build_model, load_state, register_model
 
@@ -233,6 +234,15 @@ class VarNet(Reconstructor):
     """Unrolled variational network; with ``learn_maps`` (E2E-VarNet) it estimates its coil maps."""
 
     reference = "rss"
+
+    def supervised_pair(self, x_net, batch):
+        # Scored against reconstruction_rss: the model learns its magnitude on its crop.
+        return center_crop(x_net.abs(), tuple(batch.target.shape[-2:])), batch.target
+
+    def distillation_pair(self, x_net, teacher_out):
+        # The output is fastMRI's magnitude; the phase it carries (for the data-fidelity term) is
+        # not what it is trained or scored on, so the student learns the magnitude.
+        return x_net.abs(), teacher_out.abs()
 
     def __init__(self, cfg: VarNetConfig, learn_maps: bool):
         super().__init__()

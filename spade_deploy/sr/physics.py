@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import SpadeError
+from ..physics import Physics
 
 SCALES = (1, 2, 3, 4)
 KERNEL_SUM_TOL = 1e-3  # a kernel's weights must sum to one within this (the 12 kernels: < 1e-6)
@@ -82,7 +83,7 @@ def _alias_mean(spec: torch.Tensor, scale: int) -> torch.Tensor:
     return spec.reshape(*lead, scale, h // scale, scale, w // scale).mean(dim=(-4, -2))
 
 
-class SRPhysics(nn.Module):
+class SRPhysics(Physics):
     """``A = S H``: blur with ``kernel`` (circular), keep every ``scale``-th pixel from ``(0, 0)``.
 
     ``kernel``: ``(kh, kw)`` (one for the batch) or ``(B, 1, kh, kw)`` (one per sample), each
@@ -142,10 +143,6 @@ class SRPhysics(nn.Module):
         up = upsample_zeros(y, self.scale)
         fb = self.otf(up.shape[-2:], up.dtype)
         return torch.fft.ifft2(fb.conj() * torch.fft.fft2(up)).real
-
-    def grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Gradient of ``0.5 * ||A x - y||^2``."""
-        return self.A_adjoint(self.A(x) - y)
 
     # -- the closed-form data step ------------------------------------------------------------
     def data_step(self, z: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""Imaging tasks: one module per task owns everything the rest of the toolchain must not know.
+
+A :class:`Task` says how its data is read (datasets, collation, batching), how a batch of
+measurements and its operator are made from it (:class:`~spade_deploy.losses.Batch`, with a
+:class:`~spade_deploy.physics.Physics`), what the model is scored against and how
+(:meth:`Task.evaluate`, beside the task's naive baseline), and which options it takes. The trainer,
+the losses, fine-tuning, the bench and the demo take a task and call only what is declared here.
+
+A model declares the task it solves (``Reconstructor.task``); :func:`task_for` builds that task.
+Adding a task is a new module here and one line in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import SpadeError
+from ..losses import Batch
+
+# name -> "module:class" (imported on first use).
+TASKS: dict[str, str] = {"mri": "spade_deploy.tasks.mri:MRITask", "sr": "spade_deploy.tasks.sr:SRTask"}
+
+
+class Scores(Protocol):
+    """What every task's evaluation reports (the trainer validates on these)."""
+
+    psnr: float
+    ssim: float
+    psnr_baseline: float  # the task's naive reconstruction, scored alike
+    ssim_baseline: float
+    mean_iterations: float | None  # fixed-point models: mean solver iterations; else None
+    all_converged: bool | None
+
+    def as_dict(self) -> dict: ...
+
+
+class Task:
+    """Base class of an imaging task. Subclasses implement the methods that raise; the others
+    have defaults that fit datasets of samples grouped by shape."""
+
+    name: str = ""
+    baseline_name: str = ""  # the naive reconstruction scores are compared with (tables)
+    reference_name: str = ""  # what the model is scored against (tables)
+    scores_name: str = ""  # how scores are computed, in a few words (result files)
+    bench_header: str = ""  # the same for a benchmark table's header
+
+    # -- options ---------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Any | None = None, **options: Any) -> "Task":
+        """The task with the options a training configuration records, and ``options`` (default:
+        the task's defaults and ``options``)."""
+        return cls(**options)
+
+    def options(self) -> dict:
+        """The task's options, as recorded in manifests and result files."""
+        return {}
+
+    # -- data ----------------------------------------------------------------------------------
+    def dataset(self, root: str | Path, split: str) -> Dataset:
+        """The ``split`` (train | val | test) of the data under ``root``."""
+        raise NotImplementedError
+
+    def has_split(self, root: str | Path, split: str) -> bool:
+        return (Path(root) / split).exists()
+
+    def has_ground_truth(self, dataset: Dataset) -> bool:
+        """Whether every sample of ``dataset`` carries its reference image (default: yes)."""
+        return True
+
+    def check_ground_truth(self, dataset: Dataset, who: str, where: str | Path) -> None:
+        """Refuse (one-line :class:`SpadeError`) data a supervised ``who`` cannot learn from."""
+        if not self.has_ground_truth(dataset):
+            raise SpadeError(f"{who} needs ground truth, but {where} has none")
+
+    def collate(self, items: list) -> Any:
+        raise NotImplementedError
+
+    def sampler(self, dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator) -> Sampler:
+        """Index batches of samples of one shape (a dataset's ``group_key``), shuffled by one
+        ``torch.randperm`` of ``generator``."""
+        from ..data import ShapeBatchSampler
+
+        return ShapeBatchSampler(dataset, batch_size, shuffle=shuffle, generator=generator)
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        """Batches of ``dataset`` in the sampler's order (shuffled with ``seed``)."""
+        sampler = self.sampler(dataset, batch_size, shuffle, torch.Generator().manual_seed(seed))
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=0)
+
+    # -- batches -------------------------------------------------------------------------------
+    def train_batch(self, items: Any) -> Batch:
+        """A training batch: fresh random measurements (masks, degradations) drawn from the global
+        random states (which the trainer seeds and checkpoints)."""
+        raise NotImplementedError
+
+    def eval_batch(self, items: Any) -> Batch:
+        """The batch as evaluation measures it: deterministic for the same data."""
+        raise NotImplementedError
+
+    def pretrain_batch(self, items: Any) -> Batch:
+        """A batch for a model's own pretraining (``pretrain_loss``). Default: a training batch."""
+        return self.train_batch(items)
+
+    def sample_label(self, key: Any) -> str:
+        """A sample's key (``Batch.keys``) as text: its parts joined by ``:``."""
+        return ":".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+    # -- scores --------------------------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module, dataset: Dataset, solver=None, batch_size: int = 4,
+                 on_batch: Callable[[int, int], None] | None = None) -> Scores:
+        """The task's scores of ``model`` on ``dataset``, beside its baseline's."""
+        raise NotImplementedError
+
+    def secondary_scores(self, scores: Scores) -> dict[str, Any]:
+        """The scores a benchmark row carries besides PSNR / SSIM (``BenchRow`` fields; default none)."""
+        return {}
+
+    def result_config(self, scores: Scores) -> dict[str, Any]:
+        """What a benchmark records of how the data was read (default nothing)."""
+        return {}
+
+    # -- figures -------------------------------------------------------------------------------
+    def baseline(self, batch: Batch) -> torch.Tensor:
+        """The naive reconstruction of ``batch`` (an output the model could have given)."""
+        raise NotImplementedError
+
+    def shown_reference(self, batch: Batch):
+        """The first sample's reference image as scored, a ``(H, W)`` or ``(H, W, 3)`` array."""
+        raise NotImplementedError
+
+    def shown(self, batch: Batch, x: torch.Tensor):
+        """The first sample of output ``x`` as scored (same shape as :meth:`shown_reference`)."""
+        raise NotImplementedError
+
+    def example_psnr(self, reference, image) -> float:
+        """PSNR of a shown image against the shown reference (figures)."""
+        from ..metrics import psnr
+
+        return psnr(reference[None], image[None])
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise SpadeError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    return task_class(name)(**options)
+
+
+def task_for(model: torch.nn.Module, cfg: Any | None = None, **options: Any) -> Task:
+    """The task ``model`` solves (its ``task`` attribute), with the options ``cfg`` records and
+    ``options``."""
+    return task_class(getattr(model, "task", "mri")).from_config(cfg, **options)

@@ -1,0 +1,274 @@
+"""Accelerated multi-coil MRI (fastMRI): the task the DEQ, VarNet and E2E-VarNet solve.
+
+Data: fastMRI-format HDF5 folders (:class:`~spade_deploy.data.SliceDataset`, the simulated default
+dataset or a user's files). Measurements: each slice's own acquisition mask or a fastMRI
+equispaced one (``acceleration``, ``center_fraction``; fastMRI's per-file seed for evaluation,
+fresh random offsets for training), coil maps from the ACS block (ESPIRiT) or the file's
+(``coil_maps``), operator ``A = P F S`` (:class:`~spade_deploy.physics.MultiCoilMRI`). Reference:
+``reconstruction_rss``; scores: fastMRI's ``evaluate()`` (PSNR / SSIM / NMSE per volume) beside
+the zero-filled RSS baseline, and SENSE-referenced secondary scores on fully sampled data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .. import data as D
+from ..device import on_model_device
+from ..errors import SpadeError
+from ..losses import Batch
+from ..metrics import evaluate_volumes, fastmri_crop, recon_magnitude
+from ..physics import center_fraction_for, ifft2c, rss
+from . import Task
+
+
+def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
+    """Measure a collated batch (:func:`~spade_deploy.data.acquire`: the file's mask or a fastMRI
+    equispaced one, coil maps from the ACS block) and build the operator. ``x_gt`` is the fully
+    sampled SENSE image of the same maps, only for fully sampled files with ground truth.
+    ``meta``: ``maxval``, ``fnames``, ``slices``, ``recon_size`` (the header's, what reconstruct writes)."""
+    y, physics = D.acquire(items, acceleration, center_fraction, seeds)
+    has_gt = bool(items["has_target"].all())
+    fully_sampled = all(m is None for m in items["mask"])
+    x_gt = D.sense_combine(items["kspace"], physics.smaps) if has_gt and fully_sampled else None
+    fnames, slices = list(items["fname"]), [int(s) for s in items["slice"]]
+    return Batch(
+        y=y,
+        physics=physics,
+        x_gt=x_gt,
+        target=items["target"] if has_gt else None,
+        keys=list(zip(fnames, slices)),
+        meta={"maxval": items["maxval"], "fnames": fnames, "slices": slices,
+              "recon_size": tuple(items["recon_size"])},
+    )
+
+
+def eval_seeds(items: dict) -> list[tuple[int, ...]]:
+    """fastMRI's deterministic per-file mask seed."""
+    return [D.fastmri_seed(f) for f in items["fname"]]
+
+
+class MRITask(Task):
+    """Multi-coil MRI at ``acceleration`` (``center_fraction``: the default for it when ``None``);
+    ``coil_maps`` "espirit" (from the ACS block) or "file"; ``cache_dir`` for estimated maps."""
+
+    name = "mri"
+    baseline_name = "zero-filled"
+    reference_name = "reconstruction_rss"
+    scores_name = "fastMRI evaluate() vs reconstruction_rss"
+    bench_header = ("fastMRI's evaluate() against reconstruction_rss (SENSE PSNR: against the fully sampled SENSE "
+                    "image)")
+
+    def __init__(self, acceleration: int = 6, center_fraction: float | None = None, coil_maps: str = "espirit",
+                 cache_dir: str | Path | None = None):
+        self.acceleration = acceleration
+        self.center_fraction = center_fraction
+        self.coil_maps = coil_maps
+        self.cache_dir = cache_dir
+
+    @classmethod
+    def from_config(cls, cfg: Any | None = None, **options: Any) -> "MRITask":
+        if cfg is None:
+            return cls(**options)
+        return cls(cfg.acceleration, cfg.center_fraction, **options)
+
+    @property
+    def cf(self) -> float:
+        return self.center_fraction if self.center_fraction is not None else center_fraction_for(self.acceleration)
+
+    def options(self) -> dict:
+        return {"acceleration": self.acceleration, "center_fraction": self.cf, "coil_maps": self.coil_maps}
+
+    def dataset(self, root: str | Path, split: str | None = None) -> D.SliceDataset:
+        path = Path(root) / split if split else Path(root)
+        return D.SliceDataset(path, coil_maps=self.coil_maps, cache_dir=self.cache_dir)  # type: ignore[arg-type]
+
+    def has_ground_truth(self, dataset: D.SliceDataset) -> bool:
+        return dataset.has_ground_truth
+
+    def check_ground_truth(self, dataset: D.SliceDataset, who: str, where: str | Path) -> None:
+        if not dataset.has_ground_truth:
+            raise SpadeError(f"{who} needs ground truth, but {where} has no reconstruction_rss")
+        if not dataset.fully_sampled:
+            raise SpadeError(f"{who} trains on fully sampled k-space, but files in {where} carry "
+                             "an acquisition mask (already undersampled)")
+
+    def collate(self, items: list) -> Any:
+        return D.collate(items)
+
+    def train_batch(self, items: Any) -> Batch:
+        # one fresh mask offset per slice from NumPy's global state
+        seeds = [np.random.randint(0, 2**31 - 1) for _ in items["fname"]]
+        return make_batch(items, self.acceleration, self.cf, seeds)
+
+    def eval_batch(self, items: Any) -> Batch:
+        return make_batch(items, self.acceleration, self.cf, eval_seeds(items))
+
+    def pretrain_batch(self, items: Any) -> Batch:
+        return make_batch(items, self.acceleration, self.cf, None)
+
+    def evaluate(self, model, dataset, solver=None, batch_size: int = 4, on_batch=None) -> "EvalResult":
+        return evaluate_mri(model, dataset, self.acceleration, self.center_fraction, solver=solver,
+                            batch_size=batch_size, on_batch=on_batch)
+
+    def secondary_scores(self, scores: "EvalResult") -> dict[str, Any]:
+        return {"nmse": scores.nmse, "psnr_sense": scores.psnr_sense, "ssim_sense": scores.ssim_sense}
+
+    def result_config(self, scores: "EvalResult") -> dict[str, Any]:
+        return {"coil_maps": scores.coil_maps}
+
+    # As scored: reconstruction_rss and the header-size magnitude, both in fastMRI's crop.
+    def _shown_pair(self, batch: Batch, x: torch.Tensor):
+        return fastmri_crop(batch.target, recon_magnitude(x, batch.meta["recon_size"]))
+
+    def baseline(self, batch: Batch) -> torch.Tensor:
+        """Zero-filled: the RSS of the zero-filled k-space."""
+        return rss(ifft2c(batch.y), dim=1)
+
+    def shown_reference(self, batch: Batch) -> np.ndarray:
+        return self._shown_pair(batch, batch.target)[0][0].numpy()
+
+    def shown(self, batch: Batch, x: torch.Tensor) -> np.ndarray:
+        return self._shown_pair(batch, x)[1][0].numpy()
+
+
+@dataclass
+class EvalResult:
+    """fastMRI's scores against ``reconstruction_rss`` (the default), beside the zero-filled
+    baseline (fastMRI's RSS of the zero-filled k-space) and, where the data is fully sampled,
+    the scores against the magnitude of the fully sampled SENSE image of the same estimated maps
+    (``*_sense``: what the DEQ is trained towards)."""
+
+    psnr: float
+    ssim: float
+    psnr_zero_filled: float
+    ssim_zero_filled: float
+    mean_iterations: float | None
+    max_residual: float | None
+    all_converged: bool | None
+    n_slices: int
+    nmse: float = float("nan")
+    nmse_zero_filled: float = float("nan")
+    psnr_sense: float | None = None
+    ssim_sense: float | None = None
+    not_converged: list[str] = field(default_factory=list)  # "file.h5:slice" on the iteration cap
+    reference: str = "reconstruction_rss"
+    coil_maps: str = "espirit"
+    espirit: dict | None = None  # the ESPIRiT settings of estimated maps
+    per_volume: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def psnr_baseline(self) -> float:
+        return self.psnr_zero_filled
+
+    @property
+    def ssim_baseline(self) -> float:
+        return self.ssim_zero_filled
+
+
+
+@torch.no_grad()
+def evaluate_mri(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    acceleration: int = 6,
+    center_fraction: float | None = None,
+    solver=None,
+    batch_size: int = 4,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """fastMRI's ``evaluate()`` on what ``spade reconstruct`` writes.
+
+    Each slice is measured as ``reconstruct`` measures it (fastMRI's per-file mask seed, or the
+    file's own mask; coil maps from the ACS block), its reconstruction's magnitude is cropped to
+    the header's recon size, and PSNR / SSIM / NMSE are fastMRI's: per volume against
+    ``reconstruction_rss``, both centre-cropped to the target's width squared, ``data_range`` the
+    target volume's maximum, averaged over volumes. Zero-filled is fastMRI's RSS of the
+    zero-filled k-space, cropped likewise. ``psnr_sense`` / ``ssim_sense`` score against the
+    magnitude of the fully sampled SENSE image of the same maps (fully sampled data only).
+    Slices whose fixed-point solve stopped on its cap are listed in ``not_converged``.
+    """
+    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    model.eval()
+    preds: dict[str, dict[int, np.ndarray]] = {}
+    zfs: dict[str, dict[int, np.ndarray]] = {}
+    gts: dict[str, dict[int, np.ndarray]] = {}
+    sense: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    iters, resid, conv, not_converged = [], [], [], []
+    coil_maps = "espirit"
+    # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    loader = MRITask().loader(dataset, batch_size, shuffle=False, seed=0)
+    t0 = time.perf_counter()
+    for i, items in enumerate(loader):
+        batch = on_model_device(make_batch(items, acceleration, cf, eval_seeds(items)), model)
+        if items["smaps"] is not None:
+            coil_maps = "file"
+        if batch.target is None:
+            raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
+        kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
+        x = model(batch.y.to(device), batch.physics.to(device), **kwargs)
+        out = recon_magnitude(x, batch.meta["recon_size"]).cpu()
+        zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.meta["recon_size"])
+        ref_sense = recon_magnitude(batch.x_gt, batch.meta["recon_size"]) if batch.x_gt is not None else None
+        info = getattr(model, "last_info", None)
+        if info is not None:
+            iters += info.iterations.tolist()
+            resid += info.residual.tolist()
+            conv += info.converged.tolist()
+            flags = info.converged.tolist()
+            not_converged += [f"{f}:{s}" for f, s, c in zip(batch.meta["fnames"], batch.meta["slices"], flags) if not c]
+        for b, (f, s) in enumerate(zip(batch.meta["fnames"], batch.meta["slices"])):
+            preds.setdefault(f, {})[s] = out[b].cpu().numpy()
+            zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
+            gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
+            if ref_sense is not None:
+                sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), out[b].cpu().numpy())
+        if on_batch:
+            on_batch(i + 1, len(loader))
+    seconds = time.perf_counter() - t0
+
+    def stack(d):
+        return {f: np.stack([v[s] for s in sorted(v)]) for f, v in d.items()}
+
+    gt_v, pr_v, zf_v = stack(gts), stack(preds), stack(zfs)
+    rec = evaluate_volumes({f: fastmri_crop(gt_v[f], pr_v[f]) for f in gt_v})
+    base = evaluate_volumes({f: fastmri_crop(gt_v[f], zf_v[f]) for f in gt_v})
+    sense_m = None
+    if sense and set(sense) == set(gts) and all(len(sense[f]) == len(gts[f]) for f in gts):
+        sense_m = evaluate_volumes({
+            f: fastmri_crop(np.stack([v[s][0] for s in sorted(v)]), np.stack([v[s][1] for s in sorted(v)]))
+            for f, v in sense.items()
+        })
+    return EvalResult(
+        psnr=rec.psnr,
+        ssim=rec.ssim,
+        nmse=rec.nmse,
+        psnr_zero_filled=base.psnr,
+        ssim_zero_filled=base.ssim,
+        nmse_zero_filled=base.nmse,
+        psnr_sense=sense_m.psnr if sense_m else None,
+        ssim_sense=sense_m.ssim if sense_m else None,
+        mean_iterations=float(np.mean(iters)) if iters else None,
+        max_residual=float(np.max(resid)) if resid else None,
+        all_converged=bool(all(conv)) if conv else None,
+        not_converged=not_converged,
+        n_slices=sum(len(v) for v in gts.values()),
+        coil_maps=coil_maps,
+        espirit=(dataclasses.asdict(dataset.estimator.params)
+                 if coil_maps == "espirit" and hasattr(dataset, "estimator") else None),
+        per_volume={f: {"psnr": m.psnr, "ssim": m.ssim, "nmse": m.nmse} for f, m in rec.per_volume.items()},
+        seconds=seconds,
+    )
