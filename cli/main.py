@@ -28,6 +28,9 @@ AccelOpt = Annotated[int, typer.Option("--acceleration", "-a", help="Undersampli
 CfOpt = Annotated[Optional[float], typer.Option("--center-fraction", help="Fraction of auto-calibration lines (default per acceleration).")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache of estimated coil maps (default: $XDG_CACHE_HOME/spade-deploy or ~/.cache/spade-deploy; never the data folder).")]
 CoilMapsOpt = Annotated[str, typer.Option("--coil-maps", help="espirit: estimated from each measurement's fully sampled centre (ACS) only | file: the file's sens_maps, a reference no scanner gives (e.g. the simulation's true maps).")]
+ScaleOpt = Annotated[Optional[list[int]], typer.Option("--scale", help="Super-resolution: scale factor (repeatable; 1-4; default 2 3 4).")]
+KernelOpt = Annotated[Optional[list[str]], typer.Option("--kernel", help="Super-resolution: blur kernel, k1..k12 (the papers' 12) or a .npy / .mat file of a 2-D kernel summing to one (repeatable; default the 12).")]
+NoiseOpt = Annotated[float, typer.Option("--noise", help="Super-resolution: standard deviation of the white noise on the [0, 1] intensity scale (default 0, as the papers' tables).")]
 CkptSecondsOpt = Annotated[float, typer.Option("--checkpoint-seconds", help="Write a resumable last.safetensors within an epoch after this many seconds (0: every step).")]
 SPLITS = ("train", "val", "test")
 
@@ -80,6 +83,32 @@ def _check_out_dir(out: Path) -> None:
 
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
+
+
+def _task(task_name: str, data: Path | None, **options):
+    """The task ``task_name`` from the command line's ``--data`` and task options, and the root of
+    its splits (the embedded MRI dataset is built on first use, with a progress bar)."""
+    from spade_deploy.tasks import task_class
+
+    task = task_class(task_name).from_cli(data, options)
+    root = _dataset_root(data) if task_name == "mri" else task.data_root(data)
+    return task, root
+
+
+def _model_task(model: str, preset: str | None = None) -> str:
+    from spade_deploy.models import build_model
+
+    return build_model(model, preset=preset).task
+
+
+def _task_split(task, root, split: str):
+    """A split of the task's data (one-line error when it is missing)."""
+    from spade_deploy.errors import SpadeError
+
+    check_choice("split", split, SPLITS)
+    if not task.has_split(root, split):
+        raise SpadeError(f"{root} has no {split}/ folder")
+    return task.dataset(root, split)
 
 
 def _split(root: Path, split: str, coil_maps: str = "espirit", cache_dir: Path | None = None):
@@ -157,15 +186,22 @@ def train(
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
     checkpoint_seconds: CkptSecondsOpt = 120.0,
+    scale: ScaleOpt = None,
+    kernel: KernelOpt = None,
+    noise: NoiseOpt = 0.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
 ):
-    """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR."""
+    """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR (the model's task: MRI or super-resolution)."""
     cfg = _train_config(
         epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration, center_fraction=center_fraction,
         seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
         train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
+        max_steps_per_epoch=max_steps,
     )
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
-    _run_training(model, preset, _dataset_root(data), out, cfg, resume, checkpoint_seconds)
+    task, root = _task(_model_task(model, preset), data, acceleration=acceleration, center_fraction=center_fraction,
+                       scale=scale, kernel=kernel, noise=noise)
+    _run_training(model, preset, root, out, cfg, resume, checkpoint_seconds, task=task)
 
 
 def _train_config(**options):
@@ -183,8 +219,8 @@ def _train_config(**options):
         raise SpadeError(msg) from None
 
 
-def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, resume: bool = False,
-                  checkpoint_seconds: float | None = 120.0):
+def _run_training(model: str, preset: str | None, root: Path | None, out: Path, cfg, resume: bool = False,
+                  checkpoint_seconds: float | None = 120.0, task=None):
     import dataclasses
 
     import torch
@@ -193,22 +229,25 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
     from spade_deploy.losses import SupervisedLoss
     from spade_deploy.models import build_model, count_parameters
     from spade_deploy.paths import check_outputs
+    from spade_deploy.tasks import task_for
     from spade_deploy.train import RUN_FILES, fit
     from spade_deploy.zoo import dataset_key
 
     _check_out_dir(out)
-    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[root], data=_data_folders(root))
+    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[root] if root else [],
+                  data=_data_folders(root) if root else [])
     torch.manual_seed(cfg.seed)  # the initial weights, reproducibly
     net = build_model(model, preset=preset)
-    train_ds, val_ds = _split(root, "train"), _split(root, "val")
-    console.print(f"Training [bold]{model}[/] ({count_parameters(net):,} parameters) on {len(train_ds)} slices, validating on {len(val_ds)}.")
+    task = task if task is not None else task_for(net, cfg)
+    train_ds, val_ds = _task_split(task, root, "train"), _task_split(task, root, "val")
+    console.print(f"Training [bold]{model}[/] ({count_parameters(net):,} parameters) on {len(train_ds)} samples, validating on {len(val_ds)}.")
     t0 = time.perf_counter()
     with progress_bar() as bar:
-        task = bar.add_task("epoch 1", total=None, info="")
+        bar_task = bar.add_task("epoch 1", total=None, info="")
         last = {}
 
         def on_step(label, step, n, loss):
-            bar.update(task, description=label, completed=step, total=n,
+            bar.update(bar_task, description=label, completed=step, total=n,
                        info=f"loss {loss:.4f}" + (f" | val PSNR {last['val_psnr']:.2f} dB" if "val_psnr" in last else ""))
 
         def on_epoch(rec):
@@ -221,8 +260,10 @@ def _run_training(model: str, preset: str | None, root: Path, out: Path, cfg, re
             )
 
         result = fit(net, SupervisedLoss(), train_ds, val_ds, cfg, out, resume=resume,
-                     extra_manifest={"data": str(root), "preset": preset, "dataset": dataset_key(root)}, on_step=on_step, on_epoch=on_epoch,
-                     checkpoint_seconds=checkpoint_seconds)
+                     extra_manifest={"data": str(root) if root else "embedded", "preset": preset,
+                                     "dataset": dataset_key(root) if root else None,
+                                     "task": {"name": task.name, **task.options()}},
+                     on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds, task=task)
     write_json(Path(out) / "history.json", {"train_config": dataclasses.asdict(cfg), "history": result.history})
     console.print(f"best checkpoint: [cyan]{result.best_path}[/] (val PSNR {result.best_val_psnr:.2f} dB) in {time.perf_counter() - t0:.0f} s")
     return result
@@ -284,9 +325,20 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1, help="Slices reconstructed together (slices of one size; a folder may mix sizes).")] = 4,
     cache_dir: CacheOpt = None,
     coil_maps: CoilMapsOpt = "espirit",
+    scale: ScaleOpt = None,
+    kernel: KernelOpt = None,
+    noise: NoiseOpt = 0.0,
 ):
-    """fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS."""
+    """MRI: fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS. Super-resolution: USRNet's official PSNR / SSIM per scale and kernel, beside bicubic."""
+    from spade_deploy.io import read_manifest
+
     check_choice("--split", split, SPLITS)
+    task_name = _model_task(str(read_manifest(checkpoint).get("model")))
+    if task_name != "mri":
+        check_number("--batch-size", batch_size, 1, 4096)
+        task, root = _task(task_name, data, scale=scale, kernel=kernel, noise=noise)
+        _run_eval_task(checkpoint, task, root, split, json_out, batch_size)
+        return
     check_sampling(acceleration, center_fraction)
     check_solver(max_iter, tol)
     if solver is not None:
@@ -346,6 +398,51 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
     if json_out:
         write_json(json_out, {"checkpoint": str(checkpoint), "split": split, "acceleration": acceleration,
                               "solver": dataclasses.asdict(solver_cfg) if solver_cfg else None, **res.as_dict()})
+    return res
+
+
+def _run_eval_task(checkpoint: Path, task, root, split: str, json_out: Path | None = None, batch_size: int = 4):
+    """Evaluate on a task whose scores come per scale and kernel (super-resolution): one table per
+    kernel set, a row per kernel, PSNR / SSIM of the model and of the baseline per scale."""
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.errors import SpadeError
+    from spade_deploy.io import write_json
+    from spade_deploy.paths import check_outputs
+    from spade_deploy.train import evaluate
+
+    if json_out is not None:
+        if json_out.is_dir():
+            raise SpadeError(f"--json {json_out} is a folder, expected a file")
+        check_outputs(files=[json_out], inputs=[checkpoint, *([root] if root else [])],
+                      data=_data_folders(root) if root else [])
+    net, manifest = load_model(checkpoint)
+    ds = _task_split(task, root, split)
+    with progress_bar(transient=True) as bar:
+        bar_task = bar.add_task(f"restoring {split}", total=None, info="")
+        res = evaluate(net, ds, task, batch_size=batch_size, on_batch=lambda i, n: bar.update(bar_task, completed=i, total=n))
+    scales = list(dict.fromkeys(r.scale for r in res.rows))
+    table = Table(title=f"{manifest['model']} on {split} ({res.n_images} images; {task.scores_name}; "
+                        f"{manifest['model']} / {task.baseline_name} PSNR (dB) and SSIM per scale)")
+    table.add_column("kernel")
+    for s in scales:
+        table.add_column(f"x{s} PSNR", justify="right")
+        table.add_column(f"x{s} SSIM", justify="right")
+    kernels = list(dict.fromkeys(r.kernel for r in res.rows))
+    for k in kernels:
+        cells = []
+        for s in scales:
+            r = next((r for r in res.rows if r.scale == s and r.kernel == k), None)
+            cells += ([f"{r.psnr:.2f} / {r.psnr_bicubic:.2f}", f"{r.ssim:.4f} / {r.ssim_bicubic:.4f}"] if r else ["–", "–"])
+        table.add_row(k, *cells)
+    means = res.by_scale()
+    table.add_row("[bold]mean[/]", *[c for s in scales for c in (f"{means[s]['psnr']:.2f} / {means[s]['psnr_bicubic']:.2f}",
+                                                                     f"{means[s]['ssim']:.4f} / {means[s]['ssim_bicubic']:.4f}")])
+    print_table(table)
+    console.print(f"mean over scales and kernels: {res.psnr:.2f} dB (gain over {task.baseline_name}: "
+                  f"{res.psnr - res.psnr_baseline:+.2f} dB); {res.seconds:.1f} s")
+    if json_out:
+        write_json(json_out, {"checkpoint": str(checkpoint), "split": split, "task": {"name": task.name, **task.options()},
+                              **res.as_dict()})
     return res
 
 
@@ -469,29 +566,37 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
     cache_dir: CacheOpt = None,
     checkpoint_seconds: CkptSecondsOpt = 120.0,
+    scale: ScaleOpt = None,
+    kernel: KernelOpt = None,
+    noise: NoiseOpt = 0.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
+    from spade_deploy.io import read_manifest
+
     cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
                         center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
-                        lipschitz_target=lipschitz_target)
+                        lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     from spade_deploy.losses import STRATEGIES
 
     check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
-    _run_finetune(checkpoint, strategy, teacher, _dataset_root(data), out, cfg, resume, checkpoint_seconds,
-                  cache_dir=cache_dir)
+    task, root = _task(_model_task(str(read_manifest(checkpoint).get("model"))), data, acceleration=acceleration,
+                       center_fraction=center_fraction, cache_dir=cache_dir, scale=scale, kernel=kernel, noise=noise)
+    _run_finetune(checkpoint, strategy, teacher, root, out, cfg, resume, checkpoint_seconds,
+                  cache_dir=cache_dir, task=task)
 
 
-def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path, out: Path, cfg, resume=False,
-                  checkpoint_seconds: float | None = 120.0, cache_dir: Path | None = None):
+def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path | None, out: Path, cfg,
+                  resume=False, checkpoint_seconds: float | None = 120.0, cache_dir: Path | None = None, task=None):
     from spade_deploy.finetune import finetune_model
     from spade_deploy.paths import check_outputs
     from spade_deploy.train import RUN_FILES
 
     _check_out_dir(out)
     check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[checkpoint, teacher_path, root],
-                  data=_data_folders(root))
+                  data=_data_folders(root) if root else [])
 
     with progress_bar() as bar:
         task = bar.add_task(f"{strategy} fine-tuning", total=None, info="")
@@ -505,7 +610,7 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
 
         result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
                                 on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, task=task)
     console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
     from spade_deploy.io import read_manifest
 

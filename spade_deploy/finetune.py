@@ -62,7 +62,7 @@ def measure_contraction(
 def finetune_model(
     checkpoint: str | Path,
     strategy: str,
-    data_root: str | Path,
+    data_root: str | Path | None,
     out_dir: str | Path,
     cfg: TrainConfig,
     teacher_path: str | Path | None = None,
@@ -81,7 +81,7 @@ def finetune_model(
         raise SpadeError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     loss = STRATEGIES[strategy]()
     model, manifest = load_model(checkpoint)
-    root = Path(data_root)
+    root = Path(data_root) if data_root is not None else None  # None: the task's embedded data
     if task is None:
         task = task_for(model, cfg, cache_dir=cache_dir)
 
@@ -104,7 +104,7 @@ def finetune_model(
     split = "train" if loss.needs_ground_truth else "test"
     train_ds = task.dataset(root, split)
     if loss.needs_ground_truth:
-        task.check_ground_truth(train_ds, f"strategy {strategy!r}", root / split)
+        task.check_ground_truth(train_ds, f"strategy {strategy!r}", root / split if root else split)
     val_ds = task.dataset(root, "val") if task.has_split(root, "val") else None
     if val_ds is not None and not task.has_ground_truth(val_ds):
         val_ds = None
@@ -117,7 +117,7 @@ def finetune_model(
         cfg = dataclasses.replace(cfg, lipschitz_target=contraction["target"])
     extra = {
         "pruning": manifest.get("pruning"),
-        "finetune": {"strategy": strategy, "parent": str(checkpoint), "teacher": str(teacher_path) if teacher else None, "data": str(root / split)},
+        "finetune": {"strategy": strategy, "parent": str(checkpoint), "teacher": str(teacher_path) if teacher else None, "data": str(root / split) if root else f"embedded {split}"},
         "contraction": contraction,
     }
     return fit(model, loss, train_ds, val_ds, cfg, out_dir, resume=resume, teacher=teacher,

@@ -60,6 +60,17 @@ class Task:
         """The task's options, as recorded in manifests and result files."""
         return {}
 
+    @classmethod
+    def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "Task":
+        """The task from the command line's ``--data`` and task options (``options`` holds every
+        task's options by name; a task reads its own, validating them with one-line errors)."""
+        return cls()
+
+    def data_root(self, data: Path | None) -> Path | None:
+        """The root of the task's splits for ``--data`` (None: the task's embedded data, built on
+        first use where it has to be)."""
+        return data
+
     # -- data ----------------------------------------------------------------------------------
     def dataset(self, root: str | Path, split: str) -> Dataset:
         """The ``split`` (train | val | test) of the data under ``root``."""

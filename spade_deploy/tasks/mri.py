@@ -80,6 +80,22 @@ class MRITask(Task):
             return cls(**options)
         return cls(cfg.acceleration, cfg.center_fraction, **options)
 
+    @classmethod
+    def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "MRITask":
+        acceleration, cf = options.get("acceleration", 6), options.get("center_fraction")
+        coil_maps = options.get("coil_maps", "espirit")
+        if coil_maps not in ("espirit", "file"):
+            raise SpadeError(f"unknown coil-map source {coil_maps!r}; choose espirit or file")
+        return cls(acceleration, cf, coil_maps, options.get("cache_dir"))
+
+    def data_root(self, data: Path | None) -> Path:
+        if data is not None:
+            return data
+        root = D.default_data_root()
+        if not (root / "dataset.json").exists():
+            D.build_default_dataset(root, seed=0)
+        return root
+
     @property
     def cf(self) -> float:
         return self.center_fraction if self.center_fraction is not None else center_fraction_for(self.acceleration)

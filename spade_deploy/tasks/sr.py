@@ -165,6 +165,24 @@ class SRTask(Task):
             raise SpadeError(f"blur kernel of {biggest} pixels is larger than the {patch} x {patch} training patches")
         self.crop, self.patch = crop, patch
 
+    @classmethod
+    def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "SRTask":
+        """``scale``: a list of factors (default 2 3 4); ``kernel``: names ``k1`` .. ``k12`` or
+        ``.npy`` / ``.mat`` files (default the 12); ``noise``: the noise level."""
+        from ..sr.kernels import load_kernel
+
+        scales = options.get("scale") or DEFAULT_SCALES
+        for s in scales:
+            check_scale(s)
+        kernels = None
+        if options.get("kernel"):
+            paper = dict(zip(kernel_names(), paper_kernels()))
+            kernels = {}
+            for k in options["kernel"]:
+                kernels[k if k in paper else Path(k).stem] = paper[k] if k in paper else load_kernel(k)
+        extra = {k: options[k] for k in ("crop", "patch") if options.get(k) is not None}
+        return cls(scales, kernels, options.get("noise") or 0.0, data, **extra)
+
     def options(self) -> dict:
         return {"scales": list(self.scales), "kernels": list(self.kernels), "noise": self.noise,
                 "data": str(self.data) if self.data else "embedded", "crop": self.crop, "patch": self.patch}
