@@ -599,10 +599,10 @@ def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, ro
                   data=_data_folders(root) if root else [])
 
     with progress_bar() as bar:
-        task = bar.add_task(f"{strategy} fine-tuning", total=None, info="")
+        bar_task = bar.add_task(f"{strategy} fine-tuning", total=None, info="")
 
         def on_step(label, step, n, loss):
-            bar.update(task, description=f"{strategy} {label}", completed=step, total=n, info=f"loss {loss:.4f}")
+            bar.update(bar_task, description=f"{strategy} {label}", completed=step, total=n, info=f"loss {loss:.4f}")
 
         def on_epoch(rec):
             if "val_psnr" in rec:
