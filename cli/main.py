@@ -101,6 +101,17 @@ def _model_task(model: str, preset: str | None = None) -> str:
     return build_model(model, preset=preset).task
 
 
+def _checkpoint_task(checkpoint: Path) -> str:
+    """The task of a checkpoint's model, from its manifest alone; a manifest naming no known model
+    is left to the loader to refuse (with its own message): "mri" then, the commands' first path."""
+    from spade_deploy.io import read_manifest
+    from spade_deploy.models import model_names
+
+    manifest = read_manifest(checkpoint)
+    name = manifest.get("model") if isinstance(manifest, dict) else None
+    return _model_task(name) if isinstance(name, str) and name in model_names() else "mri"
+
+
 def _task_split(task, root, split: str):
     """A split of the task's data (one-line error when it is missing)."""
     from spade_deploy.errors import SpadeError
@@ -330,10 +341,8 @@ def eval_(
     noise: NoiseOpt = 0.0,
 ):
     """MRI: fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS. Super-resolution: USRNet's official PSNR / SSIM per scale and kernel, beside bicubic."""
-    from spade_deploy.io import read_manifest
-
     check_choice("--split", split, SPLITS)
-    task_name = _model_task(str(read_manifest(checkpoint).get("model")))
+    task_name = _checkpoint_task(checkpoint)
     if task_name != "mri":
         check_number("--batch-size", batch_size, 1, 4096)
         task, root = _task(task_name, data, scale=scale, kernel=kernel, noise=noise)
@@ -572,8 +581,6 @@ def finetune(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
-    from spade_deploy.io import read_manifest
-
     cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
                         center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
                         lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
@@ -582,7 +589,7 @@ def finetune(
 
     check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
-    task, root = _task(_model_task(str(read_manifest(checkpoint).get("model"))), data, acceleration=acceleration,
+    task, root = _task(_checkpoint_task(checkpoint), data, acceleration=acceleration,
                        center_fraction=center_fraction, cache_dir=cache_dir, scale=scale, kernel=kernel, noise=noise)
     _run_finetune(checkpoint, strategy, teacher, root, out, cfg, resume, checkpoint_seconds,
                   cache_dir=cache_dir, task=task)

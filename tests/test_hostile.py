@@ -222,6 +222,20 @@ def ws(tmp_path_factory):
     os.symlink(good, ws / "pruned-trick" / "good.pruned-0.1.safetensors")
     _mk(ws / "export-trick")
     os.symlink(good, ws / "export-trick" / "good.manifest.json")
+
+    # super-resolution: a USRNet checkpoint, bad kernels, bad image folders
+    from PIL import Image
+
+    save_model(ws / "usrnet.safetensors", build_model("usrnet", preset="tiny"))
+    sr = _mk(ws / "sr")
+    np.save(sr / "k3d.npy", np.full((3, 5, 5), 1 / 75))
+    np.save(sr / "unnormalised.npy", np.ones((5, 5)))
+    np.save(sr / "huge.npy", np.full((99, 99), 1 / 99**2))
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for split in ("train", "val", "test"):
+        Image.fromarray(rgb).save(_mk(sr / "deep" / split) / "a.png")
+        Image.fromarray(rgb[:6, :6]).save(_mk(sr / "small" / split) / "a.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(sr / "deep" / "test" / "b.png")  # 16-bit greyscale
     return ws
 
 
@@ -322,6 +336,24 @@ def _cases():
     }
     for name, args in bad_options.items():
         add(f"option-{name}", [*args, "--data", d, "-o", "{ws}/out-train"], "")
+    # super-resolution: bad kernels, scales, noise and images (the model's task from its checkpoint)
+    u = "{ws}/usrnet.safetensors"
+    for name, (args, match) in {
+        "scale-5": (["eval", u, "--scale", "5"], "scale factor must be one of 1, 2, 3, 4"),
+        "scale-0-train": (["train", "-m", "usrnet", "--scale", "0", "-o", "{ws}/out-sr"], "scale factor"),
+        "scale-finetune": (["finetune", u, "--scale", "7", "-o", "{ws}/out-sr"], "scale factor"),
+        "noise-nan": (["eval", u, "--noise", "nan"], "noise level"),
+        "noise-negative": (["eval", u, "--noise", "-0.1"], "noise level"),
+        "kernel-3d": (["eval", u, "--kernel", "{ws}/sr/k3d.npy"], "2-D"),
+        "kernel-unnormalised": (["eval", u, "--kernel", "{ws}/sr/unnormalised.npy"], "normalised"),
+        "kernel-larger-than-patch": (["train", "-m", "usrnet", "--kernel", "{ws}/sr/huge.npy", "-o", "{ws}/out-sr"],
+                                     "larger than"),
+        "kernel-unknown": (["eval", u, "--kernel", "k13"], "not found"),
+        "image-16-bit": (["eval", u, "--data", "{ws}/sr/deep", "--scale", "2", "--kernel", "k1"], "16-bit"),
+        "image-smaller-than-multiple": (["eval", u, "--data", "{ws}/sr/small", "--scale", "2"], "smaller than"),
+        "split-missing": (["eval", u, "--data", "{ws}/sr", "--scale", "2"], "no test/ folder"),
+    }.items():
+        add(f"sr-{name}", args, match)
     for name, args in {
         "eval-max-iter": ["eval", g, "--data", d, "--max-iter", "1000000000"],
         "eval-max-iter-0": ["eval", g, "--data", d, "--max-iter", "0"],
