@@ -44,6 +44,10 @@ class OrtPrior(nn.Module):
         self._stream = stream
         self.input_name, self.output_name = input_name, output_name
         self._binding = self.session.io_binding() if self.device.type == "cuda" else None
+        # the output's channel count where the graph fixes it (USRNet's prior maps image + noise
+        # map, 4 channels, to the 3-channel image); None: as many as the input
+        channels = next((o.shape[1] for o in self.session.get_outputs() if o.name == output_name), None)
+        self._out_channels = channels if isinstance(channels, int) else None
         self._run_options = None
         if self.device.type == "cuda":
             import onnxruntime as ort
@@ -54,11 +58,12 @@ class OrtPrior(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous().float()
         if self.device.type == "cpu":
-            out = self.session.run([self.output_name], {self.input_name: x.cpu().numpy()})[0]
+            out = self.session.run([self.output_name], {self.input_name: x.detach().cpu().numpy()})[0]
             return torch.from_numpy(out).to(x.device)
         if x.device != self.device:
             raise SpadeError(f"onnxruntime session on {self.device} was given a tensor on {x.device}")
-        y = torch.empty_like(x)  # priors map (B, C, H, W) to the same shape
+        # priors keep (B, H, W); the channels are the graph's
+        y = torch.empty((x.shape[0], self._out_channels or x.shape[1], *x.shape[2:]), device=x.device, dtype=x.dtype)
         b, dev_id = self._binding, self.device.index
         b.bind_input(self.input_name, "cuda", dev_id, np.float32, tuple(x.shape), x.data_ptr())
         b.bind_output(self.output_name, "cuda", dev_id, np.float32, tuple(y.shape), y.data_ptr())
