@@ -895,19 +895,27 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
     cache_dir: CacheOpt = None,
     coil_maps: CoilMapsOpt = "espirit",
+    scale: ScaleOpt = None,
+    kernel: KernelOpt = None,
+    noise: NoiseOpt = 0.0,
 ):
+    """Score and time the unpruned model and its pruned / fine-tuned variants on every back-end (MRI: fastMRI's scores; super-resolution: USRNet's, over --scale x --kernel)."""
     check_choice("--split", split, SPLITS)
     check_sampling(acceleration, center_fraction)
     check_number("--repeats", repeats, 1, 10_000)
     check_number("--warmup", warmup, 0, 10_000)
     check_device(device)
-    _run_bench(checkpoints, list(backend or ["auto"]), engines, _dataset_root(data), split,
-               acceleration, center_fraction, repeats, warmup, device, out, cache_dir=cache_dir, coil_maps=coil_maps)
+    task, root = _task(_checkpoint_task(checkpoints[0]) if checkpoints else "mri", data, acceleration=acceleration,
+                       center_fraction=center_fraction, coil_maps=coil_maps, cache_dir=cache_dir, scale=scale,
+                       kernel=kernel, noise=noise)
+    _run_bench(checkpoints, list(backend or ["auto"]), engines, root, split,
+               acceleration, center_fraction, repeats, warmup, device, out, cache_dir=cache_dir, coil_maps=coil_maps,
+               task=task)
 
 
-def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acceleration: int, center_fraction,
+def _run_bench(checkpoints, backends, engines: Path, root: Path | None, split: str, acceleration: int, center_fraction,
                repeats: int, warmup: int, device: str, out: Path, stem: str = "bench", cache_dir: Path | None = None,
-               coil_maps: str = "espirit"):
+               coil_maps: str = "espirit", task=None):
     from spade_deploy import bench as B
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
@@ -930,9 +938,11 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     _check_out_dir(out)
     _check_out_dir(engines)
     results = [out / f"{stem}.{ext}" for ext in ("json", "csv", "md")] + [out / f"{stem}-degradation.png"]
-    check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root], data=_data_folders(root, [split]))
-    test_ds = _split(root, split, coil_maps, cache_dir)  # a missing split fails before any export is written
-    trt_size = tuple(test_ds[0]["kspace"].shape[-2:]) if "tensorrt" in backends else None
+    check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root],
+                  data=_data_folders(root, [split]) if root else [])
+    task_ = task if task is not None else MRITask(acceleration, center_fraction, coil_maps, cache_dir)
+    test_ds = _task_split(task_, root, split)  # a missing split fails before any export is written
+    trt_size = task_.prior_size(test_ds) if "tensorrt" in backends else None
     variants, manifests, hashes, to_export = [], {}, {}, []
     stems = _export_stems(checkpoints)
     for path in checkpoints:
@@ -960,7 +970,6 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
     for path, net in to_export:
         manifests[id(net)] = _run_export(path, engines, trt="tensorrt" in backends, quiet=True, stem=stems[path],
                                          size=trt_size).manifest_path
-    task_ = MRITask(acceleration, center_fraction, coil_maps, cache_dir)
     deployers = {b: (lambda v, sample, b=b: deploy(v.model, b, manifests.get(id(v.model)), device, sample=sample,
                                              checkpoint_sha256=hashes.get(id(v.model))))
                  for b in backends}
@@ -968,7 +977,8 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         task = bar.add_task("benchmarking", total=None, info="")
         result = B.run_bench(variants, deployers, test_ds, task_, repeats=repeats, warmup=warmup,
                              device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
-    table = Table(title=f"SPADE benchmark on {result.device} ({split}, acceleration {acceleration}; {result.baseline} PSNR {result.psnr_baseline:.2f} dB)")
+    opts = ", ".join(f"{k} {v}" for k, v in task_.options().items() if not isinstance(v, list) or len(v) < 4)
+    table = Table(title=f"SPADE benchmark on {result.device} ({split}, {opts}; {result.baseline} PSNR {result.psnr_baseline:.2f} dB)")
     for col in B.COLUMNS:
         table.add_column(col, justify="right", no_wrap=True)
     for row in B.table_rows(result):
@@ -982,7 +992,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path, split: str, acc
         for label in dict.fromkeys(v.label for v in variants):
             mine = [v for v in variants if v.label == label]
             if any(v.ratio > 0 for v in mine):
-                paths[f"examples {label}"] = B.plot_examples(mine, _split(root, split, coil_maps, cache_dir), task_,
+                paths[f"examples {label}"] = B.plot_examples(mine, test_ds, task_,
                                                              out / f"{stem}-{label}-examples.png")
     console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in paths.values()))
     return result

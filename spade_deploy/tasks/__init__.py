@@ -117,6 +117,11 @@ class Task:
         """A batch for a model's own pretraining (``pretrain_loss``). Default: a training batch."""
         return self.train_batch(items)
 
+    def prior_size(self, dataset: Dataset) -> tuple[int, int]:
+        """The image size ``(H, W)`` the priors see on ``dataset``'s first sample (what a TensorRT
+        engine's profile is built for)."""
+        raise NotImplementedError
+
     def sample_label(self, key: Any) -> str:
         """A sample's key (``Batch.keys``) as text: its parts joined by ``:``."""
         return ":".join(map(str, key)) if isinstance(key, tuple) else str(key)

@@ -120,6 +120,9 @@ class MRITask(Task):
     def collate(self, items: list) -> Any:
         return D.collate(items)
 
+    def prior_size(self, dataset: D.SliceDataset) -> tuple[int, int]:
+        return tuple(dataset[0]["kspace"].shape[-2:])
+
     def train_batch(self, items: Any) -> Batch:
         # one fresh mask offset per slice from NumPy's global state
         seeds = [np.random.randint(0, 2**31 - 1) for _ in items["fname"]]

@@ -214,6 +214,12 @@ class SRTask(Task):
             out["lr"] = torch.stack([it["lr"] for it in items])
         return out
 
+    def prior_size(self, dataset: Dataset) -> tuple[int, int]:
+        from ..models.usrnet import padded_size
+
+        h, w = dataset[0]["hr"].shape[-2:]
+        return padded_size(h), padded_size(w)
+
     # -- batches -------------------------------------------------------------------------------
     def train_batch(self, items: dict) -> Batch:
         """Tiles degraded afresh: one scale for the batch, one kernel per tile (global NumPy state),
