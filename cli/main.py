@@ -643,8 +643,14 @@ def reconstruct(
     full_fov: Annotated[bool, typer.Option("--full-fov", help="Keep the full field of view (default: crop to the header's recon size, as fastMRI does).")] = False,
     cache_dir: CacheOpt = None,
     coil_maps: CoilMapsOpt = "espirit",
+    scale: ScaleOpt = None,
+    kernel: KernelOpt = None,
+    noise: NoiseOpt = 0.0,
 ):
-    """Reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py."""
+    """MRI: reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
+    if _checkpoint_task(checkpoint) == "sr":
+        _run_restore(checkpoint, source, out, scale, kernel, noise, backend, engines)
+        return
     from spade_deploy import data as D
     from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
@@ -679,6 +685,41 @@ def reconstruct(
     if res.not_converged:
         console.print(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
                       f"{', '.join(res.not_converged)}")
+
+
+def _run_restore(checkpoint: Path, source: Path, out: Path, scale, kernel, noise: float, backend: str, engines: Path):
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.errors import SpadeError
+    from spade_deploy.paths import check_outputs
+    from spade_deploy.runtime import BACKENDS, deploy
+    from spade_deploy.sr.reconstruct import lr_images, read_lr, restore_folder
+    from spade_deploy.sr.physics import SRPhysics, check_kernel, check_scale
+    from spade_deploy.tasks.sr import parse_kernels
+
+    if backend not in BACKENDS:
+        raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
+    if len(scale or []) != 1 or len(kernel or []) != 1:
+        raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
+    s = check_scale(scale[0])
+    (name, k), = parse_kernels(kernel).items()
+    k = check_kernel(k).numpy()
+    _check_out_dir(out)
+    paths = lr_images(source)
+    folder = source if source.is_dir() else source.parent
+    check_outputs(files=[out / f"{p.stem}.png" for p in paths], folders=[out], inputs=[checkpoint, source, *paths],
+                  data=[folder])
+    net, _ = load_model(checkpoint)
+    if backend != "torch":
+        y = read_lr(paths[0], s, k.shape)
+        mpath, sha = _export_for(checkpoint, net, engines, [backend], data=[folder])
+        net = deploy(net, backend, mpath, "cpu", sample=(y, SRPhysics(k, s, noise)), checkpoint_sha256=sha)
+        if getattr(net, "engine_choice", None):
+            console.print("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
+    with progress_bar(transient=True) as bar:
+        bar_task = bar.add_task("super-resolving", total=None, info="")
+        res = restore_folder(net, source, out, s, k, noise,
+                             on_image=lambda i, n: bar.update(bar_task, completed=i, total=n))
+    console.print(f"{len(res.outputs)} images super-resolved x{s} (kernel {name}) into [cyan]{out}[/]")
 
 
 @app.command()

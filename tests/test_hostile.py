@@ -352,6 +352,14 @@ def _cases():
         "image-16-bit": (["eval", u, "--data", "{ws}/sr/deep", "--scale", "2", "--kernel", "k1"], "16-bit"),
         "image-smaller-than-multiple": (["eval", u, "--data", "{ws}/sr/small", "--scale", "2"], "smaller than"),
         "split-missing": (["eval", u, "--data", "{ws}/sr", "--scale", "2"], "no test/ folder"),
+        "reconstruct-two-scales": (["reconstruct", u, "{ws}/sr/deep/train", "-o", "{ws}/out-sr", "--scale", "2", "--scale", "3",
+                                    "--kernel", "k1", "-b", "torch"], "exactly one --scale"),
+        "reconstruct-16-bit": (["reconstruct", u, "{ws}/sr/deep/test", "-o", "{ws}/out-sr", "--scale", "2", "--kernel", "k1",
+                                "-b", "torch"], "16-bit"),
+        "reconstruct-into-source": (["reconstruct", u, "{ws}/sr/deep/train", "-o", "{ws}/sr/deep/train", "--scale", "2",
+                                     "--kernel", "k1", "-b", "torch"], "refusing to overwrite"),
+        "reconstruct-kernel-larger-than-image": (["reconstruct", u, "{ws}/sr/small/train", "-o", "{ws}/out-sr", "--scale", "2",
+                                                  "--kernel", "k1", "-b", "torch"], "larger than"),
     }.items():
         add(f"sr-{name}", args, match)
     for name, args in {

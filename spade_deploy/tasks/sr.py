@@ -127,6 +127,15 @@ class SREvalResult:
         return out
 
 
+def parse_kernels(specs: list[str]) -> dict[str, np.ndarray]:
+    """Kernels named on the command line: ``k1`` .. ``k12`` (the papers') or ``.npy`` / ``.mat`` files
+    (named by their stem), each checked (2-D, finite, normalised)."""
+    from ..sr.kernels import load_kernel
+
+    paper = dict(zip(kernel_names(), paper_kernels()))
+    return {k if k in paper else Path(k).stem: paper[k] if k in paper else load_kernel(k) for k in specs}
+
+
 class SRTask(Task):
     """Super-resolution at ``scales`` with blur ``kernels`` (name -> 2-D kernel; default the 12 of
     the papers) and white noise ``noise`` (on the [0, 1] scale). ``data``: a folder with train/
@@ -169,17 +178,10 @@ class SRTask(Task):
     def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "SRTask":
         """``scale``: a list of factors (default 2 3 4); ``kernel``: names ``k1`` .. ``k12`` or
         ``.npy`` / ``.mat`` files (default the 12); ``noise``: the noise level."""
-        from ..sr.kernels import load_kernel
-
         scales = options.get("scale") or DEFAULT_SCALES
         for s in scales:
             check_scale(s)
-        kernels = None
-        if options.get("kernel"):
-            paper = dict(zip(kernel_names(), paper_kernels()))
-            kernels = {}
-            for k in options["kernel"]:
-                kernels[k if k in paper else Path(k).stem] = paper[k] if k in paper else load_kernel(k)
+        kernels = parse_kernels(options["kernel"]) if options.get("kernel") else None
         extra = {k: options[k] for k in ("crop", "patch") if options.get(k) is not None}
         return cls(scales, kernels, options.get("noise") or 0.0, data, **extra)
 
