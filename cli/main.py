@@ -459,7 +459,7 @@ def _run_eval_task(checkpoint: Path, task, root, split: str, json_out: Path | No
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's checkpoints and results.")] = Path("runs/demo"),
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Architectures to run (repeatable): deq, varnet, e2e-varnet; one bench table for all.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Architectures to run (repeatable): deq, varnet, e2e-varnet, usrnet; one bench table per task.")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train and fine-tune again even where finished runs exist.")] = False,
     backends: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="Back-ends to deploy every variant on (default auto: the engine measured fastest here; the unpruned model is always also timed in PyTorch).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds (every variant reconstructs every test slice once per round).")] = 3,
@@ -476,18 +476,29 @@ def demo(
         if name not in DEMO_RECIPES:
             raise SpadeError(f"no demo recipe for {name!r}; choose from {', '.join(DEMO_RECIPES)}")
     t0 = time.perf_counter()
-    root = _dataset_root(None)
-    checkpoints = []
+    groups: dict[str, tuple] = {}  # task -> (task, data root, models, checkpoints): one bench per task
     for name in models:
         recipe = DEMO_RECIPES[name]
+        task_name = _model_task(name, recipe.preset)
+        if task_name == "mri":
+            task, root = _task(task_name, None, acceleration=recipe.train.acceleration,
+                               center_fraction=recipe.train.center_fraction)
+        else:
+            task, root = _task(task_name, None, **recipe.task_options)
+        own_task = None if task_name == "mri" else task  # MRI: the task each command derives from its config
         base_dir = out / name
         console.rule(f"{name}: train ({recipe.preset} preset)")
-        best = _train_once(name, recipe.preset, root, base_dir / "base", recipe.train, retrain)
-        _run_eval(best, root, "test", recipe.train.acceleration, json_out=base_dir / "eval-test.json")
+        best = _train_once(name, recipe.preset, root, base_dir / "base", recipe.train, retrain, task=own_task)
+        if task_name == "mri":
+            _run_eval(best, root, "test", recipe.train.acceleration, json_out=base_dir / "eval-test.json")
+        else:
+            _run_eval_task(best, task, root, "test", json_out=base_dir / "eval-test.json")
         console.rule(f"{name}: SPADE prune")
-        pruned = [p for p, _ in _run_prune(best, list(PAPER_RATIOS), base_dir / "pruned")]
-        # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
-        pruned += [p for p, _ in _run_prune(best, [max(PAPER_RATIOS)], base_dir / "pruned", round_to="auto")]
+        ratios = list(recipe.ratios or PAPER_RATIOS)
+        pruned = [p for p, _ in _run_prune(best, ratios, base_dir / "pruned")]
+        if recipe.hardware_widths:
+            # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
+            pruned += [p for p, _ in _run_prune(best, [max(ratios)], base_dir / "pruned", round_to="auto")]
         console.rule(f"{name}: SPADE fine-tune")
         tuned = []
         for path in pruned:
@@ -496,17 +507,20 @@ def demo(
                 ft_cfg = recipe.finetune[strategy]
                 if retrain or not _finished(ft_out, ft_cfg):
                     resume = not retrain and _resumable(ft_out / "last.safetensors", ft_cfg)
-                    _run_finetune(path, strategy, best, root, ft_out, ft_cfg, resume=resume)
+                    _run_finetune(path, strategy, best, root, ft_out, ft_cfg, resume=resume, task=own_task)
                 tuned.append(ft_out / "best.safetensors")
-        checkpoints += [best, *pruned, *tuned]
-    console.rule("SPADE: export + bench")
-    _run_bench(checkpoints, list(backends or ["auto"]), out / "engines", root, "test",
-               DEMO_RECIPES[models[0]].train.acceleration, None, repeats=repeats, warmup=1, device="cpu",
-               out=out / "results", stem="bench-" + "+".join(models))
+        group = groups.setdefault(task_name, (task, root, [], []))
+        group[2].append(name)
+        group[3].extend([best, *pruned, *tuned])
+    for task_name, (task, root, names, checkpoints) in groups.items():
+        console.rule("SPADE: export + bench" + (f" ({task_name})" if len(groups) > 1 else ""))
+        _run_bench(checkpoints, list(backends or ["auto"]), out / "engines", root, "test",
+                   DEMO_RECIPES[names[0]].train.acceleration, None, repeats=repeats, warmup=1, device="cpu",
+                   out=out / "results", stem="bench-" + "+".join(names), task=None if task_name == "mri" else task)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out / 'results'}[/]")
 
 
-def _train_once(model: str, preset: str, root: Path, run: Path, cfg, retrain: bool) -> Path:
+def _train_once(model: str, preset: str, root: Path | None, run: Path, cfg, retrain: bool, task=None) -> Path:
     """Train unless a finished run with the same recipe exists; resume an interrupted one."""
     from spade_deploy.io import read_manifest
 
@@ -516,13 +530,13 @@ def _train_once(model: str, preset: str, root: Path, run: Path, cfg, retrain: bo
     if not retrain and _finished(run, cfg) and read_manifest(best).get("preset") == preset:
         console.print(f"Reusing the trained base model [cyan]{best}[/] (--retrain to train again).")
         return best
-    shipped = None if retrain else bundled_base(model, preset, root)
+    shipped = None if retrain or root is None else bundled_base(model, preset, root)
     if shipped is not None:
         console.print(f"Using the base model trained on this dataset and shipped with spade-deploy: [cyan]{shipped}[/] "
                       "(--retrain to train it here).")
         return shipped
     resume = not retrain and _resumable(run / "last.safetensors", cfg)
-    _run_training(model, preset, root, run, cfg, resume=resume)
+    _run_training(model, preset, root, run, cfg, resume=resume, task=task)
     return best
 
 
