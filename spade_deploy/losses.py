@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .physics import Physics
+from .physics import Physics, random_quarter_turns, rotate_images as rotate  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -89,18 +89,6 @@ class SchoolLoss(Loss):
         return relative_sq_error(*model.distillation_pair(x_net, self.teacher_output(batch, teacher)))
 
 
-def random_quarter_turns(x: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:
-    """A random non-identity element of the rotation group per sample, in quarter turns: 90, 180 or
-    270 degrees on square images (exact on the grid), 180 degrees on rectangular ones."""
-    if x.shape[-1] != x.shape[-2]:
-        return [2] * x.shape[0]
-    return torch.randint(1, 4, (x.shape[0],), generator=generator).tolist()
-
-
-def rotate(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    return torch.stack([torch.rot90(xi, k, dims=(-2, -1)) for xi, k in zip(x, ks)])
-
-
 class SelfSupervisedLoss(Loss):
     """Eq. (9): data fidelity ``||A f(y) - y||`` plus equivariant imaging on the test measurements.
 
@@ -110,9 +98,11 @@ class SelfSupervisedLoss(Loss):
     E2E-VarNet's coil-combined image through its estimated maps instead pulled it away from the
     target: those maps are not the true sensitivities).
 
-    EI: ``x_phi = phi f(y)`` with ``phi`` a random rotation, measured by the acquisition rotated
-    with it (coil maps rotated consistently, the scanner's column mask unchanged):
-    ``f(A_phi x_phi)`` must give ``x_phi`` back. ``A`` is the model's own operator
+    EI: ``x_phi = phi f(y)`` with ``phi`` a random transformation of the operator's group
+    (:meth:`Physics.transform`), measured by the operator transformed with it (MRI: a rotation,
+    coil maps rotated consistently, the scanner's column mask unchanged; super-resolution: a
+    rotation with the kernel turned, then a circular shift): ``f(A_phi x_phi)`` must give
+    ``x_phi`` back. ``A`` is the model's own operator
     (:meth:`Reconstructor.measurement_operator`: E2E-VarNet's estimated coil maps). No ground
     truth, no teacher.
     """
@@ -126,8 +116,7 @@ class SelfSupervisedLoss(Loss):
     def __call__(self, x_net, batch, model, teacher=None):
         fidelity = self.fidelity(x_net, batch, model)
         physics = model.measurement_operator(batch.y, batch.physics)
-        ks = random_quarter_turns(x_net)
-        x_phi, physics_phi = rotate(x_net, ks), physics.rotate(ks)
+        x_phi, physics_phi = physics.transform(x_net)
         x_rec = model(physics_phi.A(x_phi), physics_phi)
         return fidelity + self.ei_weight * relative_sq_error(x_rec, x_phi)
 

@@ -76,7 +76,7 @@ def test_deq_self_supervised_loss_is_unchanged():
     smaps = torch.randn(b, c, h, w, dtype=torch.complex64, generator=g)
     physics = MultiCoilMRI(mask, smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt())
     y = physics.A(torch.randn(b, h, w, dtype=torch.complex64, generator=g))
-    batch = Batch(y, physics, None, None, torch.ones(b), ["f"] * b, [0] * b)
+    batch = Batch(y, physics, None, None, keys=[("f", 0)] * b, meta={"maxval": torch.ones(b)})
     with torch.no_grad():
         x = model(y, physics)
         loss = SelfSupervisedLoss()

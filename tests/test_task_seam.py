@@ -88,3 +88,24 @@ def test_models_declare_their_task():
 
     assert isinstance(task_for(build_model("deq", preset="tiny")), MRITask)
     assert isinstance(task_for(build_model("usrnet", preset="tiny")), SRTask)
+
+
+def test_sr_equivariant_transform_turns_the_kernel_with_the_scene():
+    """Self-supervised SR: ``A_phi`` blurs the transformed scene as the scene's blur transformed
+    (the kernel turned with the rotation; the shift commutes with the circular blur)."""
+    from spade_deploy.physics import random_quarter_turns, rotate_images
+    from spade_deploy.sr.physics import SRPhysics
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.rand(5, 5, generator=g, dtype=torch.float64)
+    physics = SRPhysics(k / k.sum(), 2)  # an asymmetric kernel: a wrong turn would show
+    x = torch.rand(4, 3, 16, 16, generator=g)
+    torch.manual_seed(3)
+    x_phi, physics_phi = physics.transform(x)
+    torch.manual_seed(3)
+    ks = random_quarter_turns(x)
+    shifts = torch.randint(0, 2, (2,)).tolist()
+    assert len(set(ks)) > 1  # the batch mixes rotations
+    expect = torch.roll(rotate_images(physics.blur(x), ks), shifts, dims=(-2, -1))
+    assert torch.allclose(physics_phi.blur(x_phi), expect, atol=1e-5)
+    assert physics_phi.A(x_phi).shape == (4, 3, 8, 8)

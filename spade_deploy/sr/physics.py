@@ -188,5 +188,19 @@ class SRPhysics(Physics):
             raise SpadeError(f"a {tuple(self.kernel.shape[-2:])} kernel cannot be turned by odd and even quarter turns in one batch")
         return SRPhysics(torch.stack(kernels).unsqueeze(1).to(torch.float64), self.scale, self.noise_level)
 
+    def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, "SRPhysics"]:
+        """Equivariant imaging for SR: a random rotation per sample (the kernel turned with it,
+        :meth:`rotate`), then one circular shift of the batch by ``(dy, dx)`` in ``[0, scale)``:
+        the blur commutes with it and the downsampler then keeps another phase of the scene, so
+        ``A_phi = A`` measures the shifted image; torch's global random state."""
+        from ..physics import random_quarter_turns, rotate_images
+
+        ks = random_quarter_turns(x)
+        if self.kernel.shape[-1] != self.kernel.shape[-2]:  # one parity of turns for the batch's kernels
+            ks = [ks[0]] * len(ks)
+        x_phi, physics = rotate_images(x, ks), self.rotate(ks)
+        shifts = torch.randint(0, self.scale, (2,)).tolist()
+        return torch.roll(x_phi, shifts, dims=(-2, -1)), physics
+
     def extra_repr(self) -> str:
         return f"scale={self.scale}, kernels={tuple(self.kernel.shape)}"
