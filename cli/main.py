@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -540,34 +538,15 @@ def _train_once(model: str, preset: str, root: Path | None, run: Path, cfg, retr
     return best
 
 
-def _same_recipe(stored: dict | None, cfg) -> bool:
-    """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself, and
-    the contraction target where ``cfg`` leaves it to be measured)."""
-    want = dataclasses.asdict(cfg)
-    own = {"fixed_masks"} | ({"lipschitz_target"} if cfg.lipschitz_target is None else set())
-    return stored is not None and {k: v for k, v in stored.items() if k not in own} == {
-        k: v for k, v in want.items() if k not in own}
-
-
-def _finished(run: Path, cfg) -> bool:
-    """``run`` holds a completed training with recipe ``cfg``."""
-    from spade_deploy.io import read_manifest
-
-    best, last = run / "best.safetensors", run / "last.safetensors"
-    if not (best.exists() and last.exists()):
-        return False
-    ts = read_manifest(last).get("train_state") or {}
-    return _same_recipe(ts.get("train_config"), cfg) and ts.get("epoch") == cfg.epochs
-
-
-def _resumable(last: Path, cfg) -> bool:
-    """``last`` is an interrupted run of recipe ``cfg``."""
-    from spade_deploy.io import read_manifest
-
-    if not last.exists():
-        return False
-    ts = read_manifest(last).get("train_state") or {}
-    return _same_recipe(ts.get("train_config"), cfg) and ts.get("epoch", 0) < cfg.epochs
+from spade_deploy.pipeline import (  # noqa: E402  (the library's bookkeeping, under the names the commands use)
+    export_files as _export_files,
+    export_stem as _export_stem,
+    export_stems as _export_stems,
+    finished as _finished,
+    fresh_export as _fresh_export,
+    resumable as _resumable,
+    same_recipe as _same_recipe,  # noqa: F401  (tests)
+)
 
 
 @app.command()
@@ -837,54 +816,6 @@ def export(
     _run_export(checkpoint, out, trt=trt, fp16=fp16, opset=opset, size=hw)
 
 
-def _export_stem(checkpoint: Path) -> str:
-    """Run folders hold files named best.safetensors: name exports after folder and file."""
-    return f"{checkpoint.parent.name}.{checkpoint.stem}" if checkpoint.stem in ("best", "last") else checkpoint.stem
-
-
-def _export_stems(checkpoints: list[Path]) -> dict[Path, str]:
-    """Distinct export names for checkpoints benchmarked together: :func:`_export_stem`, and for
-    checkpoints whose names clash, their path below the clashing ones' common folder (the demo's
-    ``<out>/varnet/base/best`` and ``<out>/e2e-varnet/base/best`` -> ``varnet.base.best``,
-    ``e2e-varnet.base.best``; one name for two would make one model's priors replace the other's).
-    The same file named twice keeps one name."""
-    stems = {path: _export_stem(path) for path in dict.fromkeys(checkpoints)}
-    files = {stem: {p.resolve() for p in stems if stems[p] == stem} for stem in set(stems.values())}
-    clashing = [p for p in stems if len(files[stems[p]]) > 1]
-    if clashing:
-        root = Path(os.path.commonpath([p.resolve().parent for p in clashing]))
-        for path in clashing:
-            stems[path] = ".".join(path.resolve().relative_to(root).with_suffix("").parts)
-    return stems
-
-
-def _fresh_export(net, checkpoint_sha256: str, engines: Path, stem: str, backends, size=None) -> Path | None:
-    """The manifest ``engines/<stem>.manifest.json`` when it is an export of exactly this checkpoint
-    (same SHA-256) with every file the back-ends need intact; None when there is none or it was
-    exported from another version of the checkpoint (export again). A manifest that is malformed,
-    or whose files differ from the ones it records, is an error: it is never silently replaced."""
-    from spade_deploy.export import read_export_manifest
-    from spade_deploy.runtime import verify_export
-
-    mpath = engines / f"{stem}.manifest.json"
-    if not mpath.exists():
-        return None
-    man = read_export_manifest(mpath)
-    if man.get("checkpoint_sha256") != checkpoint_sha256:
-        return None
-    if "tensorrt" in backends and not all(p.get("engine") and p.get("engine_image_size") == list(size or ())
-                                          for p in man["priors"]):
-        return None
-    for b in backends:
-        if b != "torch":
-            verify_export(net, "onnxruntime" if b == "auto" else b, mpath, checkpoint_sha256)
-    return mpath
-
-
-def _export_files(net, out: Path, stem: str) -> list[Path]:
-    return [out / f"{stem}.manifest.json", *(out / f"{stem}.{name}.onnx" for name in net.priors())]
-
-
 def _export_for(checkpoint: Path, net, engines: Path, backends, size=None, data=()) -> tuple[Path, str]:
     """The export manifest of ``checkpoint`` for ``backends`` (exported first unless an intact export
     of exactly this checkpoint exists) and the checkpoint's SHA-256 it is bound to."""
@@ -972,9 +903,9 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path | None, split: s
                repeats: int, warmup: int, device: str, out: Path, stem: str = "bench", cache_dir: Path | None = None,
                coil_maps: str = "espirit", task=None):
     from spade_deploy import bench as B
-    from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
     from spade_deploy.paths import check_outputs, sha256_file
+    from spade_deploy.pipeline import bench_variant
     from spade_deploy.runtime import BACKENDS, deploy
     from spade_deploy.tasks.mri import MRITask
 
@@ -1001,14 +932,11 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path | None, split: s
     variants, manifests, hashes, to_export = [], {}, {}, []
     stems = _export_stems(checkpoints)
     for path in checkpoints:
-        net, man = load_model(path)
-        pruning, ft = man.get("pruning") or {}, man.get("finetune") or {}
-        label = man["model"]
-        if not pruning and any(v.label == label and v.ratio == 0 for v in variants):
+        variant, man = bench_variant(path)
+        net, label = variant.model, variant.label
+        if not man.get("pruning") and any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"two unpruned {label!r} models given; bench one unpruned model per architecture")
-        variants.append(B.Variant(label=label, ratio=float(pruning.get("ratio", 0.0)),
-                                  strategy=ft.get("strategy") or ("none" if pruning else None), model=net,
-                                  widths=(pruning.get("widths") or "paper") if pruning else None))
+        variants.append(variant)
         check_outputs(files=[out / f"{stem}-{label}-examples.png"], inputs=checkpoints)
         if any(b != "torch" for b in backends):
             # Read and check every existing export before anything is written.

@@ -5,8 +5,6 @@ and on onnxruntime (same PNGs) -> bench. Tiny sizes: this checks the wiring, not
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -83,7 +81,7 @@ def test_reconstruct_a_folder_of_lr_images_on_torch_and_onnxruntime(runs, tmp_pa
 
 
 def test_bench_scores_and_times_usrnet_variants(runs, tmp_path):
-    res = _ok(["bench", runs / "base" / "best.safetensors", runs / "pruned" / "best.pruned-0.4.safetensors",
+    _ok(["bench", runs / "base" / "best.safetensors", runs / "pruned" / "best.pruned-0.4.safetensors",
                "-b", "torch", "-b", "onnxruntime", "--repeats", "1", "--warmup", "0", "--engines", tmp_path / "eng",
                "-o", tmp_path / "res", *SR])
     data = json.loads((tmp_path / "res" / "bench.json").read_text())
