@@ -109,3 +109,48 @@ def test_sr_equivariant_transform_turns_the_kernel_with_the_scene():
     expect = torch.roll(rotate_images(physics.blur(x), ks), shifts, dims=(-2, -1))
     assert torch.allclose(physics_phi.blur(x_phi), expect, atol=1e-5)
     assert physics_phi.A(x_phi).shape == (4, 3, 8, 8)
+
+
+def test_sr_task_scores_are_the_official_test_loop():
+    """SRTask.evaluate gives, per scale and kernel, the numbers of the official loop
+    (spade_deploy.sr.evaluation: degrade, restore, PSNR / SSIM with the scale² border), for the
+    model and for its bicubic baseline."""
+    from spade_deploy.sr.evaluation import bicubic_restorer, degraded_cases, evaluate_cases
+    from spade_deploy.sr.kernels import kernel_names, paper_kernels
+    from spade_deploy.tasks.sr import SRTask
+
+    class Bicubic(torch.nn.Module):
+        def forward(self, y, physics):
+            return bicubic_restorer(y, physics)
+
+    kernels = dict(list(zip(kernel_names(), paper_kernels()))[7:9])  # k8 (Gaussian), k9 (motion)
+    task = SRTask(scales=(2, 3), kernels=kernels, crop=48)
+    res = task.evaluate(Bicubic(), task.dataset(None, "test"), batch_size=2)
+    want = evaluate_cases(bicubic_restorer, degraded_cases(task.images("test"), (2, 3), kernels))
+    assert [(r.scale, r.kernel) for r in res.rows] == [(r.scale, r.kernel) for r in want]
+    for got, ref in zip(res.rows, want):
+        assert got.psnr == pytest.approx(ref.psnr, abs=1e-9) and got.ssim == pytest.approx(ref.ssim, abs=1e-9)
+        assert got.psnr_bicubic == pytest.approx(ref.psnr, abs=1e-9)
+    assert res.psnr_baseline == pytest.approx(res.psnr, abs=1e-9)
+
+
+def test_sr_training_batches_follow_the_global_random_state():
+    """Training tiles are degraded afresh from the global random states (what the trainer seeds and
+    checkpoints): the same seed gives the same batch, another seed another degradation."""
+    import numpy as np
+
+    from spade_deploy.tasks.sr import SRTask
+
+    task = SRTask()
+    ds = task.dataset(None, "train")
+    items = task.collate([ds[i] for i in range(4)])
+
+    def draw(seed):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return task.train_batch(items)
+
+    a, b = draw(0), draw(0)
+    assert torch.equal(a.y, b.y) and a.meta == b.meta
+    assert a.y.shape[-1] * a.meta["scale"] == 48 and torch.equal(a.x_gt, items["hr"])
+    assert any(draw(s).meta != a.meta for s in range(1, 6))
