@@ -8,6 +8,7 @@ from spade_deploy.checkpoint import load_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.losses import SupervisedLoss
 from spade_deploy.models import build_model
+from spade_deploy.tasks.mri import MRITask
 from spade_deploy.train import TrainConfig, evaluate, fit
 
 
@@ -29,10 +30,10 @@ def test_short_training_raises_validation_psnr(tiny_root, tmp_path):
     torch.manual_seed(0)
     model = build_model("deq", preset="tiny")
     val = D.SliceDataset(tiny_root / "val")
-    before = evaluate(model, val, acceleration=6).psnr
+    before = evaluate(model, val, MRITask(6)).psnr
     result = fit(model, SupervisedLoss(), D.SliceDataset(tiny_root / "train"), val, _cfg(epochs=4, pretrain_steps=80), tmp_path / "run")
     best, manifest = load_model(result.best_path)
-    after = evaluate(best, val, acceleration=6)
+    after = evaluate(best, val, MRITask(6))
     assert after.psnr > before + 1.0, (before, after.psnr)
     assert manifest["train_config"]["epochs"] == 4 and len(result.history) == 4
 

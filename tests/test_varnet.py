@@ -216,7 +216,7 @@ def test_school_loss_distils_varnet_magnitudes_only():
     torch.manual_seed(0)
     teacher = build_model("varnet", config=TINY).eval()
     y, physics = _problem()
-    batch = SimpleNamespace(y=y, physics=physics, fnames=["a", "b"], slices=[0, 0])
+    batch = SimpleNamespace(y=y, physics=physics, keys=[("a", 0), ("b", 0)])
     with torch.no_grad():
         x = teacher(y, physics)
     rotated = x * torch.exp(1j * torch.rand(x.shape))
@@ -229,7 +229,7 @@ def _batch(y, physics):
     from spade_deploy.losses import Batch
 
     b = y.shape[0]
-    return Batch(y, physics, None, None, torch.ones(b), ["f"] * b, [0] * b)
+    return Batch(y, physics, None, None, keys=[("f", 0)] * b, meta={"maxval": torch.ones(b)})
 
 
 @pytest.mark.parametrize("name", ["e2e-varnet", "varnet"])
