@@ -15,7 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 GOLDEN_CONFIG = dict(train_volumes=2, train_slices=2, val_volumes=1, val_slices=1, test_volumes=1, test_slices=2,
