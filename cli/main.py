@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -151,7 +152,7 @@ def data(
         ds = D.SliceDataset(root / split)
         item = ds[0]
         table.add_row(split, str(len(ds.files)), str(len(ds)), str(item["kspace"].shape[0]), "x".join(map(str, item["kspace"].shape[-2:])))
-    console.print(table)
+    print_table(table)
     console.print(str(root.resolve()))
     del info
 
@@ -170,7 +171,7 @@ def models():
         for preset in entry.presets:
             m = build_model(name, preset=preset)
             table.add_row(name, preset + (" (default)" if preset == entry.default_preset else ""), f"{count_parameters(m):,}", ", ".join(m.priors()))
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -394,7 +395,7 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
                   *(["", ""] if res.psnr_sense is not None else []))
     table.add_row(manifest["model"], f"{res.psnr:.2f}", f"{res.ssim:.4f}", f"{res.nmse:.4f}",
                   *([f"{res.psnr_sense:.2f}", f"{res.ssim_sense:.4f}"] if res.psnr_sense is not None else []))
-    console.print(table)
+    print_table(table)
     if res.mean_iterations is not None:
         console.print(
             f"fixed point: mean {res.mean_iterations:.1f} iterations, max relative residual {res.max_residual:.2e}, "
@@ -767,7 +768,7 @@ def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None, 
         table.add_row(f"{rep.ratio:.3g}", rep.widths, "[bold]total[/]", f"{rep.params_before:,}", f"{rep.params_after:,}",
                       f"{1 - rep.params_after / rep.params_before:.1%}", f"{rep.macs_before / 1e6:,.1f} M",
                       f"{rep.macs_after / 1e6:,.1f} M", "")
-    console.print(table)
+    print_table(table)
     console.print(f"MACs per prior call on a {results[0][1].example_size[0]}x{results[0][1].example_size[1]} input.")
     for path, rep in results:
         for p in rep.priors:
@@ -860,7 +861,7 @@ def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = Fal
             table.add_column(col, justify="right")
         for p in res.priors:
             table.add_row(p.name, p.onnx, f"{p.params:,}", f"{p.max_rel_error:.2e}")
-        console.print(table)
+        print_table(table)
         console.print(f"manifest: [cyan]{res.manifest_path}[/]")
     return res
 
@@ -981,8 +982,28 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path | None, split: s
     return result
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The ``spade`` command: a malformed command line (an option value of the wrong type, an
+    unknown option, a missing argument) is one ``error:`` line and exit status 1, like every other
+    bad input, not click's usage block."""
+    try:  # typer >= 0.2x runs on its own copy of click
+        from typer._click.exceptions import UsageError
+    except ImportError:  # pragma: no cover - older typer
+        from click.exceptions import UsageError
+
+    from ._common import err_console
+
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "spade"
+        err_console.print(f"[bold red]error:[/] {cmd}: {' '.join(exc.format_message().split())} (see --help)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Abort:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -373,8 +373,14 @@ def plot_degradation(result: BenchResult, path: str | Path, backend: str = "torc
         mine = [r for r in rows if r.label == label]
         base = next(r for r in mine if r.ratio == 0)
         for strategy in sorted({r.strategy for r in mine if r.strategy}):
-            pts = sorted((r.ratio, 100 * (base.psnr - r.psnr) / base.psnr) for r in mine if r.strategy == strategy)
-            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+            colour = None
+            for widths in sorted({r.widths or "paper" for r in mine if r.strategy == strategy}, key=lambda w: w != "paper"):
+                pts = sorted((r.ratio, 100 * (base.psnr - r.psnr) / base.psnr) for r in mine
+                             if r.strategy == strategy and (r.widths or "paper") == widths)
+                line, = ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], color=colour,
+                                marker="o" if widths == "paper" else "D", ls="-" if widths == "paper" else "none",
+                                label=strategy if widths == "paper" else f"{strategy} ({widths} widths)")
+                colour = line.get_color()
         ax.set_xlabel("per-layer pruning ratio (%)")
         ax.set_ylabel("PSNR degradation (%)")
         ax.set_title(f"{label} on {backend}: PSNR degradation vs pruning\n({base.psnr:.2f} dB unpruned)", fontsize=9)
@@ -408,7 +414,8 @@ def plot_examples(variants: Sequence[Variant], test_ds: Dataset, task: Task,
     panels = [("reference", ref, None), (task.baseline_name, zf, None)]
     for v in shown:
         x = task.shown(batch, v.model.eval()(*on_model_device((batch.y, batch.physics), v.model)).cpu())
-        name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}: {v.strategy}"
+        widths = "" if v.ratio == 0 or (v.widths or "paper") == "paper" else f" ({v.widths} widths)"
+        name = "unpruned" if v.ratio == 0 else f"{v.ratio:g}{widths}: {v.strategy}"
         panels.append((name, x, v.ratio == 0))
     base_psnr = None
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.8))

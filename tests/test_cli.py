@@ -151,3 +151,22 @@ def test_bench_of_two_architectures_from_like_named_run_folders(tmp_path, data_r
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in engines.glob("*.manifest.json")) == [
         "e2e-varnet.base.best.manifest.json", "varnet.base.best.manifest.json"]
+
+
+@pytest.mark.parametrize("argv", [["train", "--epochs", "abc"], ["prune", "x.safetensors", "--bogus"], ["eval"],
+                                  ["finetune", "x.safetensors", "--lr", "fast"]])
+def test_malformed_command_line_is_one_error_line(argv, tmp_path):
+    """The installed `spade` turns click's usage errors (a value of the wrong type, an unknown
+    option, a missing argument) into one `error:` line and exit status 1, writing nothing."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("spade") or str(Path(sys.executable).with_name("spade"))
+    proc = subprocess.run([exe, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert [line for line in out.splitlines() if line.strip()] == [out.strip()], out
+    assert out.startswith("error: spade ") and "Traceback" not in out
+    assert list(tmp_path.iterdir()) == []
