@@ -412,6 +412,9 @@ def plot_examples(variants: Sequence[Variant], test_ds: Dataset, task: Task,
     ref = task.shown_reference(batch)
     zf = task.shown(batch, task.baseline(batch))
     panels = [("reference", ref, None), (task.baseline_name, zf, None)]
+    lr = task.shown_input(batch)
+    if lr is not None:
+        panels.insert(0, ("input", lr, None))
     for v in shown:
         x = task.shown(batch, v.model.eval()(*on_model_device((batch.y, batch.physics), v.model)).cpu())
         widths = "" if v.ratio == 0 or (v.widths or "paper") == "paper" else f" ({v.widths} widths)"
@@ -423,7 +426,7 @@ def plot_examples(variants: Sequence[Variant], test_ds: Dataset, task: Task,
         ax.imshow(img, cmap="gray", vmin=0, vmax=ref.max()) if img.ndim == 2 else ax.imshow(img.clip(0, 1))
         ax.set_title(name, fontsize=8)
         ax.axis("off")
-        if name != "reference":
+        if name not in ("reference", "input"):
             p = task.example_psnr(ref, img)
             if is_base:
                 base_psnr = p

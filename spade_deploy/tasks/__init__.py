@@ -149,6 +149,10 @@ class Task:
         """The first sample's reference image as scored, a ``(H, W)`` or ``(H, W, 3)`` array."""
         raise NotImplementedError
 
+    def shown_input(self, batch: Batch):
+        """The first sample's measurements as an image for figures, or None (default: not shown)."""
+        return None
+
     def shown(self, batch: Batch, x: torch.Tensor):
         """The first sample of output ``x`` as scored (same shape as :meth:`shown_reference`)."""
         raise NotImplementedError

@@ -287,6 +287,11 @@ class SRTask(Task):
     def shown_reference(self, batch: Batch) -> np.ndarray:
         return to_uint8(batch.target[:1]).astype(np.float64) / 255.0
 
+    def shown_input(self, batch: Batch) -> np.ndarray:
+        """The LR image, each pixel repeated ``scale x scale`` times (the size of the others)."""
+        s = batch.meta["scale"]
+        return to_uint8(batch.y[:1].repeat_interleave(s, -2).repeat_interleave(s, -1)).astype(np.float64) / 255.0
+
     def shown(self, batch: Batch, x: torch.Tensor) -> np.ndarray:
         return to_uint8(x[:1]).astype(np.float64) / 255.0
 
