@@ -633,7 +633,7 @@ def reconstruct(
     center_fraction: CfOpt = None,
     batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (the engine measured fastest here for this data, recorded in the export manifest) | torch | onnxruntime | tensorrt.")] = "auto",
-    engines: Annotated[Path, typer.Option(help="Folder of exported priors (exported on the fly when missing).")] = Path("engines"),
+    engines: Annotated[Optional[Path], typer.Option(help="Folder of exported priors (exported on the fly when missing; default: the cache home's spade-deploy/engines, never the current folder).")] = None,
     full_fov: Annotated[bool, typer.Option("--full-fov", help="Keep the full field of view (default: crop to the header's recon size, as fastMRI does).")] = False,
     cache_dir: CacheOpt = None,
     coil_maps: CoilMapsOpt = "espirit",
@@ -642,6 +642,10 @@ def reconstruct(
     noise: NoiseOpt = 0.0,
 ):
     """MRI: reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
+    if engines is None:
+        from spade_deploy.coilmaps import default_cache_dir
+
+        engines = default_cache_dir() / "engines"
     if _checkpoint_task(checkpoint) == "sr":
         _run_restore(checkpoint, source, out, scale, kernel, noise, backend, engines)
         return
