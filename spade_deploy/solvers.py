@@ -114,19 +114,12 @@ def solve(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tenso
             idx = active.nonzero().squeeze(1)
             fx = out.clone()
             fx[idx] = T(x[idx].reshape(-1, *shape[1:]), idx).reshape(idx.numel(), -1)
-        r = (fx - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
-        iters = iters + active.long()
-        res = torch.where(active, r, res)
         out = torch.where(active[:, None], fx, out)
-        done = done | (r < cfg.tol)
+        iters, res, done = _record(x, fx, active, iters, res, done, cfg.tol)
         checks += 1
         if _host_all(done):
             break
-        if cfg.method == "fixed-point":
-            x_next = fx
-        else:
-            x_next = _anderson_mix(x, fx, hist_x, hist_f, cfg)
-        x = torch.where(done[:, None], x, x_next)
+        x = _next_iterate(x, fx, done, hist_x, hist_f, cfg)
     return out.reshape(shape), SolveInfo(iters, res, res < cfg.tol, host_checks=checks)
 
 
@@ -149,21 +142,27 @@ def _solve_resident(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[t
         # A stopped sample's T(x) is recomputed from its frozen x and then discarded: its output,
         # residual and count stay those of the iteration it stopped on.
         fx = torch.where(active[:, None], T(x.reshape(shape)).reshape(b, -1), out)
-        r = (fx - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
-        iters += active.long()
-        res = torch.where(active, r, res)
         out = fx
-        done = done | (r < cfg.tol)
+        iters, res, done = _record(x, fx, active, iters, res, done, cfg.tol)
         if (k + 1) % cfg.check_every == 0 or k + 1 == cfg.max_iter:
             checks += 1
             if _host_all(done):
                 break
-        if cfg.method == "fixed-point":
-            x_next = fx
-        else:
-            x_next = _anderson_mix(x, fx, hist_x, hist_f, cfg)
-        x = torch.where(done[:, None], x, x_next)
+        x = _next_iterate(x, fx, done, hist_x, hist_f, cfg)
     return out.reshape(shape), SolveInfo(iters, res, res < cfg.tol, host_checks=checks, resident=True)
+
+
+def _record(x, fx, active, iters, res, done, tol: float):
+    """One iteration's bookkeeping, on the device: the relative residual of the samples still
+    iterating, their counts, and which have now met the tolerance."""
+    r = (fx - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
+    return iters + active.long(), torch.where(active, r, res), done | (r < tol)
+
+
+def _next_iterate(x, fx, done, hist_x, hist_f, cfg: SolverConfig) -> torch.Tensor:
+    """The next iterate (plain or Anderson-mixed); stopped samples keep theirs."""
+    x_next = fx if cfg.method == "fixed-point" else _anderson_mix(x, fx, hist_x, hist_f, cfg)
+    return torch.where(done[:, None], x, x_next)
 
 
 def _anderson_mix(x, fx, hist_x, hist_f, cfg: SolverConfig) -> torch.Tensor:
