@@ -8,7 +8,7 @@ A pruned prior is only as much faster as its MACs if its kernels run its widths 
 the unpruned ones; this prints how far each back-end falls short (``efficiency`` is GMAC/s relative
 to the widest chain on the same back-end). A chain, not one layer, so that onnxruntime's layout
 changes at the graph's ends (NCHWc) weigh as little as in a prior. Calls are interleaved across
-widths; medians (spade_deploy.hwaware.interleaved_medians, what ``spade prune --round-to auto``
+widths; medians (spade_deploy.timing.interleaved_medians, what ``spade prune --round-to auto``
 times with).
 
     python benchmarks/conv_width.py --prior CHECKPOINT [--ratio 0.4] [--size 160]
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from spade_deploy.export import onnx_session
-from spade_deploy.hwaware import DeviceTimer, interleaved_medians
+from spade_deploy.hwaware import DeviceTimer
+from spade_deploy.timing import interleaved_medians
 
 
 def main() -> None:

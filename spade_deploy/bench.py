@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .device import on_model_device, placed
+from .timing import sync_device
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters
 from .solvers import SolverConfig
@@ -103,11 +104,6 @@ class BenchResult:
                 "rows": [dataclasses.asdict(r) for r in self.rows]}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _solver_kwargs(model: Reconstructor, solver: SolverConfig | None) -> dict:
     return {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
 
@@ -118,7 +114,7 @@ def time_once(model: Reconstructor, y: torch.Tensor, physics, solver: SolverConf
     """Seconds of one whole reconstruction of ``y`` (device-synchronised; CUDA events on a GPU)."""
     kwargs = _solver_kwargs(model, solver)
     device = y.device
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -129,16 +125,6 @@ def time_once(model: Reconstructor, y: torch.Tensor, physics, solver: SolverConf
     t0 = timer()
     model(y, physics, **kwargs)
     return timer() - t0
-
-
-@torch.no_grad()
-def time_reconstruction(model: Reconstructor, y: torch.Tensor, physics, warmup: int = 1, repeats: int = 5,
-                        solver: SolverConfig | None = None) -> list[float]:
-    """Seconds per whole reconstruction of ``y``, ``repeats`` times after ``warmup``."""
-    model.eval()
-    for _ in range(warmup):
-        model(y, physics, **_solver_kwargs(model, solver))
-    return [time_once(model, y, physics, solver) for _ in range(repeats)]
 
 
 def bench_slices(test_ds: Dataset, task: Task, device: torch.device) -> list:

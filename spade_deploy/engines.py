@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import datetime as _dt
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import SpadeError
+from .timing import interleaved_medians, sync_device
 from .io import write_json
 from .models import Reconstructor
 
@@ -177,33 +177,11 @@ def describe_device(device: str | torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def max_relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().float().cpu(), out.detach().float().cpu()
     if ref.shape != out.shape:
         return float("inf")
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device,
-                        timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds of each ``fns[name]()`` over ``rounds``; round ``r`` calls every function once,
-    the order rotated by ``r``."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % len(names) if names else 0
-        for name in names[k:] + names[:k]:
-            _sync(device)
-            t0 = timer()
-            fns[name]()
-            _sync(device)
-            times[name].append(timer() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def synthetic_sample(height: int, width: int, coils: int = 8, device: str = "cpu", seed: int = 0):
@@ -322,7 +300,7 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
                 t0 = timer()
                 module = builder(eng, prior, device, manifest, entries.get(name), root)
                 out = module(x)  # the first call: compilation, session warm-up
-                _sync(dev)
+                sync_device(dev)
                 t.setup_s = timer() - t0
             except EngineUnavailable as exc:
                 t.status, t.note = "unavailable", str(exc)
@@ -336,7 +314,8 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
                 continue
             modules[eng][name] = module
         ok = {e: modules[e][name] for e in engines if name in modules[e]}
-        for eng, sec in interleaved_medians({e: (lambda m=m: m(x)) for e, m in ok.items()}, rounds, dev, timer).items():
+        for eng, sec in interleaved_medians({e: (lambda m=m: m(x)) for e, m in ok.items()}, rounds, sync=lambda: sync_device(dev),
+                                            timer=timer, rotate=True).items():
             timings[name][eng].prior_ms = 1000 * sec
     # Engines that run every prior can run the loop.
     usable = [e for e in engines if len(modules[e]) == len(timings)]
@@ -359,7 +338,7 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
         for eng, m in list(swapped.items()):
             try:
                 m(y, physics, **solver_kw)  # warm-up
-                _sync(dev)
+                sync_device(dev)
             except Exception as exc:  # runs a prior alone but not inside the loop: recorded, not chosen
                 for name in timings:
                     timings[name][eng].status, timings[name][eng].note = "failed", "in the loop: " + _first_line(exc)
@@ -368,7 +347,8 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
                 continue
             info = getattr(m, "last_info", None)
             iters[eng] = float(info.iterations.max()) if info is not None else 1.0
-        sec = interleaved_medians({e: (lambda m=m: m(y, physics, **solver_kw)) for e, m in swapped.items()}, rounds, dev, timer)
+        sec = interleaved_medians({e: (lambda m=m: m(y, physics, **solver_kw)) for e, m in swapped.items()}, rounds,
+                                  sync=lambda: sync_device(dev), timer=timer, rotate=True)
         loop_ms = {e: 1000 * s / iters[e] for e, s in sec.items()}
         for name in timings:
             for eng, ms in loop_ms.items():
@@ -521,4 +501,4 @@ def deploy_auto(
 
 __all__ = ["ENGINES", "TOLERANCE", "RECORD_KEY", "EngineTiming", "EngineUnavailable", "Selection", "build_engine",
            "select_engines", "record_selection", "recorded_choice", "deploy_auto", "synthetic_sample",
-           "interleaved_medians", "describe_device", "ChannelsLastPrior", "CudaGraphPrior"]
+           "describe_device", "ChannelsLastPrior", "CudaGraphPrior"]

@@ -19,17 +19,16 @@ onnxruntime's MLAS run the same widths slowly (38 and 40) and fast (32, 48, 64).
 from __future__ import annotations
 
 import math
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable, Iterable, Protocol
+from typing import Iterable, Protocol
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from .errors import SpadeError
+from .timing import interleaved_medians, sync_device
 
 # A width may leave the paper-exact count by at most this fraction (down: 16 for the 19 of 32 the
 # ratio 0.4 keeps; 32 for 38 of 64), and replaces it only if it runs a useful MAC at least
@@ -106,27 +105,6 @@ def conv_kinds(module: nn.Module, example: torch.Tensor) -> dict[nn.Module, Conv
 
 
 # ------------------------------------------------------------------------------------------------
-def interleaved_medians(
-    calls: dict[Hashable, Callable[[], Any]], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
-) -> dict[Hashable, float]:
-    """Seconds per call of each of ``calls``: median of ``repeats`` rounds after ``warmup`` rounds,
-    every round calling each once in turn (so drift and background load hit all of them alike)."""
-    if repeats < 1:
-        raise SpadeError(f"repeats must be at least 1, got {repeats}")
-    sync = sync or (lambda: None)
-    times: dict[Hashable, list[float]] = {k: [] for k in calls}
-    with torch.no_grad():
-        for r in range(warmup + repeats):
-            for key, fn in calls.items():
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                if r >= warmup:
-                    times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 class Timer(Protocol):
     """What the width choice and the latency search measure; inject one to test them."""
 
@@ -157,8 +135,7 @@ class DeviceTimer:
             raise SpadeError(f"--device {self.device}: no CUDA GPU is visible here")
 
     def _sync(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
+        sync_device(self.device)
 
     def _input(self, shape) -> torch.Tensor:
         return torch.randn(*shape, device=self.device).contiguous(memory_format=torch.channels_last)
