@@ -118,3 +118,27 @@ def test_channel_conversion_round_trip():
     c = complex_to_channels(x)
     assert c.shape == (2, 2, 5, 6) and not torch.is_complex(c)
     torch.testing.assert_close(channels_to_complex(c), x)
+
+
+@pytest.mark.parametrize("shape", [(160, 160), (162, 96), (161, 96), (96, 161)])
+def test_grad_without_shifts_equals_fastmri_centred_form(shape):
+    """The data-term gradient the DEQ iterates (checkerboards folded into maps and y on even sizes,
+    both signs of (-1)^(H/2 + W/2)) is A^H(Ax - y) with fastMRI's centred FFT, and follows a
+    measurement changed in place (its cached modulated copy is refreshed)."""
+    h, w = shape
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 4, h, w, dtype=torch.complex64, generator=g)
+    maps = maps / (maps.abs() ** 2).sum(1, keepdim=True).sqrt()
+    physics = MultiCoilMRI((torch.rand(w, generator=g) > 0.6).float(), maps)
+    x = torch.randn(2, h, w, dtype=torch.complex64, generator=g)
+    y = physics.A(torch.randn(2, h, w, dtype=torch.complex64, generator=g))
+
+    def reference(x, y):
+        k = fastmri.fft2c(torch.view_as_real(maps * x.unsqueeze(1)))
+        r = torch.view_as_complex(fastmri.ifft2c(physics.mask.unsqueeze(-1) * (physics.mask.unsqueeze(-1) * k - torch.view_as_real(y))))
+        return (maps.conj() * r).sum(1)
+
+    for _ in range(2):
+        ref, got = reference(x, y), physics.grad(x, y)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        y.mul_(-2.0)
