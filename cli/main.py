@@ -515,7 +515,8 @@ def demo(
         console.rule("SPADE: export + bench" + (f" ({task_name})" if len(groups) > 1 else ""))
         _run_bench(checkpoints, list(backends or ["auto"]), out / "engines", root, "test",
                    DEMO_RECIPES[names[0]].train.acceleration, None, repeats=repeats, warmup=1, device="cpu",
-                   out=out / "results", stem="bench-" + "+".join(names), task=None if task_name == "mri" else task)
+                   out=out / "results", stem="bench-" + "+".join(names), task=None if task_name == "mri" else task,
+                   time_unfinetuned=False)  # pruned models before fine-tuning: scored, not deployed
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out / 'results'}[/]")
 
 
@@ -906,7 +907,7 @@ def bench(
 
 def _run_bench(checkpoints, backends, engines: Path, root: Path | None, split: str, acceleration: int, center_fraction,
                repeats: int, warmup: int, device: str, out: Path, stem: str = "bench", cache_dir: Path | None = None,
-               coil_maps: str = "espirit", task=None):
+               coil_maps: str = "espirit", task=None, time_unfinetuned: bool = True):
     from spade_deploy import bench as B
     from spade_deploy.errors import SpadeError
     from spade_deploy.paths import check_outputs, sha256_file
@@ -938,6 +939,7 @@ def _run_bench(checkpoints, backends, engines: Path, root: Path | None, split: s
     stems = _export_stems(checkpoints)
     for path in checkpoints:
         variant, man = bench_variant(path)
+        variant.timed = time_unfinetuned or variant.strategy != "none"
         net, label = variant.model, variant.label
         if not man.get("pruning") and any(v.label == label and v.ratio == 0 for v in variants):
             raise SpadeError(f"two unpruned {label!r} models given; bench one unpruned model per architecture")

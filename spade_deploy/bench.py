@@ -53,6 +53,7 @@ class Variant:
     strategy: str | None
     model: Reconstructor
     widths: str | None = None
+    timed: bool = True  # False: scored only (the demo's pruned models before fine-tuning)
 
 
 @dataclass
@@ -67,8 +68,8 @@ class BenchRow:
     ssim: float
     mean_iterations: float | None
     all_converged: bool | None
-    latency_ms: float  # mean over slices of the per-slice median over rounds
-    latency_iqr_ms: float  # mean over slices of the per-slice interquartile range over rounds
+    latency_ms: float | None  # mean over slices of the per-slice median over rounds (None: not timed)
+    latency_iqr_ms: float | None  # mean over slices of the per-slice interquartile range over rounds
     widths: str | None = None
     engine: str = ""  # what ran the priors (the winner of ``auto``)
     n_slices: int = 0
@@ -219,28 +220,45 @@ def run_bench(
     slices = bench_slices(test_ds, task, dev)
     sample = slices[0][:2]
     macs = {id(v): prior_macs(v.model, tuple(sample[0].shape[-2:])) for v in variants}  # per variant, not per back-end
-    total = len(plan) * (1 + repeats)
+    total = len(plan) + repeats * sum(v.timed for v, _, _ in plan)  # known after deployment: ``auto`` = PyTorch is timed once
     deployed, quality = [], []
+    same_as: dict[int, int] = {}  # plan entry -> the PyTorch entry of the same variant it equals
     for step, (v, name, deploy) in enumerate(plan):
         if on_progress:
             on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}: quality", step, total)
         model = placed(deploy(v, sample), dev).eval()  # never moves the caller's model
+        twin = next((j for j, (w, n, _) in enumerate(plan[:step]) if w is v and n == "torch"), None)
+        choice = getattr(model, "engine_choice", None)
+        if twin is not None and choice and set(choice.values()) == {"torch"}:
+            same_as[step] = twin  # ``auto`` chose PyTorch: the PyTorch row's scores and timings are its own
+            deployed.append(model)
+            quality.append(quality[twin])
+            continue
         res = evaluate(model, test_ds, task, solver=solver)
-        for _ in range(warmup):
-            time_once(model, *sample, solver=solver, timer=timer)
+        if v.timed:
+            for _ in range(warmup):
+                time_once(model, *sample, solver=solver, timer=timer)
         deployed.append(model)
         quality.append(res)
     # Interleaved rounds: every variant reconstructs every slice once per round, order rotated.
-    def on_round(r: int, i: int) -> None:
-        v, name, _ = plan[i]
+    clocked = [i for i, (v, _, _) in enumerate(plan) if v.timed and i not in same_as]
+
+    def on_round(r: int, k: int) -> None:
+        v, name, _ = plan[clocked[k]]
         if on_progress:
             on_progress(f"round {r + 1}/{repeats}: {v.label} r={v.ratio:g} {v.strategy or ''} on {name}",
-                        len(plan) * (1 + r) + i, total)
+                        len(plan) + len(clocked) * r + k, len(plan) + repeats * len(clocked))
 
-    timed = time_interleaved(deployed, slices, repeats, solver=solver, timer=timer, on_step=on_round)
+    timings = time_interleaved([deployed[i] for i in clocked], slices, repeats, solver=solver, timer=timer,
+                               on_step=on_round)
+    timed = dict(zip(clocked, timings))
+    timed.update({i: timed[j] for i, j in same_as.items() if j in timed})
     rows: list[BenchRow] = []
     for i, (v, name, _) in enumerate(plan):
-        res, t = quality[i], timed[i]
+        res, t = quality[i], timed.get(i)
+        if t is None:
+            rows.append(_untimed_row(v, name, deployed[i], res, macs[id(v)], len(slices), task))
+            continue
         choice = getattr(deployed[i], "engine_choice", None)
         rows.append(BenchRow(
             label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name, widths=v.widths,
@@ -266,12 +284,29 @@ def run_bench(
                        ssim_baseline=zf_ssim, baseline=task.baseline_name, header=task.bench_header)
 
 
+def _untimed_row(v: Variant, backend: str, model: Reconstructor, res, macs, n_slices: int, task: Task) -> BenchRow:
+    """A variant scored but not timed: quality and iterations from its evaluation, no latency."""
+    choice = getattr(model, "engine_choice", None)
+    capped = getattr(res, "not_converged", None)
+    return BenchRow(
+        label=v.label, ratio=v.ratio, strategy=v.strategy, backend=backend, widths=v.widths,
+        engine=",".join(sorted(set(choice.values()))) if choice else backend,
+        params=count_parameters(v.model), macs=macs, psnr=res.psnr, ssim=res.ssim,
+        mean_iterations=res.mean_iterations, all_converged=res.all_converged, latency_ms=None, latency_iqr_ms=None,
+        n_slices=n_slices, slices_on_cap=None if res.mean_iterations is None or capped is None else len(capped),
+        **task.secondary_scores(res))
+
+
 def add_speedups(rows: Sequence[BenchRow]) -> None:
     """Each architecture against its own unpruned model: in PyTorch (whole reconstruction, per
     iteration, efficiency) and on the same back-end. Left ``None`` where that reference is absent."""
     for r in rows:
-        base_torch = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == "torch"), None)
-        same = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == r.backend), None)
+        if r.latency_ms is None:
+            continue
+        base_torch = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == "torch"
+                           and b.latency_ms), None)
+        same = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == r.backend
+                     and b.latency_ms), None)
         if base_torch:
             r.speedup_vs_torch = base_torch.latency_ms / r.latency_ms
             if base_torch.ms_per_iteration and r.ms_per_iteration:
@@ -308,7 +343,7 @@ def table_rows(result: BenchResult) -> list[list[str]]:
             f"{r.ssim:.4f}",
             f"{r.psnr_sense:.2f}" if r.psnr_sense is not None else NONE, f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else NONE,
             NONE if r.slices_on_cap is None else (f"{r.slices_on_cap}/{r.n_slices}" if r.slices_on_cap else "0"),
-            f"{r.latency_ms:.1f}", f"{r.ms_per_iteration:.2f}" if r.ms_per_iteration is not None else NONE,
+            f"{r.latency_ms:.1f}" if r.latency_ms is not None else NONE, f"{r.ms_per_iteration:.2f}" if r.ms_per_iteration is not None else NONE,
             _x(r.speedup_vs_torch), _x(r.speedup_per_iteration),
             NONE if r.efficiency is None else f"{r.efficiency:.2f}", _x(r.speedup_same_backend),
         ])
@@ -320,7 +355,8 @@ def _header(result: BenchResult) -> str:
     return (f"Device: {result.device}. Scores: {result.header or 'the task'}. {baseline} PSNR "
             f"{result.psnr_baseline:.2f} dB. {AGGREGATION}; "
             "speed-ups against the unpruned PyTorch model (whole reconstruction, per outer iteration), "
-            "efficiency = per-iteration speed-up / MAC ratio, \"on cap\" = slices stopped by the iteration cap. "
+            "efficiency = per-iteration speed-up / MAC ratio, \"on cap\" = slices stopped by the iteration cap, "
+            "no latency = scored, not timed. "
             f"Config: `{json.dumps(result.config)}`.")
 
 
