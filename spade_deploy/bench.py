@@ -86,7 +86,8 @@ class BenchRow:
     def as_dict(self) -> dict:
         """The row's fields with its secondary scores as fields of their own (result files)."""
         d = dataclasses.asdict(self)
-        return {**d, **d.pop("scores")}
+        scores = d.pop("scores")
+        return {**d, **scores}
 
 
 @dataclass
