@@ -172,3 +172,57 @@ def test_sr_training_batches_follow_the_global_random_state():
     assert torch.equal(a.y, b.y) and a.meta == b.meta
     assert a.y.shape[-1] * a.meta["scale"] == 48 and torch.equal(a.x_gt, items["hr"])
     assert any(draw(s).meta != a.meta for s in range(1, 6))
+
+
+def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
+    """The shipped base model (and any run of earlier versions) records the MRI sampling in its
+    train_config: the MRI task reads it from there, and the recipe comparison ignores it."""
+    import dataclasses
+
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.io import read_manifest
+    from spade_deploy.pipeline import same_recipe
+    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.train import TrainConfig
+    from spade_deploy.zoo import bundled_path
+
+    shipped = bundled_path("deq", "small")
+    manifest = read_manifest(shipped)
+    assert "acceleration" in manifest["train_config"]  # recorded there before
+    assert MRITask().recorded_options(manifest) == {"acceleration": 6, "center_fraction": 0.08}
+    assert MRITask(6).same_options(manifest) and not MRITask(8).same_options(manifest)
+    load_model(shipped)  # loads as before
+    cfg = TrainConfig(epochs=1, lr=5e-4)
+    legacy = {**dataclasses.asdict(cfg), "acceleration": 6, "center_fraction": None}
+    assert same_recipe(legacy, cfg) and not same_recipe({**legacy, "lr": 1e-4}, cfg)
+
+
+def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):
+    """The task's options are part of a run: resuming with another sampling is refused."""
+    from spade_deploy import data as D
+    from spade_deploy.errors import SpadeError
+    from spade_deploy.io import read_manifest
+    from spade_deploy.losses import SupervisedLoss
+    from spade_deploy.models import build_model
+    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.train import TrainConfig, fit
+
+    train = D.SliceDataset(tiny_dataset.root / "train")
+    cfg = TrainConfig(epochs=2, batch_size=2, max_steps_per_epoch=1, lipschitz_weight=0.0)
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(rec):
+        raise Killed
+
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, None, cfg, tmp_path / "run", task=MRITask(6),
+            on_epoch=kill_after_first_epoch)
+    assert read_manifest(tmp_path / "run" / "last.safetensors")["task"]["acceleration"] == 6
+    with pytest.raises(SpadeError, match="different training configuration"):
+        fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, None, cfg, tmp_path / "run", resume=True,
+            task=MRITask(8))
+    done = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, None, cfg, tmp_path / "run", resume=True,
+               task=MRITask(6))
+    assert [h["epoch"] for h in done.history] == [1, 2]
