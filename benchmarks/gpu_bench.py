@@ -238,7 +238,8 @@ def run(data: Path, out: Path, dev: torch.device, engines: list[str], budget_s: 
         payload = {"device": device_name, "weights": weights, "engines": status, "torch": torch.__version__,
                    "cuda": torch.version.cuda if dev.type == "cuda" else None}
         if result is not None:
-            md += ["| " + " | ".join(B.COLUMNS) + " |", "|" + "---|" * len(B.COLUMNS)]
+            cols = B.columns(result)
+            md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             md += ["| " + " | ".join(row) + " |" for row in B.table_rows(result)]
             payload.update(result.as_dict())
         else:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from spade_deploy.demo import DemoReporter
+from spade_deploy.pipeline import (SPLITS, bench_checkpoints, check_out_dir, evaluate_checkpoint, export_checkpoint,
+                                   export_for, finetune_run, prune_run, train_run)
 
 from ._common import check_choice, check_device, check_number, check_sampling, check_solver, console, print_table, user_errors
 
@@ -31,12 +35,6 @@ ScaleOpt = Annotated[Optional[list[int]], typer.Option("--scale", help="Super-re
 KernelOpt = Annotated[Optional[list[str]], typer.Option("--kernel", help="Super-resolution: blur kernel, k1..k12 (the papers' 12) or a .npy / .mat file of a 2-D kernel summing to one (repeatable; default the 12).")]
 NoiseOpt = Annotated[float, typer.Option("--noise", help="Super-resolution: standard deviation of the white noise on the [0, 1] intensity scale (default 0, as the papers' tables).")]
 CkptSecondsOpt = Annotated[float, typer.Option("--checkpoint-seconds", help="Write a resumable last.safetensors within an epoch after this many seconds (0: every step).")]
-SPLITS = ("train", "val", "test")
-
-
-def _data_folders(root: Path, splits=SPLITS) -> list[Path]:
-    """The user's data folders, where nothing is ever written."""
-    return [root / split for split in splits]
 
 
 def progress_bar(transient: bool = False) -> Progress:
@@ -52,46 +50,51 @@ def progress_bar(transient: bool = False) -> Progress:
     )
 
 
-def _dataset_root(data: Path | None) -> Path:
-    """The user's root, or the embedded default (built on first use)."""
-    from spade_deploy import data as D
+class ConsoleReporter(DemoReporter):
+    """The library's reports on the terminal: progress bars, lines, and for the demo the tables the
+    single commands print."""
 
-    if data is not None:
-        return data
-    root = D.default_data_root()
-    if not (root / "dataset.json").exists():
-        console.print(f"Building the embedded default dataset in [cyan]{root}[/] …")
-        _build_default(root, seed=0, force=False)
-    return root
+    def note(self, text: str) -> None:
+        console.print(text, markup=False)
+
+    def stage(self, title: str) -> None:
+        console.rule(title)
+
+    @contextlib.contextmanager
+    def progress(self, description: str, transient: bool = False):
+        with progress_bar(transient) as bar:
+            task = bar.add_task(description, total=None, info="")
+
+            def update(done, total=None, description=None, info=""):
+                bar.update(task, completed=done, total=total, info=info,
+                           **({"description": description} if description else {}))
+
+            yield update
+
+    def evaluated(self, evaluation) -> None:
+        _show_eval(evaluation)
+
+    def pruned(self, checkpoint, results, size) -> None:
+        _show_prune(checkpoint, results, size)
+
+    def benched(self, run) -> None:
+        _show_bench(run)
 
 
 def _build_default(root: Path, seed: int, force: bool):
     from spade_deploy import data as D
 
-    with progress_bar() as bar:
-        task = bar.add_task("simulating k-space", total=None, info="")
-
-        def cb(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        return D.build_default_dataset(root, seed=seed, force=force, progress=cb)
-
-
-def _check_out_dir(out: Path) -> None:
-    from spade_deploy.errors import SpadeError
-
-    if out.exists() and not out.is_dir():
-        raise SpadeError(f"output path {out} is a file, expected a folder")
+    with ConsoleReporter().progress("simulating k-space") as update:
+        return D.build_default_dataset(root, seed=seed, force=force, progress=update)
 
 
 def _task(task_name: str, data: Path | None, **options):
     """The task ``task_name`` from the command line's ``--data`` and task options, and the root of
-    its splits (the embedded MRI dataset is built on first use, with a progress bar)."""
+    its splits (embedded data is built on first use, with a progress bar)."""
     from spade_deploy.tasks import task_class
 
     task = task_class(task_name).from_cli(data, options)
-    root = _dataset_root(data) if task_name == "mri" else task.data_root(data)
-    return task, root
+    return task, task.data_root(data, ConsoleReporter())
 
 
 def _model_task(model: str, preset: str | None = None) -> str:
@@ -109,27 +112,6 @@ def _checkpoint_task(checkpoint: Path) -> str:
     manifest = read_manifest(checkpoint)
     name = manifest.get("model") if isinstance(manifest, dict) else None
     return _model_task(name) if isinstance(name, str) and name in model_names() else "mri"
-
-
-def _task_split(task, root, split: str):
-    """A split of the task's data (one-line error when it is missing)."""
-    from spade_deploy.errors import SpadeError
-
-    check_choice("split", split, SPLITS)
-    if not task.has_split(root, split):
-        raise SpadeError(f"{root} has no {split}/ folder")
-    return task.dataset(root, split)
-
-
-def _split(root: Path, split: str, coil_maps: str = "espirit", cache_dir: Path | None = None):
-    from spade_deploy import data as D
-    from spade_deploy.errors import SpadeError
-
-    check_choice("split", split, SPLITS)
-    path = root / split
-    if not path.is_dir():
-        raise SpadeError(f"{root} has no {split}/ folder")
-    return D.SliceDataset(path, coil_maps=coil_maps, cache_dir=cache_dir)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -203,15 +185,15 @@ def train(
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR (the model's task: MRI or super-resolution)."""
     cfg = _train_config(
-        epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration, center_fraction=center_fraction,
-        seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
-        train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
-        max_steps_per_epoch=max_steps,
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, lipschitz_weight=lipschitz_weight,
+        lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on, train_max_iter=train_max_iter,
+        train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr, max_steps_per_epoch=max_steps,
     )
+    check_sampling(acceleration, center_fraction)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     task, root = _task(_model_task(model, preset), data, acceleration=acceleration, center_fraction=center_fraction,
                        scale=scale, kernel=kernel, noise=noise)
-    _run_training(model, preset, root, out, cfg, resume, checkpoint_seconds, task=task)
+    train_run(model, preset, root, out, cfg, task, resume, checkpoint_seconds, reporter=ConsoleReporter())
 
 
 def _train_config(**options):
@@ -227,56 +209,6 @@ def _train_config(**options):
         if name in options:
             msg = "--" + name.replace("_", "-") + msg[len(name):]
         raise SpadeError(msg) from None
-
-
-def _run_training(model: str, preset: str | None, root: Path | None, out: Path, cfg, resume: bool = False,
-                  checkpoint_seconds: float | None = 120.0, task=None):
-    import dataclasses
-
-    import torch
-
-    from spade_deploy.io import write_json
-    from spade_deploy.losses import SupervisedLoss
-    from spade_deploy.models import build_model, count_parameters
-    from spade_deploy.paths import check_outputs
-    from spade_deploy.tasks import task_for
-    from spade_deploy.train import RUN_FILES, fit
-    from spade_deploy.zoo import dataset_key
-
-    _check_out_dir(out)
-    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[root] if root else [],
-                  data=_data_folders(root) if root else [])
-    torch.manual_seed(cfg.seed)  # the initial weights, reproducibly
-    net = build_model(model, preset=preset)
-    task = task if task is not None else task_for(net, cfg)
-    train_ds, val_ds = _task_split(task, root, "train"), _task_split(task, root, "val")
-    console.print(f"Training [bold]{model}[/] ({count_parameters(net):,} parameters) on {len(train_ds)} samples, validating on {len(val_ds)}.")
-    t0 = time.perf_counter()
-    with progress_bar() as bar:
-        bar_task = bar.add_task("epoch 1", total=None, info="")
-        last = {}
-
-        def on_step(label, step, n, loss):
-            bar.update(bar_task, description=label, completed=step, total=n,
-                       info=f"loss {loss:.4f}" + (f" | val PSNR {last['val_psnr']:.2f} dB" if "val_psnr" in last else ""))
-
-        def on_epoch(rec):
-            last.update(rec)
-            bar.console.print(
-                f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f}"
-                + (f", val PSNR {rec['val_psnr']:.2f} dB, SSIM {rec['val_ssim']:.4f}" if "val_psnr" in rec else "")
-                + (f", {rec['val_iterations']:.1f} iterations" if rec.get("val_iterations") else "")
-                + (" (some slices hit the cap)" if rec.get("val_converged") is False else "")
-            )
-
-        result = fit(net, SupervisedLoss(), train_ds, val_ds, cfg, out, resume=resume,
-                     extra_manifest={"data": str(root) if root else "embedded", "preset": preset,
-                                     "dataset": dataset_key(root) if root else None,
-                                     "task": {"name": task.name, **task.options()}},
-                     on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds, task=task)
-    write_json(Path(out) / "history.json", {"train_config": dataclasses.asdict(cfg), "history": result.history})
-    console.print(f"best checkpoint: [cyan]{result.best_path}[/] (val PSNR {result.best_val_psnr:.2f} dB) in {time.perf_counter() - t0:.0f} s")
-    return result
 
 
 @app.command(name="import")
@@ -341,59 +273,34 @@ def eval_(
 ):
     """MRI: fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS. Super-resolution: USRNet's official PSNR / SSIM per scale and kernel, beside bicubic."""
     check_choice("--split", split, SPLITS)
-    task_name = _checkpoint_task(checkpoint)
-    if task_name != "mri":
-        check_number("--batch-size", batch_size, 1, 4096)
-        task, root = _task(task_name, data, scale=scale, kernel=kernel, noise=noise)
-        _run_eval_task(checkpoint, task, root, split, json_out, batch_size)
-        return
+    check_number("--batch-size", batch_size, 1, 4096)
     check_sampling(acceleration, center_fraction)
     check_solver(max_iter, tol)
     if solver is not None:
         check_choice("--solver", solver, ("anderson", "fixed-point"))
-    _run_eval(checkpoint, _dataset_root(data), split, acceleration, center_fraction, max_iter, tol, solver, json_out,
-              batch_size=batch_size, cache_dir=cache_dir, coil_maps=coil_maps)
+    task, root = _task(_checkpoint_task(checkpoint), data, acceleration=acceleration, center_fraction=center_fraction,
+                       coil_maps=coil_maps, cache_dir=cache_dir, scale=scale, kernel=kernel, noise=noise)
+    _show_eval(evaluate_checkpoint(checkpoint, task, root, split, json_out, batch_size,
+                                   solver_changes={"max_iter": max_iter, "tol": tol, "method": solver},
+                                   reporter=ConsoleReporter()))
 
 
-def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, center_fraction=None,
-              max_iter=None, tol=None, solver=None, json_out: Path | None = None, batch_size: int = 4,
-              cache_dir: Path | None = None, coil_maps: str = "espirit"):
-    import dataclasses
-
-    from spade_deploy.checkpoint import load_model
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.io import write_json
-    from spade_deploy.paths import check_outputs
-    from spade_deploy.tasks.mri import MRITask
-    from spade_deploy.train import evaluate
-
-    if json_out is not None:
-        if json_out.is_dir():
-            raise SpadeError(f"--json {json_out} is a folder, expected a file")
-        check_outputs(files=[json_out], inputs=[checkpoint, root], data=_data_folders(root))
-    net, manifest = load_model(checkpoint)
-    solver_cfg = None
-    if hasattr(net, "solver_cfg"):
-        changes = {k: v for k, v in (("max_iter", max_iter), ("tol", tol), ("method", solver)) if v is not None}
-        try:
-            solver_cfg = dataclasses.replace(net.solver_cfg, **changes)
-        except (ValueError, SpadeError) as exc:
-            raise SpadeError(str(exc)) from None
-    ds = _split(root, split, coil_maps, cache_dir)
-    with progress_bar(transient=True) as bar:
-        task = bar.add_task(f"reconstructing {split}", total=None, info="")
-        res = evaluate(net, ds, MRITask(acceleration, center_fraction, coil_maps, cache_dir), solver=solver_cfg,
-                       batch_size=batch_size,
-                       on_batch=lambda i, n: bar.update(task, completed=i, total=n))
+def _show_eval(ev) -> None:
+    """The scores' table: MRI's fastMRI scores beside zero-filled; a task scored per scale and
+    kernel (super-resolution) a row per kernel, model / baseline per scale."""
+    res, name, task = ev.scores, ev.model, ev.task
+    if task.name != "mri":
+        _show_eval_per_kernel(ev)
+        return
     maps = "estimated from the ACS block" if res.coil_maps == "espirit" else "the files' sens_maps (reference)"
-    table = Table(title=f"{manifest['model']} on {split} ({res.n_slices} slices, acceleration {acceleration}; fastMRI's "
+    table = Table(title=f"{name} on {ev.split} ({res.n_slices} slices, acceleration {task.acceleration}; fastMRI's "
                         f"scores against reconstruction_rss; coil maps {maps})")
     cols = ["method", "PSNR (dB)", "SSIM", "NMSE"] + (["PSNR vs SENSE", "SSIM vs SENSE"] if res.psnr_sense is not None else [])
     for col in cols:
         table.add_column(col, justify="right")
     table.add_row("zero-filled (RSS)", f"{res.psnr_zero_filled:.2f}", f"{res.ssim_zero_filled:.4f}", f"{res.nmse_zero_filled:.4f}",
                   *(["", ""] if res.psnr_sense is not None else []))
-    table.add_row(manifest["model"], f"{res.psnr:.2f}", f"{res.ssim:.4f}", f"{res.nmse:.4f}",
+    table.add_row(name, f"{res.psnr:.2f}", f"{res.ssim:.4f}", f"{res.nmse:.4f}",
                   *([f"{res.psnr_sense:.2f}", f"{res.ssim_sense:.4f}"] if res.psnr_sense is not None else []))
     print_table(table)
     if res.mean_iterations is not None:
@@ -403,34 +310,13 @@ def _run_eval(checkpoint: Path, root: Path, split: str, acceleration: int, cente
                f"[red]{len(res.not_converged)} slices hit the iteration cap:[/] {', '.join(res.not_converged)}")
         )
     console.print(f"gain over zero-filled: {res.psnr - res.psnr_zero_filled:+.2f} dB; {res.seconds:.1f} s")
-    if json_out:
-        write_json(json_out, {"checkpoint": str(checkpoint), "split": split, "acceleration": acceleration,
-                              "solver": dataclasses.asdict(solver_cfg) if solver_cfg else None, **res.as_dict()})
-    return res
 
 
-def _run_eval_task(checkpoint: Path, task, root, split: str, json_out: Path | None = None, batch_size: int = 4):
-    """Evaluate on a task whose scores come per scale and kernel (super-resolution): one table per
-    kernel set, a row per kernel, PSNR / SSIM of the model and of the baseline per scale."""
-    from spade_deploy.checkpoint import load_model
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.io import write_json
-    from spade_deploy.paths import check_outputs
-    from spade_deploy.train import evaluate
-
-    if json_out is not None:
-        if json_out.is_dir():
-            raise SpadeError(f"--json {json_out} is a folder, expected a file")
-        check_outputs(files=[json_out], inputs=[checkpoint, *([root] if root else [])],
-                      data=_data_folders(root) if root else [])
-    net, manifest = load_model(checkpoint)
-    ds = _task_split(task, root, split)
-    with progress_bar(transient=True) as bar:
-        bar_task = bar.add_task(f"restoring {split}", total=None, info="")
-        res = evaluate(net, ds, task, batch_size=batch_size, on_batch=lambda i, n: bar.update(bar_task, completed=i, total=n))
+def _show_eval_per_kernel(ev) -> None:
+    res, name, task = ev.scores, ev.model, ev.task
     scales = list(dict.fromkeys(r.scale for r in res.rows))
-    table = Table(title=f"{manifest['model']} on {split} ({res.n_images} images; {task.scores_name}; "
-                        f"{manifest['model']} / {task.baseline_name} PSNR (dB) and SSIM per scale)")
+    table = Table(title=f"{name} on {ev.split} ({res.n_images} images; {task.scores_name}; "
+                        f"{name} / {task.baseline_name} PSNR (dB) and SSIM per scale)")
     table.add_column("kernel")
     for s in scales:
         table.add_column(f"x{s} PSNR", justify="right")
@@ -448,10 +334,6 @@ def _run_eval_task(checkpoint: Path, task, root, split: str, json_out: Path | No
     print_table(table)
     console.print(f"mean over scales and kernels: {res.psnr:.2f} dB (gain over {task.baseline_name}: "
                   f"{res.psnr - res.psnr_baseline:+.2f} dB); {res.seconds:.1f} s")
-    if json_out:
-        write_json(json_out, {"checkpoint": str(checkpoint), "split": split, "task": {"name": task.name, **task.options()},
-                              **res.as_dict()})
-    return res
 
 
 @app.command()
@@ -464,91 +346,12 @@ def demo(
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds (every variant reconstructs every test slice once per round).")] = 3,
 ):
     """The main job on the embedded data: build it, train each model, prune, fine-tune, export, bench."""
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.losses import STRATEGIES
-    from spade_deploy.prune import PAPER_RATIOS
-    from spade_deploy.train import DEMO_RECIPES
+    from spade_deploy.demo import run_demo
 
     check_number("--repeats", repeats, 1, 10_000)
-    models = list(dict.fromkeys(model or ["deq"]))
-    for name in models:
-        if name not in DEMO_RECIPES:
-            raise SpadeError(f"no demo recipe for {name!r}; choose from {', '.join(DEMO_RECIPES)}")
-    t0 = time.perf_counter()
-    groups: dict[str, tuple] = {}  # task -> (task, data root, models, checkpoints): one bench per task
-    for name in models:
-        recipe = DEMO_RECIPES[name]
-        task_name = _model_task(name, recipe.preset)
-        if task_name == "mri":
-            task, root = _task(task_name, None, acceleration=recipe.train.acceleration,
-                               center_fraction=recipe.train.center_fraction)
-        else:
-            task, root = _task(task_name, None, **recipe.task_options)
-        own_task = None if task_name == "mri" else task  # MRI: the task each command derives from its config
-        base_dir = out / name
-        console.rule(f"{name}: train ({recipe.preset} preset)")
-        best = _train_once(name, recipe.preset, root, base_dir / "base", recipe.train, retrain, task=own_task)
-        if task_name == "mri":
-            _run_eval(best, root, "test", recipe.train.acceleration, json_out=base_dir / "eval-test.json")
-        else:
-            _run_eval_task(best, task, root, "test", json_out=base_dir / "eval-test.json")
-        console.rule(f"{name}: SPADE prune")
-        ratios = list(recipe.ratios or PAPER_RATIOS)
-        pruned = [p for p, _ in _run_prune(best, ratios, base_dir / "pruned")]
-        if recipe.hardware_widths:
-            # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
-            pruned += [p for p, _ in _run_prune(best, [max(ratios)], base_dir / "pruned", round_to="auto")]
-        console.rule(f"{name}: SPADE fine-tune")
-        tuned = []
-        for path in pruned:
-            for strategy in STRATEGIES:
-                ft_out = base_dir / "finetuned" / f"{path.stem}.{strategy}"
-                ft_cfg = recipe.finetune[strategy]
-                if retrain or not _finished(ft_out, ft_cfg):
-                    resume = not retrain and _resumable(ft_out / "last.safetensors", ft_cfg)
-                    _run_finetune(path, strategy, best, root, ft_out, ft_cfg, resume=resume, task=own_task)
-                tuned.append(ft_out / "best.safetensors")
-        group = groups.setdefault(task_name, (task, root, [], []))
-        group[2].append(name)
-        group[3].extend([best, *pruned, *tuned])
-    for task_name, (task, root, names, checkpoints) in groups.items():
-        console.rule("SPADE: export + bench" + (f" ({task_name})" if len(groups) > 1 else ""))
-        _run_bench(checkpoints, list(backends or ["auto"]), out / "engines", root, "test",
-                   DEMO_RECIPES[names[0]].train.acceleration, None, repeats=repeats, warmup=1, device="cpu",
-                   out=out / "results", stem="bench-" + "+".join(names), task=None if task_name == "mri" else task,
-                   time_unfinetuned=False)  # pruned models before fine-tuning: scored, not deployed
-    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in [cyan]{out / 'results'}[/]")
-
-
-def _train_once(model: str, preset: str, root: Path | None, run: Path, cfg, retrain: bool, task=None) -> Path:
-    """Train unless a finished run with the same recipe exists; resume an interrupted one."""
-    from spade_deploy.io import read_manifest
-
-    from spade_deploy.zoo import bundled_base
-
-    best = run / "best.safetensors"
-    if not retrain and _finished(run, cfg) and read_manifest(best).get("preset") == preset:
-        console.print(f"Reusing the trained base model [cyan]{best}[/] (--retrain to train again).")
-        return best
-    shipped = None if retrain or root is None else bundled_base(model, preset, root)
-    if shipped is not None:
-        console.print(f"Using the base model trained on this dataset and shipped with spade-deploy: [cyan]{shipped}[/] "
-                      "(--retrain to train it here).")
-        return shipped
-    resume = not retrain and _resumable(run / "last.safetensors", cfg)
-    _run_training(model, preset, root, run, cfg, resume=resume, task=task)
-    return best
-
-
-from spade_deploy.pipeline import (  # noqa: E402  (the library's bookkeeping, under the names the commands use)
-    export_files as _export_files,
-    export_stem as _export_stem,
-    export_stems as _export_stems,
-    finished as _finished,
-    fresh_export as _fresh_export,
-    resumable as _resumable,
-    same_recipe as _same_recipe,  # noqa: F401  (tests)
-)
+    result = run_demo(out, model or ["deq"], retrain=retrain, backends=backends or ["auto"], repeats=repeats,
+                      reporter=ConsoleReporter())
+    console.print(f"demo finished in {result.seconds:.0f} s; results in [cyan]{result.results}[/]")
 
 
 @app.command()
@@ -576,9 +379,9 @@ def finetune(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
-    cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, acceleration=acceleration,
-                        center_fraction=center_fraction, seed=seed, lipschitz_weight=lipschitz_weight,
+    cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, lipschitz_weight=lipschitz_weight,
                         lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
+    check_sampling(acceleration, center_fraction)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     from spade_deploy.losses import STRATEGIES
 
@@ -586,42 +389,8 @@ def finetune(
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
     task, root = _task(_checkpoint_task(checkpoint), data, acceleration=acceleration,
                        center_fraction=center_fraction, cache_dir=cache_dir, scale=scale, kernel=kernel, noise=noise)
-    _run_finetune(checkpoint, strategy, teacher, root, out, cfg, resume, checkpoint_seconds,
-                  cache_dir=cache_dir, task=task)
-
-
-def _run_finetune(checkpoint: Path, strategy: str, teacher_path: Path | None, root: Path | None, out: Path, cfg,
-                  resume=False, checkpoint_seconds: float | None = 120.0, cache_dir: Path | None = None, task=None):
-    from spade_deploy.finetune import finetune_model
-    from spade_deploy.paths import check_outputs
-    from spade_deploy.train import RUN_FILES
-
-    _check_out_dir(out)
-    check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[checkpoint, teacher_path, root],
-                  data=_data_folders(root) if root else [])
-
-    with progress_bar() as bar:
-        bar_task = bar.add_task(f"{strategy} fine-tuning", total=None, info="")
-
-        def on_step(label, step, n, loss):
-            bar.update(bar_task, description=f"{strategy} {label}", completed=step, total=n, info=f"loss {loss:.4f}")
-
-        def on_epoch(rec):
-            if "val_psnr" in rec:
-                bar.console.print(f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f}, val PSNR {rec['val_psnr']:.2f} dB")
-
-        result = finetune_model(checkpoint, strategy, root, out, cfg, teacher_path=teacher_path, resume=resume,
-                                on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds,
-                                cache_dir=cache_dir, task=task)
-    console.print(f"fine-tuned ({strategy}): [cyan]{result.best_path}[/]")
-    from spade_deploy.io import read_manifest
-
-    c = read_manifest(result.best_path).get("contraction")
-    if c:
-        where = (f"measured on the unpruned parent {c['parent']} (median over {len(c['norms'])} slices, max {c['max']:.4f})"
-                 if c.get("source") == "parent" else "given")
-        console.print(f"contraction target ||J_T|| <= {c['target']:.4f}, {where}")
-    return result
+    finetune_run(checkpoint, strategy, teacher, root, out, cfg, task, resume, checkpoint_seconds,
+                 reporter=ConsoleReporter())
 
 
 @app.command()
@@ -662,7 +431,7 @@ def reconstruct(
         raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
     check_sampling(acceleration, center_fraction)
     check_number("--batch-size", batch_size, 1, 4096)
-    _check_out_dir(out)
+    check_out_dir(out)
     sources = D.SliceDataset(source).files
     check_outputs(files=[out / p.name for p in sources], folders=[out], inputs=[checkpoint, source, *sources],
                   data=[source if source.is_dir() else source.parent])
@@ -670,7 +439,7 @@ def reconstruct(
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
     if backend != "torch":
         shape = tuple(D.SliceDataset(source)[0]["kspace"].shape[-2:])  # the engine is chosen for this size
-        mpath, sha = _export_for(checkpoint, net, engines, [backend], data=[source if source.is_dir() else source.parent])
+        mpath, sha = export_for(checkpoint, net, engines, [backend], data=[source if source.is_dir() else source.parent])
         net = deploy(net, backend, mpath, "cpu", shape=shape, checkpoint_sha256=sha)
         if getattr(net, "engine_choice", None):
             console.print("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
@@ -702,7 +471,7 @@ def _run_restore(checkpoint: Path, source: Path, out: Path, scale, kernel, noise
     s = check_scale(scale[0])
     (name, k), = parse_kernels(kernel).items()
     k = check_kernel(k).numpy()
-    _check_out_dir(out)
+    check_out_dir(out)
     paths = lr_images(source)
     folder = source if source.is_dir() else source.parent
     check_outputs(files=[out / f"{p.stem}.png" for p in paths], folders=[out], inputs=[checkpoint, source, *paths],
@@ -710,7 +479,7 @@ def _run_restore(checkpoint: Path, source: Path, out: Path, scale, kernel, noise
     net, _ = load_model(checkpoint)
     if backend != "torch":
         y = read_lr(paths[0], s, k.shape)
-        mpath, sha = _export_for(checkpoint, net, engines, [backend], data=[folder])
+        mpath, sha = export_for(checkpoint, net, engines, [backend], data=[folder])
         net = deploy(net, backend, mpath, "cpu", sample=(y, SRPhysics(k, s, noise)), checkpoint_sha256=sha)
         if getattr(net, "engine_choice", None):
             console.print("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
@@ -738,30 +507,12 @@ def prune(
 
     if target_speedup is not None and ratios:
         raise SpadeError("give either --ratio or --target-speedup, not both")
-    _run_prune(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to,
-               target_speedup=target_speedup, size=(size, size), device=device)
+    results = prune_run(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to,
+                        target_speedup=target_speedup, size=(size, size), device=device, reporter=ConsoleReporter())
+    _show_prune(checkpoint, results, (size, size))
 
 
-def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None, target_speedup=None,
-               size=(160, 160), device=None):
-    from spade_deploy.prune import (check_ratio, check_widths, default_timer, prune_checkpoint, prune_to_speedup,
-                                     pruned_name)
-
-    from spade_deploy.paths import check_outputs
-
-    round_to = check_widths(round_to)
-    if target_speedup is None:
-        ratios = [check_ratio(r) for r in ratios]
-    names = ([pruned_name(checkpoint.stem, r, round_to) for r in ratios] if target_speedup is None
-             else [pruned_name(checkpoint.stem, 0.0, round_to, target_speedup)])
-    _check_out_dir(out)
-    check_outputs(files=[out / n for n in names], folders=[out], inputs=[checkpoint])
-    timer = default_timer(device) if (round_to == "auto" or target_speedup is not None) else None
-    if target_speedup is not None:
-        with console.status(f"searching the ratio for x{target_speedup:g} measured on {timer.device}"):
-            results = [prune_to_speedup(checkpoint, target_speedup, out, round_to, timer=timer, size=size)]
-    else:
-        results = prune_checkpoint(checkpoint, ratios, out, round_to, timer=timer, measure_size=size)
+def _show_prune(checkpoint: Path, results, size) -> None:
     table = Table(title=f"SPADE pruning of {checkpoint}")
     for col in ("ratio", "widths", "prior", "params before", "params after", "removed", "MACs before", "MACs after", "checkpoint"):
         table.add_column(col, justify="right", overflow="fold")
@@ -788,7 +539,6 @@ def _run_prune(checkpoint: Path, ratios: list[float], out: Path, round_to=None, 
             console.print(f"target x{s.target:g} {verdict}: ratio {s.ratio:.3g}, measured prior speed-up x{s.speedup:.2f} "
                           f"({s.unpruned_ms:.2f} -> {s.pruned_ms:.2f} ms on {s.device}, {s.input[0]}x{s.input[1]}), "
                           f"params {rep.params_after:,}, MACs {rep.macs_after / 1e6:,.1f} M")
-    return results
 
 
 @app.command()
@@ -819,56 +569,14 @@ def export(
             hw = ()
         if len(hw) != 2 or min(hw) < 1:
             raise SpadeError(f"--size {size!r}: expected HxW, e.g. 160x160")
-    _run_export(checkpoint, out, trt=trt, fp16=fp16, opset=opset, size=hw)
-
-
-def _export_for(checkpoint: Path, net, engines: Path, backends, size=None, data=()) -> tuple[Path, str]:
-    """The export manifest of ``checkpoint`` for ``backends`` (exported first unless an intact export
-    of exactly this checkpoint exists) and the checkpoint's SHA-256 it is bound to."""
-    from spade_deploy.paths import check_outputs, sha256_file
-
-    stem = _export_stem(checkpoint)
-    sha = sha256_file(checkpoint)
-    _check_out_dir(engines)
-    check_outputs(files=_export_files(net, engines, stem), folders=[engines], inputs=[checkpoint], data=data)
-    mpath = _fresh_export(net, sha, engines, stem, backends, size=size)
-    if mpath is None:
-        mpath = _run_export(checkpoint, engines, trt="tensorrt" in backends, quiet=True, stem=stem, size=size).manifest_path
-    return mpath, sha
-
-
-def _run_export(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17, quiet: bool = False,
-                stem: str | None = None, size=None):
-    from spade_deploy.checkpoint import load_model
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.export import build_trt_engines, check_opset, export_onnx
-    from spade_deploy.paths import check_outputs, sha256_file
-
-    check_opset(opset)
-    _check_out_dir(out)
-    if trt:  # fail before writing anything when TensorRT cannot run here
-        from spade_deploy.export import require_tensorrt
-
-        require_tensorrt()
-        if size is None:
-            raise SpadeError("--trt needs --size HxW: the slices' k-space size, which the engines' profile is built for")
-    net, manifest = load_model(checkpoint)
-    stem = stem or _export_stem(checkpoint)
-    check_outputs(files=_export_files(net, out, stem), folders=[out], inputs=[checkpoint])
-    res = export_onnx(net, out, stem, opset=opset, source=str(checkpoint),
-                      extra={"checkpoint_sha256": sha256_file(checkpoint), "pruning": manifest.get("pruning"),
-                             "finetune": manifest.get("finetune")})
-    if trt:
-        build_trt_engines(res.manifest_path, net, size, fp16=fp16)
-    if not quiet:
-        table = Table(title=f"Exported {checkpoint.name}")
-        for col in ("prior", "ONNX", "parameters", "max rel. error vs PyTorch"):
-            table.add_column(col, justify="right")
-        for p in res.priors:
-            table.add_row(p.name, p.onnx, f"{p.params:,}", f"{p.max_rel_error:.2e}")
-        print_table(table)
-        console.print(f"manifest: [cyan]{res.manifest_path}[/]")
-    return res
+    res = export_checkpoint(checkpoint, out, trt=trt, fp16=fp16, opset=opset, size=hw)
+    table = Table(title=f"Exported {checkpoint.name}")
+    for col in ("prior", "ONNX", "parameters", "max rel. error vs PyTorch"):
+        table.add_column(col, justify="right")
+    for p in res.priors:
+        table.add_row(p.name, p.onnx, f"{p.params:,}", f"{p.max_rel_error:.2e}")
+    print_table(table)
+    console.print(f"manifest: [cyan]{res.manifest_path}[/]")
 
 
 @app.command()
@@ -900,92 +608,25 @@ def bench(
     task, root = _task(_checkpoint_task(checkpoints[0]) if checkpoints else "mri", data, acceleration=acceleration,
                        center_fraction=center_fraction, coil_maps=coil_maps, cache_dir=cache_dir, scale=scale,
                        kernel=kernel, noise=noise)
-    _run_bench(checkpoints, list(backend or ["auto"]), engines, root, split,
-               acceleration, center_fraction, repeats, warmup, device, out, cache_dir=cache_dir, coil_maps=coil_maps,
-               task=task)
+    _show_bench(bench_checkpoints(checkpoints, list(backend or ["auto"]), engines, root, split, task, repeats, warmup,
+                                  device, out, reporter=ConsoleReporter()))
 
 
-def _run_bench(checkpoints, backends, engines: Path, root: Path | None, split: str, acceleration: int, center_fraction,
-               repeats: int, warmup: int, device: str, out: Path, stem: str = "bench", cache_dir: Path | None = None,
-               coil_maps: str = "espirit", task=None, time_unfinetuned: bool = True):
+def _show_bench(run) -> None:
     from spade_deploy import bench as B
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.paths import check_outputs, sha256_file
-    from spade_deploy.pipeline import bench_variant
-    from spade_deploy.runtime import BACKENDS, deploy
-    from spade_deploy.tasks.mri import MRITask
 
-    for b in backends:
-        if b not in BACKENDS:
-            raise SpadeError(f"unknown back-end {b!r}; choose from {', '.join(BACKENDS)}")
-    from spade_deploy.device import require_device
-
-    dev = require_device(device)
-    if "tensorrt" in backends:
-        if dev.type != "cuda":
-            raise SpadeError("-b tensorrt runs on a CUDA GPU: add --device cuda")
-        from spade_deploy.export import require_tensorrt
-
-        require_tensorrt()
-    _check_out_dir(out)
-    _check_out_dir(engines)
-    results = [out / f"{stem}.{ext}" for ext in ("json", "csv", "md")] + [out / f"{stem}-degradation.png"]
-    check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root],
-                  data=_data_folders(root, [split]) if root else [])
-    task_ = task if task is not None else MRITask(acceleration, center_fraction, coil_maps, cache_dir)
-    test_ds = _task_split(task_, root, split)  # a missing split fails before any export is written
-    trt_size = task_.prior_size(test_ds) if "tensorrt" in backends else None
-    variants, manifests, hashes, to_export = [], {}, {}, []
-    stems = _export_stems(checkpoints)
-    for path in checkpoints:
-        variant, man = bench_variant(path)
-        variant.timed = time_unfinetuned or variant.strategy != "none"
-        net, label = variant.model, variant.label
-        if not man.get("pruning") and any(v.label == label and v.ratio == 0 for v in variants):
-            raise SpadeError(f"two unpruned {label!r} models given; bench one unpruned model per architecture")
-        variants.append(variant)
-        check_outputs(files=[out / f"{stem}-{label}-examples.png"], inputs=checkpoints)
-        if any(b != "torch" for b in backends):
-            # Read and check every existing export before anything is written.
-            hashes[id(net)] = sha256_file(path)
-            check_outputs(files=_export_files(net, engines, stems[path]), inputs=checkpoints)
-            fresh = _fresh_export(net, hashes[id(net)], engines, stems[path], backends, size=trt_size)
-            if fresh is None:
-                to_export.append((path, net))
-            else:
-                manifests[id(net)] = fresh
-    for label in {v.label for v in variants}:
-        if not any(v.label == label and v.ratio == 0 for v in variants):
-            raise SpadeError(f"bench needs the unpruned {label!r} among the checkpoints (speed-ups are relative to it)")
-    for path, net in to_export:
-        manifests[id(net)] = _run_export(path, engines, trt="tensorrt" in backends, quiet=True, stem=stems[path],
-                                         size=trt_size).manifest_path
-    deployers = {b: (lambda v, sample, b=b: deploy(v.model, b, manifests.get(id(v.model)), device, sample=sample,
-                                             checkpoint_sha256=hashes.get(id(v.model))))
-                 for b in backends}
-    with progress_bar(transient=True) as bar:
-        task = bar.add_task("benchmarking", total=None, info="")
-        result = B.run_bench(variants, deployers, test_ds, task_, repeats=repeats, warmup=warmup,
-                             device=device, on_progress=lambda what, i, n: bar.update(task, completed=i, total=n, description=what))
-    opts = ", ".join(f"{k} {v}" for k, v in task_.options().items() if not isinstance(v, list) or len(v) < 4)
-    table = Table(title=f"SPADE benchmark on {result.device} ({split}, {opts}; {result.baseline} PSNR {result.psnr_baseline:.2f} dB)")
-    for col in B.COLUMNS:
+    result = run.result
+    opts = ", ".join(f"{k} {v}" for k, v in run.task_options.items() if not isinstance(v, list) or len(v) < 4)
+    table = Table(title=f"SPADE benchmark on {result.device} ({run.split}, {opts}; {result.baseline} PSNR "
+                        f"{result.psnr_baseline:.2f} dB)")
+    for col in B.columns(result):
         table.add_column(col, justify="right", no_wrap=True)
     for row in B.table_rows(result):
         table.add_row(*row)
     print_table(table)
     console.print(B.AGGREGATION + "; speed-ups against the unpruned PyTorch model; efficiency = per-iteration "
                   "speed-up / MAC ratio; on cap = slices stopped by the iteration cap.", soft_wrap=True)
-    paths = B.write_results(result, out, stem)
-    if any(v.strategy for v in variants):
-        paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png", backend=backends[0])
-        for label in dict.fromkeys(v.label for v in variants):
-            mine = [v for v in variants if v.label == label]
-            if any(v.ratio > 0 for v in mine):
-                paths[f"examples {label}"] = B.plot_examples(mine, test_ds, task_,
-                                                             out / f"{stem}-{label}-examples.png")
-    console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in paths.values()))
-    return result
+    console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in run.paths.values()))
 
 
 def main() -> None:

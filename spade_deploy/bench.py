@@ -81,11 +81,14 @@ class BenchRow:
     speedup_per_iteration: float | None = None
     efficiency: float | None = None
     speedup_same_backend: float | None = None
-    # the task's secondary scores (Task.secondary_scores; MRI: NMSE, and PSNR / SSIM against the
-    # fully sampled SENSE image of the same maps)
-    nmse: float = float("nan")
-    psnr_sense: float | None = None
-    ssim_sense: float | None = None
+    # the task's secondary scores by name (Task.secondary_scores), columns of the result files
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """The row's fields with its secondary scores as fields of their own (result files)."""
+        d = dataclasses.asdict(self)
+        scores = d.pop("scores")
+        return {**d, **scores}
 
 
 @dataclass
@@ -98,11 +101,12 @@ class BenchResult:
     ssim_baseline: float = float("nan")
     baseline: str = ""
     header: str = ""  # what the scores are (the task's description)
+    secondary_columns: dict[str, tuple[str, str]] = field(default_factory=dict)  # Task.secondary_columns
 
     def as_dict(self) -> dict:
         return {"device": self.device, "config": self.config, "baseline": self.baseline,
                 "psnr_baseline": self.psnr_baseline, "ssim_baseline": self.ssim_baseline,
-                "rows": [dataclasses.asdict(r) for r in self.rows]}
+                "rows": [r.as_dict() for r in self.rows]}
 
 
 def _solver_kwargs(model: Reconstructor, solver: SolverConfig | None) -> dict:
@@ -267,7 +271,7 @@ def run_bench(
             mean_iterations=res.mean_iterations, all_converged=res.all_converged,
             latency_ms=t.latency_ms, latency_iqr_ms=t.iqr_ms, n_slices=len(slices),
             slices_on_cap=t.slices_on_cap, ms_per_iteration=t.ms_per_iteration, slice_latency_ms=t.median_ms,
-            slice_iterations=t.iterations if t.has_solver else [], **task.secondary_scores(res),
+            slice_iterations=t.iterations if t.has_solver else [], scores=task.secondary_scores(res),
         ))
     add_speedups(rows)
     cfg = {**task.options(),
@@ -281,7 +285,8 @@ def run_bench(
     zf = quality[0].psnr_baseline if quality else float("nan")
     zf_ssim = quality[0].ssim_baseline if quality else float("nan")
     return BenchResult(rows=rows, config=cfg, device=describe_device(dev), psnr_baseline=zf,
-                       ssim_baseline=zf_ssim, baseline=task.baseline_name, header=task.bench_header)
+                       ssim_baseline=zf_ssim, baseline=task.baseline_name, header=task.bench_header,
+                       secondary_columns=dict(task.secondary_columns))
 
 
 def _untimed_row(v: Variant, backend: str, model: Reconstructor, res, macs, n_slices: int, task: Task) -> BenchRow:
@@ -294,7 +299,7 @@ def _untimed_row(v: Variant, backend: str, model: Reconstructor, res, macs, n_sl
         params=count_parameters(v.model), macs=macs, psnr=res.psnr, ssim=res.ssim,
         mean_iterations=res.mean_iterations, all_converged=res.all_converged, latency_ms=None, latency_iqr_ms=None,
         n_slices=n_slices, slices_on_cap=None if res.mean_iterations is None or capped is None else len(capped),
-        **task.secondary_scores(res))
+        scores=task.secondary_scores(res))
 
 
 def add_speedups(rows: Sequence[BenchRow]) -> None:
@@ -325,9 +330,14 @@ def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-COLUMNS = ["model", "ratio", "strategy", "widths", "backend", "engine", "params", "MACs", "PSNR", "SSIM",
-           "SENSE PSNR", "iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend"]
+_LEADING = ["model", "ratio", "strategy", "widths", "backend", "engine", "params", "MACs", "PSNR", "SSIM"]
+_TRAILING = ["iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend"]
 NONE = "–"  # no reference measured: never a default ratio
+
+
+def columns(result: BenchResult) -> list[str]:
+    """The table's columns: the task's secondary scores' after SSIM."""
+    return [*_LEADING, *result.secondary_columns, *_TRAILING]
 
 
 def _x(value: float | None) -> str:
@@ -341,7 +351,9 @@ def table_rows(result: BenchResult) -> list[list[str]]:
             r.label, f"{r.ratio:.0%}" if r.ratio else "0%", r.strategy or NONE, r.widths or NONE, r.backend,
             r.engine or r.backend, f"{r.params:,}", f"{r.macs / 1e9:.2f}G" if r.macs else NONE, f"{r.psnr:.2f}",
             f"{r.ssim:.4f}",
-            f"{r.psnr_sense:.2f}" if r.psnr_sense is not None else NONE, f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else NONE,
+            *(NONE if r.scores.get(key) is None else fmt.format(r.scores[key])
+              for key, fmt in result.secondary_columns.values()),
+            f"{r.mean_iterations:.1f}" if r.mean_iterations is not None else NONE,
             NONE if r.slices_on_cap is None else (f"{r.slices_on_cap}/{r.n_slices}" if r.slices_on_cap else "0"),
             f"{r.latency_ms:.1f}" if r.latency_ms is not None else NONE, f"{r.ms_per_iteration:.2f}" if r.ms_per_iteration is not None else NONE,
             _x(r.speedup_vs_torch), _x(r.speedup_per_iteration),
@@ -368,13 +380,14 @@ def write_results(result: BenchResult, out_dir: str | Path, stem: str = "bench")
     buf = io.StringIO()
     buf.write(f"# device: {result.device}\n# config: {json.dumps(result.config)}\n# {AGGREGATION}\n")
     w = csv.writer(buf)
-    fields = [f.name for f in dataclasses.fields(BenchRow)]
+    rows = [r.as_dict() for r in result.rows]
+    fields = list(rows[0]) if rows else [f.name for f in dataclasses.fields(BenchRow) if f.name != "scores"]
     w.writerow(fields)
-    for r in result.rows:
-        d = dataclasses.asdict(r)
-        w.writerow([json.dumps(d[k]) if isinstance(d[k], list) else d[k] for k in fields])
+    for d in rows:
+        w.writerow([json.dumps(d.get(k)) if isinstance(d.get(k), list) else d.get(k) for k in fields])
     write_text(paths["csv"], buf.getvalue())
-    md = [_header(result), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = columns(result)
+    md = [_header(result), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
     write_text(paths["md"], "\n".join(md) + "\n")
     return paths

@@ -34,9 +34,9 @@ def measure_contraction(
 ) -> dict | None:
     """``||J_T(x*)||`` of ``model`` at its own fixed points (inference solver) on the first
     ``max_slices`` samples of ``dataset``, measured as evaluation measures them (``task``; default
-    the model's with ``cfg``'s options): ``{"median", "max", "norms", "mean_iterations"}``;
+    the model's own): ``{"median", "max", "norms", "mean_iterations"}``;
     ``None`` for models that are not fixed points."""
-    task = task if task is not None else task_for(model, cfg)
+    task = task if task is not None else task_for(model)
     model.eval()
     norms, iters = [], []
     for items in task.loader(dataset, cfg.batch_size, shuffle=False, seed=0):
@@ -75,15 +75,14 @@ def finetune_model(
 ) -> FitResult:
     """Fine-tune ``checkpoint`` with ``strategy`` on the data under ``data_root`` (the task's
     splits: supervised on train, school and self-supervised on test; val when present, for
-    keeping the best epoch). ``task``: the model's own with ``cfg``'s options (and ``cache_dir``)
-    when not given."""
+    keeping the best epoch). ``task``: the model's own (with ``cache_dir``) when not given."""
     if strategy not in STRATEGIES:
         raise SpadeError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     loss = STRATEGIES[strategy]()
     model, manifest = load_model(checkpoint)
     root = Path(data_root) if data_root is not None else None  # None: the task's embedded data
     if task is None:
-        task = task_for(model, cfg, cache_dir=cache_dir)
+        task = task_for(model, **({"cache_dir": cache_dir} if cache_dir is not None else {}))
 
     teacher = None
     if loss.needs_teacher:

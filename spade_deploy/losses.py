@@ -22,10 +22,10 @@ class Batch:
     """One batch of measurements as a task makes it.
 
     ``y``: the measurements; ``physics``: their operator; ``x_gt``: the image the model is trained
-    towards where it is known (MRI: the fully sampled SENSE image; SR: the high-resolution image);
-    ``target``: the image it is scored against (MRI: ``reconstruction_rss``; SR: the HR image);
+    towards where it is known (the task's ground truth, e.g. SR's high-resolution image);
+    ``target``: the image it is scored against (the task's reference, :attr:`Task.reference_name`);
     ``keys``: one hashable identity per sample (what a teacher's output is cached under);
-    ``meta``: what the task itself needs later (MRI: ``maxval``, ``recon_size``, file names).
+    ``meta``: what the task itself needs later (e.g. sizes to crop to, file names).
     """
 
     y: torch.Tensor
@@ -93,18 +93,15 @@ class SelfSupervisedLoss(Loss):
     """Eq. (9): data fidelity ``||A f(y) - y||`` plus equivariant imaging on the test measurements.
 
     Fidelity: the model's own prediction of the measurements
-    (:meth:`Reconstructor.predicted_measurements`): ``A x`` with the given coil maps for the DEQ,
-    the masked final k-space for the VarNets, whose native output is multi-coil k-space (measuring
-    E2E-VarNet's coil-combined image through its estimated maps instead pulled it away from the
-    target: those maps are not the true sensitivities).
+    (:meth:`Reconstructor.predicted_measurements`: ``A x`` by default; a model whose native
+    output is in the measurement domain predicts the measurements there, the models' docstrings
+    say why).
 
     EI: ``x_phi = phi f(y)`` with ``phi`` a random transformation of the operator's group
-    (:meth:`Physics.transform`), measured by the operator transformed with it (MRI: a rotation,
-    coil maps rotated consistently, the scanner's column mask unchanged; super-resolution: a
-    rotation with the kernel turned, then a circular shift): ``f(A_phi x_phi)`` must give
-    ``x_phi`` back. ``A`` is the model's own operator
-    (:meth:`Reconstructor.measurement_operator`: E2E-VarNet's estimated coil maps). No ground
-    truth, no teacher.
+    (:meth:`Physics.transform`), measured by the operator transformed with it (super-resolution:
+    a rotation with the kernel turned, then a circular shift; each task's physics documents its
+    own): ``f(A_phi x_phi)`` must give ``x_phi`` back. ``A`` is the model's own operator
+    (:meth:`Reconstructor.measurement_operator`). No ground truth, no teacher.
     """
 
     def __init__(self, ei_weight: float = 1.0) -> None:

@@ -41,10 +41,6 @@ class TrainConfig:
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 4
-    # The MRI task's sampling (spade_deploy.tasks.mri.MRITask.from_config), recorded with the run;
-    # the trainer itself never reads them. center_fraction None: the default for the acceleration.
-    acceleration: int = 6
-    center_fraction: float | None = None
     seed: int = 0
     grad_clip: float = 1.0
     # DEQ only: solve the training forward pass with the inference solver at this tolerance and
@@ -71,7 +67,7 @@ class TrainConfig:
         from .solvers import MAX_ITER, MIN_TOL
 
         ints = (("epochs", self.epochs, 1, 100_000), ("batch_size", self.batch_size, 1, 4096),
-                ("acceleration", self.acceleration, 1, 64), ("seed", self.seed, 0, 2**31 - 1),
+                ("seed", self.seed, 0, 2**31 - 1),
                 ("train_max_iter", self.train_max_iter, 1, MAX_ITER), ("pretrain_steps", self.pretrain_steps, 0, 10**7),
                 ("max_steps_per_epoch", self.max_steps_per_epoch, 1, 10**9))
         for name, value, lo, hi in ints:
@@ -83,10 +79,9 @@ class TrainConfig:
         floats = (("lr", self.lr, 0.0, 10.0, False), ("pretrain_lr", self.pretrain_lr, 0.0, 10.0, False),
                   ("grad_clip", self.grad_clip, 0.0, 1e6, True), ("train_tol", self.train_tol, MIN_TOL, 1.0, True),
                   ("lipschitz_weight", self.lipschitz_weight, 0.0, 1e6, True),
-                  ("lipschitz_target", self.lipschitz_target, 0.0, 1e3, False),
-                  ("center_fraction", self.center_fraction, 0.0, 1.0, False))
+                  ("lipschitz_target", self.lipschitz_target, 0.0, 1e3, False))
         for name, value, lo, hi, closed in floats:
-            if name in ("center_fraction", "lipschitz_target") and value is None:
+            if name == "lipschitz_target" and value is None:
                 continue
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or not (lo <= value if closed else lo < value) or not value <= hi or (name == "train_tol" and value >= hi):
@@ -96,6 +91,16 @@ class TrainConfig:
     @property
     def contraction_target(self) -> float:
         return self.lipschitz_target if self.lipschitz_target is not None else DEFAULT_LIPSCHITZ_TARGET
+
+
+def recorded_config(stored: dict | None) -> dict | None:
+    """A run's recorded ``train_config`` restricted to :class:`TrainConfig`'s fields: runs of
+    earlier versions also recorded their task's options there (:meth:`Task.recorded_options` reads
+    those), which are no part of the recipe."""
+    if not isinstance(stored, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in stored.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -360,8 +365,9 @@ def fit(
 ) -> FitResult:
     """Train ``model`` with ``loss``; write ``best.safetensors`` and ``last.safetensors`` in ``out_dir``.
 
-    ``task`` makes the batches and the validation scores (default: the model's own task with the
-    options ``cfg`` records, :func:`~spade_deploy.tasks.task_for`). Training batches are the task's
+    ``task`` makes the batches and the validation scores (default: the model's own task with its
+    default options, :func:`~spade_deploy.tasks.task_for`); both checkpoints record it (``task``).
+    Training batches are the task's
     fresh random measurements, or with ``cfg.fixed_masks`` the data as evaluation measures it
     (fine-tuning on the test measurements as acquired).
 
@@ -371,14 +377,14 @@ def fit(
     losses and the global RNG states, so ``resume`` continues exactly: the same masks, the same
     batches, tensor-identical weights. ``resume`` without a ``last.safetensors`` (a kill before the
     first one) starts afresh. Stale temporary files of a killed run are removed on start."""
-    task = task if task is not None else task_for(model, cfg)
+    task = task if task is not None else task_for(model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
     if checkpoint_seconds is not None and not (math.isfinite(checkpoint_seconds) and checkpoint_seconds >= 0):
         raise SpadeError(f"checkpoint interval must be a finite number of seconds >= 0, got {checkpoint_seconds!r}")
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
-    extra_manifest = dict(extra_manifest or {})
+    extra_manifest = {"task": task.record(), **(extra_manifest or {})}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     pre_opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
     history: list[dict] = []
@@ -391,7 +397,7 @@ def fit(
         ts = manifest.get("train_state")
         if not isinstance(ts, dict) or not ts:
             raise SpadeError(f"{last_path} holds no training state")
-        if ts.get("train_config") != dataclasses.asdict(cfg):
+        if recorded_config(ts.get("train_config")) != dataclasses.asdict(cfg) or not task.same_options(manifest):
             raise SpadeError("--resume with a different training configuration; start a new run instead")
         if manifest.get("model") != model.registry_name or manifest.get("shapes") != model_manifest(model)["shapes"]:
             raise SpadeError(f"{last_path} was written for another architecture; cannot resume")

@@ -166,10 +166,10 @@ def test_resumed_fine_tuning_keeps_the_target_it_measured(setup, tmp_path):
 def test_demo_reuses_a_fine_tuning_whose_target_was_measured():
     """``spade demo`` reuses finished stages whose recorded recipe is its own: a target measured on
     the parent (the recipe leaves it to be measured) is still the same recipe; another given one is not."""
-    from cli.main import _same_recipe
+    from spade_deploy.pipeline import same_recipe
 
     recipe = TrainConfig(epochs=1, lr=5e-4)
     stored = dataclasses.asdict(dataclasses.replace(recipe, lipschitz_target=0.9531, fixed_masks=True))
-    assert _same_recipe(stored, recipe)
-    assert not _same_recipe(stored, dataclasses.replace(recipe, lipschitz_target=0.96))
-    assert not _same_recipe(stored, dataclasses.replace(recipe, lr=1e-4))
+    assert same_recipe(stored, recipe)
+    assert not same_recipe(stored, dataclasses.replace(recipe, lipschitz_target=0.96))
+    assert not same_recipe(stored, dataclasses.replace(recipe, lr=1e-4))

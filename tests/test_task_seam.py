@@ -41,7 +41,7 @@ def test_mri_results_unchanged_by_the_task_seam(tmp_path):
             assert got["models"][name]["fit"][strategy] == fit, (name, strategy)
 
 
-GENERIC = ["train.py", "losses.py", "bench.py", "finetune.py"]
+GENERIC = ["train.py", "losses.py", "bench.py", "finetune.py", "pipeline.py", "demo.py"]
 MRI_WORDS = r"(acceleration|center_fraction|kspace|k-space|SliceDataset|make_batch|eval_seeds|smaps|coil|fastmri|" \
             r"reconstruction_rss|zero.filled|MultiCoilMRI|recon_size|fnames)"
 
@@ -68,11 +68,20 @@ def test_task_agnostic_modules_name_no_mri_concept_in_code(module):
             names.add(node.arg)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names |= {a.name for a in node.names} | {getattr(node, "module", "") or ""}
-    # TrainConfig records the MRI task's sampling options for MRITask.from_config; BenchRow keeps
-    # the MRI task's secondary score fields (filled by Task.secondary_scores).
-    allowed = {"acceleration", "center_fraction", "psnr_sense", "ssim_sense"}
-    bad = sorted(n for n in names if re.search(MRI_WORDS, n, re.I) and n not in allowed)
+    bad = sorted(n for n in names if re.search(MRI_WORDS, n, re.I))
     assert not bad, f"{module} uses {bad}"
+
+
+@pytest.mark.parametrize("module", GENERIC)
+def test_task_agnostic_modules_mention_no_mri_option_at_all(module):
+    """Not even in comments: the MRI task's options and scores (sampling, coil maps, SENSE) are
+    named only under spade_deploy/tasks/ and the data and physics modules."""
+    import spade_deploy
+
+    lines = (Path(spade_deploy.__file__).parent / module).read_text().splitlines()
+    bad = [f"{i}: {line.strip()}" for i, line in enumerate(lines, 1)
+           if re.search(r"sense|acceleration|center_fraction|kspace|coil", line, re.I)]
+    assert not bad, f"{module}: {bad}"
 
 
 def test_physics_share_one_interface():
@@ -163,3 +172,57 @@ def test_sr_training_batches_follow_the_global_random_state():
     assert torch.equal(a.y, b.y) and a.meta == b.meta
     assert a.y.shape[-1] * a.meta["scale"] == 48 and torch.equal(a.x_gt, items["hr"])
     assert any(draw(s).meta != a.meta for s in range(1, 6))
+
+
+def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
+    """The shipped base model (and any run of earlier versions) records the MRI sampling in its
+    train_config: the MRI task reads it from there, and the recipe comparison ignores it."""
+    import dataclasses
+
+    from spade_deploy.checkpoint import load_model
+    from spade_deploy.io import read_manifest
+    from spade_deploy.pipeline import same_recipe
+    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.train import TrainConfig
+    from spade_deploy.zoo import bundled_path
+
+    shipped = bundled_path("deq", "small")
+    manifest = read_manifest(shipped)
+    assert "acceleration" in manifest["train_config"]  # recorded there before
+    assert MRITask().recorded_options(manifest) == {"acceleration": 6, "center_fraction": 0.08}
+    assert MRITask(6).same_options(manifest) and not MRITask(8).same_options(manifest)
+    load_model(shipped)  # loads as before
+    cfg = TrainConfig(epochs=1, lr=5e-4)
+    legacy = {**dataclasses.asdict(cfg), "acceleration": 6, "center_fraction": None}
+    assert same_recipe(legacy, cfg) and not same_recipe({**legacy, "lr": 1e-4}, cfg)
+
+
+def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):
+    """The task's options are part of a run: resuming with another sampling is refused."""
+    from spade_deploy import data as D
+    from spade_deploy.errors import SpadeError
+    from spade_deploy.io import read_manifest
+    from spade_deploy.losses import SupervisedLoss
+    from spade_deploy.models import build_model
+    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.train import TrainConfig, fit
+
+    train = D.SliceDataset(tiny_dataset.root / "train")
+    cfg = TrainConfig(epochs=2, batch_size=2, max_steps_per_epoch=1, lipschitz_weight=0.0)
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(rec):
+        raise Killed
+
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, None, cfg, tmp_path / "run", task=MRITask(6),
+            on_epoch=kill_after_first_epoch)
+    assert read_manifest(tmp_path / "run" / "last.safetensors")["task"]["acceleration"] == 6
+    with pytest.raises(SpadeError, match="different training configuration"):
+        fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, None, cfg, tmp_path / "run", resume=True,
+            task=MRITask(8))
+    done = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, None, cfg, tmp_path / "run", resume=True,
+               task=MRITask(6))
+    assert [h["epoch"] for h in done.history] == [1, 2]

@@ -3,7 +3,7 @@ image (:mod:`.metrics`) and averaged per scale and kernel, as ``main_test_table1
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -14,7 +14,7 @@ from .baseline import bicubic_upsample
 from .data import SRImage
 from .degradation import degrade
 from .kernels import kernel_names, paper_kernels
-from .metrics import mean_scores, sr_scores
+from .metrics import SRRow, mean_scores, sr_scores
 from .physics import SRPhysics, check_scale
 
 Restorer = Callable[[torch.Tensor, SRPhysics], torch.Tensor]  # (y (1, 3, h, w), physics) -> x (1, 3, H, W)
@@ -32,15 +32,6 @@ class SRCase:
     @property
     def y(self) -> torch.Tensor:
         return torch.from_numpy(self.lr).permute(2, 0, 1)[None]
-
-
-@dataclass
-class SRRow:
-    scale: int
-    kernel: str
-    psnr: float
-    ssim: float
-    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def degraded_cases(images: Iterable[SRImage], scales: Iterable[int] = (2, 3, 4),
@@ -75,13 +66,17 @@ def bicubic_restorer(y: torch.Tensor, physics: SRPhysics) -> torch.Tensor:
 
 
 def evaluate_cases(restore: Restorer, cases: list[SRCase]) -> list[SRRow]:
-    """Mean PSNR / SSIM per (scale, kernel), in the order the cases come."""
+    """Mean PSNR / SSIM per (scale, kernel) of ``restore`` and of bicubic upsampling, in the order
+    the cases come."""
     groups: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
+    bicubic: dict[tuple[int, str], list[dict[str, float]]] = {}
     for case in cases:
         x = restore(case.y, case.physics)
         groups.setdefault((case.scale, case.kernel), {})[case.image] = sr_scores(case.hr, x, case.scale)
+        base = bicubic_restorer(case.y, case.physics)
+        bicubic.setdefault((case.scale, case.kernel), []).append(sr_scores(case.hr, base, case.scale))
     rows = []
     for (scale, kernel), per_image in groups.items():
-        mean = mean_scores(list(per_image.values()))
-        rows.append(SRRow(scale, kernel, mean["psnr"], mean["ssim"], per_image))
+        mean, base = mean_scores(list(per_image.values())), mean_scores(bicubic[(scale, kernel)])
+        rows.append(SRRow(scale, kernel, mean["psnr"], mean["ssim"], base["psnr"], base["ssim"], per_image))
     return rows

@@ -16,6 +16,7 @@ Scores are averaged per scale and kernel by the caller (:func:`mean_scores`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,3 +76,17 @@ def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
     if not scores:
         raise SpadeError("no images to average")
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+@dataclass
+class SRRow:
+    """The mean scores of one (scale, kernel): the model's and its bicubic baseline's, and the
+    model's per image."""
+
+    scale: int
+    kernel: str
+    psnr: float
+    ssim: float
+    psnr_bicubic: float
+    ssim_bicubic: float
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)

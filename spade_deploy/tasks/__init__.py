@@ -50,15 +50,29 @@ class Task:
     bench_header: str = ""  # the same for a benchmark table's header
 
     # -- options ---------------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, cfg: Any | None = None, **options: Any) -> "Task":
-        """The task with the options a training configuration records, and ``options`` (default:
-        the task's defaults and ``options``)."""
-        return cls(**options)
-
     def options(self) -> dict:
         """The task's options, as recorded in manifests and result files."""
         return {}
+
+    def record(self) -> dict:
+        """What a checkpoint or a result file records of the task: its name and options."""
+        return {"name": self.name, **self.options()}
+
+    def recorded_options(self, manifest: dict) -> dict | None:
+        """The options of this task a checkpoint's manifest records (its ``task``), or None."""
+        rec = manifest.get("task")
+        if isinstance(rec, dict) and rec.get("name") == self.name:
+            return {k: v for k, v in rec.items() if k != "name"}
+        return None
+
+    def same_options(self, manifest: dict) -> bool:
+        """Whether the run that wrote ``manifest`` used this task's options (each option it
+        records equals this task's; a run recording none is taken as using them)."""
+        import json
+
+        rec = self.recorded_options(manifest)
+        mine = json.loads(json.dumps(self.options()))
+        return rec is None or all(mine.get(k) == v for k, v in rec.items())
 
     @classmethod
     def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "Task":
@@ -66,9 +80,9 @@ class Task:
         task's options by name; a task reads its own, validating them with one-line errors)."""
         return cls()
 
-    def data_root(self, data: Path | None) -> Path | None:
+    def data_root(self, data: Path | None, reporter=None) -> Path | None:
         """The root of the task's splits for ``--data`` (None: the task's embedded data, built on
-        first use where it has to be)."""
+        first use where it has to be, telling ``reporter``, a :class:`~spade_deploy.progress.Reporter`)."""
         return data
 
     # -- data ----------------------------------------------------------------------------------
@@ -77,7 +91,7 @@ class Task:
         raise NotImplementedError
 
     def has_split(self, root: str | Path, split: str) -> bool:
-        return (Path(root) / split).exists()
+        return (Path(root) / split).is_dir()
 
     def has_ground_truth(self, dataset: Dataset) -> bool:
         """Whether every sample of ``dataset`` carries its reference image (default: yes)."""
@@ -132,8 +146,12 @@ class Task:
         """The task's scores of ``model`` on ``dataset``, beside its baseline's."""
         raise NotImplementedError
 
+    # Benchmark table columns showing secondary scores: header -> (score name, format).
+    secondary_columns: dict[str, tuple[str, str]] = {}
+
     def secondary_scores(self, scores: Scores) -> dict[str, Any]:
-        """The scores a benchmark row carries besides PSNR / SSIM (``BenchRow`` fields; default none)."""
+        """The scores a benchmark row carries besides PSNR / SSIM (``BenchRow.scores``, and the
+        result files' columns; default none)."""
         return {}
 
     def result_config(self, scores: Scores) -> dict[str, Any]:
@@ -175,7 +193,6 @@ def get_task(name: str, **options: Any) -> Task:
     return task_class(name)(**options)
 
 
-def task_for(model: torch.nn.Module, cfg: Any | None = None, **options: Any) -> Task:
-    """The task ``model`` solves (its ``task`` attribute), with the options ``cfg`` records and
-    ``options``."""
-    return task_class(getattr(model, "task", "mri")).from_config(cfg, **options)
+def task_for(model: torch.nn.Module, **options: Any) -> Task:
+    """The task ``model`` solves (its ``task`` attribute), with ``options`` (else its defaults)."""
+    return task_class(getattr(model, "task", "mri"))(**options)

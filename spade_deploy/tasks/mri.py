@@ -67,18 +67,32 @@ class MRITask(Task):
     bench_header = ("fastMRI's evaluate() against reconstruction_rss (SENSE PSNR: against the fully sampled SENSE "
                     "image)")
 
+    secondary_columns = {"SENSE PSNR": ("psnr_sense", "{:.2f}")}
+
     def __init__(self, acceleration: int = 6, center_fraction: float | None = None, coil_maps: str = "espirit",
                  cache_dir: str | Path | None = None):
+        if isinstance(acceleration, bool) or not isinstance(acceleration, int) or not 1 <= acceleration <= 64:
+            raise SpadeError(f"acceleration must be an integer in [1, 64], got {acceleration!r}")
+        if center_fraction is not None and not (isinstance(center_fraction, (int, float))
+                                                and not isinstance(center_fraction, bool) and 0 < center_fraction <= 1):
+            raise SpadeError(f"center_fraction must be a finite number in (0, 1], got {center_fraction!r}")
         self.acceleration = acceleration
         self.center_fraction = center_fraction
         self.coil_maps = coil_maps
         self.cache_dir = cache_dir
 
-    @classmethod
-    def from_config(cls, cfg: Any | None = None, **options: Any) -> "MRITask":
-        if cfg is None:
-            return cls(**options)
-        return cls(cfg.acceleration, cfg.center_fraction, **options)
+    def recorded_options(self, manifest: dict) -> dict | None:
+        """The manifest's ``task``; runs of earlier versions recorded the sampling in their
+        ``train_config`` instead (the shipped base model among them)."""
+        rec = super().recorded_options(manifest)
+        if rec is not None:
+            return rec
+        cfg = manifest.get("train_config") or (manifest.get("train_state") or {}).get("train_config") or {}
+        if "acceleration" not in cfg:
+            return None
+        cf = cfg.get("center_fraction")
+        return {"acceleration": cfg["acceleration"],
+                "center_fraction": cf if cf is not None else center_fraction_for(cfg["acceleration"])}
 
     @classmethod
     def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "MRITask":
@@ -88,12 +102,18 @@ class MRITask(Task):
             raise SpadeError(f"unknown coil-map source {coil_maps!r}; choose espirit or file")
         return cls(acceleration, cf, coil_maps, options.get("cache_dir"))
 
-    def data_root(self, data: Path | None) -> Path:
+    def data_root(self, data: Path | None, reporter=None) -> Path:
+        """``data``, or the embedded dataset (simulated on first use)."""
         if data is not None:
             return data
         root = D.default_data_root()
         if not (root / "dataset.json").exists():
-            D.build_default_dataset(root, seed=0)
+            from ..progress import Reporter
+
+            reporter = reporter or Reporter()
+            reporter.note(f"Building the embedded default dataset in {root} …")
+            with reporter.progress("simulating k-space") as update:
+                D.build_default_dataset(root, seed=0, progress=update)
         return root
 
     @property

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +31,7 @@ from ..sr import data as srdata
 from ..sr.baseline import bicubic_upsample
 from ..sr.degradation import crop_multiple, degrade, degrade_tensor
 from ..sr.kernels import kernel_names, paper_kernels
-from ..sr.metrics import mean_scores, sr_scores, to_uint8
+from ..sr.metrics import SRRow, mean_scores, sr_scores, to_uint8
 from ..sr.physics import SRPhysics, check_kernel, check_scale
 from . import Task
 
@@ -88,17 +88,6 @@ class SRCases(Dataset):
         return {"hr": torch.from_numpy(np.ascontiguousarray(hr)).permute(2, 0, 1).float() / 255.0,
                 "lr": torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1),
                 "key": (self.images[i].name, s, k), "scale": s, "kernel": k}
-
-
-@dataclass
-class SRRow:
-    scale: int
-    kernel: str
-    psnr: float
-    ssim: float
-    psnr_bicubic: float
-    ssim_bicubic: float
-    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

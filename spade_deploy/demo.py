@@ -1,0 +1,151 @@
+"""``spade demo``: the whole SPADE pipeline on the embedded data, per architecture.
+
+For each model: train the base (or reuse a finished run, or the base shipped for this dataset),
+score it on the test split, prune it at the recipe's ratios (and at the largest with the widths
+measured fastest here), fine-tune every pruned model with every strategy; then one export + bench
+per task over every checkpoint of that task's models. Finished stages with the same recipe are
+reused and interrupted ones resumed, so a second run only benches. The recipes are
+:data:`~spade_deploy.train.DEMO_RECIPES`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import SpadeError
+from .pipeline import BenchRun, Evaluation, bench_checkpoints, evaluate_checkpoint, finetune_run, finished, prune_run, \
+    resumable, train_run
+from .progress import Reporter
+
+
+class DemoReporter(Reporter):
+    """What the demo reports besides progress: each stage's result as it comes (does nothing here;
+    ``spade demo`` prints the tables the single commands print)."""
+
+    def evaluated(self, evaluation: Evaluation) -> None:
+        """The base model's scores on the test split."""
+
+    def pruned(self, checkpoint: Path, results: list, size: tuple[int, int]) -> None:
+        """``[(path, PruneReport)]`` of one pruning call of ``checkpoint``; ``size``: the input size
+        hardware-aware widths were measured at."""
+
+    def benched(self, run: BenchRun) -> None:
+        """One task's benchmark."""
+
+
+@dataclass
+class DemoModel:
+    """What the demo made for one architecture."""
+
+    name: str
+    task: str
+    base: Path
+    evaluation: Evaluation
+    pruned: list[Path] = field(default_factory=list)
+    finetuned: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class DemoResult:
+    models: list[DemoModel]
+    benches: dict[str, BenchRun]  # task name -> its bench
+    seconds: float
+    results: Path  # the folder of the bench results
+
+
+def train_once(model: str, preset: str, root: Path | None, run: Path, cfg, task, retrain: bool = False,
+               reporter: Reporter | None = None) -> Path:
+    """The base model's checkpoint: a finished run in ``run`` with this recipe, else the base
+    shipped with the package for this dataset, else trained now (an interrupted run resumed)."""
+    from .io import read_manifest
+    from .zoo import bundled_base
+
+    reporter = reporter or Reporter()
+    best = run / "best.safetensors"
+    if not retrain and finished(run, cfg, task) and read_manifest(best).get("preset") == preset:
+        reporter.note(f"Reusing the trained base model {best} (--retrain to train again).")
+        return best
+    shipped = None if retrain or root is None else bundled_base(model, preset, root)
+    if shipped is not None:
+        reporter.note(f"Using the base model trained on this dataset and shipped with spade-deploy: {shipped} "
+                      "(--retrain to train it here).")
+        return shipped
+    resume = not retrain and resumable(run / "last.safetensors", cfg, task)
+    train_run(model, preset, root, run, cfg, task, resume=resume, reporter=reporter)
+    return best
+
+
+def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False, backends: Sequence[str] = ("auto",),
+             repeats: int = 3, reporter: DemoReporter | None = None, recipes: dict | None = None,
+             data: dict[str, Path] | None = None, device: str = "cpu") -> DemoResult:
+    """Run the demo for ``models`` into ``out`` (``<out>/<model>/{base,pruned,finetuned}``,
+    ``<out>/engines``, ``<out>/results``). ``recipes``: name -> :class:`~spade_deploy.train.DemoRecipe`
+    (default the shipped ones); ``data``: task name -> a data root to use instead of the task's
+    embedded data."""
+    from .losses import STRATEGIES
+    from .models import build_model
+    from .prune import PAPER_RATIOS
+    from .tasks import task_class
+    from .train import DEMO_RECIPES
+
+    reporter = reporter or DemoReporter()
+    recipes = DEMO_RECIPES if recipes is None else recipes
+    names = list(dict.fromkeys(models))
+    for name in names:
+        if name not in recipes:
+            raise SpadeError(f"no demo recipe for {name!r}; choose from {', '.join(recipes)}")
+    t0 = time.perf_counter()
+    made: list[DemoModel] = []
+    groups: dict[str, tuple] = {}  # task -> (task, data root, checkpoints): one bench per task
+    for name in names:
+        recipe = recipes[name]
+        task_name = build_model(name, preset=recipe.preset).task
+        given = (data or {}).get(task_name)
+        task = task_class(task_name).from_cli(given, dict(recipe.task_options))
+        root = task.data_root(given, reporter)
+        base_dir = out / name
+        reporter.stage(f"{name}: train ({recipe.preset} preset)")
+        best = train_once(name, recipe.preset, root, base_dir / "base", recipe.train, task, retrain, reporter)
+        evaluation = evaluate_checkpoint(best, task, root, "test", json_out=base_dir / "eval-test.json",
+                                         reporter=reporter)
+        reporter.evaluated(evaluation)
+        reporter.stage(f"{name}: SPADE prune")
+        ratios = list(recipe.ratios or PAPER_RATIOS)
+        calls = [dict(ratios=ratios)]
+        if recipe.hardware_widths:
+            # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
+            calls.append(dict(ratios=[max(ratios)], round_to="auto"))
+        pruned = []
+        for call in calls:
+            results = prune_run(best, out=base_dir / "pruned", reporter=reporter, **call)
+            reporter.pruned(best, results, (160, 160))
+            pruned += [p for p, _ in results]
+        reporter.stage(f"{name}: SPADE fine-tune")
+        tuned = []
+        for path in pruned:
+            for strategy in STRATEGIES:
+                ft_out = base_dir / "finetuned" / f"{path.stem}.{strategy}"
+                ft_cfg = recipe.finetune[strategy]
+                if retrain or not finished(ft_out, ft_cfg, task):
+                    resume = not retrain and resumable(ft_out / "last.safetensors", ft_cfg, task)
+                    finetune_run(path, strategy, best, root, ft_out, ft_cfg, task, resume=resume, reporter=reporter)
+                tuned.append(ft_out / "best.safetensors")
+        made.append(DemoModel(name, task_name, best, evaluation, pruned, tuned))
+        group = groups.setdefault(task_name, (task, root, []))
+        group[2].extend([best, *pruned, *tuned])
+    benches = {}
+    for task_name, (task, root, checkpoints) in groups.items():
+        mine = [m.name for m in made if m.task == task_name]
+        reporter.stage("SPADE: export + bench" + (f" ({task_name})" if len(groups) > 1 else ""))
+        benches[task_name] = bench_checkpoints(checkpoints, list(backends), out / "engines", root, "test", task,
+                                               repeats=repeats, warmup=1, device=device, out=out / "results",
+                                               stem="bench-" + "+".join(mine), reporter=reporter,
+                                               time_unfinetuned=False)  # pruned, not fine-tuned: not deployed
+        reporter.benched(benches[task_name])
+    return DemoResult(made, benches, time.perf_counter() - t0, out / "results")
+
+
+__all__ = ["run_demo", "train_once", "DemoReporter", "DemoResult", "DemoModel"]
