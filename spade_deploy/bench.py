@@ -224,20 +224,12 @@ def run_bench(
     slices = bench_slices(test_ds, task, dev)
     sample = slices[0][:2]
     macs = {id(v): prior_macs(v.model, tuple(sample[0].shape[-2:])) for v in variants}  # per variant, not per back-end
-    total = len(plan) + repeats * sum(v.timed for v, _, _ in plan)  # known after deployment: ``auto`` = PyTorch is timed once
+    total = len(plan) + repeats * sum(v.timed for v, _, _ in plan)
     deployed, quality = [], []
-    same_as: dict[int, int] = {}  # plan entry -> the PyTorch entry of the same variant it equals
     for step, (v, name, deploy) in enumerate(plan):
         if on_progress:
             on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}: quality", step, total)
         model = placed(deploy(v, sample), dev).eval()  # never moves the caller's model
-        twin = next((j for j, (w, n, _) in enumerate(plan[:step]) if w is v and n == "torch"), None)
-        choice = getattr(model, "engine_choice", None)
-        if twin is not None and choice and set(choice.values()) == {"torch"}:
-            same_as[step] = twin  # ``auto`` chose PyTorch: the PyTorch row's scores and timings are its own
-            deployed.append(model)
-            quality.append(quality[twin])
-            continue
         res = evaluate(model, test_ds, task, solver=solver)
         if v.timed:
             for _ in range(warmup):
@@ -245,18 +237,17 @@ def run_bench(
         deployed.append(model)
         quality.append(res)
     # Interleaved rounds: every variant reconstructs every slice once per round, order rotated.
-    clocked = [i for i, (v, _, _) in enumerate(plan) if v.timed and i not in same_as]
+    clocked = [i for i, (v, _, _) in enumerate(plan) if v.timed]
 
     def on_round(r: int, k: int) -> None:
         v, name, _ = plan[clocked[k]]
         if on_progress:
             on_progress(f"round {r + 1}/{repeats}: {v.label} r={v.ratio:g} {v.strategy or ''} on {name}",
-                        len(plan) + len(clocked) * r + k, len(plan) + repeats * len(clocked))
+                        len(plan) + len(clocked) * r + k, total)
 
     timings = time_interleaved([deployed[i] for i in clocked], slices, repeats, solver=solver, timer=timer,
                                on_step=on_round)
     timed = dict(zip(clocked, timings))
-    timed.update({i: timed[j] for i, j in same_as.items() if j in timed})
     rows: list[BenchRow] = []
     for i, (v, name, _) in enumerate(plan):
         res, t = quality[i], timed.get(i)

@@ -185,7 +185,6 @@ DEMO_RECIPES = {
         },
         task_options={"crop": 96, "patch": 48},
         ratios=(0.4,),
-        hardware_widths=False,
     ),
 }
 
