@@ -489,8 +489,9 @@ def deploy_auto(
     for name, prior in model.priors().items():
         winner = records[name]["winner"]
         try:
-            module = built.get(winner, {}).get(name) or build_engine(winner, prior.eval(), device, manifest,
-                                                                     entries.get(name), root)
+            module = built.get(winner, {}).get(name)  # never truth-tested: a compiled module has no len()
+            if module is None:
+                module = build_engine(winner, prior.eval(), device, manifest, entries.get(name), root)
         except EngineUnavailable as exc:
             raise SpadeError(f"the engine recorded for {name!r} ({winner}) cannot run here: {exc}") from None
         deployed.set_prior(name, module)

@@ -248,3 +248,16 @@ def test_an_identical_architecture_is_timed_once(tmp_path, monkeypatch):
         assert torch.allclose(db.prior(x), b.prior(x), atol=1e-5)  # b's own weights, not a's
     E.deploy_auto(small, paths[2], **kw)
     assert len(calls) == 2
+
+
+def test_auto_deploys_a_compiled_winner(exported):
+    """A ``torch.compile`` winner is deployed as built (the demo failed when it won: the compiled
+    module was truth-tested, and a compiled wrapper has no ``len``) and reproduces PyTorch."""
+    model, manifest = exported
+    sample = E.synthetic_sample(16, 16, coils=2)
+    deployed = E.deploy_auto(model, manifest, sample=sample, engines=["torch-compile"], rounds=1, loop_iterations=1)
+    assert deployed.engine_choice == {"prior": "torch-compile"}
+    x = model.prior_example_input("prior", 16, 16)
+    with torch.no_grad():
+        ref, out = model.prior(x), deployed.prior(x)
+    assert E.max_relative_error(ref, out) <= E.TOLERANCE
