@@ -115,13 +115,14 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
         reporter.stage(f"{name}: SPADE prune")
         ratios = list(recipe.ratios or PAPER_RATIOS)
         calls = [dict(ratios=ratios)]
+        size = task.prior_size(task.dataset(root, "test"))  # what the priors see on the test data
         if recipe.hardware_widths:
             # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
-            calls.append(dict(ratios=[max(ratios)], round_to="auto"))
+            calls.append(dict(ratios=[max(ratios)], round_to="auto", size=size))
         pruned = []
         for call in calls:
             results = prune_run(best, out=base_dir / "pruned", reporter=reporter, **call)
-            reporter.pruned(best, results, (160, 160))
+            reporter.pruned(best, results, size)
             pruned += [p for p, _ in results]
         reporter.stage(f"{name}: SPADE fine-tune")
         tuned = []
