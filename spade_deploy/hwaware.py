@@ -226,8 +226,8 @@ def choose_widths(
     max_passes: int = 4,
 ) -> list[tuple[nn.Module, GroupWidth]]:
     """Per prunable group of ``prior``, the width to keep: among widths within ``tolerance`` of the
-    paper-exact count ``k`` (and at most the group's channels), the one with the least measured
-    time per useful MAC of the group's convolutions; ``k`` itself unless the best is at least
+    paper-exact count ``k`` (and at most the group's channels) and no slower than ``k`` in all, the
+    one with the least measured time per useful MAC of the group's convolutions; ``k`` itself unless the best is at least
     ``margin`` better (so noise does not move it), and of equally fast widths the wider (more
     filters when they cost nothing). A group's convolutions also
     depend on the widths of the groups they connect to (a block's inner convolutions read and write
@@ -268,7 +268,9 @@ def choose_widths(
             seconds = timer.conv_seconds([kd for ks in per_w.values() for kd in ks])
             ms = {w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in per_w.items()}
             mmacs = {w: sum(kd.macs for kd in ks) / 1e6 for w, ks in per_w.items()}
-            per_mac = {w: ms[w] / mmacs[w] for w in ms if mmacs[w] > 0}
+            # never slower than the paper's count: at small spatial sizes a wider layer can cost less
+            # per MAC (fixed per-call costs) and more in all (USRNet's 96-pixel tiles: 19 -> 22)
+            per_mac = {w: ms[w] / mmacs[w] for w in ms if mmacs[w] > 0 and ms[w] <= ms.get(k, math.inf)}
             best = min(per_mac.values()) if per_mac else None
             w_best = k
             if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):

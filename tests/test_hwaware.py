@@ -73,6 +73,20 @@ def test_auto_widths_stay_within_the_tolerance_and_may_keep_more_filters():
     assert all(min(g.ms) >= 24 and max(g.ms) <= 32 for g in report.priors[0].groups)
 
 
+class OverheadBound(MacTimer):
+    """A fixed cost per convolution call dominates (small images): wider runs each MAC cheaper and
+    is slower in all."""
+
+    def conv_seconds(self, kinds):
+        return {k: 1e-3 + v for k, v in super().conv_seconds(kinds).items()}
+
+
+def test_auto_widths_are_never_slower_than_the_paper_count():
+    _, report = prune_model(_small(), 0.4, "auto", timer=OverheadBound(), measure_size=(24, 24))
+    groups = report.priors[0].groups
+    assert all(g.chosen <= g.paper and g.ms[g.chosen] <= g.ms[g.paper] for g in groups)
+
+
 class SlightlyFaster(MacTimer):
     """17-wide convolutions 3 % faster per MAC: within the measurement's margin."""
 
