@@ -12,7 +12,8 @@ Speed-ups are ratios measured in the same run against the unpruned model of the 
 run in PyTorch (pruning + deployment: the whole reconstruction and per iteration), and run on the
 same back-end (pruning alone). Efficiency is the per-iteration speed-up divided by the fall of the
 priors' MACs: 1 where latency falls as fast as the arithmetic. Where no reference was measured a
-speed-up is ``None`` (shown "–").
+speed-up is ``None`` (shown "–"). A variant marked untimed (``Variant.timed``: the demo's pruned
+models before fine-tuning) is scored, with its iterations, and left out of the timing rounds.
 """
 
 from __future__ import annotations
