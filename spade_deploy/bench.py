@@ -249,22 +249,8 @@ def run_bench(
     timings = time_interleaved([deployed[i] for i in clocked], slices, repeats, solver=solver, timer=timer,
                                on_step=on_round)
     timed = dict(zip(clocked, timings))
-    rows: list[BenchRow] = []
-    for i, (v, name, _) in enumerate(plan):
-        res, t = quality[i], timed.get(i)
-        if t is None:
-            rows.append(_untimed_row(v, name, deployed[i], res, macs[id(v)], len(slices), task))
-            continue
-        choice = getattr(deployed[i], "engine_choice", None)
-        rows.append(BenchRow(
-            label=v.label, ratio=v.ratio, strategy=v.strategy, backend=name, widths=v.widths,
-            engine=",".join(sorted(set(choice.values()))) if choice else name,
-            params=count_parameters(v.model), macs=macs[id(v)], psnr=res.psnr, ssim=res.ssim,
-            mean_iterations=res.mean_iterations, all_converged=res.all_converged,
-            latency_ms=t.latency_ms, latency_iqr_ms=t.iqr_ms, n_slices=len(slices),
-            slices_on_cap=t.slices_on_cap, ms_per_iteration=t.ms_per_iteration, slice_latency_ms=t.median_ms,
-            slice_iterations=t.iterations if t.has_solver else [], scores=task.secondary_scores(res),
-        ))
+    rows = [_row(v, name, deployed[i], quality[i], timed.get(i), macs[id(v)], len(slices), task)
+            for i, (v, name, _) in enumerate(plan)]
     add_speedups(rows)
     cfg = {**task.options(),
            # the stopping rule every variant ran: the one given, else each architecture's own
@@ -281,17 +267,24 @@ def run_bench(
                        secondary_columns=dict(task.secondary_columns))
 
 
-def _untimed_row(v: Variant, backend: str, model: Reconstructor, res, macs, n_slices: int, task: Task) -> BenchRow:
-    """A variant scored but not timed: quality and iterations from its evaluation, no latency."""
+def _row(v: Variant, backend: str, model: Reconstructor, res, t: SliceTimings | None, macs, n_slices: int,
+         task: Task) -> BenchRow:
+    """One variant's row: its scores and, where it was timed (``t``), its timings; untimed, the
+    slices on the cap come from its evaluation where the task reports them."""
     choice = getattr(model, "engine_choice", None)
     capped = getattr(res, "not_converged", None)
+    timing = dict(latency_ms=None, latency_iqr_ms=None,
+                  slices_on_cap=None if res.mean_iterations is None or capped is None else len(capped))
+    if t is not None:
+        timing = dict(latency_ms=t.latency_ms, latency_iqr_ms=t.iqr_ms, slices_on_cap=t.slices_on_cap,
+                      ms_per_iteration=t.ms_per_iteration, slice_latency_ms=t.median_ms,
+                      slice_iterations=t.iterations if t.has_solver else [])
     return BenchRow(
         label=v.label, ratio=v.ratio, strategy=v.strategy, backend=backend, widths=v.widths,
         engine=",".join(sorted(set(choice.values()))) if choice else backend,
         params=count_parameters(v.model), macs=macs, psnr=res.psnr, ssim=res.ssim,
-        mean_iterations=res.mean_iterations, all_converged=res.all_converged, latency_ms=None, latency_iqr_ms=None,
-        n_slices=n_slices, slices_on_cap=None if res.mean_iterations is None or capped is None else len(capped),
-        scores=task.secondary_scores(res))
+        mean_iterations=res.mean_iterations, all_converged=res.all_converged, n_slices=n_slices,
+        scores=task.secondary_scores(res), **timing)
 
 
 def add_speedups(rows: Sequence[BenchRow]) -> None:
