@@ -502,12 +502,10 @@ def prune(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the pruned checkpoints (default: beside the input).")] = None,
 ):
     """SPADE: DepGraph groups, group-L1 ranking, per-layer ratio; a table of parameters and MACs."""
-    from spade_deploy.errors import SpadeError
     from spade_deploy.prune import PAPER_RATIOS
 
-    if target_speedup is not None and ratios:
-        raise SpadeError("give either --ratio or --target-speedup, not both")
-    results = prune_run(checkpoint, list(ratios or PAPER_RATIOS), out or checkpoint.parent / "pruned", round_to,
+    default = [] if target_speedup is not None else PAPER_RATIOS
+    results = prune_run(checkpoint, list(ratios or default), out or checkpoint.parent / "pruned", round_to,
                         target_speedup=target_speedup, size=(size, size), device=device, reporter=ConsoleReporter())
     _show_prune(checkpoint, results, (size, size))
 

@@ -294,9 +294,9 @@ def add_speedups(rows: Sequence[BenchRow]) -> None:
         if r.latency_ms is None:
             continue
         base_torch = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == "torch"
-                           and b.latency_ms), None)
+                           and b.latency_ms is not None), None)
         same = next((b for b in rows if b.label == r.label and b.ratio == 0 and b.backend == r.backend
-                     and b.latency_ms), None)
+                     and b.latency_ms is not None), None)
         if base_torch:
             r.speedup_vs_torch = base_torch.latency_ms / r.latency_ms
             if base_torch.ms_per_iteration and r.ms_per_iteration:

@@ -69,20 +69,20 @@ def finetune_model(
     resume: bool = False,
     on_step: Callable | None = None,
     on_epoch: Callable | None = None,
-    cache_dir: str | Path | None = None,
     checkpoint_seconds: float | None = 120.0,
     task: Task | None = None,
 ) -> FitResult:
     """Fine-tune ``checkpoint`` with ``strategy`` on the data under ``data_root`` (the task's
     splits: supervised on train, school and self-supervised on test; val when present, for
-    keeping the best epoch). ``task``: the model's own (with ``cache_dir``) when not given."""
+    keeping the best epoch). ``task``: the model's own when not given."""
     if strategy not in STRATEGIES:
         raise SpadeError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     loss = STRATEGIES[strategy]()
     model, manifest = load_model(checkpoint)
-    root = Path(data_root) if data_root is not None else None  # None: the task's embedded data
     if task is None:
-        task = task_for(model, **({"cache_dir": cache_dir} if cache_dir is not None else {}))
+        task = task_for(model)
+    task.check_model(model, checkpoint)
+    root = task.data_root(Path(data_root) if data_root is not None else None)
 
     teacher = None
     if loss.needs_teacher:

@@ -88,12 +88,12 @@ def center_fraction_for(acceleration: int) -> float:
         ) from None
 
 
-def random_quarter_turns(x: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:
+def random_quarter_turns(x: torch.Tensor) -> list[int]:
     """A random non-identity element of the rotation group per sample, in quarter turns: 90, 180 or
     270 degrees on square images (exact on the grid), 180 degrees on rectangular ones."""
     if x.shape[-1] != x.shape[-2]:
         return [2] * x.shape[0]
-    return torch.randint(1, 4, (x.shape[0],), generator=generator).tolist()
+    return torch.randint(1, 4, (x.shape[0],)).tolist()
 
 
 def rotate_images(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
@@ -186,7 +186,7 @@ class MultiCoilMRI(Physics):
 
     def _modulated(self) -> tuple[torch.Tensor, torch.Tensor]:
         cached = getattr(self, "_mod_cache", None)
-        if cached is None or cached[0].device != self.smaps.device or cached[2] is not self.smaps:
+        if cached is None or cached[2] is not self.smaps:  # .to() replaces the buffer
             maps = self.smaps * _checkerboard(*self.smaps.shape[-2:], self.smaps.device)
             cached = self._mod_cache = (maps, self.mask * self.mask, self.smaps)
         return cached[0], cached[1]
@@ -206,8 +206,7 @@ class MultiCoilMRI(Physics):
         scanner's (it is a property of the acquisition, not of the object). Odd turns need
         square images.
         """
-        smaps = torch.stack([torch.rot90(s, k, dims=(-2, -1)) for s, k in zip(self.smaps, ks)])
-        return MultiCoilMRI(self.mask, smaps)
+        return MultiCoilMRI(self.mask, rotate_images(self.smaps, ks))
 
 
 _CHECKERBOARDS: dict[tuple, torch.Tensor] = {}

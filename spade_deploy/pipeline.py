@@ -169,6 +169,7 @@ def evaluate_checkpoint(checkpoint: Path, task, root: Path | None, split: str = 
     reporter = reporter or Reporter()
     _check_json_out(json_out, inputs=[checkpoint, root], data=data_folders(root))
     net, manifest = load_model(checkpoint)
+    task.check_model(net, checkpoint)
     solver_cfg = None
     if hasattr(net, "solver_cfg"):
         changes = {k: v for k, v in (solver_changes or {}).items() if v is not None}
@@ -196,6 +197,8 @@ def prune_run(checkpoint: Path, ratios: Sequence[float], out: Path, round_to=Non
 
     reporter = reporter or Reporter()
     round_to = check_widths(round_to)
+    if target_speedup is not None and ratios:
+        raise SpadeError("give either --ratio or --target-speedup, not both")
     if target_speedup is None:
         ratios = [check_ratio(r) for r in ratios]
     names = ([pruned_name(checkpoint.stem, r, round_to) for r in ratios] if target_speedup is None
@@ -388,13 +391,14 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
     check_out_dir(out)
     check_out_dir(engines)
     results = [out / f"{stem}.{ext}" for ext in ("json", "csv", "md")] + [out / f"{stem}-degradation.png"]
-    check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root], data=data_folders(root, [split]))
+    check_outputs(files=results, folders=[out, engines], inputs=[*checkpoints, root], data=data_folders(root))
     test_ds = task_split(task, root, split)  # a missing split fails before any export is written
     trt_size = task.prior_size(test_ds) if "tensorrt" in backends else None
     variants, manifests, hashes, to_export = [], {}, {}, []
     stems = export_stems(list(checkpoints))
     for path in checkpoints:
         variant, man = bench_variant(path)
+        task.check_model(variant.model, path)
         variant.timed = time_unfinetuned or variant.strategy != "none"
         net, label = variant.model, variant.label
         if not man.get("pruning") and any(v.label == label and v.ratio == 0 for v in variants):

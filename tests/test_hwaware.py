@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from spade_deploy.checkpoint import load_model, save_model
 from cli.main import app
 from spade_deploy.errors import SpadeError
-from spade_deploy.hwaware import ConvKind, DeviceTimer, conv_kinds, interleaved_medians
+from spade_deploy.hwaware import ConvKind, DeviceTimer, conv_kinds
+from spade_deploy.timing import interleaved_medians
 from spade_deploy.models import build_model, layer_shapes
 from spade_deploy.prune import count_macs, prune_checkpoint, prune_model, search_speedup
 

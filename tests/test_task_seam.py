@@ -226,3 +226,28 @@ def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):
     done = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, None, cfg, tmp_path / "run", resume=True,
                task=MRITask(6))
     assert [h["epoch"] for h in done.history] == [1, 2]
+
+
+def test_a_checkpoint_of_another_task_is_one_error_line(tiny_dataset, tmp_path):
+    """`spade bench` / `spade eval` given a model of another task than the command's data (an MRI
+    DEQ beside a USRNet) refuse it in one line before anything is written, no traceback."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from spade_deploy.checkpoint import save_model
+    from spade_deploy.models import build_model
+
+    torch.manual_seed(0)
+    deq, usrnet = tmp_path / "deq.safetensors", tmp_path / "usrnet.safetensors"
+    save_model(deq, build_model("deq", preset="tiny"))
+    save_model(usrnet, build_model("usrnet", preset="tiny"))
+    runner = CliRunner()
+    for args in (["bench", str(deq), str(usrnet), "-b", "torch", "--data", str(tiny_dataset.root),
+                  "--out", str(tmp_path / "bench"), "--repeats", "1"],
+                 ["eval", str(usrnet), "--data", str(tiny_dataset.root), "--json", str(tmp_path / "e.json")]):
+        result = runner.invoke(app, args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        if args[0] == "bench":
+            assert lines[-1].startswith("error:") and "usrnet model" in lines[-1], result.output
+    assert not (tmp_path / "bench").exists() and not (tmp_path / "e.json").exists()

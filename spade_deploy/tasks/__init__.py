@@ -97,6 +97,14 @@ class Task:
         """Whether every sample of ``dataset`` carries its reference image (default: yes)."""
         return True
 
+    def check_model(self, model: torch.nn.Module, where: str | Path) -> None:
+        """Refuse (one-line :class:`SpadeError`) a model that solves another task than this one."""
+        theirs = getattr(model, "task", "mri")
+        if theirs != self.name:
+            name = getattr(model, "registry_name", type(model).__name__)
+            raise SpadeError(f"{where} is a {name} model ({theirs} task), not one for the {self.name} task of this "
+                             "command (give checkpoints of one task)")
+
     def check_ground_truth(self, dataset: Dataset, who: str, where: str | Path) -> None:
         """Refuse (one-line :class:`SpadeError`) data a supervised ``who`` cannot learn from."""
         if not self.has_ground_truth(dataset):
@@ -187,10 +195,6 @@ def task_class(name: str) -> type[Task]:
         raise SpadeError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
     module, cls = TASKS[name].split(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def get_task(name: str, **options: Any) -> Task:
-    return task_class(name)(**options)
 
 
 def task_for(model: torch.nn.Module, **options: Any) -> Task:
