@@ -12,7 +12,8 @@ Speed-ups are ratios measured in the same run against the unpruned model of the 
 run in PyTorch (pruning + deployment: the whole reconstruction and per iteration), and run on the
 same back-end (pruning alone). Efficiency is the per-iteration speed-up divided by the fall of the
 priors' MACs: 1 where latency falls as fast as the arithmetic. Where no reference was measured a
-speed-up is ``None`` (shown "–"). A variant marked untimed (``Variant.timed``: the demo's pruned
+speed-up is ``None`` (shown "–"). A variant's first round is its evaluation (one slice per call),
+so its scores are those of reconstructions it was timed on. A variant marked untimed (``Variant.timed``: the demo's pruned
 models before fine-tuning) is scored, with its iterations, and left out of the timing rounds.
 """
 
@@ -114,23 +115,63 @@ def _solver_kwargs(model: Reconstructor, solver: SolverConfig | None) -> dict:
     return {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
 
 
+class _Stopwatch:
+    """Seconds of one call, device-synchronised (CUDA events on a GPU)."""
+
+    def __init__(self, device: torch.device, timer: Callable[[], float] = time.perf_counter):
+        self.device, self.timer = device, timer
+
+    def start(self) -> None:
+        sync_device(self.device)
+        if self.device.type == "cuda":
+            self.events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.events[0].record()
+        else:
+            self.t0 = self.timer()
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            self.events[1].record()
+            torch.cuda.synchronize(self.device)
+            return self.events[0].elapsed_time(self.events[1]) / 1000.0
+        return self.timer() - self.t0
+
+
 @torch.no_grad()
 def time_once(model: Reconstructor, y: torch.Tensor, physics, solver: SolverConfig | None = None,
               timer: Callable[[], float] = time.perf_counter) -> float:
     """Seconds of one whole reconstruction of ``y`` (device-synchronised; CUDA events on a GPU)."""
-    kwargs = _solver_kwargs(model, solver)
-    device = y.device
-    sync_device(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model(y, physics, **kwargs)
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000.0
-    t0 = timer()
-    model(y, physics, **kwargs)
-    return timer() - t0
+    watch = _Stopwatch(y.device, timer)
+    watch.start()
+    model(y, physics, **_solver_kwargs(model, solver))
+    return watch.stop()
+
+
+class _Clocked:
+    """Times every call of ``model`` while in the ``with`` block (forward hooks), as
+    :func:`time_once` times one, with its solver's bookkeeping: the evaluation of a timed variant,
+    one slice per call, is its first timing round."""
+
+    def __init__(self, model: Reconstructor, device: torch.device, timer: Callable[[], float]):
+        self.model, self.watch = model, _Stopwatch(device, timer)
+        self.timings = SliceTimings([], [], [], False)
+
+    def __enter__(self) -> "_Clocked":
+        self.hooks = [self.model.register_forward_pre_hook(lambda *_: self.watch.start()),
+                      self.model.register_forward_hook(lambda *_: self._stop())]
+        return self
+
+    def _stop(self) -> None:
+        t = self.timings
+        t.seconds.append([self.watch.stop()])
+        info = getattr(self.model, "last_info", None)
+        t.has_solver = info is not None
+        t.iterations.append(int(info.iterations.sum()) if info is not None else 1)
+        t.on_cap.append(info is not None and not bool(info.converged.all()))
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
 
 
 def bench_slices(test_ds: Dataset, task: Task, device: torch.device) -> list:
@@ -176,13 +217,18 @@ class SliceTimings:
 
 def time_interleaved(models: Sequence[Reconstructor], slices: Sequence, rounds: int, solver: SolverConfig | None = None,
                      timer: Callable[[], float] = time.perf_counter,
-                     on_step: Callable[[int, int], None] | None = None) -> list[SliceTimings]:
+                     on_step: Callable[[int, int], None] | None = None,
+                     earlier: Sequence[SliceTimings] | None = None) -> list[SliceTimings]:
     """Time every model on every slice ``(y, physics, ...)`` in interleaved rounds: round ``r``
     reconstructs every slice once with every model, the models' order rotated by ``r``, so drift
-    on the machine hits all of them alike. ``on_step(r, i)`` before model ``i`` in round ``r``."""
+    on the machine hits all of them alike. ``on_step(r, i)`` before model ``i`` in round ``r``.
+    ``earlier``: each model's timings of rounds already run (one entry per round and slice), which
+    count among the ``rounds``."""
     n = len(models)
-    out = [SliceTimings([[] for _ in slices], [1] * len(slices), [False] * len(slices), False) for _ in models]
-    for r in range(rounds):
+    out = list(earlier) if earlier is not None else [
+        SliceTimings([[] for _ in slices], [1] * len(slices), [False] * len(slices), False) for _ in models]
+    done = min((len(s) for t in out for s in t.seconds), default=0)
+    for r in range(done, rounds):
         k = r % n if n else 0
         for i in list(range(k, n)) + list(range(k)):
             if on_step:
@@ -215,7 +261,9 @@ def run_bench(
     Each unpruned model is also measured in PyTorch when ``torch`` is not among ``backends``: it is
     the reference of the speed-ups. ``repeats`` is the number of interleaved timing rounds, each
     reconstructing every test slice once per variant (after ``warmup`` reconstructions of the first).
-    Rows come per variant, in the order of ``backends``.
+    The first round is the variant's evaluation, run one slice at a time: its scores come from the
+    reconstructions that round times, so scoring costs no extra pass. Rows come per variant, in the
+    order of ``backends``.
     """
     dev = torch.device(device)
     plan = []
@@ -225,29 +273,36 @@ def run_bench(
     slices = bench_slices(test_ds, task, dev)
     sample = slices[0][:2]
     macs = {id(v): prior_macs(v.model, tuple(sample[0].shape[-2:])) for v in variants}  # per variant, not per back-end
-    total = len(plan) + repeats * sum(v.timed for v, _, _ in plan)
-    deployed, quality = [], []
+    total = len(plan) + (repeats - 1) * sum(v.timed for v, _, _ in plan)
+    deployed, quality, first = [], [], {}
     for step, (v, name, deploy) in enumerate(plan):
         if on_progress:
-            on_progress(f"{v.label} r={v.ratio:g} {v.strategy or ''} on {name}: quality", step, total)
+            on_progress(f"round 1/{repeats} + quality: {v.label} r={v.ratio:g} {v.strategy or ''} on {name}", step, total)
         model = placed(deploy(v, sample), dev).eval()  # never moves the caller's model
-        res = evaluate(model, test_ds, task, solver=solver)
         if v.timed:
             for _ in range(warmup):
                 time_once(model, *sample, solver=solver, timer=timer)
+            # The evaluation, one slice per call in the timing rounds' order, is the first round.
+            with _Clocked(model, dev, timer) as clock:
+                res = evaluate(model, test_ds, task, solver=solver, batch_size=1)
+            if len(clock.timings.seconds) != len(slices):
+                raise RuntimeError(f"the evaluation made {len(clock.timings.seconds)} calls for {len(slices)} slices")
+            first[step] = clock.timings
+        else:
+            res = evaluate(model, test_ds, task, solver=solver)
         deployed.append(model)
         quality.append(res)
-    # Interleaved rounds: every variant reconstructs every slice once per round, order rotated.
+    # The other rounds, interleaved: every variant reconstructs every slice once per round, order rotated.
     clocked = [i for i, (v, _, _) in enumerate(plan) if v.timed]
 
     def on_round(r: int, k: int) -> None:
         v, name, _ = plan[clocked[k]]
         if on_progress:
             on_progress(f"round {r + 1}/{repeats}: {v.label} r={v.ratio:g} {v.strategy or ''} on {name}",
-                        len(plan) + len(clocked) * r + k, total)
+                        len(plan) + len(clocked) * (r - 1) + k, total)
 
     timings = time_interleaved([deployed[i] for i in clocked], slices, repeats, solver=solver, timer=timer,
-                               on_step=on_round)
+                               on_step=on_round, earlier=[first[i] for i in clocked])
     timed = dict(zip(clocked, timings))
     rows = [_row(v, name, deployed[i], quality[i], timed.get(i), macs[id(v)], len(slices), task)
             for i, (v, name, _) in enumerate(plan)]

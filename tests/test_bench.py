@@ -193,8 +193,14 @@ def test_untimed_variants_are_scored_not_timed(tiny_dataset, tmp_path):
     assert untimed.latency_ms is None and untimed.speedup_vs_torch is None and untimed.ms_per_iteration is None
     assert untimed.mean_iterations is not None and untimed.slices_on_cap is not None
     assert table_rows(res)[1][columns(res).index("ms/slice")] == "–" and base_row.latency_ms > 0
-    # quality: one evaluate each (2 slices, one batch); rounds: 2 x 2 slices for the base only
-    assert calls.count(0.0) == 1 + 2 * 2 and calls.count(0.4) == 1
+    # the base: 2 rounds x 2 slices, the first round its evaluation (one slice per call, no extra
+    # pass); the untimed variant: its evaluation only (2 slices, one batch)
+    assert calls.count(0.0) == 2 * 2 and calls.count(0.4) == 1
+    # the scores are those of a separate evaluation
+    from spade_deploy.train import evaluate
+
+    alone = evaluate(copy.deepcopy(base).eval(), _split(tiny_dataset), MRITask(6, center_fraction_for(6)))
+    assert base_row.psnr == pytest.approx(alone.psnr, abs=1e-4) and base_row.mean_iterations == alone.mean_iterations
 
 
 def test_print_table_folds_columns_on_a_narrow_terminal():
