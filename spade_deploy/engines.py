@@ -127,8 +127,15 @@ def build_engine(name: str, prior: nn.Module, device: str, manifest: dict | None
         return ChannelsLastPrior(prior).to(device)
     if name == "torch-compile":
         # Shapes start static; a second batch size (the solver's shrinking active set) or image
-        # size recompiles once with that dimension dynamic instead of once per size.
-        return torch.compile(ChannelsLastPrior(prior).to(device), backend="inductor")
+        # size recompiles once with that dimension dynamic instead of once per size. Dynamo counts
+        # compilations per code object, not per module: every prior of one class shares its
+        # ``forward``, and past the limit (8) each further variant of a bench or demo would
+        # silently run eager, so the limit is raised. The input goes channels-last outside the
+        # compiled code, which sees one memory layout only.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        module = ChannelsLastPrior(prior).to(device)
+        module.prior = torch.compile(module.prior, backend="inductor")
+        return module
     if name == "onnxruntime":
         if entry is None or not entry.get("onnx"):
             raise EngineUnavailable("no exported ONNX prior (spade export)")

@@ -156,7 +156,8 @@ class DEQ(Reconstructor):
             x_star = T(x_star.detach())
         return channels_to_complex(x_star) * s.view(-1, 1, 1)
 
-    def regularizer(self, batch, x_net: torch.Tensor, target: float, on: str = "operator") -> torch.Tensor:
+    def regularizer(self, batch, x_net: torch.Tensor, target: float, on: str = "operator",
+                    samples: list[int] | None = None) -> torch.Tensor:
         """Convergence penalty ``relu(||J||_2 - target)^2`` at the fixed points ``x*`` of the batch.
 
         ``on="operator"``: ``J`` is the Jacobian of the whole iteration ``T`` on the whole slice,
@@ -177,10 +178,16 @@ class DEQ(Reconstructor):
         and ``||I - gamma A^H A|| <= 1`` for ``0 < gamma <= 2`` (coil maps with
         ``sum |S|^2 <= 1``), so ``||J_D|| < 1`` bounds ``||J_T||``; cheaper, but a patch estimate
         misses slow modes the operator bound catches.
+
+        ``samples``: the batch indices to measure (default: every sample for ``operator``, the
+        first for ``prior``).
         """
         if on not in ("operator", "prior"):
             raise ValueError(f"unknown contraction penalty {on!r} (operator | prior)")
-        which = slice(None) if on == "operator" else slice(0, 1)
+        if samples is not None:
+            which = list(samples) if on == "operator" else list(samples)[:1]
+        else:
+            which = slice(None) if on == "operator" else slice(0, 1)
         physics = batch.physics.select(which)
         y_n, _, s = self._normalise(batch.y[which], physics)
         x = x_net[which].detach() / s.view(-1, 1, 1)
