@@ -120,16 +120,19 @@ def test_channel_conversion_round_trip():
     torch.testing.assert_close(channels_to_complex(c), x)
 
 
-@pytest.mark.parametrize("shape", [(160, 160), (162, 96), (161, 96), (96, 161)])
-def test_grad_without_shifts_equals_fastmri_centred_form(shape):
-    """The data-term gradient the DEQ iterates (checkerboards folded into maps and y on even sizes,
-    both signs of (-1)^(H/2 + W/2)) is A^H(Ax - y) with fastMRI's centred FFT, and follows a
-    measurement changed in place (its cached modulated copy is refreshed)."""
+@pytest.mark.parametrize("shape,per_slice", [((160, 160), False), ((162, 96), True), ((161, 96), False),
+                                             ((96, 161), True), ((98, 160), False)])
+def test_grad_without_shifts_equals_fastmri_centred_form(shape, per_slice):
+    """The data-term gradient the DEQ iterates (one-dimensional FFTs along the columns without
+    shifts, A^H y once per measurement) is A^H(Ax - y) with fastMRI's centred 2-D FFT, on even and
+    odd sizes, one mask or one per slice, and follows a measurement changed in place (its cached
+    A^H y is refreshed)."""
     h, w = shape
     g = torch.Generator().manual_seed(0)
     maps = torch.randn(2, 4, h, w, dtype=torch.complex64, generator=g)
     maps = maps / (maps.abs() ** 2).sum(1, keepdim=True).sqrt()
-    physics = MultiCoilMRI((torch.rand(w, generator=g) > 0.6).float(), maps)
+    mask = (torch.rand(2, 1, 1, w, generator=g) if per_slice else torch.rand(w, generator=g)) > 0.6
+    physics = MultiCoilMRI(mask.float(), maps)
     x = torch.randn(2, h, w, dtype=torch.complex64, generator=g)
     y = physics.A(torch.randn(2, h, w, dtype=torch.complex64, generator=g))
 
