@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from spade_deploy.demo import DemoReporter
-from spade_deploy.pipeline import (SPLITS, bench_checkpoints, check_out_dir, evaluate_checkpoint, export_checkpoint,
-                                   export_for, finetune_run, prune_run, train_run)
+from spade_deploy.pipeline import (SPLITS, bench_checkpoints, evaluate_checkpoint, export_checkpoint, finetune_run,
+                                   prune_run, train_run)
 
 from ._common import check_choice, check_device, check_number, check_sampling, check_solver, console, print_table, user_errors
 
@@ -412,82 +412,32 @@ def reconstruct(
     noise: NoiseOpt = 0.0,
 ):
     """MRI: reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
-    if engines is None:
-        from spade_deploy.coilmaps import default_cache_dir
-
-        engines = default_cache_dir() / "engines"
-    if _checkpoint_task(checkpoint) == "sr":
-        _run_restore(checkpoint, source, out, scale, kernel, noise, backend, engines)
-        return
-    from spade_deploy import data as D
-    from spade_deploy.checkpoint import load_model
     from spade_deploy.errors import SpadeError
-    from spade_deploy.paths import check_outputs
-    from spade_deploy.physics import center_fraction_for
-    from spade_deploy.reconstruct import reconstruct_files
-    from spade_deploy.runtime import BACKENDS, deploy
+    from spade_deploy.runtime import BACKENDS
 
+    sr = _checkpoint_task(checkpoint) == "sr"
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
+    if sr:
+        from spade_deploy.sr.reconstruct import restore_checkpoint
+
+        if len(scale or []) != 1 or len(kernel or []) != 1:
+            raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
+        res = restore_checkpoint(checkpoint, source, out, scale[0], kernel[0], noise, backend, engines,
+                                 reporter=ConsoleReporter())
+        console.print(f"{len(res.outputs)} images super-resolved x{res.scale} (kernel {res.kernel}) into [cyan]{out}[/]")
+        return
+    from spade_deploy.reconstruct import reconstruct_checkpoint
+
     check_sampling(acceleration, center_fraction)
     check_number("--batch-size", batch_size, 1, 4096)
-    check_out_dir(out)
-    sources = D.SliceDataset(source).files
-    check_outputs(files=[out / p.name for p in sources], folders=[out], inputs=[checkpoint, source, *sources],
-                  data=[source if source.is_dir() else source.parent])
-    net, _ = load_model(checkpoint)
-    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
-    if backend != "torch":
-        shape = tuple(D.SliceDataset(source)[0]["kspace"].shape[-2:])  # the engine is chosen for this size
-        mpath, sha = export_for(checkpoint, net, engines, [backend], data=[source if source.is_dir() else source.parent])
-        net = deploy(net, backend, mpath, "cpu", shape=shape, checkpoint_sha256=sha)
-        if getattr(net, "engine_choice", None):
-            console.print("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
-    with progress_bar(transient=True) as bar:
-        task = bar.add_task("reconstructing", total=None, info="")
-        res = reconstruct_files(net, source, out, acceleration, cf, batch_size,
-                                on_slice=lambda i, n: bar.update(task, completed=i, total=n), full_fov=full_fov,
-                                coil_maps=coil_maps, cache_dir=cache_dir)  # type: ignore[arg-type]
+    res = reconstruct_checkpoint(checkpoint, source, out, acceleration, center_fraction, batch_size, backend, engines,
+                                 full_fov, coil_maps, cache_dir, reporter=ConsoleReporter())  # type: ignore[arg-type]
     iters = f", mean {res.mean_iterations:.1f} fixed-point iterations" if res.mean_iterations is not None else ""
     console.print(f"{res.n_slices} slices in {len(res.outputs)} files written to [cyan]{out}[/]{iters}")
     if res.not_converged:
         console.print(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
                       f"{', '.join(res.not_converged)}")
-
-
-def _run_restore(checkpoint: Path, source: Path, out: Path, scale, kernel, noise: float, backend: str, engines: Path):
-    from spade_deploy.checkpoint import load_model
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.paths import check_outputs
-    from spade_deploy.runtime import BACKENDS, deploy
-    from spade_deploy.sr.reconstruct import lr_images, read_lr, restore_folder
-    from spade_deploy.sr.physics import SRPhysics, check_kernel, check_scale
-    from spade_deploy.tasks.sr import parse_kernels
-
-    if backend not in BACKENDS:
-        raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
-    if len(scale or []) != 1 or len(kernel or []) != 1:
-        raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
-    s = check_scale(scale[0])
-    (name, k), = parse_kernels(kernel).items()
-    k = check_kernel(k).numpy()
-    check_out_dir(out)
-    paths = lr_images(source)
-    folder = source if source.is_dir() else source.parent
-    check_outputs(files=[out / f"{p.stem}.png" for p in paths], folders=[out], inputs=[checkpoint, source, *paths],
-                  data=[folder])
-    net, _ = load_model(checkpoint)
-    if backend != "torch":
-        y = read_lr(paths[0], s, k.shape)
-        mpath, sha = export_for(checkpoint, net, engines, [backend], data=[folder])
-        net = deploy(net, backend, mpath, "cpu", sample=(y, SRPhysics(k, s, noise)), checkpoint_sha256=sha)
-        if getattr(net, "engine_choice", None):
-            console.print("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
-    with progress_bar(transient=True) as bar:
-        bar_task = bar.add_task("super-resolving", total=None, info="")
-        res = restore_folder(net, source, out, s, k, noise,
-                             on_image=lambda i, n: bar.update(bar_task, completed=i, total=n))
-    console.print(f"{len(res.outputs)} images super-resolved x{s} (kernel {name}) into [cyan]{out}[/]")
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """Reconstruct fastMRI-format files and write fastMRI-format outputs (dataset ``reconstruction``),
-so fastMRI's own ``evaluate.py`` can score them against the targets.
+so fastMRI's own ``evaluate.py`` can score them against the targets (``spade reconstruct``:
+:func:`reconstruct_checkpoint`; a model in hand: :func:`reconstruct_files`).
 
 Each output holds, per slice, the magnitude image cropped to the header's recon size (e.g.
 320 x 320 of a 640 x 320 readout-oversampled k-space; ``full_fov`` keeps the whole field of
@@ -25,6 +26,8 @@ from .errors import SpadeError
 from .io import atomic_path
 from .metrics import recon_magnitude
 from .models import Reconstructor
+from .physics import center_fraction_for
+from .progress import Reporter
 from .tasks.mri import eval_seeds, make_batch
 
 
@@ -39,7 +42,7 @@ class ReconstructResult:
 @torch.no_grad()
 def reconstruct_files(
     model: Reconstructor,
-    source: str | Path,
+    source: str | Path | D.SliceDataset,
     out_dir: str | Path,
     acceleration: int,
     center_fraction: float,
@@ -49,7 +52,8 @@ def reconstruct_files(
     coil_maps: D.CoilMapSource = "espirit",
     cache_dir: str | os.PathLike | None = None,
 ) -> ReconstructResult:
-    """Reconstruct every slice of every file under ``source``.
+    """Reconstruct every slice of every file under ``source`` (a path, or its dataset already
+    opened: then ``coil_maps`` and ``cache_dir`` are the dataset's).
 
     Fully sampled files are undersampled retrospectively with fastMRI's per-file mask seed (the
     same measurements `spade eval` scores); files that carry a ``mask`` are used as acquired.
@@ -58,7 +62,10 @@ def reconstruct_files(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
-    ds = D.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
+    if isinstance(source, D.SliceDataset):
+        ds, coil_maps, cache_dir = source, source.coil_maps, source.estimator.cache_dir
+    else:
+        ds = D.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
     model.eval()
     outputs, iters, not_converged, done = [], [], [], 0
     for path in ds.files:
@@ -100,3 +107,68 @@ def reconstruct_files(
         outputs.append(target)
     return ReconstructResult(outputs=outputs, n_slices=done, mean_iterations=float(np.mean(iters)) if iters else None,
                              not_converged=not_converged)
+
+
+def default_engines_dir() -> Path:
+    """Where ``spade reconstruct`` keeps the priors it exports on the fly: the cache home's
+    ``spade-deploy/engines``, never the current folder."""
+    from .coilmaps import default_cache_dir
+
+    return default_cache_dir() / "engines"
+
+
+def deployed_checkpoint(checkpoint: Path, net: Reconstructor, backend: str, engines: Path | None, data,
+                        reporter: Reporter, shape: tuple[int, int] | None = None, sample=None) -> Reconstructor:
+    """``net``, loaded from ``checkpoint``, with its priors on ``backend`` (on the CPU): every
+    back-end but torch runs the export of this checkpoint in ``engines`` (default
+    :func:`default_engines_dir`; exported first where missing, never into the ``data`` folders);
+    ``auto`` picks the engine measured fastest for images of ``shape`` (or those of ``sample``)
+    and tells ``reporter`` which it picked."""
+    if backend == "torch":
+        return net
+    from .pipeline import export_for
+    from .runtime import deploy
+
+    engines = engines if engines is not None else default_engines_dir()
+    mpath, sha = export_for(checkpoint, net, engines, [backend], data=data)
+    net = deploy(net, backend, mpath, "cpu", shape=shape, sample=sample, checkpoint_sha256=sha)
+    if getattr(net, "engine_choice", None):
+        reporter.note("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
+    return net
+
+
+def reconstruct_checkpoint(
+    checkpoint: Path,
+    source: Path,
+    out: Path,
+    acceleration: int = 6,
+    center_fraction: float | None = None,
+    batch_size: int = 4,
+    backend: str = "auto",
+    engines: Path | None = None,
+    full_fov: bool = False,
+    coil_maps: D.CoilMapSource = "espirit",
+    cache_dir: str | os.PathLike | None = None,
+    reporter: Reporter | None = None,
+) -> ReconstructResult:
+    """``spade reconstruct`` of an MRI checkpoint: every file of ``source`` (a file or a folder)
+    reconstructed by :func:`reconstruct_files` into ``out`` on ``backend``
+    (:func:`deployed_checkpoint`). ``source`` is opened once; every output is checked against the
+    inputs and the data folder before the model is loaded or anything is written."""
+    from .checkpoint import load_model
+    from .paths import check_outputs
+    from .pipeline import check_out_dir
+
+    reporter = reporter or Reporter()
+    source, out = Path(source), Path(out)
+    check_out_dir(out)
+    ds = D.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
+    folder = source if source.is_dir() else source.parent
+    check_outputs(files=[out / p.name for p in ds.files], folders=[out], inputs=[checkpoint, source, *ds.files],
+                  data=[folder])
+    net, _ = load_model(checkpoint)
+    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    shape = tuple(ds[0]["kspace"].shape[-2:]) if backend != "torch" else None  # the engine is chosen for this size
+    net = deployed_checkpoint(checkpoint, net, backend, engines, [folder], reporter, shape=shape)
+    with reporter.progress("reconstructing", transient=True) as update:
+        return reconstruct_files(net, ds, out, acceleration, cf, batch_size, on_slice=update, full_fov=full_fov)

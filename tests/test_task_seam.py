@@ -130,25 +130,34 @@ def test_sr_equivariant_transform_turns_the_kernel_with_the_scene():
 
 
 def test_sr_task_scores_are_the_official_test_loop():
-    """SRTask.evaluate gives, per scale and kernel, the numbers of the official loop
-    (spade_deploy.sr.evaluation: degrade, restore, PSNR / SSIM with the scale² border), for the
-    model and for its bicubic baseline."""
-    from spade_deploy.sr.evaluation import bicubic_restorer, degraded_cases, evaluate_cases
+    """SRTask.evaluate gives, per scale and kernel, the numbers of the official loop written out
+    here (degrade each image, restore, PSNR / SSIM with the scale² border, mean over the images),
+    for the model and for its bicubic baseline."""
+    from spade_deploy.sr.baseline import bicubic_upsample
+    from spade_deploy.sr.degradation import degrade
     from spade_deploy.sr.kernels import kernel_names, paper_kernels
+    from spade_deploy.sr.metrics import mean_scores, sr_scores
     from spade_deploy.tasks.sr import SRTask
 
     class Bicubic(torch.nn.Module):
         def forward(self, y, physics):
-            return bicubic_restorer(y, physics)
+            return bicubic_upsample(y, physics.scale)
 
     kernels = dict(list(zip(kernel_names(), paper_kernels()))[7:9])  # k8 (Gaussian), k9 (motion)
     task = SRTask(scales=(2, 3), kernels=kernels, crop=48)
     res = task.evaluate(Bicubic(), task.dataset(None, "test"), batch_size=2)
-    want = evaluate_cases(bicubic_restorer, degraded_cases(task.images("test"), (2, 3), kernels))
-    assert [(r.scale, r.kernel) for r in res.rows] == [(r.scale, r.kernel) for r in want]
-    for got, ref in zip(res.rows, want):
-        assert got.psnr == pytest.approx(ref.psnr, abs=1e-9) and got.ssim == pytest.approx(ref.ssim, abs=1e-9)
-        assert got.psnr_bicubic == pytest.approx(ref.psnr, abs=1e-9)
+    want = []
+    for scale in (2, 3):
+        for name, k in kernels.items():
+            scores = []
+            for im in task.images("test"):
+                hr, lr = degrade(im.image, k, scale)
+                scores.append(sr_scores(hr, bicubic_upsample(torch.from_numpy(lr).permute(2, 0, 1)[None], scale), scale))
+            want.append((scale, name, mean_scores(scores)))
+    assert [(r.scale, r.kernel) for r in res.rows] == [(s, k) for s, k, _ in want]
+    for got, (_, _, ref) in zip(res.rows, want):
+        assert got.psnr == pytest.approx(ref["psnr"], abs=1e-9) and got.ssim == pytest.approx(ref["ssim"], abs=1e-9)
+        assert got.psnr_bicubic == pytest.approx(ref["psnr"], abs=1e-9)
     assert res.psnr_baseline == pytest.approx(res.psnr, abs=1e-9)
 
 

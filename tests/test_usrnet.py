@@ -22,10 +22,10 @@ from spade_deploy.runtime import deploy
 from spade_deploy.sr import data as srdata
 from spade_deploy.sr.baseline import bicubic_upsample
 from spade_deploy.sr.degradation import crop_multiple, degrade, degrade_tensor
-from spade_deploy.sr.evaluation import bicubic_restorer, degraded_cases, evaluate_cases, model_restorer
 from spade_deploy.sr.kernels import kernel_names, load_kernel, paper_kernels
 from spade_deploy.sr.metrics import psnr, sr_scores, ssim, to_uint8
 from spade_deploy.sr.physics import SRPhysics
+from spade_deploy.tasks.sr import SRTask
 
 # Table 4 of the paper: USRNet (17,016,016 parameters) pruned at 5 / 10 / 20 / 40 %.
 TABLE4 = {0.05: 15_314_620, 0.1: 13_730_964, 0.2: 10_837_246, 0.4: 6_094_762}
@@ -296,20 +296,37 @@ def test_bicubic_baseline_is_aligned_with_the_downsampler(scale):
     assert psnr(hr, up, scale**2) > psnr(hr, plain, scale**2) + 1.0
 
 
+class _Bicubic(torch.nn.Module):
+    """Bicubic upsampling as a reconstructor, scored by the task like any model."""
+
+    def forward(self, y, physics):
+        return bicubic_upsample(y, physics.scale)
+
+
 def test_official_test_loop_averages_per_scale_and_kernel():
-    images = srdata.embedded_images("test", crop=64)
+    """SRTask.evaluate is USRNet's test loop: every image degraded at every scale with every kernel,
+    scored per image and averaged per (scale, kernel), in the order of the scales and kernels."""
     kernels = paper_kernels()
-    cases = degraded_cases(images, scales=(2, 4), kernels={"k1": kernels[0], "k10": kernels[9]})
+    task = SRTask(scales=(2, 4), kernels={"k1": kernels[0], "k10": kernels[9]}, crop=64)
+    images = task.images("test")
+    assert [im.name for im in images] == [im.name for im in srdata.embedded_images("test", crop=64)]
+    cases = task.dataset(None, "test")
     assert len(cases) == 2 * 2 * len(images)
-    rows = evaluate_cases(bicubic_restorer, cases)
+    res = task.evaluate(_Bicubic(), cases, batch_size=1)
+    rows = res.rows
     assert [(r.scale, r.kernel) for r in rows] == [(2, "k1"), (2, "k10"), (4, "k1"), (4, "k10")]
     hr, lr = degrade(images[1].image, kernels[9], 4)
     direct = sr_scores(hr, bicubic_upsample(torch.from_numpy(lr).permute(2, 0, 1)[None], 4), 4)
     assert rows[3].per_image[images[1].name] == direct
     assert rows[3].psnr == pytest.approx(np.mean([s["psnr"] for s in rows[3].per_image.values()]))
+    assert res.psnr == pytest.approx(np.mean([r.psnr for r in rows]))
     torch.manual_seed(0)
-    model_rows = evaluate_cases(model_restorer(build_model("usrnet", preset="small")), cases[:2])
+    one = SRTask(scales=(2,), kernels={"k1": kernels[0]}, crop=64)
+    model_rows = one.evaluate(build_model("usrnet", preset="small"), one.dataset(None, "test")).rows
+    assert [(r.scale, r.kernel) for r in model_rows] == [(2, "k1")]
     assert model_rows[0].per_image.keys() == {im.name for im in images}
+    # the baseline beside the model is the bicubic model's own score on the same cases
+    assert model_rows[0].psnr_bicubic == pytest.approx(rows[0].psnr, abs=1e-9)
 
 
 def _wang_ssim(a: np.ndarray, b: np.ndarray) -> float:

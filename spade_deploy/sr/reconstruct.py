@@ -3,7 +3,7 @@
 Every PNG / JPEG / BMP directly in the source folder (RGB; greyscale converted, 16-bit refused) is
 restored with the model at one ``scale`` with one blur ``kernel`` and ``noise`` level (the
 degradation the images are known to have), and written as ``<out>/<name>.png`` through a
-temporary file renamed into place (never into the source folder: the caller checks).
+temporary file renamed into place (never into the source folder: :func:`restore_checkpoint` checks).
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ import torch
 from ..device import on_model_device
 from ..errors import SpadeError
 from ..io import atomic_path
+from ..progress import Reporter
 from .data import IMAGE_SUFFIXES, read_rgb
 from .degradation import NETWORK_MULTIPLE
 from .metrics import to_uint8
-from .physics import SRPhysics, check_kernel
+from .physics import SRPhysics, check_kernel, check_scale
 
 
 @dataclass
 class RestoreResult:
     outputs: list[Path] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # the outputs' (H, W)
+    scale: int = 0
+    kernel: str = ""  # its name: k1 .. k12 or the file's stem
 
 
 def lr_images(source: str | Path) -> list[Path]:
@@ -62,19 +65,48 @@ def read_lr(path: Path, scale: int, kernel_shape: tuple[int, int]) -> torch.Tens
     return torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
-@torch.no_grad()
-def restore_folder(model: torch.nn.Module, source: str | Path, out_dir: str | Path, scale: int, kernel,
-                   noise: float = 0.0, on_image: Callable[[int, int], None] | None = None) -> RestoreResult:
-    """Super-resolve every image of ``source`` into ``out_dir`` (PNG, same stem)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SpadeError(f"output path {out} is a file, expected a folder")
-    k = check_kernel(kernel)
-    physics = SRPhysics(k, scale, noise)
+def restore_checkpoint(checkpoint: Path, source: Path, out: Path, scale: int, kernel: str, noise: float = 0.0,
+                       backend: str = "auto", engines: Path | None = None,
+                       reporter: Reporter | None = None) -> RestoreResult:
+    """``spade reconstruct`` of a super-resolution checkpoint: every image of ``source`` (a folder
+    or one image), degraded at ``scale`` with ``kernel`` (``k1`` .. ``k12`` or a ``.npy`` / ``.mat``
+    file) and ``noise``, super-resolved into ``out`` on ``backend``
+    (:func:`~spade_deploy.reconstruct.deployed_checkpoint`). Every output is checked against the
+    inputs and the data folder, and every image read once and checked, before anything is written."""
+    from ..checkpoint import load_model
+    from ..paths import check_outputs
+    from ..pipeline import check_out_dir
+    from ..reconstruct import deployed_checkpoint
+    from ..tasks.sr import parse_kernels
+
+    reporter = reporter or Reporter()
+    source, out = Path(source), Path(out)
+    s = check_scale(scale)
+    (name, k), = parse_kernels([kernel]).items()
+    k = check_kernel(k)
+    check_out_dir(out)
     paths = lr_images(source)
-    images = [read_lr(p, physics.scale, tuple(k.shape)) for p in paths]  # every input checked before writing
+    folder = source if source.is_dir() else source.parent
+    check_outputs(files=[out / f"{p.stem}.png" for p in paths], folders=[out], inputs=[checkpoint, source, *paths],
+                  data=[folder])
+    net, _ = load_model(checkpoint)
+    physics = SRPhysics(k, s, noise)
+    images = [read_lr(p, s, tuple(k.shape)) for p in paths]
+    net = deployed_checkpoint(checkpoint, net, backend, engines, [folder], reporter, sample=(images[0], physics))
+    with reporter.progress("super-resolving", transient=True) as update:
+        result = restore_images(net, paths, images, physics, out, on_image=update)
+    result.scale, result.kernel = s, name
+    return result
+
+
+@torch.no_grad()
+def restore_images(model: torch.nn.Module, paths: list[Path], images: list[torch.Tensor], physics: SRPhysics,
+                   out_dir: str | Path, on_image: Callable[[int, int], None] | None = None) -> RestoreResult:
+    """Super-resolve ``images`` (read from ``paths`` by :func:`read_lr`) into ``out_dir`` (PNG, the
+    same stems)."""
     from PIL import Image
 
+    out = Path(out_dir)
     model.eval()
     result = RestoreResult()
     out.mkdir(parents=True, exist_ok=True)

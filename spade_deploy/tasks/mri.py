@@ -154,9 +154,91 @@ class MRITask(Task):
     def pretrain_batch(self, items: Any) -> Batch:
         return make_batch(items, self.acceleration, self.cf, None)
 
-    def evaluate(self, model, dataset, solver=None, batch_size: int = 4, on_batch=None) -> "EvalResult":
-        return evaluate_mri(model, dataset, self.acceleration, self.center_fraction, solver=solver,
-                            batch_size=batch_size, on_batch=on_batch)
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, dataset: Dataset, solver=None, batch_size: int = 4,
+                 on_batch: Callable[[int, int], None] | None = None) -> "EvalResult":
+        """fastMRI's ``evaluate()`` on what ``spade reconstruct`` writes.
+
+        Each slice is measured as ``reconstruct`` measures it (fastMRI's per-file mask seed, or the
+        file's own mask; coil maps from the ACS block), its reconstruction's magnitude is cropped to
+        the header's recon size, and PSNR / SSIM / NMSE are fastMRI's: per volume against
+        ``reconstruction_rss``, both centre-cropped to the target's width squared, ``data_range`` the
+        target volume's maximum, averaged over volumes. Zero-filled is fastMRI's RSS of the
+        zero-filled k-space, cropped likewise. ``psnr_sense`` / ``ssim_sense`` score against the
+        magnitude of the fully sampled SENSE image of the same maps (fully sampled data only).
+        Slices whose fixed-point solve stopped on its cap are listed in ``not_converged``.
+        """
+        model.eval()
+        preds: dict[str, dict[int, np.ndarray]] = {}
+        zfs: dict[str, dict[int, np.ndarray]] = {}
+        gts: dict[str, dict[int, np.ndarray]] = {}
+        sense: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        iters, resid, conv, not_converged = [], [], [], []
+        coil_maps = "espirit"
+        # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
+        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+        loader = self.loader(dataset, batch_size, shuffle=False, seed=0)
+        t0 = time.perf_counter()
+        for i, items in enumerate(loader):
+            batch = on_model_device(self.eval_batch(items), model)
+            if items["smaps"] is not None:
+                coil_maps = "file"
+            if batch.target is None:
+                raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
+            kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
+            x = model(batch.y.to(device), batch.physics.to(device), **kwargs)
+            out = recon_magnitude(x, batch.meta["recon_size"]).cpu()
+            zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.meta["recon_size"])
+            ref_sense = recon_magnitude(batch.x_gt, batch.meta["recon_size"]) if batch.x_gt is not None else None
+            info = getattr(model, "last_info", None)
+            if info is not None:
+                iters += info.iterations.tolist()
+                resid += info.residual.tolist()
+                conv += info.converged.tolist()
+                flags = info.converged.tolist()
+                not_converged += [f"{f}:{s}" for f, s, c in zip(batch.meta["fnames"], batch.meta["slices"], flags) if not c]
+            for b, (f, s) in enumerate(zip(batch.meta["fnames"], batch.meta["slices"])):
+                preds.setdefault(f, {})[s] = out[b].cpu().numpy()
+                zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
+                gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
+                if ref_sense is not None:
+                    sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), out[b].cpu().numpy())
+            if on_batch:
+                on_batch(i + 1, len(loader))
+        seconds = time.perf_counter() - t0
+
+        def stack(d):
+            return {f: np.stack([v[s] for s in sorted(v)]) for f, v in d.items()}
+
+        gt_v, pr_v, zf_v = stack(gts), stack(preds), stack(zfs)
+        rec = evaluate_volumes({f: fastmri_crop(gt_v[f], pr_v[f]) for f in gt_v})
+        base = evaluate_volumes({f: fastmri_crop(gt_v[f], zf_v[f]) for f in gt_v})
+        sense_m = None
+        if sense and set(sense) == set(gts) and all(len(sense[f]) == len(gts[f]) for f in gts):
+            sense_m = evaluate_volumes({
+                f: fastmri_crop(np.stack([v[s][0] for s in sorted(v)]), np.stack([v[s][1] for s in sorted(v)]))
+                for f, v in sense.items()
+            })
+        return EvalResult(
+            psnr=rec.psnr,
+            ssim=rec.ssim,
+            nmse=rec.nmse,
+            psnr_zero_filled=base.psnr,
+            ssim_zero_filled=base.ssim,
+            nmse_zero_filled=base.nmse,
+            psnr_sense=sense_m.psnr if sense_m else None,
+            ssim_sense=sense_m.ssim if sense_m else None,
+            mean_iterations=float(np.mean(iters)) if iters else None,
+            max_residual=float(np.max(resid)) if resid else None,
+            all_converged=bool(all(conv)) if conv else None,
+            not_converged=not_converged,
+            n_slices=sum(len(v) for v in gts.values()),
+            coil_maps=coil_maps,
+            espirit=(dataclasses.asdict(dataset.estimator.params)
+                     if coil_maps == "espirit" and hasattr(dataset, "estimator") else None),
+            per_volume={f: {"psnr": m.psnr, "ssim": m.ssim, "nmse": m.nmse} for f, m in rec.per_volume.items()},
+            seconds=seconds,
+        )
 
     def secondary_scores(self, scores: "EvalResult") -> dict[str, Any]:
         return {"nmse": scores.nmse, "psnr_sense": scores.psnr_sense, "ssim_sense": scores.ssim_sense}
@@ -215,99 +297,3 @@ class EvalResult:
     @property
     def ssim_baseline(self) -> float:
         return self.ssim_zero_filled
-
-
-
-@torch.no_grad()
-def evaluate_mri(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    acceleration: int = 6,
-    center_fraction: float | None = None,
-    solver=None,
-    batch_size: int = 4,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> EvalResult:
-    """fastMRI's ``evaluate()`` on what ``spade reconstruct`` writes.
-
-    Each slice is measured as ``reconstruct`` measures it (fastMRI's per-file mask seed, or the
-    file's own mask; coil maps from the ACS block), its reconstruction's magnitude is cropped to
-    the header's recon size, and PSNR / SSIM / NMSE are fastMRI's: per volume against
-    ``reconstruction_rss``, both centre-cropped to the target's width squared, ``data_range`` the
-    target volume's maximum, averaged over volumes. Zero-filled is fastMRI's RSS of the
-    zero-filled k-space, cropped likewise. ``psnr_sense`` / ``ssim_sense`` score against the
-    magnitude of the fully sampled SENSE image of the same maps (fully sampled data only).
-    Slices whose fixed-point solve stopped on its cap are listed in ``not_converged``.
-    """
-    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
-    model.eval()
-    preds: dict[str, dict[int, np.ndarray]] = {}
-    zfs: dict[str, dict[int, np.ndarray]] = {}
-    gts: dict[str, dict[int, np.ndarray]] = {}
-    sense: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-    iters, resid, conv, not_converged = [], [], [], []
-    coil_maps = "espirit"
-    # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    loader = MRITask().loader(dataset, batch_size, shuffle=False, seed=0)
-    t0 = time.perf_counter()
-    for i, items in enumerate(loader):
-        batch = on_model_device(make_batch(items, acceleration, cf, eval_seeds(items)), model)
-        if items["smaps"] is not None:
-            coil_maps = "file"
-        if batch.target is None:
-            raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
-        kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
-        x = model(batch.y.to(device), batch.physics.to(device), **kwargs)
-        out = recon_magnitude(x, batch.meta["recon_size"]).cpu()
-        zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.meta["recon_size"])
-        ref_sense = recon_magnitude(batch.x_gt, batch.meta["recon_size"]) if batch.x_gt is not None else None
-        info = getattr(model, "last_info", None)
-        if info is not None:
-            iters += info.iterations.tolist()
-            resid += info.residual.tolist()
-            conv += info.converged.tolist()
-            flags = info.converged.tolist()
-            not_converged += [f"{f}:{s}" for f, s, c in zip(batch.meta["fnames"], batch.meta["slices"], flags) if not c]
-        for b, (f, s) in enumerate(zip(batch.meta["fnames"], batch.meta["slices"])):
-            preds.setdefault(f, {})[s] = out[b].cpu().numpy()
-            zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
-            gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
-            if ref_sense is not None:
-                sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), out[b].cpu().numpy())
-        if on_batch:
-            on_batch(i + 1, len(loader))
-    seconds = time.perf_counter() - t0
-
-    def stack(d):
-        return {f: np.stack([v[s] for s in sorted(v)]) for f, v in d.items()}
-
-    gt_v, pr_v, zf_v = stack(gts), stack(preds), stack(zfs)
-    rec = evaluate_volumes({f: fastmri_crop(gt_v[f], pr_v[f]) for f in gt_v})
-    base = evaluate_volumes({f: fastmri_crop(gt_v[f], zf_v[f]) for f in gt_v})
-    sense_m = None
-    if sense and set(sense) == set(gts) and all(len(sense[f]) == len(gts[f]) for f in gts):
-        sense_m = evaluate_volumes({
-            f: fastmri_crop(np.stack([v[s][0] for s in sorted(v)]), np.stack([v[s][1] for s in sorted(v)]))
-            for f, v in sense.items()
-        })
-    return EvalResult(
-        psnr=rec.psnr,
-        ssim=rec.ssim,
-        nmse=rec.nmse,
-        psnr_zero_filled=base.psnr,
-        ssim_zero_filled=base.ssim,
-        nmse_zero_filled=base.nmse,
-        psnr_sense=sense_m.psnr if sense_m else None,
-        ssim_sense=sense_m.ssim if sense_m else None,
-        mean_iterations=float(np.mean(iters)) if iters else None,
-        max_residual=float(np.max(resid)) if resid else None,
-        all_converged=bool(all(conv)) if conv else None,
-        not_converged=not_converged,
-        n_slices=sum(len(v) for v in gts.values()),
-        coil_maps=coil_maps,
-        espirit=(dataclasses.asdict(dataset.estimator.params)
-                 if coil_maps == "espirit" and hasattr(dataset, "estimator") else None),
-        per_volume={f: {"psnr": m.psnr, "ssim": m.ssim, "nmse": m.nmse} for f, m in rec.per_volume.items()},
-        seconds=seconds,
-    )
