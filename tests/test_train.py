@@ -62,3 +62,19 @@ def test_killed_run_resumes_from_last_epoch(tiny_root, tmp_path):
 
     with pytest.raises(SpadeError, match="different training configuration"):
         fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, _cfg(epochs=3, max_steps_per_epoch=2, lr=1e-4), tmp_path / "run", resume=True)
+
+
+def test_validation_every_other_epoch_keeps_the_best_validated_epoch(tiny_root, tmp_path):
+    """``val_every=2`` over 3 epochs validates epochs 2 and 3 (the last always) and keeps the
+    better of those two; the first epoch is never scored nor kept."""
+    torch.manual_seed(0)
+    val = D.SliceDataset(tiny_root / "val")
+    result = fit(build_model("deq", preset="tiny"), SupervisedLoss(), D.SliceDataset(tiny_root / "train"), val,
+                 _cfg(epochs=3, max_steps_per_epoch=1, val_every=2), tmp_path / "run")
+    scored = [h["epoch"] for h in result.history if "val_psnr" in h]
+    assert scored == [2, 3]
+    best = [h for h in result.history if h.get("best")][-1]
+    assert best["epoch"] in (2, 3) and best["val_psnr"] == max(h["val_psnr"] for h in result.history if "val_psnr" in h)
+    assert result.best_val_psnr == best["val_psnr"]
+    with pytest.raises(SpadeError, match="val_every"):
+        TrainConfig(val_every=0)
