@@ -175,12 +175,19 @@ class MultiCoilMRI(Physics):
         ``y`` throughout). Equal to fastMRI's centred form up to FFT rounding."""
         if x.shape[-2:] != self.smaps.shape[-2:]:
             return super().grad(x, y)
+        k = torch.fft.fft(self.smaps * x.unsqueeze(1), dim=-1, norm="ortho")
+        r = torch.fft.ifft(self._column_filter() * k, dim=-1, norm="ortho")
+        return (self.smaps.conj() * r).sum(dim=1) - self._adjoint_of(y)
+
+    def _adjoint_of(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^H y``, kept for the next call with the same ``y``; computed afresh where gradients
+        flow to ``y`` (equivariant imaging differentiates a reconstruction through its input)."""
+        if y.requires_grad and torch.is_grad_enabled():
+            return self.A_adjoint(y)
         key = (id(y), y._version, id(self.smaps), id(self.mask))
         if self._aty_key != key:  # the tensors are held with it, so no identity can be reused
             self._aty_key, self._aty_of, self._aty = key, (y, self.smaps, self.mask), self.A_adjoint(y)
-        k = torch.fft.fft(self.smaps * x.unsqueeze(1), dim=-1, norm="ortho")
-        r = torch.fft.ifft(self._column_filter() * k, dim=-1, norm="ortho")
-        return (self.smaps.conj() * r).sum(dim=1) - self._aty
+        return self._aty
 
     def _column_filter(self) -> torch.Tensor:
         """``ifftshift(P^2)`` along ``W``: the mask in the unshifted FFT's frequency order."""
