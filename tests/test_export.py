@@ -47,12 +47,17 @@ def test_onnxruntime_backend_reconstructs_like_torch(tmp_path):
     mask[::2] = 1
     physics = MultiCoilMRI(mask, smaps)
     y = physics.A(torch.randn(2, 32, 32, dtype=torch.complex64, generator=g))
+    from spade_deploy.solvers import MIN_TOL, SolverConfig
+
+    # The untrained operator is not contractive: a solve to its cap would amplify the priors' ~1e-7
+    # differences without bound, so both run the same 10 Anderson iterations (a tolerance no
+    # float32 iterate meets).
+    ten = SolverConfig(max_iter=10, tol=MIN_TOL)
     with torch.no_grad():
-        ref = model.eval()(y, physics)
-        out = deployed(y, physics)
-    # priors agree to ~1e-7; a whole fixed-point solve of an untrained operator may amplify that
-    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
-    assert deployed.last_info.iterations.tolist() == model.last_info.iterations.tolist()
+        ref = model.eval()(y, physics, solver=ten)
+        out = deployed(y, physics, solver=ten)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert deployed.last_info.iterations.tolist() == model.last_info.iterations.tolist() == [10, 10]
     assert isinstance(model.prior, torch.nn.Module) and type(model.prior).__name__ == "EDSR"  # original untouched
 
 
