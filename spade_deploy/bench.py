@@ -13,8 +13,9 @@ run in PyTorch (pruning + deployment: the whole reconstruction and per iteration
 same back-end (pruning alone). Efficiency is the per-iteration speed-up divided by the fall of the
 priors' MACs: 1 where latency falls as fast as the arithmetic. Where no reference was measured a
 speed-up is ``None`` (shown "–"). A variant's first round is its evaluation (one slice per call),
-so its scores are those of reconstructions it was timed on. A variant marked untimed (``Variant.timed``: the demo's pruned
-models before fine-tuning) is scored, with its iterations, and left out of the timing rounds.
+so its scores are those of reconstructions it was timed on. A variant marked untimed
+(``Variant.timed``: the demo's pruned models before fine-tuning) is scored, with its iterations,
+and left out of the timing rounds.
 """
 
 from __future__ import annotations
@@ -152,9 +153,9 @@ class _Clocked:
     :func:`time_once` times one, with its solver's bookkeeping: the evaluation of a timed variant,
     one slice per call, is its first timing round."""
 
-    def __init__(self, model: Reconstructor, device: torch.device, timer: Callable[[], float]):
+    def __init__(self, model: Reconstructor, n_slices: int, device: torch.device, timer: Callable[[], float]):
         self.model, self.watch = model, _Stopwatch(device, timer)
-        self.timings = SliceTimings([], [], [], False)
+        self.timings, self.calls = SliceTimings.empty(n_slices), 0
 
     def __enter__(self) -> "_Clocked":
         self.hooks = [self.model.register_forward_pre_hook(lambda *_: self.watch.start()),
@@ -162,12 +163,10 @@ class _Clocked:
         return self
 
     def _stop(self) -> None:
-        t = self.timings
-        t.seconds.append([self.watch.stop()])
-        info = getattr(self.model, "last_info", None)
-        t.has_solver = info is not None
-        t.iterations.append(int(info.iterations.sum()) if info is not None else 1)
-        t.on_cap.append(info is not None and not bool(info.converged.all()))
+        if self.calls >= len(self.timings.seconds):
+            raise RuntimeError(f"the evaluation made more calls than the {len(self.timings.seconds)} slices")
+        self.timings.record(self.calls, self.watch.stop(), self.model)
+        self.calls += 1
 
     def __exit__(self, *exc) -> None:
         for h in self.hooks:
@@ -192,6 +191,19 @@ class SliceTimings:
     iterations: list[int]  # per slice (1 for a model without a fixed-point solver: one pass)
     on_cap: list[bool]
     has_solver: bool
+
+    @classmethod
+    def empty(cls, n_slices: int) -> "SliceTimings":
+        return cls([[] for _ in range(n_slices)], [1] * n_slices, [False] * n_slices, False)
+
+    def record(self, j: int, seconds: float, model: Reconstructor) -> None:
+        """One round's time of slice ``j`` and what the model's solver reports of it."""
+        self.seconds[j].append(seconds)
+        info = getattr(model, "last_info", None)
+        if info is not None:
+            self.has_solver = True
+            self.iterations[j] = int(info.iterations.sum())
+            self.on_cap[j] = not bool(info.converged.all())
 
     @property
     def median_ms(self) -> list[float]:
@@ -225,8 +237,7 @@ def time_interleaved(models: Sequence[Reconstructor], slices: Sequence, rounds: 
     ``earlier``: each model's timings of rounds already run (one entry per round and slice), which
     count among the ``rounds``."""
     n = len(models)
-    out = list(earlier) if earlier is not None else [
-        SliceTimings([[] for _ in slices], [1] * len(slices), [False] * len(slices), False) for _ in models]
+    out = list(earlier) if earlier is not None else [SliceTimings.empty(len(slices)) for _ in models]
     done = min((len(s) for t in out for s in t.seconds), default=0)
     for r in range(done, rounds):
         k = r % n if n else 0
@@ -234,12 +245,7 @@ def time_interleaved(models: Sequence[Reconstructor], slices: Sequence, rounds: 
             if on_step:
                 on_step(r, i)
             for j, (y, physics, *_) in enumerate(slices):
-                out[i].seconds[j].append(time_once(models[i], y, physics, solver=solver, timer=timer))
-                info = getattr(models[i], "last_info", None)
-                if info is not None:
-                    out[i].has_solver = True
-                    out[i].iterations[j] = int(info.iterations.sum())
-                    out[i].on_cap[j] = not bool(info.converged.all())
+                out[i].record(j, time_once(models[i], y, physics, solver=solver, timer=timer), models[i])
     return out
 
 
@@ -283,10 +289,10 @@ def run_bench(
             for _ in range(warmup):
                 time_once(model, *sample, solver=solver, timer=timer)
             # The evaluation, one slice per call in the timing rounds' order, is the first round.
-            with _Clocked(model, dev, timer) as clock:
+            with _Clocked(model, len(slices), dev, timer) as clock:
                 res = evaluate(model, test_ds, task, solver=solver, batch_size=1)
-            if len(clock.timings.seconds) != len(slices):
-                raise RuntimeError(f"the evaluation made {len(clock.timings.seconds)} calls for {len(slices)} slices")
+            if clock.calls != len(slices):
+                raise RuntimeError(f"the evaluation made {clock.calls} calls for {len(slices)} slices")
             first[step] = clock.timings
         else:
             res = evaluate(model, test_ds, task, solver=solver)
