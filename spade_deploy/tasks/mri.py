@@ -178,6 +178,7 @@ class MRITask(Task):
         # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
         device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
         loader = self.loader(dataset, batch_size, shuffle=False, seed=0)
+        kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
         t0 = time.perf_counter()
         for i, items in enumerate(loader):
             batch = on_model_device(self.eval_batch(items), model)
@@ -185,7 +186,6 @@ class MRITask(Task):
                 coil_maps = "file"
             if batch.target is None:
                 raise SpadeError("evaluation needs ground truth (reconstruction_rss), which this data lacks")
-            kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
             x = model(batch.y.to(device), batch.physics.to(device), **kwargs)
             out = recon_magnitude(x, batch.meta["recon_size"]).cpu()
             zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.meta["recon_size"])
@@ -194,15 +194,15 @@ class MRITask(Task):
             if info is not None:
                 iters += info.iterations.tolist()
                 resid += info.residual.tolist()
-                conv += info.converged.tolist()
                 flags = info.converged.tolist()
+                conv += flags
                 not_converged += [f"{f}:{s}" for f, s, c in zip(batch.meta["fnames"], batch.meta["slices"], flags) if not c]
             for b, (f, s) in enumerate(zip(batch.meta["fnames"], batch.meta["slices"])):
-                preds.setdefault(f, {})[s] = out[b].cpu().numpy()
+                preds.setdefault(f, {})[s] = out[b].numpy()
                 zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
                 gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
                 if ref_sense is not None:
-                    sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), out[b].cpu().numpy())
+                    sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), preds[f][s])
             if on_batch:
                 on_batch(i + 1, len(loader))
         seconds = time.perf_counter() - t0
