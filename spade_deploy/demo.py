@@ -135,8 +135,6 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
                     finetune_run(path, strategy, best, root, ft_out, ft_cfg, task, resume=resume, reporter=reporter)
                 tuned.append(ft_out / "best.safetensors")
         made.append(DemoModel(name, task_name, best, evaluation, pruned, tuned))
-        if task_name not in groups and recipe.bench_options:  # one bench per task: the first recipe's options
-            task = task_class(task_name).from_cli(given, {**recipe.task_options, **recipe.bench_options})
         group = groups.setdefault(task_name, (task, root, []))
         group[2].extend([best, *pruned, *tuned])
     benches = {}

@@ -120,9 +120,6 @@ class DemoRecipe:
     train: TrainConfig
     finetune: dict[str, TrainConfig]
     task_options: dict = field(default_factory=dict)  # the task's options (Task.from_cli), its defaults otherwise
-    # Options of the task that override ``task_options`` for the final bench only (e.g. scoring and
-    # timing super-resolution on larger crops than the fine-tunings train on).
-    bench_options: dict = field(default_factory=dict)
     ratios: tuple[float, ...] | None = None  # pruning ratios (None: the paper's 0.05 0.1 0.2 0.4)
     hardware_widths: bool = True  # also prune the largest ratio to the widths measured fastest here
 
@@ -181,30 +178,33 @@ DEMO_RECIPES = {
     ),
     # USRNet (small preset, 322,936 parameters) on the embedded photographs: 48 x 48 training tiles
     # (582, 73 batches of 8 per epoch) degraded afresh at x2 / x3 / x4 with the 12 kernels;
-    # evaluation on the centre 96 x 96 of the test photographs at every scale and kernel (72
-    # cases). Measured on the 2-core CPU: 6 epochs at lr 2e-3 took 112 s and gave 25.82 dB on the
+    # evaluation on the centre crops of the test photographs at every scale and kernel (72 cases;
+    # 96 x 96 in the measurements up to the next paragraph). Measured on the 2-core CPU: 6 epochs at lr 2e-3 took 112 s and gave 25.82 dB on the
     # test cases against bicubic's 23.24 (x2 27.40 / 23.88, x3 26.04 / 23.36, x4 24.02 / 22.47);
     # validation peaked at epoch 4 (28.98 dB) and wavered after, the best epoch is kept. Pruned at
     # the paper's headline ratio 0.4 only (paper widths) so the whole run fits the quarter hour.
     # From that base (best epoch: 26.84 dB on the 96-pixel test cases), pruned at 0.4: 16.28 dB;
     # school 5 epochs at lr 1e-3 25.92 (-3.5 %), 15 epochs 26.75 (-0.3 %, 155 s); supervised 2
     # epochs at 5e-4 26.49 (-1.3 %), 4 epochs 27.14 (+1.1 %, 84 s); self-supervised 3 epochs at
-    # 2e-4 23.68 (50 s). From the demo's base (27.72 dB), supervised at 0.4: 4 epochs -1.5 %, 6
-    # epochs -1.13 % (8: -1.15 %; lr 1e-3, 6 epochs: -1.93 %; lr 2e-4, 10 epochs: -1.76 %; batch 4,
-    # 4 epochs: -1.32 %). The bench scores and times on 192 x 192 crops (the task's default): at 96
-    # pixels the per-call costs of the 4-iteration loop weigh as much as the convolutions (pruned
-    # 0.4 x1.72-1.92 against unpruned NCHW PyTorch on one case, x2.4-2.6 at 192); fine-tuning on
-    # 192-pixel test crops as well took the demo to 21 minutes (school trains on the test cases).
+    # 2e-4 23.68 (50 s).
+    # Evaluation moved to 192 x 192 crops (the task's default): at 96 pixels the per-call costs of
+    # the 4-iteration loop weighed as much as the convolutions (pruned 0.4 x1.72-1.92 against the
+    # unpruned model in NCHW PyTorch on one case; x2.4-2.6 at 192). School and self-supervised
+    # train on the test cases, so at 192 pixels an epoch costs four times as much: with the 96-pixel
+    # recipe (school 15 epochs of batch 8) the demo took 21 minutes, school reaching -1.0 %. From
+    # that base (27.16 dB at 192), pruned at 0.4: school 4 epochs of batch 2 -1.36 % (103 s; lr 5e-4:
+    # -1.76 %); self-supervised 1 epoch of batch 2 24.36 dB (43 s; none: 15.52); supervised 6
+    # epochs -0.87 % (81 s; 4 epochs -1.3 %; on the 96-pixel cases 6 epochs gave -1.13 %, 8
+    # -1.15 %, lr 1e-3 -1.93 %).
     "usrnet": DemoRecipe(
         preset="small",
         train=TrainConfig(epochs=10, lr=2e-3, batch_size=8, lipschitz_weight=0.0),
         finetune={
             "supervised": TrainConfig(epochs=6, lr=5e-4, batch_size=8, lipschitz_weight=0.0),
-            "school": TrainConfig(epochs=15, lr=1e-3, batch_size=8, lipschitz_weight=0.0),
-            "self-supervised": TrainConfig(epochs=3, lr=2e-4, batch_size=8, lipschitz_weight=0.0),
+            "school": TrainConfig(epochs=4, lr=1e-3, batch_size=2, lipschitz_weight=0.0),
+            "self-supervised": TrainConfig(epochs=1, lr=2e-4, batch_size=2, lipschitz_weight=0.0),
         },
-        task_options={"crop": 96, "patch": 48},
-        bench_options={"crop": 192},
+        task_options={"crop": 192, "patch": 48},
         ratios=(0.4,),
     ),
 }

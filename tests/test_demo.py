@@ -87,20 +87,3 @@ def test_library_demo_refuses_a_model_without_recipe(tmp_path):
     with pytest.raises(SpadeError, match="no demo recipe for 'unet'"):
         run_demo(tmp_path / "demo", ["unet"])
     assert not (tmp_path / "demo").exists()
-
-
-def test_library_demo_benches_with_the_recipes_bench_options(tiny_dataset, tmp_path):
-    """A recipe's bench options override its task options for the final bench only: the base is
-    evaluated (and fine-tuned) as the task options say, the bench scores and times as it says."""
-    import dataclasses
-
-    recipe = dataclasses.replace(TINY_DEQ, bench_options={"acceleration": 8, "center_fraction": 0.08})
-    out = tmp_path / "demo"
-    result = run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=Recorder(), recipes={"deq": recipe},
-                      data={"mri": tiny_dataset.root})
-    assert json.loads((out / "deq" / "eval-test.json").read_text())["task"]["acceleration"] == 6
-    bench = result.benches["mri"]
-    assert bench.task_options["acceleration"] == 8
-    assert json.loads((out / "results" / "bench-deq.json").read_text())["config"]["acceleration"] == 8
-    # measured at 8-fold: fewer k-space lines than the 6-fold evaluation, a worse zero-filled baseline
-    assert bench.result.psnr_baseline < result.models[0].evaluation.scores.psnr_zero_filled
