@@ -192,8 +192,8 @@ DEMO_RECIPES = {
     # the unpruned model in NCHW PyTorch on one case; x2.4-2.6 at 192). School and
     # self-supervised train on the test cases, so at 192 pixels an epoch costs four times as
     # much: with the 96-pixel recipe (school 15 epochs of batch 8) the demo took 21 minutes in
-    # a scratch run, school reaching -1.0 %. From that base (27.16 dB at 192), pruned at 0.4: school 4 epochs
-    # of batch 2 -1.36 % (103 s; lr 5e-4: -1.76 %); self-supervised 1 epoch of batch 2 24.36 dB
+    # a scratch run, school reaching -1.0 %. From that base (27.16 dB at 192), pruned at 0.4:
+    # school 4 epochs of batch 2 -1.36 % (103 s; lr 5e-4: -1.76 %); self-supervised 1 epoch of batch 2 24.36 dB
     # (43 s; none: 15.52); supervised 6 epochs -0.87 % (81 s; 4 epochs -1.3 %; on the 96-pixel
     # cases 6 epochs gave -1.13 %, 8 -1.15 %, lr 1e-3 -1.93 %).
     "usrnet": DemoRecipe(
