@@ -16,7 +16,8 @@ from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.cli.main import app
 from spade_deploy.errors import SpadeError
 from spade_deploy.export import export_onnx
-from spade_deploy.models import build_model, count_parameters, load_state
+from spade_deploy.models import build_model, config_from_dict, count_parameters, load_state
+from spade_deploy.models.usrnet import USRNetConfig
 from spade_deploy.prune import prune_model
 from spade_deploy.runtime import deploy
 from spade_deploy.sr import data as srdata
@@ -112,6 +113,28 @@ def test_import_command_reads_an_official_checkpoint_without_executing_it(tmp_pa
     result = runner.invoke(app, ["import", str(tmp_path / "evil.pth"), "-o", str(refused), "-m", "usrnet"])
     assert result.exit_code == 1 and "executed" not in result.output and not refused.exists()
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_official_presets_start_from_nearest_neighbour_and_small_from_bicubic(tmp_path):
+    """Imported official weights run the official loop; the small preset's start is kept in its
+    checkpoints; a checkpoint written before the option existed runs as it did (nearest)."""
+    assert build_model("usrnet", preset="paper").cfg.init == build_model("usrnet", preset="tiny").cfg.init == "nearest"
+    torch.manual_seed(0)
+    small = build_model("usrnet", preset="small").eval()
+    assert small.cfg.init == "bicubic"
+    y = torch.rand(1, 3, 16, 16)
+    physics = SRPhysics(paper_kernels()[0], 2)
+    seen = []
+    small.p.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, :3].clone()))
+    with torch.no_grad():
+        small(y, physics)
+    first = physics.data_step(bicubic_upsample(y, 2), y, small.hyper_parameters(physics, 1)[:, :1])
+    assert torch.allclose(seen[0], first, atol=1e-6)
+    save_model(tmp_path / "small.safetensors", small)
+    assert load_model(tmp_path / "small.safetensors")[0].cfg.init == "bicubic"
+    assert config_from_dict(USRNetConfig, {"n_iter": 4, "h_nc": 32, "nc": [16, 32, 64, 64], "nb": 1}).init == "nearest"
+    with pytest.raises(SpadeError, match="unknown USRNet initialisation"):
+        config_from_dict(USRNetConfig, {"init": "bilinear"})
 
 
 def test_forward_pads_the_prior_input_to_multiples_of_8_and_keeps_the_size():
@@ -213,11 +236,13 @@ def test_data_step_solves_its_normal_equations(scale):
     z = torch.randn(2, 1, h, w, generator=g, dtype=torch.float64)
     y = torch.randn(2, 1, h // scale, w // scale, generator=g, dtype=torch.float64)
     x = physics.data_step(z, y, alphas)
+    shared = physics.data_step(z, y, alphas, physics.data_terms(y))  # as the loop calls it
     for b in range(2):
         alpha = float(alphas[b])
         direct = torch.linalg.solve(a.T @ a + alpha * torch.eye(h * w, dtype=torch.float64),
                                     a.T @ y[b].reshape(-1) + alpha * z[b].reshape(-1))
         assert torch.allclose(x[b].reshape(-1), direct, atol=1e-10, rtol=1e-10)
+        assert torch.allclose(shared[b].reshape(-1), direct, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

@@ -6,8 +6,10 @@ Half-quadratic splitting of ``min_x ||y - S H x||^2 / (2 sigma^2) + lambda Phi(x
     z_k = D(x_{k-1}, y, k, s, alpha_k)   the closed-form FFT solution (SRPhysics.data_step)
     x_k = P([z_k, beta_k])               the ResUNet denoiser on the image + a noise-level map
 
-``x_0`` is the nearest-neighbour upsampling of ``y``; ``(alpha_k, beta_k)`` come from the
-hyper-parameter module, a small MLP of ``(sigma, s)``. Three modules, as in the paper:
+``x_0`` is the nearest-neighbour upsampling of ``y`` (the official model's; ``init="bicubic"``:
+bicubic upsampling on the downsampler's grid, :func:`~spade_deploy.sr.baseline.bicubic_upsample`);
+``(alpha_k, beta_k)`` come from the hyper-parameter module, a small MLP of ``(sigma, s)``. Three
+modules, as in the paper:
 
 * data module ``D``: no parameters (:mod:`spade_deploy.sr.physics`);
 * prior module ``P`` (``self.p``): the ResUNet shared by every iteration (4 levels, strided 2 x 2
@@ -29,6 +31,7 @@ convolutional network with dynamic H / W that takes multiples of 8.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpadeError
+from ..sr.baseline import bicubic_upsample
 from ..sr.physics import SRPhysics
 from . import Reconstructor, build_model, load_state, register_model
 
@@ -137,9 +141,15 @@ class USRNetConfig:
     nb: int = 2
     in_nc: int = 4
     out_nc: int = 3
+    init: str = "nearest"  # x_0: "nearest" (official) | "bicubic" (aligned with the downsampler)
 
     def __post_init__(self):
         object.__setattr__(self, "nc", tuple(int(c) for c in self.nc))  # JSON gives a list back
+        if self.init not in INITS:
+            raise SpadeError(f"unknown USRNet initialisation {self.init!r}: {' | '.join(INITS)}")
+
+
+INITS = {"nearest": lambda y, s: F.interpolate(y, scale_factor=s, mode="nearest"), "bicubic": bicubic_upsample}
 
 
 PRESETS = {
@@ -148,8 +158,11 @@ PRESETS = {
     # The official usrnet_tiny.pth: 590,332 parameters.
     "tiny": USRNetConfig(n_iter=6, h_nc=32, nc=(16, 32, 64, 64)),
     # CPU-trainable: tiny's widths with one residual block per level and 4 iterations (322,936
-    # parameters, 37 % of tiny's prior MACs per forward pass), all four ResUNet levels kept.
-    "small": USRNetConfig(n_iter=4, h_nc=32, nc=(16, 32, 64, 64), nb=1),
+    # parameters, 37 % of tiny's prior MACs per forward pass), all four ResUNet levels kept. It
+    # starts from the bicubic estimate: with 4 iterations from the nearest-neighbour one, the
+    # narrowest Gaussian (k1, width 0.7) lost to bicubic upsampling by 0.4 / 1.05 dB at x3 / x4
+    # (benchmarks/README.md, the USRNet base).
+    "small": USRNetConfig(n_iter=4, h_nc=32, nc=(16, 32, 64, 64), nb=1, init="bicubic"),
 }
 
 
@@ -218,9 +231,10 @@ class USRNet(Reconstructor):
             raise SpadeError(f"USRNet takes (B, {self.cfg.out_nc}, h, w) low-resolution images, got {tuple(y.shape)}")
         s = physics.scale
         ab = self.hyper_parameters(physics, y.shape[0])
-        x = F.interpolate(y, scale_factor=s, mode="nearest")
+        x = INITS[self.cfg.init](y, s)
+        terms = physics.data_terms(y)
         for i in range(self.n):
-            x = physics.data_step(x, y, ab[:, i : i + 1])
+            x = physics.data_step(x, y, ab[:, i : i + 1], terms)
             x = self.prior_step(x, ab[:, self.n + i : self.n + i + 1])
         return x
 
@@ -264,8 +278,8 @@ def load_official_checkpoint(path: str | Path, expect: USRNetConfig | None = Non
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SpadeError(f"{path} does not hold a state dict of tensors")
-    cfg = config_from_state_dict(state)
-    if expect is not None and cfg != expect:
+    cfg = config_from_state_dict(state)  # the official loop: x_0 nearest-neighbour, whatever the preset's
+    if expect is not None and dataclasses.replace(cfg, init=expect.init) != expect:
         raise SpadeError(f"{path} holds a USRNet with n_iter {cfg.n_iter}, h_nc {cfg.h_nc}, nc {list(cfg.nc)}, nb {cfg.nb}; "
                          f"expected n_iter {expect.n_iter}, h_nc {expect.h_nc}, nc {list(expect.nc)}, nb {expect.nb}")
     net = build_model("usrnet", config=cfg)

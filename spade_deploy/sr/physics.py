@@ -14,6 +14,8 @@ moves the operator.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import nn
@@ -83,6 +85,15 @@ def _alias_mean(spec: torch.Tensor, scale: int) -> torch.Tensor:
     return spec.reshape(*lead, scale, h // scale, scale, w // scale).mean(dim=(-4, -2))
 
 
+class DataTerms(NamedTuple):
+    """:meth:`SRPhysics.data_terms`: ``F(k)``, its conjugate, ``conj(F(k)) F(S^T y)``, ``mean_s |F(k)|^2``."""
+
+    fb: torch.Tensor
+    fbc: torch.Tensor
+    fbfy: torch.Tensor
+    f2b: torch.Tensor
+
+
 class SRPhysics(Physics):
     """``A = S H``: blur with ``kernel`` (circular), keep every ``scale``-th pixel from ``(0, 0)``.
 
@@ -145,11 +156,22 @@ class SRPhysics(Physics):
         return torch.fft.ifft2(fb.conj() * torch.fft.fft2(up)).real
 
     # -- the closed-form data step ------------------------------------------------------------
-    def data_step(self, z: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    def data_terms(self, y: torch.Tensor) -> DataTerms:
+        """What every data step of one low-resolution ``y`` shares (the official code computes
+        them once per forward pass): ``F(k)``, ``conj(F(k)) F(S^T y)`` and ``mean_s |F(k)|^2``."""
+        self._check(y, hr=False)
+        up = upsample_zeros(y, self.scale)
+        fb = self.otf(up.shape[-2:], up.dtype)
+        fbc = fb.conj()
+        return DataTerms(fb, fbc, fbc * torch.fft.fft2(up), _alias_mean(fb.abs().pow(2), self.scale))
+
+    def data_step(self, z: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | float,
+                  terms: DataTerms | None = None) -> torch.Tensor:
         """``argmin_x ||y - A x||^2 + alpha ||x - z||^2`` = ``(A^T A + alpha I)^-1 (A^T y + alpha z)``.
 
-        ``alpha``: a float or a tensor broadcasting to ``(B, 1, 1, 1)``, positive. With ``FB = F(k)``
-        and ``R = conj(FB) F(S^T y) + alpha F(z)`` the solution is
+        ``alpha``: a float or a tensor broadcasting to ``(B, 1, 1, 1)``, positive; ``terms``:
+        :meth:`data_terms` of this ``y`` (computed here when not given). With ``FB = F(k)`` and
+        ``R = conj(FB) F(S^T y) + alpha F(z)`` the solution is
         ``F^-1[(R - conj(FB) * up_s(mean_s(FB R) / (mean_s(|FB|^2) + alpha))) / alpha]``, where
         ``mean_s`` averages the ``s^2`` aliases of a frequency and ``up_s`` tiles them back.
         """
@@ -157,12 +179,9 @@ class SRPhysics(Physics):
         if tuple(y.shape[-2:]) != (h // self.scale, w // self.scale):
             raise SpadeError(f"low-resolution image {tuple(y.shape[-2:])} does not match {h} x {w} at scale {self.scale}")
         s = self.scale
-        fb = self.otf((h, w), z.dtype)
-        fbc = fb.conj()
-        rhs = fbc * torch.fft.fft2(upsample_zeros(y, s)) + torch.fft.fft2(alpha * z)
-        num = _alias_mean(fb * rhs, s)
-        den = _alias_mean(fb.abs().pow(2), s) + alpha
-        correction = fbc * (num / den).repeat(1, 1, s, s)
+        t = terms if terms is not None else self.data_terms(y)
+        rhs = t.fbfy + torch.fft.fft2(alpha * z)
+        correction = t.fbc * (_alias_mean(t.fb * rhs, s) / (t.f2b + alpha)).repeat(1, 1, s, s)
         return torch.fft.ifft2((rhs - correction) / alpha).real
 
     # -- batches ---------------------------------------------------------------------------------
