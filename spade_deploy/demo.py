@@ -4,7 +4,9 @@ For each model: train the base (or reuse a finished run, or the base shipped for
 score it on the test split, prune it at the recipe's ratios (and at the largest with the widths
 measured fastest here), fine-tune every pruned model with every strategy; then one export + bench
 per task over every checkpoint of that task's models. Finished stages with the same recipe are
-reused and interrupted ones resumed, so a second run only benches. The recipes are
+reused and interrupted ones resumed, so a second run only benches; a pruned model or a fine-tuning
+run is reused only when its manifest records the exact bytes (SHA-256) of the file it was made
+from, so hardware-aware widths are not measured anew under runs made from the old ones. The recipes are
 :data:`~spade_deploy.train.DEMO_RECIPES`.
 """
 
@@ -16,8 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import SpadeError
-from .pipeline import BenchRun, Evaluation, bench_checkpoints, evaluate_checkpoint, finetune_run, finished, prune_run, \
-    resumable, train_run
+from .pipeline import BenchRun, Evaluation, bench_checkpoints, derived_from, evaluate_checkpoint, finetune_run, finished, \
+    prune_run, resumable, train_run
 from .progress import Reporter
 
 
@@ -87,7 +89,7 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
     embedded data."""
     from .losses import STRATEGIES
     from .models import build_model
-    from .prune import PAPER_RATIOS
+    from .prune import PAPER_RATIOS, pruned_name
     from .tasks import task_class
     from .train import DEMO_RECIPES
 
@@ -121,17 +123,25 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
             calls.append(dict(ratios=[max(ratios)], round_to="auto", size=size))
         pruned = []
         for call in calls:
-            results = prune_run(best, out=base_dir / "pruned", reporter=reporter, **call)
-            reporter.pruned(best, results, size)
-            pruned += [p for p, _ in results]
+            paths = [base_dir / "pruned" / pruned_name(best.stem, r, call.get("round_to")) for r in call["ratios"]]
+            if not retrain and all(derived_from(p, "pruning", best) for p in paths):
+                # Pruned from this very base: hardware-aware widths are not measured again.
+                reporter.note(f"Reusing the pruned models {', '.join(p.name for p in paths)} (--retrain to prune again).")
+            else:
+                results = prune_run(best, out=base_dir / "pruned", reporter=reporter, **call)
+                reporter.pruned(best, results, size)
+                paths = [p for p, _ in results]
+            pruned += paths
         reporter.stage(f"{name}: SPADE fine-tune")
         tuned = []
         for path in pruned:
             for strategy in STRATEGIES:
                 ft_out = base_dir / "finetuned" / f"{path.stem}.{strategy}"
                 ft_cfg = recipe.finetune[strategy]
-                if retrain or not finished(ft_out, ft_cfg, task):
-                    resume = not retrain and resumable(ft_out / "last.safetensors", ft_cfg, task)
+                # A run of another pruned model (pruned again since) is not continued.
+                fresh = retrain or not derived_from(ft_out / "last.safetensors", "finetune", path)
+                if fresh or not finished(ft_out, ft_cfg, task):
+                    resume = not fresh and resumable(ft_out / "last.safetensors", ft_cfg, task)
                     finetune_run(path, strategy, best, root, ft_out, ft_cfg, task, resume=resume, reporter=reporter)
                 tuned.append(ft_out / "best.safetensors")
         made.append(DemoModel(name, task_name, best, evaluation, pruned, tuned))

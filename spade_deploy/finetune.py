@@ -25,6 +25,7 @@ from .checkpoint import is_pruned, load_model
 from .errors import SpadeError
 from .losses import STRATEGIES
 from .models import Reconstructor
+from .paths import sha256_file
 from .tasks import Task, task_for
 from .train import FitResult, TrainConfig, fit
 
@@ -116,7 +117,7 @@ def finetune_model(
         cfg = dataclasses.replace(cfg, lipschitz_target=contraction["target"])
     extra = {
         "pruning": manifest.get("pruning"),
-        "finetune": {"strategy": strategy, "parent": str(checkpoint), "teacher": str(teacher_path) if teacher else None, "data": str(root / split) if root else f"embedded {split}"},
+        "finetune": {"strategy": strategy, "parent": str(checkpoint), "parent_sha256": sha256_file(checkpoint), "teacher": str(teacher_path) if teacher else None, "data": str(root / split) if root else f"embedded {split}"},
         "contraction": contraction,
     }
     return fit(model, loss, train_ds, val_ds, cfg, out_dir, resume=resume, teacher=teacher,

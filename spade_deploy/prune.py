@@ -33,6 +33,7 @@ from .checkpoint import load_model, save_model
 from .errors import SpadeError
 from .hwaware import TOLERANCE, DeviceTimer, GroupWidth, Timer, choose_widths, ratio_keeping
 from .models import Reconstructor, count_parameters, layer_shapes
+from .paths import sha256_file
 
 PAPER_RATIOS = (0.05, 0.1, 0.2, 0.4)
 # The input size latencies and convolution widths are measured at: the embedded data's 160 x 160.
@@ -74,10 +75,12 @@ class PruneReport:
     def widths(self) -> str:
         return widths_label(self.round_to)
 
-    def manifest_entry(self, parent: str) -> dict:
-        """The pruned checkpoint's ``pruning`` manifest entry (what the bench and fine-tuning read)."""
+    def manifest_entry(self, parent: str, parent_sha256: str | None = None) -> dict:
+        """The pruned checkpoint's ``pruning`` manifest entry (what the bench and fine-tuning read);
+        ``parent_sha256`` binds it to the exact bytes of the parent file."""
         entry = {
             "ratio": self.ratio, "round_to": self.round_to, "widths": self.widths, "parent": parent,
+            "parent_sha256": parent_sha256,
             "params_before": self.params_before, "params_after": self.params_after,
             "macs_before": self.macs_before, "macs_after": self.macs_after,
             "macs_input": list(self.example_size),
@@ -170,7 +173,10 @@ def prune_model(
     """Return a pruned deep copy of ``model`` and what changed.
 
     ``round_to="auto"`` times the priors' convolutions with ``timer`` (default: PyTorch on the
-    CUDA GPU if any, else the CPU) at ``measure_size``; MACs are counted at ``example_size``."""
+    CUDA GPU if any, else the CPU) at ``measure_size``; MACs are counted at ``example_size``. Only
+    the deployed priors (:meth:`Reconstructor.priors`) get measured widths: a module pruned with
+    them but left in PyTorch (USRNet's hyper-parameter MLP, a few microseconds on a 1 x 1 input)
+    keeps the paper's count, which its timing noise would otherwise move at random."""
     ratio = check_ratio(ratio)
     round_to = check_widths(round_to)
     if round_to == "auto" and timer is None:
@@ -178,6 +184,7 @@ def prune_model(
     pruned = copy.deepcopy(model).eval()
     params_before = count_parameters(model)
     reports = []
+    deployed = set(pruned.priors())
     for name, prior in pruned.prunable().items():
         example = pruned.prior_example_input(name, *example_size)
         before = (count_parameters(prior), count_macs(prior, example))
@@ -186,7 +193,7 @@ def prune_model(
         importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
         groups: list[GroupWidth] = []
         ratio_dict = None
-        if round_to == "auto":
+        if round_to == "auto" and name in deployed:
             chosen = choose_widths(prior, example, pruned.prior_example_input(name, *measure_size), ratio,
                                    pruned.prior_output_layers(name), timer)
             groups = [g for _, g in chosen]
@@ -296,7 +303,7 @@ def prune_checkpoint(
     for ratio in ratios:
         pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=measure_size)
         path = out / pruned_name(Path(src).stem, ratio, round_to)
-        save_model(path, pruned, pruning=report.manifest_entry(str(src)), train_config=manifest.get("train_config"))
+        save_model(path, pruned, pruning=report.manifest_entry(str(src), sha256_file(src)), train_config=manifest.get("train_config"))
         results.append((path, report))
     return results
 
@@ -309,5 +316,5 @@ def prune_to_speedup(
     model, manifest, out = _load_unpruned(src, out_dir)
     pruned, report = search_speedup(model, target, round_to, timer=timer, size=size)
     path = out / pruned_name(Path(src).stem, report.ratio, round_to, target_speedup=target)
-    save_model(path, pruned, pruning=report.manifest_entry(str(src)), train_config=manifest.get("train_config"))
+    save_model(path, pruned, pruning=report.manifest_entry(str(src), sha256_file(src)), train_config=manifest.get("train_config"))
     return path, report

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.demo import DemoReporter, run_demo
 from spade_deploy.train import DemoRecipe, TrainConfig
 
@@ -69,16 +71,31 @@ def test_library_demo_runs_the_pipeline_and_reuses_finished_stages(tiny_dataset,
     assert "psnr_sense" in saved["rows"][0] and "scores" not in saved["rows"][0]  # the task's columns, flat
     assert "SENSE PSNR" in (out / "results" / "bench-deq.md").read_text()
 
-    # A second run trains and fine-tunes nothing: every stage is finished with the same recipe.
-    stamps = {p: p.stat().st_mtime_ns for p in [made.base, *made.finetuned]}
+    # A second run trains, prunes and fine-tunes nothing: every stage is finished with the same
+    # recipe, from the same files.
+    stamps = {p: p.stat().st_mtime_ns for p in [made.base, *made.pruned, *made.finetuned]}
     again = Recorder()
     second = run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=again, recipes={"deq": TINY_DEQ},
                       data={"mri": tiny_dataset.root})
     notes = [e[1] for e in again.events if e[0] == "note"]
     assert any(n.startswith("Reusing the trained base model") for n in notes), notes
+    assert any(n.startswith("Reusing the pruned models") for n in notes), notes
     assert not any(n.startswith(("Training", "fine-tuned")) for n in notes), notes
+    assert not any(e[0] == "pruned" for e in again.events)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r.psnr for r in second.benches["mri"].result.rows] == [r.psnr for r in bench.result.rows]
+
+    # A pruned model that changed (pruned again elsewhere, edited) is not benched with runs
+    # fine-tuned from its old bytes: they are fine-tuned again.
+    model, manifest = load_model(made.pruned[0])
+    with torch.no_grad():
+        model.prior.tail.weight.mul_(0.5)
+    save_model(made.pruned[0], model, **{k: v for k, v in manifest.items() if k in ("pruning", "train_config")})
+    third = Recorder()
+    run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=third, recipes={"deq": TINY_DEQ},
+             data={"mri": tiny_dataset.root})
+    notes = [e[1] for e in third.events if e[0] == "note"]
+    assert sum(n.startswith("fine-tuned") for n in notes) == 3, notes
 
 
 def test_library_demo_refuses_a_model_without_recipe(tmp_path):

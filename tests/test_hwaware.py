@@ -181,3 +181,14 @@ def test_prune_cli_target_speedup_and_bad_options(tmp_path):
         res = runner.invoke(app, ["prune", str(src), *args, "-o", str(tmp_path / "q")])
         assert res.exit_code == 1 and "error:" in res.output and msg in res.output, (args, res.output)
         assert "Traceback" not in res.output
+
+
+def test_auto_widths_leave_a_module_kept_in_pytorch_at_the_paper_count():
+    """USRNet's hyper-parameter MLP is pruned with the ResUNet but never deployed: its widths stay
+    the paper's, only the deployed prior's are measured."""
+    torch.manual_seed(0)
+    model = build_model("usrnet", preset="small").eval()
+    paper, _ = prune_model(model, 0.4)
+    hw, report = prune_model(model, 0.4, "auto", timer=MacTimer(fast=True), measure_size=(32, 32))
+    assert layer_shapes(hw.h) == layer_shapes(paper.h)
+    assert [p.name for p in report.priors if p.groups] == ["prior"]  # the ResUNet's groups were timed
