@@ -6,8 +6,8 @@ measured fastest here), fine-tune every pruned model with every strategy; then o
 per task over every checkpoint of that task's models. Finished stages with the same recipe are
 reused and interrupted ones resumed, so a second run only benches; a pruned model or a fine-tuning
 run is reused only when its manifest records the exact bytes (SHA-256) of the file it was made
-from, so hardware-aware widths are not measured anew under runs made from the old ones. The recipes are
-:data:`~spade_deploy.train.DEMO_RECIPES`.
+from (hardware-aware widths are not measured anew under runs made from the old ones). The recipes
+are :data:`~spade_deploy.train.DEMO_RECIPES`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import SpadeError
-from .pipeline import BenchRun, Evaluation, bench_checkpoints, derived_from, evaluate_checkpoint, finetune_run, finished, \
-    prune_run, resumable, train_run
+from .pipeline import BenchRun, Evaluation, bench_checkpoints, derived_from, evaluate_checkpoint, finetune_run, \
+    finished, prune_run, resumable, train_run
 from .progress import Reporter
 
 
@@ -126,7 +126,8 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
             paths = [base_dir / "pruned" / pruned_name(best.stem, r, call.get("round_to")) for r in call["ratios"]]
             if not retrain and all(derived_from(p, "pruning", best) for p in paths):
                 # Pruned from this very base: hardware-aware widths are not measured again.
-                reporter.note(f"Reusing the pruned models {', '.join(p.name for p in paths)} (--retrain to prune again).")
+                reporter.note(f"Reusing the pruned models {', '.join(p.name for p in paths)} "
+                              "(--retrain to prune again).")
             else:
                 results = prune_run(best, out=base_dir / "pruned", reporter=reporter, **call)
                 reporter.pruned(best, results, size)

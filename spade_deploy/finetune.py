@@ -117,7 +117,9 @@ def finetune_model(
         cfg = dataclasses.replace(cfg, lipschitz_target=contraction["target"])
     extra = {
         "pruning": manifest.get("pruning"),
-        "finetune": {"strategy": strategy, "parent": str(checkpoint), "parent_sha256": sha256_file(checkpoint), "teacher": str(teacher_path) if teacher else None, "data": str(root / split) if root else f"embedded {split}"},
+        "finetune": {"strategy": strategy, "parent": str(checkpoint), "parent_sha256": sha256_file(checkpoint),
+                     "teacher": str(teacher_path) if teacher else None,
+                     "data": str(root / split) if root else f"embedded {split}"},
         "contraction": contraction,
     }
     return fit(model, loss, train_ds, val_ds, cfg, out_dir, resume=resume, teacher=teacher,

@@ -303,7 +303,8 @@ def prune_checkpoint(
     for ratio in ratios:
         pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=measure_size)
         path = out / pruned_name(Path(src).stem, ratio, round_to)
-        save_model(path, pruned, pruning=report.manifest_entry(str(src), sha256_file(src)), train_config=manifest.get("train_config"))
+        save_model(path, pruned, pruning=report.manifest_entry(str(src), sha256_file(src)),
+                   train_config=manifest.get("train_config"))
         results.append((path, report))
     return results
 
@@ -316,5 +317,6 @@ def prune_to_speedup(
     model, manifest, out = _load_unpruned(src, out_dir)
     pruned, report = search_speedup(model, target, round_to, timer=timer, size=size)
     path = out / pruned_name(Path(src).stem, report.ratio, round_to, target_speedup=target)
-    save_model(path, pruned, pruning=report.manifest_entry(str(src), sha256_file(src)), train_config=manifest.get("train_config"))
+    save_model(path, pruned, pruning=report.manifest_entry(str(src), sha256_file(src)),
+               train_config=manifest.get("train_config"))
     return path, report

@@ -195,7 +195,12 @@ DEMO_RECIPES = {
     # a scratch run, school reaching -1.0 %. From that base (27.16 dB at 192), pruned at 0.4:
     # school 4 epochs of batch 2 -1.36 % (103 s; lr 5e-4: -1.76 %); self-supervised 1 epoch of batch 2 24.36 dB
     # (43 s; none: 15.52); supervised 6 epochs -0.87 % (81 s; 4 epochs -1.3 %; on the 96-pixel
-    # cases 6 epochs gave -1.13 %, 8 -1.15 %, lr 1e-3 -1.93 %).
+    # cases 6 epochs gave -1.13 %, 8 -1.15 %, lr 1e-3 -1.93 %). Those figures are from the nearest-
+    # neighbour start; with the bicubic one (the small preset's since 6b3d321) the same recipe gave
+    # the base 26.97 dB and, at 0.4, supervised -0.30 % / school -1.19 % / self-supervised 24.18
+    # (none: 14.85) with the paper's widths (benchmarks/README.md). In scratch runs (code not
+    # kept) a cosine learning-rate decay, random crops with flips and quarter turns, 96-pixel tiles
+    # and a global residual around the prior did not make the base beat bicubic with kernel 1 at x4.
     "usrnet": DemoRecipe(
         preset="small",
         train=TrainConfig(epochs=10, lr=2e-3, batch_size=8, lipschitz_weight=0.0),
