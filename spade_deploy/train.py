@@ -508,6 +508,11 @@ def fit(
                 samples = None if k == b else [(step * k + i) % b for i in range(k)]
                 reg = model.regularizer(batch, x, cfg.contraction_target, cfg.lipschitz_on, samples=samples)
             total = value + cfg.lipschitz_weight * reg if reg is not None else value
+            if not torch.isfinite(total.detach()):
+                # Stop before the step writes NaN into the weights (and into last.safetensors).
+                kept = f"{best_path} holds the best validated epoch" if best_path.exists() else "no epoch was validated"
+                raise SpadeError(f"training diverged: the loss is {float(total.detach()):g} at epoch {epoch + 1}, "
+                                 f"step {step + 1}; {kept} (a lower --lr may help)")
             opt.zero_grad(set_to_none=True)
             total.backward()
             if cfg.grad_clip:

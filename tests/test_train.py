@@ -38,6 +38,28 @@ def test_short_training_raises_validation_psnr(tiny_root, tmp_path):
     assert manifest["train_config"]["epochs"] == 4 and len(result.history) == 4
 
 
+def test_a_diverged_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_root, tmp_path):
+    """A loss that turns NaN stops the run before the step: the last written checkpoint holds
+    finite weights, and the error says where it diverged and what was kept."""
+
+    class DivergesInSecondEpoch(SupervisedLoss):
+        calls = 0
+
+        def __call__(self, x_net, batch, model, teacher=None):
+            self.calls += 1
+            value = super().__call__(x_net, batch, model, teacher)
+            return value * float("nan") if self.calls > 2 else value
+
+    train, val = D.SliceDataset(tiny_root / "train"), D.SliceDataset(tiny_root / "val")
+    torch.manual_seed(0)
+    with pytest.raises(SpadeError, match=r"training diverged: the loss is nan at epoch 2, step 1; .*best\.safetensors holds"):
+        fit(build_model("deq", preset="tiny"), DivergesInSecondEpoch(), train, val, _cfg(epochs=3, max_steps_per_epoch=2),
+            tmp_path / "run")
+    for name in ("best", "last"):
+        model, _ = load_model(tmp_path / "run" / f"{name}.safetensors")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_killed_run_resumes_from_last_epoch(tiny_root, tmp_path):
     train, val = D.SliceDataset(tiny_root / "train"), D.SliceDataset(tiny_root / "val")
     cfg = _cfg(epochs=2, max_steps_per_epoch=2)

