@@ -197,8 +197,8 @@ DEMO_RECIPES = {
     # (43 s; none: 15.52); supervised 6 epochs -0.87 % (81 s; 4 epochs -1.3 %; on the 96-pixel
     # cases 6 epochs gave -1.13 %, 8 -1.15 %, lr 1e-3 -1.93 %). Those figures are from the nearest-
     # neighbour start; with the bicubic one (the small preset's since 6b3d321) the same recipe gave
-    # the base 26.97 dB and, at 0.4, supervised -0.30 % / school -1.19 % / self-supervised 24.18
-    # (none: 14.85) with the paper's widths (benchmarks/README.md). In scratch runs (code not
+    # the base 27.04 dB and, at 0.4, supervised -0.69 % / school -1.47 % / self-supervised 24.49
+    # (none: 13.27) with the paper's widths (benchmarks/README.md). In scratch runs (code not
     # kept) a cosine learning-rate decay, random crops with flips and quarter turns, 96-pixel tiles
     # and a global residual around the prior did not make the base beat bicubic with kernel 1 at x4.
     "usrnet": DemoRecipe(
