@@ -89,6 +89,7 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
     embedded data."""
     from .losses import STRATEGIES
     from .models import build_model
+    from .paths import sha256_file
     from .prune import PAPER_RATIOS, pruned_name
     from .tasks import task_class
     from .train import DEMO_RECIPES
@@ -122,9 +123,10 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
             # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
             calls.append(dict(ratios=[max(ratios)], round_to="auto", size=size))
         pruned = []
+        best_sha = sha256_file(best)
         for call in calls:
             paths = [base_dir / "pruned" / pruned_name(best.stem, r, call.get("round_to")) for r in call["ratios"]]
-            if not retrain and all(derived_from(p, "pruning", best) for p in paths):
+            if not retrain and all(derived_from(p, "pruning", best_sha) for p in paths):
                 # Pruned from this very base: hardware-aware widths are not measured again.
                 reporter.note(f"Reusing the pruned models {', '.join(p.name for p in paths)} "
                               "(--retrain to prune again).")
@@ -136,11 +138,12 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
         reporter.stage(f"{name}: SPADE fine-tune")
         tuned = []
         for path in pruned:
+            path_sha = sha256_file(path)
             for strategy in STRATEGIES:
                 ft_out = base_dir / "finetuned" / f"{path.stem}.{strategy}"
                 ft_cfg = recipe.finetune[strategy]
                 # A run of another pruned model (pruned again since) is not continued.
-                fresh = retrain or not derived_from(ft_out / "last.safetensors", "finetune", path)
+                fresh = retrain or not derived_from(ft_out / "last.safetensors", "finetune", path_sha)
                 if fresh or not finished(ft_out, ft_cfg, task):
                     resume = not fresh and resumable(ft_out / "last.safetensors", ft_cfg, task)
                     finetune_run(path, strategy, best, root, ft_out, ft_cfg, task, resume=resume, reporter=reporter)

@@ -51,19 +51,18 @@ def finished(run: Path, cfg, task=None) -> bool:
     return (run / "best.safetensors").exists() and ts is not None and ts.get("epoch") == cfg.epochs
 
 
-def derived_from(path: Path, entry: str, parent: Path) -> bool:
-    """``path`` exists and its manifest's ``entry`` (``pruning``, ``finetune``) records the exact
-    bytes of ``parent`` (SHA-256): what the demo checks before reusing a stage's output."""
+def derived_from(path: Path, entry: str, parent_sha256: str) -> bool:
+    """``path`` exists and its manifest's ``entry`` (``pruning``, ``finetune``) records the parent
+    file whose SHA-256 is ``parent_sha256``: what the demo checks before reusing a stage's output."""
     from .io import read_manifest
-    from .paths import sha256_file
 
-    if not path.exists() or not parent.exists():
+    if not path.exists():
         return False
     try:
         recorded = (read_manifest(path).get(entry) or {}).get("parent_sha256")
     except SpadeError:
         return False
-    return recorded is not None and recorded == sha256_file(parent)
+    return recorded == parent_sha256
 
 
 def resumable(last: Path, cfg, task=None) -> bool:

@@ -300,10 +300,11 @@ def prune_checkpoint(
     if round_to == "auto" and timer is None:
         timer = default_timer()
     results = []
+    src_sha = sha256_file(src)
     for ratio in ratios:
         pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=measure_size)
         path = out / pruned_name(Path(src).stem, ratio, round_to)
-        save_model(path, pruned, pruning=report.manifest_entry(str(src), sha256_file(src)),
+        save_model(path, pruned, pruning=report.manifest_entry(str(src), src_sha),
                    train_config=manifest.get("train_config"))
         results.append((path, report))
     return results

@@ -176,31 +176,31 @@ DEMO_RECIPES = {
             "self-supervised": TrainConfig(epochs=2, lr=3e-4, lipschitz_weight=0.0),
         },
     ),
-    # USRNet (small preset, 322,936 parameters) on the embedded photographs: 48 x 48 training
-    # tiles (582, 73 batches of 8 per epoch) degraded afresh at x2 / x3 / x4 with the 12
-    # kernels; evaluation on the centre crops of the test photographs at every scale and kernel
-    # (72 cases; 96 x 96 in the measurements up to the next paragraph). Measured on the 2-core
-    # CPU: 6 epochs at lr 2e-3 took 112 s and gave 25.82 dB on the test cases against bicubic's
-    # 23.24 (x2 27.40 / 23.88, x3 26.04 / 23.36, x4 24.02 / 22.47); validation peaked at epoch 4
-    # (28.98 dB) and wavered after, the best epoch is kept. Pruned at the paper's headline ratio
-    # 0.4 only (paper widths) so the whole run fits the quarter hour. From that base (best
-    # epoch: 26.84 dB on the 96-pixel test cases), pruned at 0.4: 16.28 dB; school 5 epochs at
-    # lr 1e-3 25.92 (-3.5 %), 15 epochs 26.75 (-0.3 %, 155 s); supervised 2 epochs at 5e-4 26.49
-    # (-1.3 %), 4 epochs 27.14 (+1.1 %, 84 s); self-supervised 3 epochs at 2e-4 23.68 (50 s).
-    # Evaluation moved to 192 x 192 crops (the task's default): at 96 pixels the per-call costs
-    # of the 4-iteration loop weighed as much as the convolutions (pruned 0.4 x1.72-1.92 against
-    # the unpruned model in NCHW PyTorch on one case; x2.4-2.6 at 192). School and
-    # self-supervised train on the test cases, so at 192 pixels an epoch costs four times as
-    # much: with the 96-pixel recipe (school 15 epochs of batch 8) the demo took 21 minutes in
-    # a scratch run, school reaching -1.0 %. From that base (27.16 dB at 192), pruned at 0.4:
-    # school 4 epochs of batch 2 -1.36 % (103 s; lr 5e-4: -1.76 %); self-supervised 1 epoch of batch 2 24.36 dB
-    # (43 s; none: 15.52); supervised 6 epochs -0.87 % (81 s; 4 epochs -1.3 %; on the 96-pixel
-    # cases 6 epochs gave -1.13 %, 8 -1.15 %, lr 1e-3 -1.93 %). Those figures are from the nearest-
-    # neighbour start; with the bicubic one (the small preset's since 6b3d321) the same recipe gave
-    # the base 27.04 dB and, at 0.4, supervised -0.69 % / school -1.47 % / self-supervised 24.49
-    # (none: 13.27) with the paper's widths (benchmarks/README.md). In scratch runs (code not
-    # kept) a cosine learning-rate decay, random crops with flips and quarter turns, 96-pixel tiles
-    # and a global residual around the prior did not make the base beat bicubic with kernel 1 at x4.
+    # USRNet (small preset, 322,936 parameters) on the embedded photographs: 48 x 48 training tiles
+    # (582, 73 batches of 8 per epoch) degraded afresh at x2 / x3 / x4 with the 12 kernels;
+    # evaluation on the centre crops of the test photographs at every scale and kernel (72 cases; 96
+    # x 96 in the measurements up to the next paragraph). Measured on the 2-core CPU: 6 epochs at lr
+    # 2e-3 took 112 s and gave 25.82 dB on the test cases against bicubic's 23.24 (x2 27.40 / 23.88,
+    # x3 26.04 / 23.36, x4 24.02 / 22.47); validation peaked at epoch 4 (28.98 dB) and wavered
+    # after, the best epoch is kept. Pruned at the paper's headline ratio 0.4 only (paper widths) so
+    # the whole run fits the quarter hour. From that base (best epoch: 26.84 dB on the 96-pixel test
+    # cases), pruned at 0.4: 16.28 dB; school 5 epochs at lr 1e-3 25.92 (-3.5 %), 15 epochs 26.75
+    # (-0.3 %, 155 s); supervised 2 epochs at 5e-4 26.49 (-1.3 %), 4 epochs 27.14 (+1.1 %, 84 s);
+    # self-supervised 3 epochs at 2e-4 23.68 (50 s). Evaluation moved to 192 x 192 crops (the task's
+    # default): at 96 pixels the per-call costs of the 4-iteration loop weighed as much as the
+    # convolutions (pruned 0.4 x1.72-1.92 against the unpruned model in NCHW PyTorch on one case;
+    # x2.4-2.6 at 192). School and self-supervised train on the test cases, so at 192 pixels an
+    # epoch costs four times as much: with the 96-pixel recipe (school 15 epochs of batch 8) the
+    # demo took 21 minutes in a scratch run, school reaching -1.0 %. From that base (27.16 dB at
+    # 192), pruned at 0.4: school 4 epochs of batch 2 -1.36 % (103 s; lr 5e-4: -1.76 %);
+    # self-supervised 1 epoch of batch 2 24.36 dB (43 s; none: 15.52); supervised 6 epochs -0.87 %
+    # (81 s; 4 epochs -1.3 %; on the 96-pixel cases 6 epochs gave -1.13 %, 8 -1.15 %, lr 1e-3 -1.93
+    # %). Those figures are from the nearest-neighbour start; with the bicubic one (the small
+    # preset's since 6b3d321) the same recipe gave the base 27.04 dB and, at 0.4, supervised -0.69 %
+    # / school -1.47 % / self-supervised 24.49 (none: 13.27) with the paper's widths
+    # (benchmarks/README.md). In scratch runs (code not kept) a cosine learning-rate decay, random
+    # crops with flips and quarter turns, 96-pixel tiles and a global residual around the prior did
+    # not make the base beat bicubic with kernel 1 at x4.
     "usrnet": DemoRecipe(
         preset="small",
         train=TrainConfig(epochs=10, lr=2e-3, batch_size=8, lipschitz_weight=0.0),

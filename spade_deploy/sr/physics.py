@@ -87,10 +87,9 @@ def _alias_mean(spec: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 class DataTerms(NamedTuple):
-    """:meth:`SRPhysics.data_terms`: ``F(k)``, its conjugate, ``conj(F(k)) F(S^T y)``, ``mean_s |F(k)|^2``."""
+    """:meth:`SRPhysics.data_terms`: ``F(k)``, ``conj(F(k)) F(S^T y)`` and ``mean_s |F(k)|^2``."""
 
     fb: torch.Tensor
-    fbc: torch.Tensor
     fbfy: torch.Tensor
     f2b: torch.Tensor
 
@@ -163,8 +162,7 @@ class SRPhysics(Physics):
         self._check(y, hr=False)
         up = upsample_zeros(y, self.scale)
         fb = self.otf(up.shape[-2:], up.dtype)
-        fbc = fb.conj()
-        return DataTerms(fb, fbc, fbc * torch.fft.fft2(up), _alias_mean(fb.abs().pow(2), self.scale))
+        return DataTerms(fb, fb.conj() * torch.fft.fft2(up), _alias_mean(fb.abs().pow(2), self.scale))
 
     def data_step(self, z: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | float,
                   terms: DataTerms | None = None) -> torch.Tensor:
@@ -184,7 +182,7 @@ class SRPhysics(Physics):
         rhs = torch.fft.fft2(z) * alpha + t.fbfy
         q = _alias_mean(t.fb * rhs, s) / (t.f2b + alpha)  # (B, C, H/s, W/s)
         # conj(FB) * up_s(q), broadcast over the s x s alias blocks instead of tiling q
-        fbc = t.fbc.reshape(*t.fbc.shape[:-2], s, h // s, s, w // s)
+        fbc = t.fb.conj().reshape(*t.fb.shape[:-2], s, h // s, s, w // s)
         correction = (fbc * q[..., None, :, None, :]).reshape(rhs.shape)
         return torch.fft.ifft2(rhs - correction).real / alpha
 
