@@ -70,7 +70,7 @@ def train_once(model: str, preset: str, root: Path | None, run: Path, cfg, task,
     if not retrain and finished(run, cfg, task) and read_manifest(best).get("preset") == preset:
         reporter.note(f"Reusing the trained base model {best} (--retrain to train again).")
         return best
-    shipped = None if retrain or root is None else bundled_base(model, preset, root)
+    shipped = None if retrain else bundled_base(model, preset, task.dataset_key(root))
     if shipped is not None:
         reporter.note(f"Using the base model trained on this dataset and shipped with spade-deploy: {shipped} "
                       "(--retrain to train it here).")

@@ -116,7 +116,6 @@ def train_run(model: str, preset: str | None, root: Path | None, out: Path, cfg,
     from .models import build_model, count_parameters
     from .paths import check_outputs
     from .train import RUN_FILES, fit
-    from .zoo import dataset_key
 
     reporter = reporter or Reporter()
     check_out_dir(out)
@@ -146,7 +145,7 @@ def train_run(model: str, preset: str | None, root: Path | None, out: Path, cfg,
 
         result = fit(net, SupervisedLoss(), train_ds, val_ds, cfg, out, resume=resume,
                      extra_manifest={"data": str(root) if root else "embedded", "preset": preset,
-                                     "dataset": dataset_key(root) if root else None},
+                                     "dataset": task.dataset_key(root)},
                      on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds, task=task)
     write_json(Path(out) / "history.json", {"train_config": dataclasses.asdict(cfg), "history": result.history})
     reporter.note(f"best checkpoint: {result.best_path} (val PSNR {result.best_val_psnr:.2f} dB) "

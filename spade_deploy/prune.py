@@ -11,8 +11,8 @@ exactly (per-layer L1 norms of each channel's filters, averaged over the group, 
 
 Widths: the paper keeps ``int(c * (1 - ratio))`` of every group's ``c`` channels (the default);
 ``round_to=N`` rounds that down to a multiple of ``N`` (torch-pruning's ``round_to``);
-``round_to="auto"`` keeps, per group, the width the run device runs fastest per useful MAC near the
-paper's count (:func:`spade_deploy.hwaware.choose_widths`), handed to torch-pruning as a per-group
+``round_to="auto"`` keeps, per group, the fastest of the widths near the paper's count that the run
+device runs fastest per useful MAC (:func:`spade_deploy.hwaware.choose_widths`), handed to torch-pruning as a per-group
 ``pruning_ratio_dict``. :func:`search_speedup` searches the ratio whose *measured* prior latency is a
 given factor below the unpruned prior's.
 """

@@ -204,6 +204,9 @@ def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
     cfg = TrainConfig(epochs=1, lr=5e-4)
     legacy = {**dataclasses.asdict(cfg), "acceleration": 6, "center_fraction": None}
     assert same_recipe(legacy, cfg) and not same_recipe({**legacy, "lr": 1e-4}, cfg)
+    # Runs made before the learning-rate schedule existed ran at a constant rate.
+    older = {k: v for k, v in legacy.items() if k != "lr_schedule"}
+    assert same_recipe(older, cfg) and not same_recipe(older, dataclasses.replace(cfg, lr_schedule="cosine"))
 
 
 def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):

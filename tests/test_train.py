@@ -9,7 +9,7 @@ from spade_deploy.errors import SpadeError
 from spade_deploy.losses import SupervisedLoss
 from spade_deploy.models import build_model
 from spade_deploy.tasks.mri import MRITask
-from spade_deploy.train import TrainConfig, evaluate, fit
+from spade_deploy.train import TrainConfig, evaluate, fit, scheduled_lr
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,9 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_root,
 
 
 def test_killed_run_resumes_from_last_epoch(tiny_root, tmp_path):
+    """With the cosine schedule, so that the resumed run also continues the learning rate."""
     train, val = D.SliceDataset(tiny_root / "train"), D.SliceDataset(tiny_root / "val")
-    cfg = _cfg(epochs=2, max_steps_per_epoch=2)
+    cfg = _cfg(epochs=2, max_steps_per_epoch=2, lr_schedule="cosine")
 
     def kill_in_second_epoch(label, step, n, loss):
         if label.startswith("epoch 2"):
@@ -82,8 +83,23 @@ def test_killed_run_resumes_from_last_epoch(tiny_root, tmp_path):
     straight = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, cfg, tmp_path / "straight")
     assert resumed.history[1]["train_loss"] == pytest.approx(straight.history[1]["train_loss"], rel=1e-4)
 
+    torch.manual_seed(0)
+    constant = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, _cfg(epochs=2, max_steps_per_epoch=2),
+                   tmp_path / "constant")
+    assert constant.history[1]["train_loss"] != pytest.approx(straight.history[1]["train_loss"], rel=1e-4)
+
     with pytest.raises(SpadeError, match="different training configuration"):
         fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, _cfg(epochs=3, max_steps_per_epoch=2, lr=1e-4), tmp_path / "run", resume=True)
+
+
+def test_cosine_schedule_decays_from_the_rate_to_zero():
+    cfg = TrainConfig(lr=2e-3, lr_schedule="cosine")
+    rates = [scheduled_lr(cfg, t, 10) for t in range(11)]
+    assert rates[0] == pytest.approx(2e-3) and rates[5] == pytest.approx(1e-3) and rates[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert scheduled_lr(TrainConfig(lr=2e-3), 7, 10) == 2e-3
+    with pytest.raises(SpadeError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
 
 
 def test_validation_every_other_epoch_keeps_the_best_validated_epoch(tiny_root, tmp_path):

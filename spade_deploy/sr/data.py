@@ -23,6 +23,7 @@ images smaller than the network's multiple.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,13 @@ def embedded_images(split: str, crop: int | None = None) -> list[SRImage]:
         path = _package_file(package, inner)
         out.append(SRImage(name, center_crop(read_rgb(path), crop), f"{package}:{inner}"))
     return out
+
+
+def embedded_digests() -> dict[str, str]:
+    """Each embedded photograph's split and the SHA-256 of its file, by name (what identifies the
+    embedded set: another package version may ship other bytes under the same name)."""
+    return {name: f"{split}:{hashlib.sha256(_package_file(package, inner).read_bytes()).hexdigest()}"
+            for name, (package, inner, split) in EMBEDDED.items()}
 
 
 def folder_images(folder: str | Path, min_size: int = 8, crop: int | None = None) -> list[SRImage]:

@@ -85,6 +85,12 @@ class Task:
         first use where it has to be, telling ``reporter``, a :class:`~spade_deploy.progress.Reporter`)."""
         return data
 
+    def dataset_key(self, root: str | Path | None) -> dict | None:
+        """What identifies the task's embedded data (under ``root``; a task whose embedded data
+        needs no folder gets None), so that a base model shipped with the package is used only on
+        the data it was trained on (:func:`spade_deploy.zoo.bundled_base`); None for a user's data."""
+        return None
+
     # -- data ----------------------------------------------------------------------------------
     def dataset(self, root: str | Path, split: str) -> Dataset:
         """The ``split`` (train | val | test) of the data under ``root``."""

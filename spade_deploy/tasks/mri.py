@@ -12,6 +12,7 @@ the zero-filled RSS baseline, and SENSE-referenced secondary scores on fully sam
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,18 @@ class MRITask(Task):
             with reporter.progress("simulating k-space") as update:
                 D.build_default_dataset(root, seed=0, progress=update)
         return root
+
+    def dataset_key(self, root: str | Path | None) -> dict | None:
+        """The embedded dataset's generator version, seed and simulation config (its dataset.json)."""
+        if root is None:
+            return None
+        try:
+            manifest = json.loads((Path(root) / "dataset.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("format") != "spade-deploy/default-dataset":
+            return None
+        return {k: manifest.get(k) for k in ("format", "generator_version", "seed", "config")}
 
     @property
     def cf(self) -> float:

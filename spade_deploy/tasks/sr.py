@@ -15,6 +15,7 @@ upsampling on the downsampler's grid.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -177,6 +178,18 @@ class SRTask(Task):
     def options(self) -> dict:
         return {"scales": list(self.scales), "kernels": list(self.kernels), "noise": self.noise,
                 "data": str(self.data) if self.data else "embedded", "crop": self.crop, "patch": self.patch}
+
+    def dataset_key(self, root: str | Path | None) -> dict | None:
+        """The embedded photographs (each file's SHA-256), the kernels' values, the noise and the
+        tile and crop sizes; None for a user's folder."""
+        if root is not None or self.data is not None:
+            return None
+        kernels = hashlib.sha256()
+        for k in self.kernels.values():
+            kernels.update(np.ascontiguousarray(k, dtype=np.float64).tobytes())
+        return {"format": "spade-deploy/sr-embedded", "images": srdata.embedded_digests(),
+                "scales": list(self.scales), "kernels": kernels.hexdigest(), "noise": self.noise,
+                "crop": self.crop, "patch": self.patch}
 
     # -- data ----------------------------------------------------------------------------------
     def images(self, split: str, root: str | Path | None = None) -> list[srdata.SRImage]:
