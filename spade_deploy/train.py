@@ -117,19 +117,14 @@ class TrainConfig:
         return self.lipschitz_target if self.lipschitz_target is not None else DEFAULT_LIPSCHITZ_TARGET
 
 
-# TrainConfig fields that runs of earlier versions did not record: they ran with the default.
-_ADDED_FIELDS = ("lr_schedule",)
-
-
 def recorded_config(stored: dict | None) -> dict | None:
-    """A run's recorded ``train_config`` restricted to :class:`TrainConfig`'s fields: runs of
-    earlier versions also recorded their task's options there (:meth:`Task.recorded_options` reads
-    those), which are no part of the recipe."""
+    """A run's recorded ``train_config`` as :class:`TrainConfig`'s fields: runs of earlier versions
+    also recorded their task's options there (:meth:`Task.recorded_options` reads those), which are
+    no part of the recipe, and lack the fields added since, which read as their defaults."""
     if not isinstance(stored, dict):
         return None
-    fields = dataclasses.fields(TrainConfig)
-    added = {f.name: f.default for f in fields if f.name in _ADDED_FIELDS}
-    return {**added, **{k: v for k, v in stored.items() if k in {f.name for f in fields}}}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
 
 
 @dataclass(frozen=True)
@@ -227,10 +222,8 @@ DEMO_RECIPES = {
     # --lr 2e-3 --lr-schedule cosine --batch-size 8 --lipschitz-weight 0`: 945 s on the 2-core CPU,
     # best validated epoch 35). Against the 10 constant-rate epochs above it scores 27.72 dB on the
     # test cases instead of 27.04 and wins with kernel 1 at x2 / x3 (+0.87 / +0.14 dB), not at x4
-    # (-0.36). Neither 40 epochs at a constant 1e-3 (x4: -0.01 dB, 27.53 in all) nor 6 iterations
-    # instead of 4 (40 cosine epochs: -0.29, 27.47) won there: followed iteration by iteration at x4
-    # with kernel 1, the first prior step (the largest noise level of the learnt schedule) loses
-    # 1.2 dB from the bicubic start, and the later steps do not quite win it back. From that base
+    # (-0.36); 40 epochs at a constant 1e-3 did not win there either (x4: -0.01 dB, 27.53 in all;
+    # benchmarks/README.md). From that base
     # (pruned at 0.4, paper widths, `none` 12.37 dB) supervised 8 epochs at a constant 5e-4 gave
     # -1.88 %; with the cosine schedule 12 epochs at 5e-4 -2.09 %, 16 at 1e-3 -1.01 %, 20 at 1e-3
     # -0.83 %, 16 at 2e-3 -0.54 % (validated every epoch; every other one here, for time). School 6
