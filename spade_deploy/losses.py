@@ -25,7 +25,12 @@ class Batch:
     towards where it is known (the task's ground truth, e.g. SR's high-resolution image);
     ``target``: the image it is scored against (the task's reference, :attr:`Task.reference_name`);
     ``keys``: one hashable identity per sample (what a teacher's output is cached under);
-    ``meta``: what the task itself needs later (e.g. sizes to crop to, file names).
+    ``meta``: what the task itself needs later (e.g. sizes to crop to, file names);
+    ``error_scale``: per sample, the squared norm supervised training divides its error by. None:
+    the reference's own (a scale-free relative error). A task may give its naive
+    reconstruction's squared error instead (SR: bicubic's), so that each sample counts by its
+    gain over that baseline and the cases where the baseline is already good are not drowned
+    out by those where it is poor.
     """
 
     y: torch.Tensor
@@ -34,14 +39,16 @@ class Batch:
     target: torch.Tensor | None
     keys: list = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    error_scale: torch.Tensor | None = None
 
 
-def relative_sq_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``||x - ref||^2 / ||ref||^2`` (scale-free across slices)."""
+def relative_sq_error(x: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of ``||x - ref||^2 / scale`` with ``scale = ||ref||^2`` unless given
+    (per sample): scale-free across slices."""
     b = x.shape[0]
     num = (x - ref).abs().pow(2).reshape(b, -1).sum(1)
-    den = ref.abs().pow(2).reshape(b, -1).sum(1).clamp_min(1e-12)
-    return (num / den).mean()
+    den = ref.abs().pow(2).reshape(b, -1).sum(1) if scale is None else scale.to(num)
+    return (num / den.clamp_min(1e-12)).mean()
 
 
 class Loss:
@@ -53,12 +60,13 @@ class Loss:
 
 
 class SupervisedLoss(Loss):
-    """Eq. (7): distance between the reconstruction and the ground truth."""
+    """Eq. (7): distance between the reconstruction and the ground truth (relative to
+    ``batch.error_scale`` where the task gives one)."""
 
     needs_ground_truth = True
 
     def __call__(self, x_net, batch, model, teacher=None):
-        return relative_sq_error(*model.supervised_pair(x_net, batch))
+        return relative_sq_error(*model.supervised_pair(x_net, batch), batch.error_scale)
 
 
 class SchoolLoss(Loss):

@@ -321,6 +321,34 @@ def test_bicubic_baseline_is_aligned_with_the_downsampler(scale):
     assert psnr(hr, up, scale**2) > psnr(hr, plain, scale**2) + 1.0
 
 
+def test_supervised_loss_measures_each_tile_against_bicubic():
+    """SR training counts each tile by its error relative to bicubic upsampling's: bicubic itself
+    scores exactly 1 on every tile whatever its kernel (below one grey level of error per pixel,
+    against that level), so the narrow kernels, where bicubic is good, weigh as much as the wide
+    ones; halving every error quarters the loss."""
+    from spade_deploy.losses import SupervisedLoss, relative_sq_error
+
+    class _Plain(torch.nn.Module):
+        def supervised_pair(self, x, batch):
+            return x, batch.x_gt
+
+    task = SRTask(scales=(4,))
+    np.random.seed(0)
+    ds = task.dataset(None, "train")
+    batch = task.train_batch(task.collate([ds[i] for i in range(0, 40, 5)]))
+    assert len(set(batch.meta["kernels"])) > 1
+    loss, model = SupervisedLoss(), _Plain()
+    up = bicubic_upsample(batch.y, 4).clamp(0, 1)
+    mse = (up - batch.x_gt).pow(2).flatten(1).mean(1)
+    floor = 1 / 255.0**2  # errors below one grey level per pixel count against that level
+    assert (mse > floor).sum() >= 4
+    for b in range(batch.y.shape[0]):  # each tile on its own, not just on average
+        got = float(relative_sq_error(up[b : b + 1], batch.x_gt[b : b + 1], batch.error_scale[b : b + 1]))
+        assert got == pytest.approx(min(1.0, float(mse[b]) / floor), rel=1e-4)
+    half = batch.x_gt + (up - batch.x_gt) / 2
+    assert float(loss(half, batch, model)) == pytest.approx(float(loss(up, batch, model)) / 4, rel=1e-4)
+
+
 class _Bicubic(torch.nn.Module):
     """Bicubic upsampling as a reconstructor, scored by the task like any model."""
 
@@ -388,7 +416,7 @@ def test_metrics_are_the_official_tests():
 
 def test_embedded_photographs_and_splits():
     names = {s: srdata.embedded_names(s) for s in srdata.SPLITS}
-    assert sum(map(len, names.values())) == len(set(sum(names.values(), []))) == 8  # disjoint
+    assert sum(map(len, names.values())) == len(set(sum(names.values(), []))) == 13  # disjoint
     for split in srdata.SPLITS:
         for im in srdata.embedded_images(split):
             assert im.image.dtype == np.uint8 and im.image.ndim == 3 and im.image.shape[2] == 3
