@@ -36,6 +36,7 @@ KernelOpt = Annotated[Optional[list[str]], typer.Option("--kernel", help="Super-
 NoiseOpt = Annotated[float, typer.Option("--noise", help="Super-resolution: standard deviation of the white noise on the [0, 1] intensity scale (default 0, as the papers' tables).")]
 CkptSecondsOpt = Annotated[float, typer.Option("--checkpoint-seconds", help="Write a resumable last.safetensors within an epoch after this many seconds (0: every step).")]
 LrScheduleOpt = Annotated[str, typer.Option("--lr-schedule", help="constant | cosine (decays --lr to 0 over the run's steps).")]
+RelativeToOpt = Annotated[str, typer.Option("--relative-to", help="Supervised: each sample's squared error over the reference's squared norm (reference) or over the naive reconstruction's squared error (baseline: super-resolution's bicubic).")]
 
 
 def progress_bar(transient: bool = False) -> Progress:
@@ -167,6 +168,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 5,
     lr: Annotated[float, typer.Option(help="Adam learning rate (fixed-point stage).")] = 2e-4,
     lr_schedule: LrScheduleOpt = "constant",
+    relative_to: RelativeToOpt = "reference",
     batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
@@ -187,8 +189,8 @@ def train(
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR (the model's task: MRI or super-resolution)."""
     cfg = _train_config(
-        epochs=epochs, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size, seed=seed, lipschitz_weight=lipschitz_weight,
-        lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on, train_max_iter=train_max_iter,
+        epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size, seed=seed,
+        lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on, train_max_iter=train_max_iter,
         train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr, max_steps_per_epoch=max_steps,
     )
     check_sampling(acceleration, center_fraction)
@@ -367,6 +369,7 @@ def finetune(
     epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 5,
     lr: Annotated[float, typer.Option(help="Adam learning rate (the paper's 1e-5 by default).")] = 1e-5,
     lr_schedule: LrScheduleOpt = "constant",
+    relative_to: RelativeToOpt = "reference",
     batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     acceleration: AccelOpt = 6,
     center_fraction: CfOpt = None,
@@ -382,8 +385,8 @@ def finetune(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
-    cfg = _train_config(epochs=epochs, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size, seed=seed,
-                        lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
+    cfg = _train_config(epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size,
+                        seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
     check_sampling(acceleration, center_fraction)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     from spade_deploy.losses import STRATEGIES

@@ -27,10 +27,8 @@ class Batch:
     ``keys``: one hashable identity per sample (what a teacher's output is cached under);
     ``meta``: what the task itself needs later (e.g. sizes to crop to, file names);
     ``error_scale``: per sample, the squared norm supervised training divides its error by. None:
-    the reference's own (a scale-free relative error). A task may give its naive
-    reconstruction's squared error instead (SR: bicubic's), so that each sample counts by its
-    gain over that baseline and the cases where the baseline is already good are not drowned
-    out by those where it is poor.
+    the reference's own (a scale-free relative error); the trainer sets the task's baseline
+    error there when the run is ``relative_to="baseline"`` (:class:`~spade_deploy.train.TrainConfig`).
     """
 
     y: torch.Tensor

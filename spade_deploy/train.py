@@ -37,6 +37,7 @@ DEFAULT_LIPSCHITZ_TARGET = 0.96
 
 
 LR_SCHEDULES = ("constant", "cosine")
+RELATIVE_TO = ("reference", "baseline")
 
 
 def scheduled_lr(cfg: "TrainConfig", done: int, total: int) -> float:
@@ -53,6 +54,11 @@ class TrainConfig:
     # "constant", or "cosine": each step's rate is lr * (1 + cos(pi t / T)) / 2, t the steps done, T
     # all the run's steps (a function of the step alone, so a resumed run continues it exactly).
     lr_schedule: str = "constant"
+    # Supervised training divides each sample's squared error by the reference's squared norm
+    # ("reference", scale-free across samples) or by the squared error of the task's naive
+    # reconstruction ("baseline": Task.baseline_error), so each sample counts by its gain over
+    # that baseline and those where the baseline is already good weigh as much as the others.
+    relative_to: str = "reference"
     batch_size: int = 4
     seed: int = 0
     grad_clip: float = 1.0
@@ -87,6 +93,8 @@ class TrainConfig:
             raise SpadeError(f"unknown Lipschitz penalty {self.lipschitz_on!r}: operator | prior")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SpadeError(f"lr_schedule must be one of {' | '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.relative_to not in RELATIVE_TO:
+            raise SpadeError(f"relative_to must be one of {' | '.join(RELATIVE_TO)}, got {self.relative_to!r}")
         from .solvers import MAX_ITER, MIN_TOL
 
         ints = (("epochs", self.epochs, 1, 100_000), ("batch_size", self.batch_size, 1, 4096),
@@ -192,50 +200,28 @@ DEMO_RECIPES = {
         },
     ),
     # USRNet (small preset, 322,936 parameters) on the embedded photographs: 48 x 48 training tiles
-    # (582, 73 batches of 8 per epoch) degraded afresh at x2 / x3 / x4 with the 12 kernels;
-    # evaluation on the centre crops of the test photographs at every scale and kernel (72 cases; 96
-    # x 96 in the measurements up to the next paragraph). Measured on the 2-core CPU: 6 epochs at lr
-    # 2e-3 took 112 s and gave 25.82 dB on the test cases against bicubic's 23.24 (x2 27.40 / 23.88,
-    # x3 26.04 / 23.36, x4 24.02 / 22.47); validation peaked at epoch 4 (28.98 dB) and wavered
-    # after, the best epoch is kept. Pruned at the paper's headline ratio 0.4 only (paper widths) so
-    # the whole run fits the quarter hour. From that base (best epoch: 26.84 dB on the 96-pixel test
-    # cases), pruned at 0.4: 16.28 dB; school 5 epochs at lr 1e-3 25.92 (-3.5 %), 15 epochs 26.75
-    # (-0.3 %, 155 s); supervised 2 epochs at 5e-4 26.49 (-1.3 %), 4 epochs 27.14 (+1.1 %, 84 s);
-    # self-supervised 3 epochs at 2e-4 23.68 (50 s). Evaluation moved to 192 x 192 crops (the task's
-    # default): at 96 pixels the per-call costs of the 4-iteration loop weighed as much as the
-    # convolutions (pruned 0.4 x1.72-1.92 against the unpruned model in NCHW PyTorch on one case;
-    # x2.4-2.6 at 192). School and self-supervised train on the test cases, so at 192 pixels an
-    # epoch costs four times as much: with the 96-pixel recipe (school 15 epochs of batch 8) the
-    # demo took 21 minutes in a scratch run, school reaching -1.0 %. From that base (27.16 dB at
-    # 192), pruned at 0.4: school 4 epochs of batch 2 -1.36 % (103 s; lr 5e-4: -1.76 %);
-    # self-supervised 1 epoch of batch 2 24.36 dB (43 s; none: 15.52); supervised 6 epochs -0.87 %
-    # (81 s; 4 epochs -1.3 %; on the 96-pixel cases 6 epochs gave -1.13 %, 8 -1.15 %, lr 1e-3 -1.93
-    # %). Those figures are from the nearest-neighbour start; with the bicubic one (the small
-    # preset's since 6b3d321) the same recipe gave the base 27.04 dB and, at 0.4, supervised -0.69 %
-    # / school -1.47 % / self-supervised 24.49 (none: 13.27) with the paper's widths
-    # (benchmarks/README.md). In scratch runs (code not kept) a cosine learning-rate decay, random
-    # crops with flips and quarter turns, 96-pixel tiles and a global residual around the prior did
-    # not make the base beat bicubic with kernel 1 at x4.
-    #
+    # (1,030: 129 batches of 8 per epoch) degraded afresh at x2 / x3 / x4 with the 12 kernels, the
+    # base's error on each tile measured against bicubic's (relative_to="baseline"; supervised
+    # fine-tuning measures it against the HR tile's norm, which recovers more mean PSNR in as many
+    # steps: benchmarks/README.md); evaluation on the centre 192 x
+    # 192 of the test photographs at every scale and kernel (72 cases). Only the paper's headline
+    # ratio 0.4 is pruned, so the whole run fits the quarter hour; school and self-supervised train
+    # on the test cases, batch 2 (at 192 pixels a case costs as much as 16 training tiles).
     # The base shipped in spade_deploy/weights/usrnet-small.safetensors was trained by this recipe's
-    # `train` (`spade demo -m usrnet --retrain`, or `spade train -m usrnet --preset small --epochs 60
-    # --lr 2e-3 --lr-schedule cosine --batch-size 8 --lipschitz-weight 0`: 945 s on the 2-core CPU,
-    # best validated epoch 35). Against the 10 constant-rate epochs above it scores 27.72 dB on the
-    # test cases instead of 27.04 and wins with kernel 1 at x2 / x3 (+0.87 / +0.14 dB), not at x4
-    # (-0.36); 40 epochs at a constant 1e-3 did not win there either (x4: -0.01 dB, 27.53 in all;
-    # benchmarks/README.md). From that base
-    # (pruned at 0.4, paper widths, `none` 12.37 dB) supervised 8 epochs at a constant 5e-4 gave
-    # -1.88 %; with the cosine schedule 12 epochs at 5e-4 -2.09 %, 16 at 1e-3 -1.01 %, 20 at 1e-3
-    # -0.83 %, 16 at 2e-3 -0.54 % (validated every epoch; every other one here, for time). School 6
-    # epochs gave -1.15 %, self-supervised 1 epoch 21.73 dB.
+    # `train` (`spade demo -m usrnet --retrain`, or `spade train -m usrnet --preset small --epochs 30
+    # --lr 2e-3 --lr-schedule cosine --relative-to baseline --batch-size 8 --lipschitz-weight 0`: 668 s
+    # on the 2-core CPU):
+    # 27.76 dB on the test cases against bicubic's 23.08, winning with every kernel at every scale.
+    # Its figures, the fine-tuned ones and the runs before: benchmarks/README.md.
     "usrnet": DemoRecipe(
         preset="small",
-        train=TrainConfig(epochs=30, lr=2e-3, lr_schedule="cosine", batch_size=8, lipschitz_weight=0.0),
+        train=TrainConfig(epochs=30, lr=2e-3, lr_schedule="cosine", relative_to="baseline", batch_size=8,
+                          lipschitz_weight=0.0),
         finetune={
             "supervised": TrainConfig(epochs=9, lr=2e-3, lr_schedule="cosine", batch_size=8, lipschitz_weight=0.0,
                                       val_every=3),
-            "school": TrainConfig(epochs=6, lr=1e-3, batch_size=2, lipschitz_weight=0.0),
-            "self-supervised": TrainConfig(epochs=1, lr=2e-4, batch_size=2, lipschitz_weight=0.0),
+            "school": TrainConfig(epochs=6, lr=2e-3, batch_size=2, lipschitz_weight=0.0, val_every=3),
+            "self-supervised": TrainConfig(epochs=1, lr=1e-3, batch_size=2, lipschitz_weight=0.0),
         },
         task_options={"crop": 192, "patch": 48},
         ratios=(0.4,),
@@ -430,6 +416,8 @@ def fit(
     batches, tensor-identical weights. ``resume`` without a ``last.safetensors`` (a kill before the
     first one) starts afresh. Stale temporary files of a killed run are removed on start."""
     task = task if task is not None else task_for(model)
+    if cfg.relative_to == "baseline" and type(task).baseline_error is Task.baseline_error:
+        raise SpadeError(f"the {task.name} task has no baseline error to train relative to; use --relative-to reference")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
@@ -527,6 +515,8 @@ def fit(
         for step, items in enumerate(_rng_neutral(loader), start=first):
             # Fine-tuning on test measurements keeps them as measured; training draws new ones.
             batch = on_model_device(task.eval_batch(items) if cfg.fixed_masks else task.train_batch(items), model)
+            if cfg.relative_to == "baseline" and loss.needs_ground_truth:
+                batch.error_scale = task.baseline_error(batch)
             x = model(batch.y, batch.physics)
             value = loss(x, batch, model, teacher)
             reg = None

@@ -321,32 +321,49 @@ def test_bicubic_baseline_is_aligned_with_the_downsampler(scale):
     assert psnr(hr, up, scale**2) > psnr(hr, plain, scale**2) + 1.0
 
 
-def test_supervised_loss_measures_each_tile_against_bicubic():
-    """SR training counts each tile by its error relative to bicubic upsampling's: bicubic itself
-    scores exactly 1 on every tile whatever its kernel (below one grey level of error per pixel,
-    against that level), so the narrow kernels, where bicubic is good, weigh as much as the wide
-    ones; halving every error quarters the loss."""
+def test_training_relative_to_bicubic_measures_each_tile_against_it(tmp_path):
+    """``relative_to="baseline"`` (the shipped base's training) counts each tile by its error
+    relative to bicubic upsampling's: bicubic itself scores exactly 1 on every tile whatever its
+    kernel (below one grey level of error per pixel, against that level), so the narrow kernels,
+    where bicubic is good, weigh as much as the wide ones; halving every error quarters the loss.
+    The trainer sets it, for supervised losses only."""
+    import spade_deploy.train as train_mod
     from spade_deploy.losses import SupervisedLoss, relative_sq_error
-
-    class _Plain(torch.nn.Module):
-        def supervised_pair(self, x, batch):
-            return x, batch.x_gt
 
     task = SRTask(scales=(4,))
     np.random.seed(0)
     ds = task.dataset(None, "train")
     batch = task.train_batch(task.collate([ds[i] for i in range(0, 40, 5)]))
-    assert len(set(batch.meta["kernels"])) > 1
-    loss, model = SupervisedLoss(), _Plain()
+    assert len(set(batch.meta["kernels"])) > 1 and batch.error_scale is None
+    scale = task.baseline_error(batch)
     up = bicubic_upsample(batch.y, 4).clamp(0, 1)
     mse = (up - batch.x_gt).pow(2).flatten(1).mean(1)
-    floor = 1 / 255.0**2  # errors below one grey level per pixel count against that level
+    floor = 1 / 255.0**2
     assert (mse > floor).sum() >= 4
     for b in range(batch.y.shape[0]):  # each tile on its own, not just on average
-        got = float(relative_sq_error(up[b : b + 1], batch.x_gt[b : b + 1], batch.error_scale[b : b + 1]))
+        got = float(relative_sq_error(up[b : b + 1], batch.x_gt[b : b + 1], scale[b : b + 1]))
         assert got == pytest.approx(min(1.0, float(mse[b]) / floor), rel=1e-4)
     half = batch.x_gt + (up - batch.x_gt) / 2
-    assert float(loss(half, batch, model)) == pytest.approx(float(loss(up, batch, model)) / 4, rel=1e-4)
+    batch.error_scale = scale
+    model = build_model("usrnet", preset="small")
+    assert float(SupervisedLoss()(half, batch, model)) == pytest.approx(float(SupervisedLoss()(up, batch, model)) / 4, rel=1e-4)
+
+    seen = []
+
+    class Spy(SupervisedLoss):
+        def __call__(self, x_net, batch, model, teacher=None):
+            seen.append(batch.error_scale)
+            return super().__call__(x_net, batch, model, teacher)
+
+    cfg = train_mod.TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=1, lipschitz_weight=0.0, relative_to="baseline")
+    small = SRTask(scales=(2,), crop=64, patch=48)
+    train_mod.fit(build_model("usrnet", preset="small"), Spy(), small.dataset(None, "train"), None, cfg,
+                  tmp_path, task=small)
+    assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (4,)
+    with pytest.raises(SpadeError, match="no baseline error"):  # before any data is read
+        train_mod.fit(build_model("deq", preset="small"), SupervisedLoss(), None, None, cfg, tmp_path / "deq")
+    result = CliRunner().invoke(app, ["train", "-m", "usrnet", "--relative-to", "bicubic", "-o", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "--relative-to" in result.output and "Traceback" not in result.output
 
 
 class _Bicubic(torch.nn.Module):

@@ -159,10 +159,10 @@ PRESETS = {
     "tiny": USRNetConfig(n_iter=6, h_nc=32, nc=(16, 32, 64, 64)),
     # CPU-trainable: tiny's widths with one residual block per level and 4 iterations (322,936
     # parameters, 37 % of tiny's prior MACs per forward pass), all four ResUNet levels kept. It
-    # starts from the bicubic estimate: with 4 iterations from the nearest-neighbour one, a base
-    # trained 10 epochs lost to bicubic upsampling with the narrowest Gaussian (k1, width 0.7) by
-    # 0.42 / 1.05 dB at x3 / x4, from the bicubic one by 0.34 / 0.58. Trained in the package
-    # (spade_deploy/weights/usrnet-small.safetensors, DEMO_RECIPES["usrnet"]).
+    # starts from the bicubic estimate: in 4 iterations from the nearest-neighbour one, a base
+    # trained alike lost more to bicubic upsampling with the narrowest Gaussian (k1, width 0.7) at
+    # x3 / x4. Trained in the package (spade_deploy/weights/usrnet-small.safetensors,
+    # DEMO_RECIPES["usrnet"]).
     "small": USRNetConfig(n_iter=4, h_nc=32, nc=(16, 32, 64, 64), nb=1, init="bicubic"),
 }
 

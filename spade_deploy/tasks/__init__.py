@@ -177,6 +177,11 @@ class Task:
         """The naive reconstruction of ``batch`` (an output the model could have given)."""
         raise NotImplementedError
 
+    def baseline_error(self, batch: Batch) -> torch.Tensor:
+        """Per sample, the squared error of the naive reconstruction against ``batch.x_gt``: what
+        supervised training divides a sample's error by with ``relative_to="baseline"``."""
+        raise NotImplementedError
+
     def shown_reference(self, batch: Batch):
         """The first sample's reference image as scored, a ``(H, W)`` or ``(H, W, 3)`` array."""
         raise NotImplementedError

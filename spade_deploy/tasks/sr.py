@@ -227,28 +227,24 @@ class SRTask(Task):
     # -- batches -------------------------------------------------------------------------------
     def train_batch(self, items: dict) -> Batch:
         """Tiles degraded afresh: one scale for the batch, one kernel per tile (global NumPy state),
-        the uint8 truncation of the official recipe, noise from torch's global state.
-
-        Each sample's error is measured relative to bicubic upsampling's (``Batch.error_scale``,
-        floored at one grey level per pixel): with one squared error for all, the large blurs,
-        where bicubic is far off and any model gains many dB, outweigh the narrow ones, where
-        bicubic is already good, and a base trained so lost to bicubic with the narrowest kernel
-        at x4 (``benchmarks/README.md``)."""
+        the uint8 truncation of the official recipe, noise from torch's global state."""
         if "lr" in items:  # cases: measured as evaluation measures them
-            batch = self.eval_batch(items)
-        else:
-            scale = self.scales[np.random.randint(len(self.scales))]
-            names = list(self.kernels)
-            chosen = [names[np.random.randint(len(names))] for _ in items["keys"]]
-            kernel = torch.from_numpy(np.stack([self.kernels[n] for n in chosen]))[:, None]
-            hr = items["hr"]
-            physics = SRPhysics(kernel, scale, self.noise)
-            y = degrade_tensor(hr, physics, self.noise)
-            batch = Batch(y=y, physics=physics, x_gt=hr, target=hr, keys=list(items["keys"]),
-                          meta={"scale": scale, "kernels": chosen})
+            return self.eval_batch(items)
+        scale = self.scales[np.random.randint(len(self.scales))]
+        names = list(self.kernels)
+        chosen = [names[np.random.randint(len(names))] for _ in items["keys"]]
+        kernel = torch.from_numpy(np.stack([self.kernels[n] for n in chosen]))[:, None]
+        hr = items["hr"]
+        physics = SRPhysics(kernel, scale, self.noise)
+        y = degrade_tensor(hr, physics, self.noise)
+        return Batch(y=y, physics=physics, x_gt=hr, target=hr, keys=list(items["keys"]),
+                     meta={"scale": scale, "kernels": chosen})
+
+    def baseline_error(self, batch: Batch) -> torch.Tensor:
+        """Bicubic upsampling's squared error per sample, floored at one grey level per pixel (the
+        uint8 grid the measurements and scores live on)."""
         error = (self.baseline(batch).clamp(0, 1) - batch.x_gt).pow(2).flatten(1)
-        batch.error_scale = error.sum(1).clamp_min(error.shape[1] / 255.0**2)
-        return batch
+        return error.sum(1).clamp_min(error.shape[1] / 255.0**2)
 
     def eval_batch(self, items: dict) -> Batch:
         if "lr" not in items:
