@@ -59,7 +59,7 @@ class Loss:
 
 class SupervisedLoss(Loss):
     """Eq. (7): distance between the reconstruction and the ground truth (relative to
-    ``batch.error_scale`` where the task gives one)."""
+    ``batch.error_scale`` where the run sets one)."""
 
     needs_ground_truth = True
 
