@@ -12,9 +12,10 @@ test      astronaut (Eileen Collins), coffee
 ========  ======================================================================
 
 The greyscale photographs train as RGB images with three equal channels (as the official
-``imread_uint(path, 3)`` reads them): five colour photographs alone gave too few edges and
-textures, and a base trained on them lost to bicubic upsampling with the narrowest kernel at x4
-(``benchmarks/README.md``). Validation and test stay colour photographs. scikit-image's other
+``imread_uint(path, 3)`` reads them); they add edges and textures to five colour photographs, on
+which alone (with each tile's error relative to its own norm) a base lost to bicubic upsampling
+with the narrowest kernel at x4 (``benchmarks/README.md``). Validation and test stay colour
+photographs. scikit-image's other
 samples are left out on purpose: synthetic (colorwheel, logo, chessboard), low-contrast (moon),
 non-photographic or far from natural scenes (Hubble deep field, retina, immunohistochemistry,
 text, page), ``cat`` (the same file as chelsea) and the right view of the motorcycle (a near
