@@ -593,7 +593,9 @@ def main() -> None:
         from click.exceptions import UsageError
 
     from ._common import err_console
+    from spade_deploy.hostmem import keep_freed_memory
 
+    keep_freed_memory()
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .hostmem import allocator_state
 from .device import on_model_device, placed
 from .timing import sync_device
 from .io import atomic_path, write_json, write_text
@@ -318,7 +319,7 @@ def run_bench(
            "solver": dataclasses.asdict(solver) if solver else ({v.label: dataclasses.asdict(v.model.solver_cfg)
                                                                  for v in variants if hasattr(v.model, "solver_cfg")} or None),
            "warmup": warmup, "rounds": repeats,
-           "backends": list(backends), "aggregation": AGGREGATION,
+           "backends": list(backends), "aggregation": AGGREGATION, "host_allocator": allocator_state(),
            "slices": [s[2] for s in slices], "slice_shape": list(sample[0].shape[-2:]),
            "scores": task.scores_name, **(task.result_config(quality[0]) if quality else {})}
     zf = quality[0].psnr_baseline if quality else float("nan")
