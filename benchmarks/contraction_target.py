@@ -32,6 +32,9 @@ from spade_deploy.train import DEMO_RECIPES, evaluate
 
 
 def main() -> None:
+    from spade_deploy.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the spade command runs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="the demo's --out folder")
     ap.add_argument("--ratio", type=float, action="append", default=None, help="pruning ratio (repeatable; default 0.2 0.4)")

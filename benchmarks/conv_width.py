@@ -35,6 +35,9 @@ from spade_deploy.timing import interleaved_medians
 
 
 def main() -> None:
+    from spade_deploy.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the spade command runs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 48, 40, 38, 32])
     ap.add_argument("--size", type=int, default=160)

@@ -281,6 +281,9 @@ def make_data(dest: Path, slices: int, volumes: int, size: int | None = None) ->
 
 
 def main() -> None:
+    from spade_deploy.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the spade command runs
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, help="folder of fastMRI-format test files (--make-data's output)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

@@ -92,6 +92,9 @@ def train_deq(model, ds, steps: int, lr: float, target: float, what: str) -> Non
 
 
 def main() -> None:
+    from spade_deploy.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the spade command runs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.4)

@@ -27,6 +27,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
+    from spade_deploy.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the spade command runs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=HERE.parent / "spade_deploy" / "weights" / "deq-small.safetensors")
     ap.add_argument("--target", type=float, default=2.0)

@@ -41,6 +41,9 @@ MODELS = ("varnet", "e2e-varnet")
 
 
 def main() -> None:
+    from spade_deploy.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the spade command runs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/demo-varnet"), help="the demo's --out folder")
     ap.add_argument("--ratio", type=float, default=0.4)

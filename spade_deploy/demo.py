@@ -3,7 +3,8 @@
 For each model: train the base (or reuse a finished run, or the base shipped for this dataset),
 score it on the test split, prune it at the recipe's ratios (and at the largest with the widths
 measured fastest here), fine-tune every pruned model with every strategy; then one export + bench
-per task over every checkpoint of that task's models. Finished stages with the same recipe are
+per task over the base, the fine-tuned models and, scored but not timed, the models pruned at the
+largest ratio before fine-tuning (what fine-tuning recovers, where pruning costs most). Finished stages with the same recipe are
 reused and interrupted ones resumed, so a second run only benches; a pruned model or a fine-tuning
 run is reused only when its manifest records the exact bytes (SHA-256) of the file it was made
 from (hardware-aware widths are not measured anew under runs made from the old ones). The recipes
@@ -123,6 +124,7 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
             # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
             calls.append(dict(ratios=[max(ratios)], round_to="auto", size=size))
         pruned = []
+        untuned = []  # scored as pruned, before fine-tuning: the largest ratio only (the headline)
         best_sha = sha256_file(best)
         for call in calls:
             paths = [base_dir / "pruned" / pruned_name(best.stem, r, call.get("round_to")) for r in call["ratios"]]
@@ -135,6 +137,7 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
                 reporter.pruned(best, results, size)
                 paths = [p for p, _ in results]
             pruned += paths
+            untuned += [p for p, r in zip(paths, call["ratios"]) if r == max(ratios)]
         reporter.stage(f"{name}: SPADE fine-tune")
         tuned = []
         for path in pruned:
@@ -150,7 +153,7 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
                 tuned.append(ft_out / "best.safetensors")
         made.append(DemoModel(name, task_name, best, evaluation, pruned, tuned))
         group = groups.setdefault(task_name, (task, root, []))
-        group[2].extend([best, *pruned, *tuned])
+        group[2].extend([best, *untuned, *tuned])
     benches = {}
     for task_name, (task, root, checkpoints) in groups.items():
         mine = [m.name for m in made if m.task == task_name]
