@@ -16,6 +16,12 @@ times with).
 prints instead what ``--round-to auto`` measures for that model on this device: per group of
 channels pruned together, the time of the group's own convolutions at each width near the
 paper-exact count, their time per MMAC, and the width chosen.
+
+    python benchmarks/conv_width.py --grid --widths 16 19 26 32 --out-widths 3 8 16 19 26 32
+
+prints the time of one 3x3 convolution c_in -> c_out in PyTorch (channels-last) for every pair:
+how the cost grows with the input and with the output channels separately (oneDNN computes the
+output channels in blocks of the vector width, so a block only partly filled costs a whole one).
 """
 
 from __future__ import annotations
@@ -45,9 +51,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--prior", type=Path, default=None, help="a checkpoint: show what --round-to auto measures for it")
     ap.add_argument("--ratio", type=float, default=0.4)
+    ap.add_argument("--grid", action="store_true", help="one convolution per (input width, output width) pair")
+    ap.add_argument("--out-widths", type=int, nargs="+", default=[3, 8, 16, 19, 26, 32])
     args = ap.parse_args()
     if args.prior is not None:
         return show_auto_widths(args)
+    if args.grid:
+        return show_grid(args)
     torch.manual_seed(0)
     s, depth = args.size, args.depth
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -75,6 +85,25 @@ def main() -> None:
         for c in runners:
             print(f"| {c} | {macs[c] / 1e9:.2f} | {b} | {1000 * medians[(c, b)]:.2f} | "
                   f"{rate[c]:.0f} | {rate[c] / rate[widest]:.2f} |")
+
+
+def show_grid(args) -> None:
+    torch.manual_seed(0)
+    s = args.size
+    calls = {}
+    for ci in args.widths:
+        x = torch.randn(1, ci, s, s).contiguous(memory_format=torch.channels_last)
+        for co in args.out_widths:
+            conv = nn.Conv2d(ci, co, 3, padding=1).eval().to(memory_format=torch.channels_last)
+            calls[(ci, co)] = lambda conv=conv, x=x: conv(x)
+    with torch.no_grad():
+        medians = interleaved_medians(calls, repeats=args.repeats, warmup=2, rotate=True)
+    print(f"one 3x3 convolution c_in -> c_out on 1 x c_in x {s} x {s}, PyTorch channels-last; CPU "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; ms, median of {args.repeats}")
+    print("| c_in \\ c_out | " + " | ".join(map(str, args.out_widths)) + " |")
+    print("|---" * (len(args.out_widths) + 1) + "|")
+    for ci in args.widths:
+        print(f"| {ci} | " + " | ".join(f"{1000 * medians[(ci, co)]:.2f}" for co in args.out_widths) + " |")
 
 
 def show_auto_widths(args) -> None:

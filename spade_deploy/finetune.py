@@ -15,6 +15,7 @@ slowly are pulled down to its typical rate rather than licensing every slice to 
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -109,6 +110,9 @@ def finetune_model(
     if val_ds is not None and not task.has_ground_truth(val_ds):
         val_ds = None
     cfg = dataclasses.replace(cfg, fixed_masks=not loss.needs_ground_truth)
+    if teacher is not None:
+        loss.share((sha256_file(teacher_path), task.name, json.dumps(task.options(), sort_keys=True, default=str),
+                    str(Path(root, split).resolve()) if root else f"embedded {split}"))
     contraction = None
     measurable = type(model).contraction_norms is not Reconstructor.contraction_norms
     if cfg.lipschitz_weight > 0 and cfg.lipschitz_on == "operator" and measurable:

@@ -72,13 +72,21 @@ class SchoolLoss(Loss):
     outputs is compared: :meth:`Reconstructor.distillation_pair`).
 
     The teacher's reconstruction of a measurement never changes, so it is computed once per
-    sample (``batch.keys``) and cached.
+    sample (``batch.keys``) and cached; :meth:`share` keeps that cache for the whole process, for
+    every run with the same teacher on the same measurements (``spade demo`` distils one teacher
+    into every pruned model).
     """
 
     needs_teacher = True
+    _SHARED: dict[tuple, dict[Any, torch.Tensor]] = {}
 
     def __init__(self) -> None:
         self._cache: dict[Any, torch.Tensor] = {}
+
+    def share(self, key: tuple) -> None:
+        """Use the process-wide cache of ``key``: one identity of the teacher's weights and of the
+        measurements (file, task options, split) together."""
+        self._cache = self._SHARED.setdefault(key, {})
 
     def teacher_output(self, batch: Batch, teacher) -> torch.Tensor:
         keys = list(batch.keys)

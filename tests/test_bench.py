@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from spade_deploy.checkpoint import save_model
+from spade_deploy.hostmem import allocator_state
 from spade_deploy.models import build_model
 from spade_deploy.prune import prune_checkpoint
 
@@ -93,6 +94,8 @@ def test_bench_default_auto_table_is_whole_through_a_pipe(tiny_dataset, tmp_path
     assert rows[2]["widths"] == "paper" and rows[0]["widths"] is None
     # Every test slice timed (the tiny test split has two), iterations per slice recorded.
     assert len(data["config"]["slices"]) == 2 and data["config"]["rounds"] == 2
+    # ... under the host allocator setting this process runs with (spade_deploy.hostmem)
+    assert data["config"]["host_allocator"] == allocator_state()
     for r in rows:
         assert len(r["slice_latency_ms"]) == 2 and len(r["slice_iterations"]) == 2
         assert r["latency_ms"] == pytest.approx(sum(r["slice_latency_ms"]) / 2)

@@ -116,3 +116,19 @@ def test_validation_every_other_epoch_keeps_the_best_validated_epoch(tiny_root, 
     assert result.best_val_psnr == best["val_psnr"]
     with pytest.raises(SpadeError, match="val_every"):
         TrainConfig(val_every=0)
+
+
+def test_without_validation_the_last_epoch_is_kept(tiny_root, tmp_path):
+    """``validate=False`` (the DEQ demo's fine-tuning, scored by the bench instead) never
+    reconstructs the validation split and keeps the last epoch as best.safetensors."""
+    torch.manual_seed(0)
+    result = fit(build_model("deq", preset="tiny"), SupervisedLoss(), D.SliceDataset(tiny_root / "train"),
+                 D.SliceDataset(tiny_root / "val"), _cfg(epochs=2, max_steps_per_epoch=1, validate=False),
+                 tmp_path / "run")
+    assert not any("val_psnr" in h for h in result.history)
+    assert [h["epoch"] for h in result.history if h.get("best")][-1] == 2
+    last, _ = load_model(result.last_path)
+    best, _ = load_model(result.best_path)
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), best.state_dict().values()))
+    with pytest.raises(SpadeError, match="validate"):
+        TrainConfig(validate="no")
