@@ -82,7 +82,7 @@ def train_once(model: str, preset: str, root: Path | None, run: Path, cfg, task,
 
 
 def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False, backends: Sequence[str] = ("auto",),
-             repeats: int = 3, reporter: DemoReporter | None = None, recipes: dict | None = None,
+             repeats: int = 2, reporter: DemoReporter | None = None, recipes: dict | None = None,
              data: dict[str, Path] | None = None, device: str = "cpu") -> DemoResult:
     """Run the demo for ``models`` into ``out`` (``<out>/<model>/{base,pruned,finetuned}``,
     ``<out>/engines``, ``<out>/results``). ``recipes``: name -> :class:`~spade_deploy.train.DemoRecipe`

@@ -41,6 +41,36 @@ def test_teacher_and_measurement_strategies_run_on_test_measurements(setup, tmp_
     assert model.prior.head.out_channels == 9  # int(16 * 0.6)
 
 
+def test_school_runs_share_the_teachers_reconstructions_only_with_that_teacher(setup, tmp_path, monkeypatch):
+    """Two school runs with one teacher on the same measurements (the demo's pruned models)
+    reconstruct each test slice with the teacher once; a teacher with other weights is run again."""
+    from spade_deploy.losses import SchoolLoss
+    from spade_deploy.models.deq import DEQ
+
+    root, teacher, student = setup
+    monkeypatch.setattr(SchoolLoss, "_SHARED", {})  # not what the tests before left
+    calls = []
+    forward = DEQ.forward
+
+    def counted(self, y, physics, solver=None):
+        if self.prior.head.out_channels == 16:  # the unpruned teacher, not the pruned student
+            calls.append(y.shape[0])
+        return forward(self, y, physics, solver)
+
+    monkeypatch.setattr(DEQ, "forward", counted)
+    cfg = dataclasses.replace(CFG, lipschitz_weight=0.0, epochs=2)  # no parent measurement: teacher calls only
+    finetune_model(student, "school", root, tmp_path / "one", cfg, teacher_path=teacher)
+    assert sum(calls) == 2  # the two test slices, once each over both epochs
+    finetune_model(student, "school", root, tmp_path / "two", cfg, teacher_path=teacher)
+    assert sum(calls) == 2
+    other_model, _ = load_model(teacher)
+    with torch.no_grad():
+        other_model.prior.tail.weight.mul_(0.5)
+    other = save_model(tmp_path / "other-teacher.safetensors", other_model)
+    finetune_model(student, "school", root, tmp_path / "three", cfg, teacher_path=other)
+    assert sum(calls) == 4
+
+
 def test_supervised_needs_ground_truth(setup, tmp_path):
     root, teacher, student = setup
     no_gt = tmp_path / "no-gt"
