@@ -4,7 +4,8 @@ For each model: train the base (or reuse a finished run, or the base shipped for
 score it on the test split, prune it at the recipe's ratios (and at the largest with the widths
 measured fastest here), fine-tune every pruned model with every strategy; then one export + bench
 per task over the base, the fine-tuned models and, scored but not timed, the models pruned at the
-largest ratio before fine-tuning (what fine-tuning recovers, where pruning costs most). Finished stages with the same recipe are
+largest ratio before fine-tuning (what fine-tuning recovers, where pruning costs most; unless the
+recipe leaves them out). Finished stages with the same recipe are
 reused and interrupted ones resumed, so a second run only benches; a pruned model or a fine-tuning
 run is reused only when its manifest records the exact bytes (SHA-256) of the file it was made
 from (hardware-aware widths are not measured anew under runs made from the old ones). The recipes
@@ -137,7 +138,8 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
                 reporter.pruned(best, results, size)
                 paths = [p for p, _ in results]
             pruned += paths
-            untuned += [p for p, r in zip(paths, call["ratios"]) if r == max(ratios)]
+            if recipe.score_unfinetuned:
+                untuned += [p for p, r in zip(paths, call["ratios"]) if r == max(ratios)]
         reporter.stage(f"{name}: SPADE fine-tune")
         tuned = []
         for path in pruned:
