@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .hostmem import allocator_state
 from .device import on_model_device, placed
+from .hostmem import allocator_state
 from .timing import sync_device
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters

@@ -3,10 +3,9 @@
 PyTorch's CPU tensors come from ``malloc``. glibc serves every block above its mmap threshold
 (128 KiB at start, raised on the fly only after such a block is freed) with a fresh ``mmap``
 and returns it with ``munmap`` when freed, so each call of a prior faults its activations
-(1.9-3.3 MB per 160 x 160 feature map of the small DEQ) back in, page by page. Measured on the
-2-core CPU by ``benchmarks/host_allocator.py`` (small DEQ, 160 x 160): see
-``benchmarks/README.md``. onnxruntime keeps its own arena and never paid this, which is why it looked faster than
-PyTorch in the loop.
+(1.9-3.3 MB per 160 x 160 feature map of the small DEQ) back in, page by page, depending on
+what the process ran before. ``benchmarks/host_allocator.py`` measures the difference on the small
+DEQ (figures in ``benchmarks/README.md``). onnxruntime keeps its own memory arena.
 
 :func:`keep_freed_memory` fixes the threshold at glibc's largest (32 MiB on 64-bit; larger
 blocks still use ``mmap``) and stops trimming the heap top, as ``jemalloc`` / ``tcmalloc``
