@@ -168,8 +168,8 @@ class DemoRecipe:
 # 4 epochs: 25.05 / 17.5; 4 epochs weight 3: 25.47 / 16.1. (That sweep penalised every slice
 # of a batch; with one slice per step, lipschitz_samples=1, supervised gave 28.11 / 18.0 in the
 # demo.) Supervised validates after each epoch: at 0.05 its second epoch leaves a validation slice
-# on the iteration cap, so the first is kept (kept without validation, it needed 20.2 iterations
-# against the parent's 16.5 on the test split). School and self-supervised keep their last epoch
+# on the iteration cap, so the first is kept (validated after its last epoch only, the second was
+# kept and needed 20.2 iterations against the parent's 16.5 on the test split). School and self-supervised keep their last epoch
 # without validating (the bench scores every model on the test split; one validation of the 12
 # val slices costs about a third of a school epoch, and the demo has to fit the quarter hour).
 # When they validated every other epoch, the last was the best validated one at 0.1 / 0.2 / 0.4
