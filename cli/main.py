@@ -593,9 +593,14 @@ def main() -> None:
         from click.exceptions import UsageError
 
     from ._common import err_console
+    from spade_deploy.errors import SpadeError
     from spade_deploy.hostmem import keep_freed_memory
 
-    keep_freed_memory()
+    try:
+        keep_freed_memory()
+    except SpadeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:

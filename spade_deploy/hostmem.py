@@ -10,8 +10,8 @@ DEQ (figures in ``benchmarks/README.md``). onnxruntime keeps its own memory aren
 :func:`keep_freed_memory` fixes the threshold at glibc's largest (32 MiB on 64-bit; larger
 blocks still use ``mmap``) and stops trimming the heap top, as ``jemalloc`` / ``tcmalloc``
 behave and as PyTorch's CPU performance guides recommend. The ``spade`` command calls it at
-start; ``SPADE_HOST_ALLOCATOR=system`` leaves glibc's defaults. Elsewhere than glibc it does
-nothing.
+start; ``SPADE_HOST_ALLOCATOR=system`` leaves glibc's defaults (any value other than ``system``,
+``kept`` or empty is refused). Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+from .errors import SpadeError
 
 ENV = "SPADE_HOST_ALLOCATOR"
 _M_TRIM_THRESHOLD = -1
@@ -36,8 +38,11 @@ def keep_freed_memory() -> str:
     global _state
     if _state is not None:
         return _state
+    asked = os.environ.get(ENV, "").strip().lower()
+    if asked not in ("", "kept", "system"):
+        raise SpadeError(f"${ENV} is {os.environ[ENV]!r}; set it to 'system' (glibc's defaults) or 'kept', or unset it")
     _state = "system"
-    if os.environ.get(ENV, "").strip().lower() == "system" or not sys.platform.startswith("linux"):
+    if asked == "system" or not sys.platform.startswith("linux"):
         return _state
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

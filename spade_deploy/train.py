@@ -169,9 +169,10 @@ class DemoRecipe:
 # of a batch; with one slice per step, lipschitz_samples=1, supervised gave 28.11 / 18.0 in the
 # demo.) Supervised validates after each epoch: at 0.05 its second epoch leaves a validation slice
 # on the iteration cap, so the first is kept (validated after its last epoch only, the second was
-# kept and needed 20.2 iterations against the parent's 16.5 on the test split). School and self-supervised keep their last epoch
-# without validating (the bench scores every model on the test split; one validation of the 12
-# val slices costs about a third of a school epoch, and the demo has to fit the quarter hour).
+# kept and needed 20.2 iterations against the parent's 16.5 on the test split). School and
+# self-supervised keep their last epoch without validating (the bench scores every model on the
+# test split; one validation of the 12 val slices costs about a third of a school epoch, and the
+# demo has to fit the quarter hour).
 # When they validated every other epoch, the last was the best validated one at 0.1 / 0.2 / 0.4
 # (both widths); at 0.05 the second (test PSNR school 29.16 / self-supervised 29.25 dB, against
 # 29.38 / 29.19 for the last).

@@ -43,3 +43,12 @@ def test_the_spade_command_applies_it_before_any_command_runs(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 0 and calls == [1]
+
+
+def test_a_misspelt_setting_is_a_one_line_error_of_the_spade_command():
+    env = {**os.environ, "SPADE_HOST_ALLOCATOR": "sytem"}
+    out = subprocess.run([sys.executable, "-m", "spade_deploy.cli.main", "models"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "SPADE_HOST_ALLOCATOR" in lines[0] and "'sytem'" in lines[0], out.stderr
