@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from spade_deploy import data as D
+from spade_deploy.mri import data as D
 from spade_deploy.checkpoint import load_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.finetune import finetune_model
@@ -27,7 +27,7 @@ from spade_deploy.io import read_manifest, write_text
 from spade_deploy.losses import STRATEGIES
 from spade_deploy.paths import check_outputs
 from spade_deploy.prune import pruned_name
-from spade_deploy.tasks.mri import MRITask
+from spade_deploy.mri.task import MRITask
 from spade_deploy.train import DEMO_RECIPES, evaluate
 
 

@@ -95,7 +95,7 @@ if [[ -n "$todo" ]]; then
   todo=$(missing)
   [[ -z "$todo" ]] || die "still missing for Python $PYV: $todo (no wheel in $HOUSE/py$PYV; prepare with --python $PYV)"
 fi
-"$PY" -c 'import spade_deploy.bench, spade_deploy.runtime' || die "spade_deploy does not import (see above)"
+"$PY" -c 'import spade_deploy.bench, spade_deploy.deploy.runtime' || die "spade_deploy does not import (see above)"
 
 RESULTS="$ROOT/benchmarks/results"
 if [[ "$MODE" == dry ]]; then

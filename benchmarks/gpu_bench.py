@@ -17,7 +17,7 @@ activations NHWC), ``compiled`` (each prior through ``torch.compile``), ``compil
 whole iteration, a VarNet's whole forward pass, through ``torch.compile``), ``cuda-graph`` (each prior
 through ``torch.compile(mode="reduce-overhead")``, i.e. replayed CUDA graphs), ``fp16`` / ``bf16``
 (priors in that precision, the loop in FP32; a DEQ's only where its residual still meets the
-tolerance on the timing slice, checked by :func:`spade_deploy.runtime.check_precision`),
+tolerance on the timing slice, checked by :func:`spade_deploy.deploy.runtime.check_precision`),
 ``onnxruntime`` (the CUDA provider of onnxruntime-gpu, asserted active) and ``tensorrt`` (FP32
 engines built for the data's shape and checked against PyTorch).
 
@@ -43,15 +43,15 @@ sys.path.insert(0, str(ROOT))
 
 from spade_deploy import bench as B  # noqa: E402
 from spade_deploy.checkpoint import load_model  # noqa: E402
-from spade_deploy.data import SliceDataset  # noqa: E402
+from spade_deploy.mri.data import SliceDataset  # noqa: E402
 from spade_deploy.device import placed, require_device, to_device  # noqa: E402
 from spade_deploy.errors import SpadeError  # noqa: E402
 from spade_deploy.io import write_json, write_text  # noqa: E402
 from spade_deploy.models import build_model  # noqa: E402
-from spade_deploy.physics import center_fraction_for  # noqa: E402
+from spade_deploy.mri.physics import center_fraction_for  # noqa: E402
 from spade_deploy.prune import prune_model  # noqa: E402
-from spade_deploy.runtime import check_precision, deploy, low_precision  # noqa: E402
-from spade_deploy.tasks.mri import MRITask  # noqa: E402
+from spade_deploy.deploy.runtime import check_precision, deploy, low_precision  # noqa: E402
+from spade_deploy.mri.task import MRITask  # noqa: E402
 
 ACCELERATION = 6
 RATIO = 0.4
@@ -157,7 +157,7 @@ def build_engine(engine: str, model, dev: torch.device, work: Path, size: tuple[
 
         if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise Absent(f"absent: onnxruntime {ort.__version__} here is the CPU build (onnxruntime-gpu not installed)")
-        from spade_deploy.export import export_onnx
+        from spade_deploy.deploy.export import export_onnx
 
         folder = Path(tempfile.mkdtemp(dir=work))
         res = export_onnx(model, folder, "m", example_size=size)
@@ -167,7 +167,7 @@ def build_engine(engine: str, model, dev: torch.device, work: Path, size: tuple[
             raise Absent("absent: CUDA only")
         if importlib.util.find_spec("tensorrt") is None:
             raise Absent("absent: TensorRT not installed")
-        from spade_deploy.export import build_trt_engines, export_onnx
+        from spade_deploy.deploy.export import build_trt_engines, export_onnx
 
         folder = Path(tempfile.mkdtemp(dir=work))
         res = export_onnx(model, folder, "m", example_size=size)
@@ -261,7 +261,7 @@ def make_data(dest: Path, slices: int, volumes: int, size: int | None = None) ->
     smaller simulated matrix instead (for the CPU dry run)."""
     import h5py
 
-    from spade_deploy.data import SimConfig, build_default_dataset
+    from spade_deploy.mri.data import SimConfig, build_default_dataset
 
     config = None
     if size is not None:

@@ -28,9 +28,9 @@ def child(calls: int) -> dict:
     import torch
 
     from spade_deploy.checkpoint import load_model
-    from spade_deploy.engines import ChannelsLastPrior, synthetic_sample
+    from spade_deploy.deploy.engines import ChannelsLastPrior, synthetic_sample
     from spade_deploy.hostmem import keep_freed_memory
-    from spade_deploy.physics import complex_to_channels
+    from spade_deploy.mri.physics import complex_to_channels
     from spade_deploy.prune import prune_model
     from spade_deploy.timing import interleaved_medians
     from spade_deploy.zoo import bundled_path

@@ -38,18 +38,18 @@ from types import SimpleNamespace
 
 import torch
 
-from spade_deploy import data as D
+from spade_deploy.mri import data as D
 from spade_deploy.cli.main import progress_bar
 from spade_deploy.bench import AGGREGATION, prior_macs, time_interleaved
 from spade_deploy.checkpoint import load_model, save_model
-from spade_deploy.export import export_onnx
+from spade_deploy.deploy.export import export_onnx
 from spade_deploy.io import write_json, write_text
 from spade_deploy.losses import STRATEGIES
-from spade_deploy.metrics import psnr
+from spade_deploy.mri.metrics import psnr
 from spade_deploy.models import build_model, count_parameters, preset_config
 from spade_deploy.prune import prune_model
-from spade_deploy.runtime import deploy
-from spade_deploy.tasks.mri import eval_seeds, make_batch
+from spade_deploy.deploy.runtime import deploy
+from spade_deploy.mri.task import eval_seeds, make_batch
 from spade_deploy.train import TrainConfig, fit
 
 

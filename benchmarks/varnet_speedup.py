@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spade_deploy import data as D
+from spade_deploy.mri import data as D
 from spade_deploy.bench import AGGREGATION, bench_slices, prior_macs, time_interleaved
-from spade_deploy.tasks.mri import MRITask
+from spade_deploy.mri.task import MRITask
 from spade_deploy.checkpoint import load_model
-from spade_deploy.export import export_onnx
+from spade_deploy.deploy.export import export_onnx
 from spade_deploy.io import write_json, write_text
 from spade_deploy.models import count_parameters
-from spade_deploy.runtime import deploy
+from spade_deploy.deploy.runtime import deploy
 from spade_deploy.train import evaluate
 
 MODELS = ("varnet", "e2e-varnet")

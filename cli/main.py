@@ -84,7 +84,7 @@ class ConsoleReporter(DemoReporter):
 
 
 def _build_default(root: Path, seed: int, force: bool):
-    from spade_deploy import data as D
+    from spade_deploy.mri import data as D
 
     with ConsoleReporter().progress("simulating k-space") as update:
         return D.build_default_dataset(root, seed=seed, force=force, progress=update)
@@ -124,7 +124,7 @@ def data(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete build exists.")] = False,
 ):
     """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space)."""
-    from spade_deploy import data as D
+    from spade_deploy.mri import data as D
 
     check_number("--seed", seed, 0, 2**31 - 1)
     root = root or D.default_data_root()
@@ -234,7 +234,7 @@ def import_(
     check_outputs(files=[out], inputs=[source])
     expect = preset_config(model, preset) if preset else None
     if model == "usrnet":
-        from spade_deploy.models.usrnet import load_official_checkpoint
+        from spade_deploy.sr.usrnet import load_official_checkpoint
 
         net, info = load_official_checkpoint(source, expect=expect)
         save_model(out, net, imported=info, preset=preset)
@@ -245,7 +245,7 @@ def import_(
         return
     if model not in ("varnet", "e2e-varnet"):
         raise SpadeError(f"import reads fastMRI VarNet (varnet, e2e-varnet) or official USRNet (usrnet) checkpoints, not {model!r}")
-    from spade_deploy.models.varnet import load_fastmri_checkpoint
+    from spade_deploy.mri.varnet import load_fastmri_checkpoint
 
     net, info = load_fastmri_checkpoint(source, model, expect=expect)
     save_model(out, net, imported=info, preset=preset)
@@ -419,7 +419,7 @@ def reconstruct(
 ):
     """MRI: reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
     from spade_deploy.errors import SpadeError
-    from spade_deploy.runtime import BACKENDS
+    from spade_deploy.deploy.runtime import BACKENDS
 
     sr = _checkpoint_task(checkpoint) == "sr"
     if backend not in BACKENDS:
@@ -433,7 +433,7 @@ def reconstruct(
                                  reporter=ConsoleReporter())
         console.print(f"{len(res.outputs)} images super-resolved x{res.scale} (kernel {res.kernel}) into [cyan]{out}[/]")
         return
-    from spade_deploy.reconstruct import reconstruct_checkpoint
+    from spade_deploy.mri.reconstruct import reconstruct_checkpoint
 
     check_sampling(acceleration, center_fraction)
     check_number("--batch-size", batch_size, 1, 4096)
@@ -508,7 +508,7 @@ def export(
 ):
     """Export every prior to ONNX (checked against PyTorch) and, with --trt, to TensorRT engines."""
     from spade_deploy.errors import SpadeError
-    from spade_deploy.export import check_opset
+    from spade_deploy.deploy.export import check_opset
 
     check_opset(opset)
     if fp16 and not trt:

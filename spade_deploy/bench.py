@@ -40,7 +40,7 @@ from .timing import sync_device
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters
 from .solvers import SolverConfig
-from .engines import describe_device
+from .deploy.engines import describe_device
 from .tasks import Task
 from .train import evaluate
 

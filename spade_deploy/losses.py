@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .physics import Physics, random_quarter_turns, rotate_images as rotate  # noqa: F401 (re-exported)
+from .mri.physics import Physics, random_quarter_turns, rotate_images as rotate  # noqa: F401 (re-exported)
 
 
 @dataclass

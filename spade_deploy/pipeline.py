@@ -283,8 +283,8 @@ def fresh_export(net, checkpoint_sha256: str, engines: Path, stem: str, backends
     (same SHA-256) with every file the back-ends need intact; None when there is none or it was
     exported from another version of the checkpoint (export again). A manifest that is malformed,
     or whose files differ from the ones it records, is an error: it is never silently replaced."""
-    from .export import read_export_manifest
-    from .runtime import verify_export
+    from .deploy.export import read_export_manifest
+    from .deploy.runtime import verify_export
 
     mpath = engines / f"{stem}.manifest.json"
     if not mpath.exists():
@@ -309,15 +309,15 @@ def export_checkpoint(checkpoint: Path, out: Path, trt: bool = False, fp16: bool
                       stem: str | None = None, size: tuple[int, int] | None = None):
     """Export every prior of ``checkpoint`` to ONNX in ``out`` (checked against PyTorch), bound to
     the checkpoint's SHA-256; with ``trt`` also TensorRT engines for images of ``size``. Returns the
-    :class:`~spade_deploy.export.ExportResult`."""
+    :class:`~spade_deploy.deploy.export.ExportResult`."""
     from .checkpoint import load_model
-    from .export import build_trt_engines, check_opset, export_onnx
+    from .deploy.export import build_trt_engines, check_opset, export_onnx
     from .paths import check_outputs, sha256_file
 
     check_opset(opset)
     check_out_dir(out)
     if trt:  # fail before writing anything when TensorRT cannot run here
-        from .export import require_tensorrt
+        from .deploy.export import require_tensorrt
 
         require_tensorrt()
         if size is None:
@@ -387,7 +387,7 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
     from . import bench as B
     from .device import require_device
     from .paths import check_outputs, sha256_file
-    from .runtime import BACKENDS, deploy
+    from .deploy.runtime import BACKENDS, deploy
 
     reporter = reporter or Reporter()
     backends = list(backends)
@@ -398,7 +398,7 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
     if "tensorrt" in backends:
         if dev.type != "cuda":
             raise SpadeError("-b tensorrt runs on a CUDA GPU: add --device cuda")
-        from .export import require_tensorrt
+        from .deploy.export import require_tensorrt
 
         require_tensorrt()
     check_out_dir(out)

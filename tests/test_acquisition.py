@@ -16,14 +16,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from spade_deploy import coilmaps as CM
-from spade_deploy import data as D
+from spade_deploy.mri import coilmaps as CM
+from spade_deploy.mri import data as D
 from spade_deploy.checkpoint import save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.models import build_model
-from spade_deploy.physics import equispaced_mask, fft2c, ifft2c, rss
-from spade_deploy.reconstruct import reconstruct_files
-from spade_deploy.tasks.mri import MRITask
+from spade_deploy.mri.physics import equispaced_mask, fft2c, ifft2c, rss
+from spade_deploy.mri.reconstruct import reconstruct_files
+from spade_deploy.mri.task import MRITask
 from spade_deploy.train import evaluate
 
 from cli.main import app
@@ -155,7 +155,7 @@ def test_nothing_outside_the_mask_reaches_any_reconstruction(tiny_dataset, tmp_p
     # training batches: with the test measurements' own masks (school / self-supervised
     # fine-tuning) nothing changes; with fresh random masks (training on fully sampled data) the
     # measurements differ, but the maps still come from the ACS block alone
-    from spade_deploy.tasks.mri import eval_seeds, make_batch
+    from spade_deploy.mri.task import eval_seeds, make_batch
 
     for fixed in (True, False):
         batches = []

@@ -19,7 +19,7 @@ runner = CliRunner()
 
 
 def _split(info):
-    from spade_deploy.data import SliceDataset
+    from spade_deploy.mri.data import SliceDataset
 
     return SliceDataset(info.root / "test")
 
@@ -142,8 +142,8 @@ def test_speedups_without_a_reference_show_a_dash(tmp_path):
 def test_bench_interleaves_variants_over_rounds_on_every_slice(tiny_dataset, tmp_path):
     """Round r: every variant reconstructs every slice once, the variants' order rotated by r."""
     from spade_deploy.bench import Variant, run_bench
-    from spade_deploy.physics import center_fraction_for
-    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.mri.physics import center_fraction_for
+    from spade_deploy.mri.task import MRITask
 
     torch.manual_seed(0)
     log = []
@@ -178,8 +178,8 @@ def test_untimed_variants_are_scored_not_timed(tiny_dataset, tmp_path):
     """A variant marked untimed (the demo's pruned models before fine-tuning) is scored with its
     iterations but never enters the timing rounds (latency "–", no speed-up)."""
     from spade_deploy.bench import Variant, columns, run_bench, table_rows
-    from spade_deploy.physics import center_fraction_for
-    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.mri.physics import center_fraction_for
+    from spade_deploy.mri.task import MRITask
 
     torch.manual_seed(0)
     calls = []

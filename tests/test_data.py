@@ -11,9 +11,9 @@ import torch
 from fastmri.data.mri_data import SliceDataset as FastMRISliceDataset
 from fastmri.data.subsample import EquispacedMaskFractionFunc
 
-from spade_deploy import data as D
+from spade_deploy.mri import data as D
 from spade_deploy.errors import SpadeError
-from spade_deploy.physics import fft2c, ifft2c, rss
+from spade_deploy.mri.physics import fft2c, ifft2c, rss
 
 
 # ------------------------------------------------------------------------------------------------

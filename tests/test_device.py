@@ -16,8 +16,8 @@ from spade_deploy.device import model_device, on_model_device, placed, to_device
 from spade_deploy.errors import SpadeError
 from spade_deploy.losses import Batch
 from spade_deploy.models import build_model
-from spade_deploy.physics import MultiCoilMRI
-from spade_deploy.runtime import check_precision, deploy
+from spade_deploy.mri.physics import MultiCoilMRI
+from spade_deploy.deploy.runtime import check_precision, deploy
 from spade_deploy.solvers import SolverConfig, solve
 
 from cli.main import app
@@ -187,11 +187,11 @@ def test_the_callers_model_is_never_moved():
 def test_every_batch_meets_its_model_through_the_placement(monkeypatch, where, tiny_dataset, tmp_path):
     """evaluate, the trainer, reconstruct and bench move each batch to the model's device."""
     import spade_deploy.bench as B
-    import spade_deploy.reconstruct as R
-    import spade_deploy.tasks.mri as MRI
-    from spade_deploy.tasks.mri import MRITask
+    import spade_deploy.mri.reconstruct as R
+    import spade_deploy.mri.task as MRI
+    from spade_deploy.mri.task import MRITask
     import spade_deploy.train as TR
-    from spade_deploy.data import SliceDataset
+    from spade_deploy.mri.data import SliceDataset
     from spade_deploy.losses import SupervisedLoss
 
     seen = []
@@ -301,7 +301,7 @@ def test_export_trt_without_tensorrt_is_one_line(tmp_path, checkpoint):
 
 
 def test_missing_onnxruntime_names_the_package_to_install(monkeypatch, tmp_path):
-    from spade_deploy.export import onnx_session
+    from spade_deploy.deploy.export import onnx_session
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(SpadeError, match=r"onnxruntime is not installed: pip install 'spade-deploy\[cpu\]'.*\[gpu\]"):
@@ -313,7 +313,7 @@ def test_cpu_onnxruntime_asked_for_cuda_is_one_line(tmp_path):
     """The CPU build of onnxruntime has no CUDA provider: said, not fallen back from in silence."""
     import onnxruntime as ort
 
-    from spade_deploy.export import export_onnx, onnx_session
+    from spade_deploy.deploy.export import export_onnx, onnx_session
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu installed")
@@ -323,7 +323,7 @@ def test_cpu_onnxruntime_asked_for_cuda_is_one_line(tmp_path):
 
 
 def test_engine_profile_is_the_datas_shape_and_channels():
-    from spade_deploy.export import trt_profile
+    from spade_deploy.deploy.export import trt_profile
 
     deq, varnet = build_model("deq", preset="tiny"), build_model("varnet", preset="small")
     assert trt_profile(deq, "prior", (160, 160), 4) == {"min": [1, 2, 160, 160], "opt": [1, 2, 160, 160], "max": [4, 2, 160, 160]}

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from spade_deploy import engines as E
+from spade_deploy.deploy import engines as E
 from spade_deploy.checkpoint import save_model
-from spade_deploy.export import export_onnx
+from spade_deploy.deploy.export import export_onnx
 from spade_deploy.models import build_model
-from spade_deploy.runtime import OrtPrior, deploy
+from spade_deploy.deploy.runtime import OrtPrior, deploy
 
 from cli.main import app
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from spade_deploy.errors import SpadeError
-from spade_deploy.export import build_trt_engines, export_onnx, onnx_session
+from spade_deploy.deploy.export import build_trt_engines, export_onnx, onnx_session
 from spade_deploy.models import build_model
-from spade_deploy.physics import MultiCoilMRI
+from spade_deploy.mri.physics import MultiCoilMRI
 from spade_deploy.prune import prune_model
-from spade_deploy.runtime import deploy
+from spade_deploy.deploy.runtime import deploy
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.05, 0.1, 0.2, 0.4])

@@ -6,7 +6,7 @@ import h5py
 import pytest
 import torch
 
-from spade_deploy import data as D
+from spade_deploy.mri import data as D
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.finetune import finetune_model
@@ -45,7 +45,7 @@ def test_school_runs_share_the_teachers_reconstructions_only_with_that_teacher(s
     """Two school runs with one teacher on the same measurements (the demo's pruned models)
     reconstruct each test slice with the teacher once; a teacher with other weights is run again."""
     from spade_deploy.losses import SchoolLoss
-    from spade_deploy.models.deq import DEQ
+    from spade_deploy.mri.deq import DEQ
 
     root, teacher, student = setup
     monkeypatch.setattr(SchoolLoss, "_SHARED", {})  # not what the tests before left
@@ -96,7 +96,7 @@ def test_deq_self_supervised_loss_is_unchanged():
     """The DEQ's fidelity stays ``A x`` with the given coil maps, and the whole loss (fidelity plus
     equivariant imaging) is numerically the one before the VarNet k-space seam."""
     from spade_deploy.losses import Batch, SelfSupervisedLoss, random_quarter_turns, relative_sq_error, rotate
-    from spade_deploy.physics import MultiCoilMRI, equispaced_mask
+    from spade_deploy.mri.physics import MultiCoilMRI, equispaced_mask
 
     torch.manual_seed(0)
     model = build_model("deq", preset="tiny")

@@ -12,7 +12,7 @@ from spade_deploy import solvers
 from spade_deploy.device import model_device, require_device
 from spade_deploy.errors import SpadeError
 from spade_deploy.models import build_model
-from spade_deploy.physics import MultiCoilMRI
+from spade_deploy.mri.physics import MultiCoilMRI
 from spade_deploy.solvers import SolverConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -95,9 +95,9 @@ def test_cuda_matches_cpu_with_the_resident_loop():
 
 def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmri_file, tmp_path):
     from spade_deploy import bench as B
-    from spade_deploy.data import SliceDataset
-    from spade_deploy.runtime import deploy
-    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.mri.data import SliceDataset
+    from spade_deploy.deploy.runtime import deploy
+    from spade_deploy.mri.task import MRITask
     from spade_deploy.train import evaluate
 
     make_fastmri_file("a.h5", slices=3, shape=(32, 32), folder=tmp_path / "test")  # h5py only: no dataset builder needed
@@ -118,12 +118,12 @@ def test_onnxruntime_cuda_provider_is_active_and_matches_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(SpadeError, match="onnxruntime-gpu"):
-            from spade_deploy.export import onnx_session
+            from spade_deploy.deploy.export import onnx_session
 
             onnx_session(tmp_path / "none.onnx", "cuda")
         pytest.skip("CPU onnxruntime here: the refusal is what there is to check")
-    from spade_deploy.export import export_onnx
-    from spade_deploy.runtime import OrtPrior
+    from spade_deploy.deploy.export import export_onnx
+    from spade_deploy.deploy.runtime import OrtPrior
 
     model = build_model("deq", preset="small").eval()
     res = export_onnx(model, tmp_path, "m")
@@ -139,8 +139,8 @@ def test_onnxruntime_cuda_provider_is_active_and_matches_torch(tmp_path):
 
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT not installed")
 def test_tensorrt_engines_are_checked_and_recorded(tmp_path):
-    from spade_deploy.export import build_trt_engines, export_onnx
-    from spade_deploy.runtime import TrtPrior
+    from spade_deploy.deploy.export import build_trt_engines, export_onnx
+    from spade_deploy.deploy.runtime import TrtPrior
 
     model = build_model("deq", preset="small").eval()
     res = export_onnx(model, tmp_path, "m")

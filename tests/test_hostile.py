@@ -418,7 +418,7 @@ def test_export_bound_to_its_checkpoint(ws):
     exports again rather than run another model's priors under this one's label."""
     from spade_deploy.checkpoint import load_model
     from spade_deploy.paths import sha256_file
-    from spade_deploy.runtime import deploy
+    from spade_deploy.deploy.runtime import deploy
 
     model, _ = load_model(ws / "good.safetensors")
     mpath = ws / "engines" / "good.manifest.json"

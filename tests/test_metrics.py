@@ -8,7 +8,7 @@ from fastmri.data.transforms import center_crop as fm_center_crop
 from scipy.ndimage import gaussian_filter
 
 from spade_deploy.errors import SpadeError
-from spade_deploy.metrics import center_crop, evaluate_volumes, nmse, psnr, slice_metrics, ssim
+from spade_deploy.mri.metrics import center_crop, evaluate_volumes, nmse, psnr, slice_metrics, ssim
 
 
 def volume_pair(seed: int, shape=(4, 40, 36), noise=0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +98,7 @@ def test_metric_input_errors():
 def test_recon_magnitude_and_fastmri_crop_match_fastmri_transforms():
     from fastmri.data.transforms import center_crop as fm_crop
 
-    from spade_deploy.metrics import fastmri_crop, recon_magnitude
+    from spade_deploy.mri.metrics import fastmri_crop, recon_magnitude
 
     x = torch.randn(2, 96, 48, dtype=torch.complex64)
     out = recon_magnitude(x, (48, 48))

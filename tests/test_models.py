@@ -8,7 +8,7 @@ import torch
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.models import build_model, count_parameters
-from spade_deploy.physics import MultiCoilMRI
+from spade_deploy.mri.physics import MultiCoilMRI
 
 
 def _problem(b=2, c=4, h=32, w=32, seed=0):
@@ -102,7 +102,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
 def test_spectral_hinge_measures_the_jacobian_norm_and_is_differentiable():
     """The convergence penalty's estimate: a linear map with singular values 1.3, 0.6, 0.3, ...
     gives (1.3 - rho)^2."""
-    from spade_deploy.models.deq import spectral_hinge
+    from spade_deploy.mri.deq import spectral_hinge
 
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
@@ -130,7 +130,7 @@ def test_spectral_hinge_from_the_fixed_point_residual():
     """Near the fixed point of a contraction ``f(x) = M x + b`` the residual ``f(x) - x`` lies
     along the slowest mode, so one power iteration started there measures ``||M||`` (0.97),
     where a random start is far off."""
-    from spade_deploy.models.deq import spectral_hinge
+    from spade_deploy.mri.deq import spectral_hinge
 
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g))

@@ -7,14 +7,7 @@ import torch
 from fastmri.data.subsample import EquispacedMaskFractionFunc
 
 from spade_deploy.errors import SpadeError
-from spade_deploy.physics import (
-    MultiCoilMRI,
-    channels_to_complex,
-    complex_to_channels,
-    equispaced_mask,
-    fft2c,
-    ifft2c,
-)
+from spade_deploy.mri.physics import (MultiCoilMRI, channels_to_complex, complex_to_channels, equispaced_mask, fft2c, ifft2c)
 
 
 def crandn(*shape: int, dtype=torch.complex64, gen: torch.Generator | None = None) -> torch.Tensor:

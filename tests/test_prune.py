@@ -6,7 +6,7 @@ import torch
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.models import build_model, count_parameters
-from spade_deploy.physics import MultiCoilMRI
+from spade_deploy.mri.physics import MultiCoilMRI
 from spade_deploy.prune import prune_checkpoint, prune_model
 
 # Table 1 of the paper: DEQ (EDSR 13 x 64) pruned at per-layer ratios 5 / 10 / 20 / 40 %.

@@ -85,7 +85,7 @@ def test_task_agnostic_modules_mention_no_mri_option_at_all(module):
 
 
 def test_physics_share_one_interface():
-    from spade_deploy.physics import MultiCoilMRI, Physics
+    from spade_deploy.mri.physics import MultiCoilMRI, Physics
     from spade_deploy.sr.physics import SRPhysics
 
     assert issubclass(MultiCoilMRI, Physics) and issubclass(SRPhysics, Physics)
@@ -101,8 +101,8 @@ def test_physics_share_one_interface():
 def test_models_declare_their_task():
     from spade_deploy.models import build_model
     from spade_deploy.tasks import task_for
-    from spade_deploy.tasks.mri import MRITask
-    from spade_deploy.tasks.sr import SRTask
+    from spade_deploy.mri.task import MRITask
+    from spade_deploy.sr.task import SRTask
 
     assert isinstance(task_for(build_model("deq", preset="tiny")), MRITask)
     assert isinstance(task_for(build_model("usrnet", preset="tiny")), SRTask)
@@ -111,7 +111,7 @@ def test_models_declare_their_task():
 def test_sr_equivariant_transform_turns_the_kernel_with_the_scene():
     """Self-supervised SR: ``A_phi`` blurs the transformed scene as the scene's blur transformed
     (the kernel turned with the rotation; the shift commutes with the circular blur)."""
-    from spade_deploy.physics import random_quarter_turns, rotate_images
+    from spade_deploy.mri.physics import random_quarter_turns, rotate_images
     from spade_deploy.sr.physics import SRPhysics
 
     g = torch.Generator().manual_seed(0)
@@ -137,7 +137,7 @@ def test_sr_task_scores_are_the_official_test_loop():
     from spade_deploy.sr.degradation import degrade
     from spade_deploy.sr.kernels import kernel_names, paper_kernels
     from spade_deploy.sr.metrics import mean_scores, sr_scores
-    from spade_deploy.tasks.sr import SRTask
+    from spade_deploy.sr.task import SRTask
 
     class Bicubic(torch.nn.Module):
         def forward(self, y, physics):
@@ -166,7 +166,7 @@ def test_sr_training_batches_follow_the_global_random_state():
     checkpoints): the same seed gives the same batch, another seed another degradation."""
     import numpy as np
 
-    from spade_deploy.tasks.sr import SRTask
+    from spade_deploy.sr.task import SRTask
 
     task = SRTask()
     ds = task.dataset(None, "train")
@@ -191,7 +191,7 @@ def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
     from spade_deploy.checkpoint import load_model
     from spade_deploy.io import read_manifest
     from spade_deploy.pipeline import same_recipe
-    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.mri.task import MRITask
     from spade_deploy.train import TrainConfig
     from spade_deploy.zoo import bundled_path
 
@@ -211,12 +211,12 @@ def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
 
 def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):
     """The task's options are part of a run: resuming with another sampling is refused."""
-    from spade_deploy import data as D
+    from spade_deploy.mri import data as D
     from spade_deploy.errors import SpadeError
     from spade_deploy.io import read_manifest
     from spade_deploy.losses import SupervisedLoss
     from spade_deploy.models import build_model
-    from spade_deploy.tasks.mri import MRITask
+    from spade_deploy.mri.task import MRITask
     from spade_deploy.train import TrainConfig, fit
 
     train = D.SliceDataset(tiny_dataset.root / "train")

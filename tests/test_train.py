@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from spade_deploy import data as D
+from spade_deploy.mri import data as D
 from spade_deploy.checkpoint import load_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.losses import SupervisedLoss
 from spade_deploy.models import build_model
-from spade_deploy.tasks.mri import MRITask
+from spade_deploy.mri.task import MRITask
 from spade_deploy.train import TrainConfig, evaluate, fit, scheduled_lr
 
 

@@ -15,18 +15,18 @@ from typer.testing import CliRunner
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.cli.main import app
 from spade_deploy.errors import SpadeError
-from spade_deploy.export import export_onnx
+from spade_deploy.deploy.export import export_onnx
 from spade_deploy.models import build_model, config_from_dict, count_parameters, load_state
-from spade_deploy.models.usrnet import USRNetConfig
+from spade_deploy.sr.usrnet import USRNetConfig
 from spade_deploy.prune import prune_model
-from spade_deploy.runtime import deploy
+from spade_deploy.deploy.runtime import deploy
 from spade_deploy.sr import data as srdata
 from spade_deploy.sr.baseline import bicubic_upsample
 from spade_deploy.sr.degradation import crop_multiple, degrade, degrade_tensor
 from spade_deploy.sr.kernels import kernel_names, load_kernel, paper_kernels
 from spade_deploy.sr.metrics import psnr, sr_scores, ssim, to_uint8
 from spade_deploy.sr.physics import SRPhysics
-from spade_deploy.tasks.sr import SRTask
+from spade_deploy.sr.task import SRTask
 
 # Table 4 of the paper: USRNet (17,016,016 parameters) pruned at 5 / 10 / 20 / 40 %.
 TABLE4 = {0.05: 15_314_620, 0.1: 13_730_964, 0.2: 10_837_246, 0.4: 6_094_762}

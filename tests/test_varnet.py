@@ -9,12 +9,12 @@ from torch import nn
 
 from spade_deploy.checkpoint import is_pruned, load_model, save_model
 from spade_deploy.errors import SpadeError
-from spade_deploy.export import export_onnx
+from spade_deploy.deploy.export import export_onnx
 from spade_deploy.models import build_model, count_parameters
-from spade_deploy.models.varnet import load_fastmri_checkpoint
-from spade_deploy.physics import MultiCoilMRI, equispaced_mask
+from spade_deploy.mri.varnet import load_fastmri_checkpoint
+from spade_deploy.mri.physics import MultiCoilMRI, equispaced_mask
 from spade_deploy.prune import PAPER_RATIOS, prune_checkpoint, prune_model
-from spade_deploy.runtime import deploy
+from spade_deploy.deploy.runtime import deploy
 
 TINY = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
 # Table 1 of the paper.

@@ -3,12 +3,12 @@
 import numpy as np
 import torch
 
-from spade_deploy import data as D
+from spade_deploy.mri import data as D
 from spade_deploy.checkpoint import load_model
-from spade_deploy.metrics import psnr
+from spade_deploy.mri.metrics import psnr
 from spade_deploy.sr.data import EMBEDDED
-from spade_deploy.tasks.mri import MRITask, eval_seeds, make_batch
-from spade_deploy.tasks.sr import SRTask
+from spade_deploy.mri.task import MRITask, eval_seeds, make_batch
+from spade_deploy.sr.task import SRTask
 from spade_deploy.zoo import bundled_base, bundled_path
 
 

@@ -109,7 +109,8 @@ def register_model(name: str, config_cls: type, presets: dict[str, Any], default
 
 
 def _ensure_loaded() -> None:
-    from . import deq, usrnet, varnet  # noqa: F401  (register themselves)
+    from ..mri import deq, varnet
+    from ..sr import usrnet  # noqa: F401  (register themselves)
 
 
 def model_names() -> list[str]:

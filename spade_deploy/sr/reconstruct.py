@@ -71,13 +71,13 @@ def restore_checkpoint(checkpoint: Path, source: Path, out: Path, scale: int, ke
     """``spade reconstruct`` of a super-resolution checkpoint: every image of ``source`` (a folder
     or one image), degraded at ``scale`` with ``kernel`` (``k1`` .. ``k12`` or a ``.npy`` / ``.mat``
     file) and ``noise``, super-resolved into ``out`` on ``backend``
-    (:func:`~spade_deploy.reconstruct.deployed_checkpoint`). Every output is checked against the
+    (:func:`~spade_deploy.mri.reconstruct.deployed_checkpoint`). Every output is checked against the
     inputs and the data folder, and every image read once and checked, before anything is written."""
     from ..checkpoint import load_model
     from ..paths import check_outputs
     from ..pipeline import check_out_dir
-    from ..reconstruct import deployed_checkpoint
-    from ..tasks.sr import parse_kernels
+    from ..mri.reconstruct import deployed_checkpoint
+    from .task import parse_kernels
 
     reporter = reporter or Reporter()
     source, out = Path(source), Path(out)

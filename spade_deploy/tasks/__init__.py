@@ -2,7 +2,7 @@
 
 A :class:`Task` says how its data is read (datasets, collation, batching), how a batch of
 measurements and its operator are made from it (:class:`~spade_deploy.losses.Batch`, with a
-:class:`~spade_deploy.physics.Physics`), what the model is scored against and how
+:class:`~spade_deploy.mri.physics.Physics`), what the model is scored against and how
 (:meth:`Task.evaluate`, beside the task's naive baseline), and which options it takes. The trainer,
 the losses, fine-tuning, the bench and the demo take a task and call only what is declared here.
 
@@ -23,7 +23,7 @@ from ..errors import SpadeError
 from ..losses import Batch
 
 # name -> "module:class" (imported on first use).
-TASKS: dict[str, str] = {"mri": "spade_deploy.tasks.mri:MRITask", "sr": "spade_deploy.tasks.sr:SRTask"}
+TASKS: dict[str, str] = {"mri": "spade_deploy.mri.task:MRITask", "sr": "spade_deploy.sr.task:SRTask"}
 
 
 class Scores(Protocol):
@@ -122,7 +122,7 @@ class Task:
     def sampler(self, dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator) -> Sampler:
         """Index batches of samples of one shape (a dataset's ``group_key``), shuffled by one
         ``torch.randperm`` of ``generator``."""
-        from ..data import ShapeBatchSampler
+        from ..mri.data import ShapeBatchSampler
 
         return ShapeBatchSampler(dataset, batch_size, shuffle=shuffle, generator=generator)
 
@@ -196,7 +196,7 @@ class Task:
 
     def example_psnr(self, reference, image) -> float:
         """PSNR of a shown image against the shown reference (figures)."""
-        from ..metrics import psnr
+        from ..mri.metrics import psnr
 
         return psnr(reference[None], image[None])
 

@@ -30,7 +30,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def record(root: Path, work: Path, models=("deq", "varnet", "e2e-varnet")) -> dict:
-    from spade_deploy import data as D
+    from spade_deploy.mri import data as D
     from spade_deploy.losses import STRATEGIES
     from spade_deploy.models import build_model
     from spade_deploy.train import TrainConfig, evaluate, fit
@@ -42,7 +42,7 @@ def record(root: Path, work: Path, models=("deq", "varnet", "e2e-varnet")) -> di
         torch.manual_seed(0)
         model = build_model(name, preset="tiny")
         try:  # the task seam's API; before it, evaluate took the acceleration
-            from spade_deploy.tasks.mri import MRITask
+            from spade_deploy.mri.task import MRITask
 
             res = evaluate(model, test, MRITask(6), batch_size=2)
         except ImportError:

@@ -13,7 +13,7 @@ Reader
 Masks
     :func:`undersample` applies fastMRI equispaced-fraction masks (with fastMRI's per-file seed
     ``tuple(map(ord, fname))`` for evaluation) and returns the measurements with their
-    :class:`~spade_deploy.physics.MultiCoilMRI` operator.
+    :class:`~spade_deploy.mri.physics.MultiCoilMRI` operator.
 
 Embedded default dataset
     :func:`build_default_dataset` simulates multi-coil k-space from the real MR brain template
@@ -64,9 +64,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block
-from .errors import SpadeError
-from .io import write_json
-from .paths import memory_bytes
+from ..errors import SpadeError
+from ..io import write_json
+from ..paths import memory_bytes
 from .physics import MultiCoilMRI, equispaced_mask, fft2c, ifft2c, rss
 
 CoilMapSource = Literal["espirit", "file"]
@@ -138,7 +138,7 @@ class SliceDataset(Dataset):
 
     ``root`` is one ``.h5`` file or a folder of them (not searched recursively). ``coil_maps``:
     ``"espirit"`` (default) estimates every reconstruction's maps from the ACS block of the mask
-    used (:class:`~spade_deploy.coilmaps.CoilMapEstimator`, cached under ``cache_dir``, default
+    used (:class:`~spade_deploy.mri.coilmaps.CoilMapEstimator`, cached under ``cache_dir``, default
     the user's cache home, never the data folder); ``"file"`` hands the file's ``sens_maps`` to
     the reconstruction instead (a reference, e.g. the simulation's true maps, never a default).
     Invalid input (including a malformed ``mask``) raises :class:`SpadeError` naming the file.
@@ -246,7 +246,7 @@ class SliceDataset(Dataset):
 
 def espirit_maps(kspace: np.ndarray, acs: tuple[int, int], params: EspiritParams = EspiritParams()) -> np.ndarray:
     """ESPIRiT coil maps of one slice ``(C, H, W)`` from its ACS columns ``acs`` only (see
-    :func:`~spade_deploy.coilmaps.espirit_from_acs`)."""
+    :func:`~spade_deploy.mri.coilmaps.espirit_from_acs`)."""
     from .coilmaps import espirit_from_acs
 
     return espirit_from_acs(kspace, acs, params)

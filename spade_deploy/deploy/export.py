@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SpadeError
-from .io import atomic_path, write_json
-from .models import Reconstructor, count_parameters
-from .paths import sha256_file
+from ..errors import SpadeError
+from ..io import atomic_path, write_json
+from ..models import Reconstructor, count_parameters
+from ..paths import sha256_file
 
 OPSET = 17
 INPUT, OUTPUT = "x", "y"
@@ -278,7 +278,7 @@ def build_trt_engines(
     same GPU; the maximum relative error, the precision, the TensorRT version and the GPU go into
     the manifest, and an error above ``tolerance`` (default 1e-3 FP32, 2e-2 FP16) refuses the
     engine. TF32 stays off unless ``allow_tf32`` (in TensorRT and in the PyTorch reference)."""
-    from .device import set_tf32
+    from ..device import set_tf32
     from .runtime import TrtPrior
 
     trt = require_tensorrt()

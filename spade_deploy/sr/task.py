@@ -28,13 +28,13 @@ from torch.utils.data import Dataset
 
 from ..errors import SpadeError
 from ..losses import Batch
-from ..sr import data as srdata
-from ..sr.baseline import bicubic_upsample
-from ..sr.degradation import crop_multiple, degrade, degrade_tensor
-from ..sr.kernels import kernel_names, paper_kernels
-from ..sr.metrics import SRRow, mean_scores, sr_scores, to_uint8
-from ..sr.physics import SRPhysics, check_kernel, check_scale
-from . import Task
+from . import data as srdata
+from .baseline import bicubic_upsample
+from .degradation import crop_multiple, degrade, degrade_tensor
+from .kernels import kernel_names, paper_kernels
+from .metrics import SRRow, mean_scores, sr_scores, to_uint8
+from .physics import SRPhysics, check_kernel, check_scale
+from ..tasks import Task
 
 DEFAULT_SCALES = (2, 3, 4)
 
@@ -120,7 +120,7 @@ class SREvalResult:
 def parse_kernels(specs: list[str]) -> dict[str, np.ndarray]:
     """Kernels named on the command line: ``k1`` .. ``k12`` (the papers') or ``.npy`` / ``.mat`` files
     (named by their stem), each checked (2-D, finite, normalised)."""
-    from ..sr.kernels import load_kernel
+    from .kernels import load_kernel
 
     paper = dict(zip(kernel_names(), paper_kernels()))
     return {k if k in paper else Path(k).stem: paper[k] if k in paper else load_kernel(k) for k in specs}
@@ -219,7 +219,7 @@ class SRTask(Task):
         return out
 
     def prior_size(self, dataset: Dataset) -> tuple[int, int]:
-        from ..models.usrnet import padded_size
+        from .usrnet import padded_size
 
         h, w = dataset[0]["hr"].shape[-2:]
         return padded_size(h), padded_size(w)
@@ -305,7 +305,7 @@ class SRTask(Task):
 
     def example_psnr(self, reference, image) -> float:
         """USRNet's PSNR of the whole shown images (no border: a figure shows them whole)."""
-        from ..sr.metrics import psnr
+        from .metrics import psnr
 
         return psnr(np.uint8(np.round(reference * 255)), np.uint8(np.round(image * 255)))
 

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpadeError
-from ..sr.baseline import bicubic_upsample
-from ..sr.physics import SRPhysics
-from . import Reconstructor, build_model, load_state, register_model
+from .baseline import bicubic_upsample
+from .physics import SRPhysics
+from ..models import Reconstructor, build_model, load_state, register_model
 
 PAD_MULTIPLE = 8  # three stride-2 levels
 

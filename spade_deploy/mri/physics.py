@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import SpadeError
+from ..errors import SpadeError
 
 # Sampling rates used in the paper (16.7 %, 12.5 %, 10 %) and the auto-calibration fraction used
 # with each. fastMRI's equispaced-fraction masks need center_fraction < 1/acceleration.

@@ -39,10 +39,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import SpadeError
-from .timing import interleaved_medians, sync_device
-from .io import write_json
-from .models import Reconstructor
+from ..errors import SpadeError
+from ..timing import interleaved_medians, sync_device
+from ..io import write_json
+from ..models import Reconstructor
 
 ENGINES = ("torch", "torch-compile", "onnxruntime", "cuda-graph", "tensorrt")
 # The candidates ``auto`` tries: all, or those named in $SPADE_AUTO_ENGINES (comma-separated), e.g.
@@ -194,7 +194,7 @@ def max_relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
 def synthetic_sample(height: int, width: int, coils: int = 8, device: str = "cpu", seed: int = 0):
     """Measurements ``(y, physics)`` of a random image at the data's size, for timing the loop
     (the cost of an iteration does not depend on the values)."""
-    from .physics import MultiCoilMRI
+    from ..mri.physics import MultiCoilMRI
 
     g = torch.Generator().manual_seed(seed)
     smaps = torch.randn(1, coils, height, width, dtype=torch.complex64, generator=g)
@@ -330,7 +330,7 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
     if measure_loop and usable:
         solver_kw = {}
         if hasattr(model, "solver_cfg"):
-            from .solvers import MIN_TOL, SolverConfig
+            from ..solvers import MIN_TOL, SolverConfig
 
             # The smallest tolerance allowed, which no float32 iterate meets: exactly ``loop_iterations`` iterations per call.
             solver_kw["solver"] = SolverConfig(method=model.solver_cfg.method, max_iter=loop_iterations, tol=MIN_TOL,
@@ -421,7 +421,7 @@ _TIMED: dict[tuple, Selection] = {}
 
 
 def _architecture_key(model: Reconstructor, device, shape, engines) -> tuple:
-    from .models import layer_shapes
+    from ..models import layer_shapes
 
     arch = json.dumps({n: layer_shapes(p) for n, p in model.priors().items()}, sort_keys=True)
     cands = tuple(engines) if engines is not None else candidate_engines()

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .device import on_model_device, placed, require_device
-from .errors import SpadeError
+from ..device import on_model_device, placed, require_device
+from ..errors import SpadeError
 from .export import onnx_session, read_export_manifest, require_tensorrt
-from .models import Reconstructor
-from .paths import sha256_file
+from ..models import Reconstructor
+from ..paths import sha256_file
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -177,7 +177,7 @@ def check_precision(model: Reconstructor, y: torch.Tensor, physics, precision: s
 def verify_export(model: Reconstructor, backend: str, manifest_path: str | Path,
                   checkpoint_sha256: str | None = None) -> dict:
     """The export manifest at ``manifest_path``, checked to belong to ``model`` before any engine is
-    loaded: its structure (:func:`~spade_deploy.export.read_export_manifest`), the model name, one
+    loaded: its structure (:func:`~spade_deploy.deploy.export.read_export_manifest`), the model name, one
     entry per prior of the model, the checkpoint it was exported from (``checkpoint_sha256``: the
     SHA-256 of the checkpoint file being deployed) and the hash of every file it would run."""
     from .export import member_path
@@ -216,7 +216,7 @@ def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None 
 
     ``auto``: the engine the manifest records as fastest on this device for images of ``shape``
     (or those of ``sample = (y, physics)``), measured and recorded first where no such record
-    exists (:func:`spade_deploy.engines.deploy_auto`)."""
+    exists (:func:`spade_deploy.deploy.engines.deploy_auto`)."""
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose one of: {', '.join(BACKENDS)}")
     dev = require_device(device)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..physics import MultiCoilMRI, channels_to_complex, complex_to_channels
+from .physics import MultiCoilMRI, channels_to_complex, complex_to_channels
 from ..solvers import SolveInfo, SolverConfig, solve
-from . import Reconstructor, register_model
+from ..models import Reconstructor, register_model
 
 
 class ResBlock(nn.Module):

@@ -1,10 +1,10 @@
 """Accelerated multi-coil MRI (fastMRI): the task the DEQ, VarNet and E2E-VarNet solve.
 
-Data: fastMRI-format HDF5 folders (:class:`~spade_deploy.data.SliceDataset`, the simulated default
+Data: fastMRI-format HDF5 folders (:class:`~spade_deploy.mri.data.SliceDataset`, the simulated default
 dataset or a user's files). Measurements: each slice's own acquisition mask or a fastMRI
 equispaced one (``acceleration``, ``center_fraction``; fastMRI's per-file seed for evaluation,
 fresh random offsets for training), coil maps from the ACS block (ESPIRiT) or the file's
-(``coil_maps``), operator ``A = P F S`` (:class:`~spade_deploy.physics.MultiCoilMRI`). Reference:
+(``coil_maps``), operator ``A = P F S`` (:class:`~spade_deploy.mri.physics.MultiCoilMRI`). Reference:
 ``reconstruction_rss``; scores: fastMRI's ``evaluate()`` (PSNR / SSIM / NMSE per volume) beside
 the zero-filled RSS baseline, and SENSE-referenced secondary scores on fully sampled data.
 """
@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .. import data as D
+from . import data as D
 from ..device import on_model_device
 from ..errors import SpadeError
 from ..losses import Batch
-from ..metrics import evaluate_volumes, fastmri_crop, recon_magnitude
-from ..physics import center_fraction_for, ifft2c, rss
-from . import Task
+from .metrics import evaluate_volumes, fastmri_crop, recon_magnitude
+from .physics import center_fraction_for, ifft2c, rss
+from ..tasks import Task
 
 
 def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
-    """Measure a collated batch (:func:`~spade_deploy.data.acquire`: the file's mask or a fastMRI
+    """Measure a collated batch (:func:`~spade_deploy.mri.data.acquire`: the file's mask or a fastMRI
     equispaced one, coil maps from the ACS block) and build the operator. ``x_gt`` is the fully
     sampled SENSE image of the same maps, only for fully sampled files with ground truth.
     ``meta``: ``maxval``, ``fnames``, ``slices``, ``recon_size`` (the header's, what reconstruct writes)."""

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpadeError
-from ..metrics import center_crop
-from ..physics import MultiCoilMRI, fft2c, ifft2c
-from . import Reconstructor, build_model, load_state, register_model
+from .metrics import center_crop
+from .physics import MultiCoilMRI, fft2c, ifft2c
+from ..models import Reconstructor, build_model, load_state, register_model
 
 PAD_MULTIPLE = 16  # fastMRI's NormUnet pads height and width to multiples of 16
 

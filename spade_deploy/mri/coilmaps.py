@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SpadeError
-from .io import atomic_path
+from ..errors import SpadeError
+from ..io import atomic_path
 
 MIN_ACS = 4  # fewer centre lines cannot hold an ESPIRiT kernel of useful size
 

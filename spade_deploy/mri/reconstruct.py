@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from . import data as D
-from .device import on_model_device
-from .errors import SpadeError
-from .io import atomic_path
+from ..device import on_model_device
+from ..errors import SpadeError
+from ..io import atomic_path
 from .metrics import recon_magnitude
-from .models import Reconstructor
+from ..models import Reconstructor
 from .physics import center_fraction_for
-from .progress import Reporter
-from .tasks.mri import eval_seeds, make_batch
+from ..progress import Reporter
+from .task import eval_seeds, make_batch
 
 
 @dataclass
@@ -57,7 +57,7 @@ def reconstruct_files(
 
     Fully sampled files are undersampled retrospectively with fastMRI's per-file mask seed (the
     same measurements `spade eval` scores); files that carry a ``mask`` are used as acquired.
-    Coil maps come from each measurement's ACS block (see :func:`~spade_deploy.data.acquire`).
+    Coil maps come from each measurement's ACS block (see :func:`~spade_deploy.mri.data.acquire`).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -126,8 +126,8 @@ def deployed_checkpoint(checkpoint: Path, net: Reconstructor, backend: str, engi
     and tells ``reporter`` which it picked."""
     if backend == "torch":
         return net
-    from .pipeline import export_for
-    from .runtime import deploy
+    from ..pipeline import export_for
+    from ..deploy.runtime import deploy
 
     engines = engines if engines is not None else default_engines_dir()
     mpath, sha = export_for(checkpoint, net, engines, [backend], data=data)
@@ -155,9 +155,9 @@ def reconstruct_checkpoint(
     reconstructed by :func:`reconstruct_files` into ``out`` on ``backend``
     (:func:`deployed_checkpoint`). ``source`` is opened once; every output is checked against the
     inputs and the data folder before the model is loaded or anything is written."""
-    from .checkpoint import load_model
-    from .paths import check_outputs
-    from .pipeline import check_out_dir
+    from ..checkpoint import load_model
+    from ..paths import check_outputs
+    from ..pipeline import check_out_dir
 
     reporter = reporter or Reporter()
     source, out = Path(source), Path(out)

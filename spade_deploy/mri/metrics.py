@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from .errors import SpadeError
+from ..errors import SpadeError
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 

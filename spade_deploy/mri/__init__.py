@@ -1,0 +1,1 @@
+"""Accelerated multi-coil MRI (fastMRI): the task, its data, physics, metrics and models."""
