@@ -31,7 +31,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """``obj`` on ``device``: tensors and modules (the measurement operator), dataclasses (a
-    :class:`~spade_deploy.losses.Batch`) field by field, lists / tuples / dicts item by item.
+    :class:`~spade_deploy.tasks.Batch`) field by field, lists / tuples / dicts item by item.
     Anything else is returned as it is; nothing already there is copied."""
     device = torch.device(device)
     if isinstance(obj, torch.Tensor):

@@ -9,35 +9,9 @@ losses know no task.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
-from .mri.physics import Physics, random_quarter_turns, rotate_images as rotate  # noqa: F401 (re-exported)
-
-
-@dataclass
-class Batch:
-    """One batch of measurements as a task makes it.
-
-    ``y``: the measurements; ``physics``: their operator; ``x_gt``: the image the model is trained
-    towards where it is known (the task's ground truth, e.g. SR's high-resolution image);
-    ``target``: the image it is scored against (the task's reference, :attr:`Task.reference_name`);
-    ``keys``: one hashable identity per sample (what a teacher's output is cached under);
-    ``meta``: what the task itself needs later (e.g. sizes to crop to, file names);
-    ``error_scale``: per sample, the squared norm supervised training divides its error by. None:
-    the reference's own (a scale-free relative error); the trainer sets the task's baseline
-    error there when the run is ``relative_to="baseline"`` (:class:`~spade_deploy.train.TrainConfig`).
-    """
-
-    y: torch.Tensor
-    physics: Physics
-    x_gt: torch.Tensor | None
-    target: torch.Tensor | None
-    keys: list = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    error_scale: torch.Tensor | None = None
+from .tasks import Batch
 
 
 def relative_sq_error(x: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

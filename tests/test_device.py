@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from spade_deploy.checkpoint import save_model
 from spade_deploy.device import model_device, on_model_device, placed, to_device
 from spade_deploy.errors import SpadeError
-from spade_deploy.losses import Batch
+from spade_deploy.tasks import Batch
 from spade_deploy.models import build_model
 from spade_deploy.mri.physics import MultiCoilMRI
 from spade_deploy.deploy.runtime import check_precision, deploy

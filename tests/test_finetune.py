@@ -95,7 +95,9 @@ def test_teacher_of_another_architecture_is_refused(setup, tmp_path):
 def test_deq_self_supervised_loss_is_unchanged():
     """The DEQ's fidelity stays ``A x`` with the given coil maps, and the whole loss (fidelity plus
     equivariant imaging) is numerically the one before the VarNet k-space seam."""
-    from spade_deploy.losses import Batch, SelfSupervisedLoss, random_quarter_turns, relative_sq_error, rotate
+    from spade_deploy.losses import SelfSupervisedLoss, relative_sq_error
+    from spade_deploy.physics import random_quarter_turns, rotate_images as rotate
+    from spade_deploy.tasks import Batch
     from spade_deploy.mri.physics import MultiCoilMRI, equispaced_mask
 
     torch.manual_seed(0)

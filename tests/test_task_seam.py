@@ -85,7 +85,8 @@ def test_task_agnostic_modules_mention_no_mri_option_at_all(module):
 
 
 def test_physics_share_one_interface():
-    from spade_deploy.mri.physics import MultiCoilMRI, Physics
+    from spade_deploy.mri.physics import MultiCoilMRI
+    from spade_deploy.physics import Physics
     from spade_deploy.sr.physics import SRPhysics
 
     assert issubclass(MultiCoilMRI, Physics) and issubclass(SRPhysics, Physics)
@@ -111,7 +112,7 @@ def test_models_declare_their_task():
 def test_sr_equivariant_transform_turns_the_kernel_with_the_scene():
     """Self-supervised SR: ``A_phi`` blurs the transformed scene as the scene's blur transformed
     (the kernel turned with the rotation; the shift commutes with the circular blur)."""
-    from spade_deploy.mri.physics import random_quarter_turns, rotate_images
+    from spade_deploy.physics import random_quarter_turns, rotate_images
     from spade_deploy.sr.physics import SRPhysics
 
     g = torch.Generator().manual_seed(0)

@@ -226,7 +226,7 @@ def test_school_loss_distils_varnet_magnitudes_only():
 
 
 def _batch(y, physics):
-    from spade_deploy.losses import Batch
+    from spade_deploy.tasks import Batch
 
     b = y.shape[0]
     return Batch(y, physics, None, None, keys=[("f", 0)] * b, meta={"maxval": torch.ones(b)})

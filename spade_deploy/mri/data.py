@@ -7,8 +7,9 @@ Reader
     the file is already undersampled) and its header's recon size. Coil maps are never read by
     default: every reconstruction estimates them from the acquisition (:mod:`.coilmaps`); a
     file's ``sens_maps`` (our simulation's true maps) serve only when asked for
-    (``coil_maps="file"``). :func:`collate` stacks items into a batch; :class:`ShapeBatchSampler`
-    batches slices of equal shape, so one folder may mix sizes and coil counts.
+    (``coil_maps="file"``). :func:`collate` stacks items into a batch; the task's sampler
+    (:class:`~spade_deploy.tasks.ShapeBatchSampler`) batches slices of equal shape (``group_key``),
+    so one folder may mix sizes and coil counts.
 
 Masks
     :func:`undersample` applies fastMRI equispaced-fraction masks (with fastMRI's per-file seed
@@ -395,42 +396,6 @@ def collate(items: Sequence[SliceItem]) -> SliceBatch:
         slice=torch.tensor([it["slice"] for it in items], dtype=torch.int64),
         coil_maps=first["coil_maps"],
     )
-
-
-class ShapeBatchSampler(Sampler[list[int]]):
-    """Batches of at most ``batch_size`` slices of one shape (:meth:`SliceDataset.group_key`), so a
-    folder may mix image sizes and coil counts. Without ``shuffle`` slices keep their order; with
-    it, one ``torch.randperm`` of ``generator`` orders them and each shape's batches fill in that
-    order."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None):
-        if batch_size < 1:
-            raise SpadeError(f"batch size must be at least 1, got {batch_size}")
-        self.dataset, self.batch_size, self.shuffle, self.generator = dataset, batch_size, shuffle, generator
-        n = len(dataset)  # type: ignore[arg-type]
-        key = getattr(dataset, "group_key", None)
-        self._keys = [key(i) if key else () for i in range(n)]
-
-    def __len__(self) -> int:
-        counts: dict = {}
-        for k in self._keys:
-            counts[k] = counts.get(k, 0) + 1
-        return sum(math.ceil(c / self.batch_size) for c in counts.values())
-
-    def __iter__(self):
-        n = len(self._keys)
-        order = torch.randperm(n, generator=self.generator).tolist() if self.shuffle else range(n)
-        open_: dict = {}
-        for i in order:
-            batch = open_.setdefault(self._keys[i], [])
-            batch.append(i)
-            if len(batch) == self.batch_size:
-                yield batch
-                open_[self._keys[i]] = []
-        for batch in open_.values():
-            if batch:
-                yield batch
 
 
 # ================================================================================================

@@ -25,10 +25,9 @@ from torch.utils.data import Dataset
 from . import data as D
 from ..device import on_model_device
 from ..errors import SpadeError
-from ..losses import Batch
-from .metrics import evaluate_volumes, fastmri_crop, recon_magnitude
+from .metrics import evaluate_volumes, fastmri_crop, psnr, recon_magnitude
 from .physics import center_fraction_for, ifft2c, rss
-from ..tasks import Task
+from ..tasks import Batch, Task
 
 
 def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
@@ -272,6 +271,9 @@ class MRITask(Task):
 
     def shown(self, batch: Batch, x: torch.Tensor) -> np.ndarray:
         return self._shown_pair(batch, x)[1][0].numpy()
+
+    def example_psnr(self, reference, image) -> float:
+        return psnr(reference[None], image[None])
 
 
 @dataclass

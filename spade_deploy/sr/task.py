@@ -27,14 +27,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import SpadeError
-from ..losses import Batch
 from . import data as srdata
 from .baseline import bicubic_upsample
 from .degradation import crop_multiple, degrade, degrade_tensor
 from .kernels import kernel_names, paper_kernels
 from .metrics import SRRow, mean_scores, sr_scores, to_uint8
 from .physics import SRPhysics, check_kernel, check_scale
-from ..tasks import Task
+from ..tasks import Batch, Task
 
 DEFAULT_SCALES = (2, 3, 4)
 

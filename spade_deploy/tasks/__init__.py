@@ -1,8 +1,8 @@
 """Imaging tasks: one module per task owns everything the rest of the toolchain must not know.
 
 A :class:`Task` says how its data is read (datasets, collation, batching), how a batch of
-measurements and its operator are made from it (:class:`~spade_deploy.losses.Batch`, with a
-:class:`~spade_deploy.mri.physics.Physics`), what the model is scored against and how
+measurements and its operator are made from it (:class:`Batch`, with a
+:class:`~spade_deploy.physics.Physics`), what the model is scored against and how
 (:meth:`Task.evaluate`, beside the task's naive baseline), and which options it takes. The trainer,
 the losses, fine-tuning, the bench and the demo take a task and call only what is declared here.
 
@@ -13,6 +13,8 @@ Adding a task is a new module here and one line in :data:`TASKS`.
 from __future__ import annotations
 
 import importlib
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -20,10 +22,69 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SpadeError
-from ..losses import Batch
+from ..physics import Physics
 
 # name -> "module:class" (imported on first use).
 TASKS: dict[str, str] = {"mri": "spade_deploy.mri.task:MRITask", "sr": "spade_deploy.sr.task:SRTask"}
+
+
+@dataclass
+class Batch:
+    """One batch of measurements as a task makes it.
+
+    ``y``: the measurements; ``physics``: their operator; ``x_gt``: the image the model is trained
+    towards where it is known (the task's ground truth, e.g. SR's high-resolution image);
+    ``target``: the image it is scored against (the task's reference, :attr:`Task.reference_name`);
+    ``keys``: one hashable identity per sample (what a teacher's output is cached under);
+    ``meta``: what the task itself needs later (e.g. sizes to crop to, file names);
+    ``error_scale``: per sample, the squared norm supervised training divides its error by. None:
+    the reference's own (a scale-free relative error); the trainer sets the task's baseline
+    error there when the run is ``relative_to="baseline"`` (:class:`~spade_deploy.train.TrainConfig`).
+    """
+
+    y: torch.Tensor
+    physics: Physics
+    x_gt: torch.Tensor | None
+    target: torch.Tensor | None
+    keys: list = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    error_scale: torch.Tensor | None = None
+
+
+class ShapeBatchSampler(Sampler[list[int]]):
+    """Batches of at most ``batch_size`` slices of one shape (:meth:`SliceDataset.group_key`), so a
+    folder may mix image sizes and coil counts. Without ``shuffle`` slices keep their order; with
+    it, one ``torch.randperm`` of ``generator`` orders them and each shape's batches fill in that
+    order."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None):
+        if batch_size < 1:
+            raise SpadeError(f"batch size must be at least 1, got {batch_size}")
+        self.dataset, self.batch_size, self.shuffle, self.generator = dataset, batch_size, shuffle, generator
+        n = len(dataset)  # type: ignore[arg-type]
+        key = getattr(dataset, "group_key", None)
+        self._keys = [key(i) if key else () for i in range(n)]
+
+    def __len__(self) -> int:
+        counts: dict = {}
+        for k in self._keys:
+            counts[k] = counts.get(k, 0) + 1
+        return sum(math.ceil(c / self.batch_size) for c in counts.values())
+
+    def __iter__(self):
+        n = len(self._keys)
+        order = torch.randperm(n, generator=self.generator).tolist() if self.shuffle else range(n)
+        open_: dict = {}
+        for i in order:
+            batch = open_.setdefault(self._keys[i], [])
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                yield batch
+                open_[self._keys[i]] = []
+        for batch in open_.values():
+            if batch:
+                yield batch
 
 
 class Scores(Protocol):
@@ -122,8 +183,6 @@ class Task:
     def sampler(self, dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator) -> Sampler:
         """Index batches of samples of one shape (a dataset's ``group_key``), shuffled by one
         ``torch.randperm`` of ``generator``."""
-        from ..mri.data import ShapeBatchSampler
-
         return ShapeBatchSampler(dataset, batch_size, shuffle=shuffle, generator=generator)
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
@@ -195,10 +254,8 @@ class Task:
         raise NotImplementedError
 
     def example_psnr(self, reference, image) -> float:
-        """PSNR of a shown image against the shown reference (figures)."""
-        from ..mri.metrics import psnr
-
-        return psnr(reference[None], image[None])
+        """PSNR of a shown image against the shown reference (figures), as the task scores it."""
+        raise NotImplementedError
 
 
 def task_class(name: str) -> type[Task]:
