@@ -28,7 +28,8 @@ from spade_deploy.losses import STRATEGIES
 from spade_deploy.paths import check_outputs
 from spade_deploy.prune import pruned_name
 from spade_deploy.mri.task import MRITask
-from spade_deploy.train import DEMO_RECIPES, evaluate
+from spade_deploy.models import get_entry
+from spade_deploy.train import evaluate
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def run(args) -> None:
     root = D.default_data_root()
     task = MRITask()
     test = task.dataset(root, "test")
-    recipe = DEMO_RECIPES["deq"]
+    recipe = get_entry("deq").demo
     pruned = {r: args.run / "deq" / "pruned" / pruned_name("deq-small", r) for r in ratios}
     tuned = {(r, s): args.run / "deq" / "finetuned" / f"{pruned[r].stem}.{s}" / "best.safetensors"
              for r in ratios for s in strategies}
@@ -71,7 +72,7 @@ def run(args) -> None:
     norms = {("train" if STRATEGIES[s].needs_ground_truth else "test"): b for (_, s), b in bounds.items()}
     parent, _ = load_model(read_manifest(pruned[ratios[0]])["pruning"]["parent"])  # the demo's unpruned base
     base = evaluate(parent, test, task)
-    lines = [f"Small DEQ, the demo's recipe (`DEMO_RECIPES['deq']`), embedded test split ({len(test)} slices); unpruned "
+    lines = [f"Small DEQ, the demo's recipe (the deq entry's `demo`, spade_deploy/mri/deq.py), embedded test split ({len(test)} slices); unpruned "
              f"{base.psnr:.2f} dB in {base.mean_iterations:.1f} iterations. Parent's ||J_T|| (median): training split "
              + (f"{norms['train']:.3f}" if "train" in norms else "–") + ", test measurements "
              + (f"{norms['test']:.3f}" if "test" in norms else "–") + f". Device: CPU {platform.machine()}, "

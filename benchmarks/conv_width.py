@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spade_deploy.deploy.export import onnx_session
+from spade_deploy.deploy.priors import onnx_session
 from spade_deploy.hwaware import DeviceTimer
 from spade_deploy.timing import interleaved_medians
 

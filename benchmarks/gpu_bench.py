@@ -108,7 +108,7 @@ def _compiled_whole(model):
     prior; the device-resident loop calls it on the whole batch), a VarNet's whole forward pass
     (every cascade)."""
     m = copy.deepcopy(model).eval()
-    if hasattr(m, "solver_cfg"):
+    if m.solver_cfg is not None:
         cls_operator = type(m).operator
 
         def operator(physics, y):
@@ -140,7 +140,7 @@ def build_engine(engine: str, model, dev: torch.device, work: Path, size: tuple[
         if not cuda and engine == "fp16":
             raise Absent("absent: fp16 convolutions are a GPU feature")
         dtype = torch.float16 if engine == "fp16" else torch.bfloat16
-        if hasattr(model, "solver_cfg"):
+        if model.solver_cfg is not None:
             y, physics = check_input
             report = check_precision(placed(model, dev), y, physics, engine, raise_on_failure=False)
             fp32 = check_precision(placed(model, dev), y, physics, "fp32", raise_on_failure=False)

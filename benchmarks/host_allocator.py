@@ -28,12 +28,13 @@ def child(calls: int) -> dict:
     import torch
 
     from spade_deploy.checkpoint import load_model
-    from spade_deploy.deploy.engines import ChannelsLastPrior, synthetic_sample
+    from spade_deploy.deploy.priors import ChannelsLastPrior
+    from spade_deploy.mri.physics import synthetic_sample
     from spade_deploy.hostmem import keep_freed_memory
     from spade_deploy.mri.physics import complex_to_channels
     from spade_deploy.prune import prune_model
     from spade_deploy.timing import interleaved_medians
-    from spade_deploy.zoo import bundled_path
+    from spade_deploy.models import bundled_path
 
     state = keep_freed_memory()
     base, _ = load_model(bundled_path("deq", "small"))

@@ -49,7 +49,7 @@ from spade_deploy.mri.metrics import psnr
 from spade_deploy.models import build_model, count_parameters, preset_config
 from spade_deploy.prune import prune_model
 from spade_deploy.deploy.runtime import deploy
-from spade_deploy.mri.task import eval_seeds, make_batch
+from spade_deploy.mri.data import eval_seeds, make_batch
 from spade_deploy.train import TrainConfig, fit
 
 
@@ -184,8 +184,8 @@ def main() -> None:
                     for b in batches:
                         out = net(b.y, b.physics, solver=solver)
                         q["psnr"].append(psnr(b.x_gt.abs().numpy(), out.abs().numpy()))
-                        q["residual"].append(float(net.last_info.residual[0]))
-                        q["converged"].append(bool(net.last_info.converged[0]))
+                        q["residual"].append(float(net.solve_info().residual[0]))
+                        q["converged"].append(bool(net.solve_info().converged[0]))
                 quality.append(q)
             timed = time_interleaved([n[2] for n in nets], slices, args.repeats, solver=solver)
             for (label, backend, net, size), q, t in zip(nets, quality, timed):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 import sys
 
 import typer
@@ -11,6 +13,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from spade_deploy.errors import SpadeError
+from spade_deploy.solvers import MAX_ITER, MIN_TOL
 
 console = Console()
 err_console = Console(stderr=True)
@@ -88,8 +91,6 @@ def user_errors(fn):
 # Option validation: every numeric option is checked before anything is read, built or written.
 def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
     """``value`` (an option, or None when not given) lies in the range; else a one-line error."""
-    import math
-
     if value is None:
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -109,8 +110,6 @@ def check_choice(name: str, value: str, choices) -> str:
 
 def check_device(device: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; CUDA only where a GPU is visible."""
-    import re
-
     if not re.fullmatch(r"cpu|cuda(:\d{1,2})?", device):
         raise SpadeError(f"--device {device!r} is not a device: cpu | cuda | cuda:N")
     if device.startswith("cuda"):
@@ -130,7 +129,5 @@ def check_sampling(acceleration: int, center_fraction) -> None:
 
 
 def check_solver(max_iter, tol) -> None:
-    from spade_deploy.solvers import MAX_ITER, MIN_TOL
-
     check_number("--max-iter", max_iter, 1, MAX_ITER)
     check_number("--tol", tol, MIN_TOL, 1.0, hi_open=True)

@@ -11,11 +11,26 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from spade_deploy.demo import DemoReporter
-from spade_deploy.pipeline import (SPLITS, bench_checkpoints, evaluate_checkpoint, export_checkpoint, finetune_run,
+from spade_deploy import bench as B, hostmem
+from spade_deploy.checkpoint import load_model, save_model
+from spade_deploy.demo import DemoReporter, run_demo
+from spade_deploy.deploy.cache import export_checkpoint
+from spade_deploy.deploy.export import check_opset
+from spade_deploy.deploy.runtime import BACKENDS
+from spade_deploy.errors import SpadeError
+from spade_deploy.io import read_manifest
+from spade_deploy.losses import STRATEGIES
+from spade_deploy.models import build_model, count_parameters, get_entry, model_names, preset_config
+from spade_deploy.mri import data as D
+from spade_deploy.paths import check_outputs
+from spade_deploy.pipeline import (SPLITS, bench_checkpoints, evaluate_checkpoint, finetune_run,
                                    prune_run, train_run)
+from spade_deploy.prune import PAPER_RATIOS
+from spade_deploy.tasks import task_class
+from spade_deploy.train import TrainConfig
 
-from ._common import check_choice, check_device, check_number, check_sampling, check_solver, console, print_table, user_errors
+from ._common import (check_choice, check_device, check_number, check_sampling, check_solver, console, err_console,
+                      print_table, user_errors)
 
 
 app = typer.Typer(
@@ -84,8 +99,6 @@ class ConsoleReporter(DemoReporter):
 
 
 def _build_default(root: Path, seed: int, force: bool):
-    from spade_deploy.mri import data as D
-
     with ConsoleReporter().progress("simulating k-space") as update:
         return D.build_default_dataset(root, seed=seed, force=force, progress=update)
 
@@ -93,27 +106,20 @@ def _build_default(root: Path, seed: int, force: bool):
 def _task(task_name: str, data: Path | None, **options):
     """The task ``task_name`` from the command line's ``--data`` and task options, and the root of
     its splits (embedded data is built on first use, with a progress bar)."""
-    from spade_deploy.tasks import task_class
-
     task = task_class(task_name).from_cli(data, options)
     return task, task.data_root(data, ConsoleReporter())
 
 
-def _model_task(model: str, preset: str | None = None) -> str:
-    from spade_deploy.models import build_model
-
-    return build_model(model, preset=preset).task
-
-
 def _checkpoint_task(checkpoint: Path) -> str:
-    """The task of a checkpoint's model, from its manifest alone; a manifest naming no known model
-    is left to the loader to refuse (with its own message): "mri" then, the commands' first path."""
-    from spade_deploy.io import read_manifest
-    from spade_deploy.models import model_names
-
+    """The task of a checkpoint's model, from its manifest alone (a one-line error for a manifest
+    naming no known model)."""
     manifest = read_manifest(checkpoint)
     name = manifest.get("model") if isinstance(manifest, dict) else None
-    return _model_task(name) if isinstance(name, str) and name in model_names() else "mri"
+    if not isinstance(name, str) or name not in model_names():
+        load_model(checkpoint)  # refuses it with the loader's own one-line message
+        raise SpadeError(f"{checkpoint} names no known model (model {str(name)[:40]!r}); choose one of: "
+                         f"{', '.join(model_names())}")
+    return get_entry(name).task
 
 
 @app.command()
@@ -124,8 +130,6 @@ def data(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete build exists.")] = False,
 ):
     """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space)."""
-    from spade_deploy.mri import data as D
-
     check_number("--seed", seed, 0, 2**31 - 1)
     root = root or D.default_data_root()
     info = _build_default(root, seed=seed, force=force)
@@ -145,8 +149,6 @@ def data(
 @user_errors
 def models():
     """List the reconstructors and their presets."""
-    from spade_deploy.models import build_model, count_parameters, get_entry, model_names
-
     table = Table(title="Reconstructors")
     for col in ("model", "preset", "parameters", "priors"):
         table.add_column(col)
@@ -195,16 +197,13 @@ def train(
     )
     check_sampling(acceleration, center_fraction)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
-    task, root = _task(_model_task(model, preset), data, acceleration=acceleration, center_fraction=center_fraction,
+    task, root = _task(get_entry(model).task, data, acceleration=acceleration, center_fraction=center_fraction,
                        scale=scale, kernel=kernel, noise=noise)
     train_run(model, preset, root, out, cfg, task, resume, checkpoint_seconds, reporter=ConsoleReporter())
 
 
 def _train_config(**options):
     """A :class:`TrainConfig` from CLI options; a bad value is named as the option (``--lr``)."""
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.train import TrainConfig
-
     try:
         return TrainConfig(**options)
     except SpadeError as exc:
@@ -224,35 +223,17 @@ def import_(
     preset: Annotated[Optional[str], typer.Option(help="Refuse a checkpoint whose architecture differs from this preset's.")] = None,
 ):
     """Convert a fastMRI or official USRNet checkpoint, unchanged, into a spade checkpoint (read with weights_only: nothing is executed)."""
-    from spade_deploy.checkpoint import save_model
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.models import count_parameters, preset_config
-    from spade_deploy.paths import check_outputs
-
     if out.exists() and out.is_dir():
         raise SpadeError(f"output path {out} is a folder, expected a .safetensors file")
     check_outputs(files=[out], inputs=[source])
     expect = preset_config(model, preset) if preset else None
-    if model == "usrnet":
-        from spade_deploy.sr.usrnet import load_official_checkpoint
-
-        net, info = load_official_checkpoint(source, expect=expect)
-        save_model(out, net, imported=info, preset=preset)
-        cfg = net.cfg
-        console.print(f"usrnet: {cfg.n_iter} iterations, ResUNet widths {list(cfg.nc)} x {cfg.nb} blocks, "
-                      f"{count_parameters(net):,} parameters")
-        console.print(f"written: [cyan]{out}[/]")
-        return
-    if model not in ("varnet", "e2e-varnet"):
-        raise SpadeError(f"import reads fastMRI VarNet (varnet, e2e-varnet) or official USRNet (usrnet) checkpoints, not {model!r}")
-    from spade_deploy.mri.varnet import load_fastmri_checkpoint
-
-    net, info = load_fastmri_checkpoint(source, model, expect=expect)
+    entry = get_entry(model)
+    if entry.importer is None:
+        readable = ", ".join(n for n in model_names() if get_entry(n).importer is not None)
+        raise SpadeError(f"import reads official checkpoints of {readable}, not {model!r}")
+    net, info, summary = entry.importer(source, model, expect)
     save_model(out, net, imported=info, preset=preset)
-    cfg = net.cfg
-    console.print(f"{model}: {cfg.num_cascades} cascades, U-Nets of {cfg.chans} channels / {cfg.pools} pools, "
-                  f"{count_parameters(net):,} parameters"
-                  + (f"; {info['dropped_keys']} sensitivity-network tensors dropped (coil maps given)" if info["dropped_keys"] else ""))
+    console.print(summary)
     console.print(f"written: [cyan]{out}[/]")
 
 
@@ -350,8 +331,6 @@ def demo(
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds (every variant reconstructs every test slice once per round; the first is also its scoring pass). 2 keeps the DEQ demo within a quarter hour on 2 cores; spade bench times 5 by default.")] = 2,
 ):
     """The main job on the embedded data: build it, train each model, prune, fine-tune, export, bench."""
-    from spade_deploy.demo import run_demo
-
     check_number("--repeats", repeats, 1, 10_000)
     result = run_demo(out, model or ["deq"], retrain=retrain, backends=backends or ["auto"], repeats=repeats,
                       reporter=ConsoleReporter())
@@ -389,8 +368,6 @@ def finetune(
                         seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
     check_sampling(acceleration, center_fraction)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
-    from spade_deploy.losses import STRATEGIES
-
     check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
     task, root = _task(_checkpoint_task(checkpoint), data, acceleration=acceleration,
@@ -418,32 +395,16 @@ def reconstruct(
     noise: NoiseOpt = 0.0,
 ):
     """MRI: reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.deploy.runtime import BACKENDS
-
-    sr = _checkpoint_task(checkpoint) == "sr"
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
-    if sr:
-        from spade_deploy.sr.reconstruct import restore_checkpoint
-
-        if len(scale or []) != 1 or len(kernel or []) != 1:
-            raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
-        res = restore_checkpoint(checkpoint, source, out, scale[0], kernel[0], noise, backend, engines,
-                                 reporter=ConsoleReporter())
-        console.print(f"{len(res.outputs)} images super-resolved x{res.scale} (kernel {res.kernel}) into [cyan]{out}[/]")
-        return
-    from spade_deploy.mri.reconstruct import reconstruct_checkpoint
-
     check_sampling(acceleration, center_fraction)
     check_number("--batch-size", batch_size, 1, 4096)
-    res = reconstruct_checkpoint(checkpoint, source, out, acceleration, center_fraction, batch_size, backend, engines,
-                                 full_fov, coil_maps, cache_dir, reporter=ConsoleReporter())  # type: ignore[arg-type]
-    iters = f", mean {res.mean_iterations:.1f} fixed-point iterations" if res.mean_iterations is not None else ""
-    console.print(f"{res.n_slices} slices in {len(res.outputs)} files written to [cyan]{out}[/]{iters}")
-    if res.not_converged:
-        console.print(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
-                      f"{', '.join(res.not_converged)}")
+    task = task_class(_checkpoint_task(checkpoint)).from_cli(None, dict(
+        acceleration=acceleration, center_fraction=center_fraction, coil_maps=coil_maps, cache_dir=cache_dir,
+        scale=scale, kernel=kernel, noise=noise))
+    for line in task.reconstruct(checkpoint, source, out, backend, engines, batch_size, full_fov,
+                                 reporter=ConsoleReporter()):
+        console.print(line)
 
 
 @app.command()
@@ -458,8 +419,6 @@ def prune(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the pruned checkpoints (default: beside the input).")] = None,
 ):
     """SPADE: DepGraph groups, group-L1 ranking, per-layer ratio; a table of parameters and MACs."""
-    from spade_deploy.prune import PAPER_RATIOS
-
     default = [] if target_speedup is not None else PAPER_RATIOS
     results = prune_run(checkpoint, list(ratios or default), out or checkpoint.parent / "pruned", round_to,
                         target_speedup=target_speedup, size=(size, size), device=device, reporter=ConsoleReporter())
@@ -507,9 +466,6 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (17 up to the newest the installed onnx and torch support).")] = 17,
 ):
     """Export every prior to ONNX (checked against PyTorch) and, with --trt, to TensorRT engines."""
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.deploy.export import check_opset
-
     check_opset(opset)
     if fp16 and not trt:
         raise SpadeError("--fp16 sets the precision of TensorRT engines: add --trt (ONNX files stay FP32)")
@@ -559,7 +515,7 @@ def bench(
     check_number("--repeats", repeats, 1, 10_000)
     check_number("--warmup", warmup, 0, 10_000)
     check_device(device)
-    task, root = _task(_checkpoint_task(checkpoints[0]) if checkpoints else "mri", data, acceleration=acceleration,
+    task, root = _task(_checkpoint_task(checkpoints[0]), data, acceleration=acceleration,
                        center_fraction=center_fraction, coil_maps=coil_maps, cache_dir=cache_dir, scale=scale,
                        kernel=kernel, noise=noise)
     _show_bench(bench_checkpoints(checkpoints, list(backend or ["auto"]), engines, root, split, task, repeats, warmup,
@@ -567,8 +523,6 @@ def bench(
 
 
 def _show_bench(run) -> None:
-    from spade_deploy import bench as B
-
     result = run.result
     opts = ", ".join(f"{k} {v}" for k, v in run.task_options.items() if not isinstance(v, list) or len(v) < 4)
     table = Table(title=f"SPADE benchmark on {result.device} ({run.split}, {opts}; {result.baseline} PSNR "
@@ -592,12 +546,8 @@ def main() -> None:
     except ImportError:  # pragma: no cover - older typer
         from click.exceptions import UsageError
 
-    from ._common import err_console
-    from spade_deploy.errors import SpadeError
-    from spade_deploy.hostmem import keep_freed_memory
-
     try:
-        keep_freed_memory()
+        hostmem.keep_freed_memory()
     except SpadeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)

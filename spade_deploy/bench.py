@@ -114,7 +114,7 @@ class BenchResult:
 
 
 def _solver_kwargs(model: Reconstructor, solver: SolverConfig | None) -> dict:
-    return {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
+    return {"solver": solver} if solver is not None and model.solver_cfg is not None else {}
 
 
 class _Stopwatch:
@@ -200,7 +200,7 @@ class SliceTimings:
     def record(self, j: int, seconds: float, model: Reconstructor) -> None:
         """One round's time of slice ``j`` and what the model's solver reports of it."""
         self.seconds[j].append(seconds)
-        info = getattr(model, "last_info", None)
+        info = model.solve_info()
         if info is not None:
             self.has_solver = True
             self.iterations[j] = int(info.iterations.sum())
@@ -317,7 +317,7 @@ def run_bench(
     cfg = {**task.options(),
            # the stopping rule every variant ran: the one given, else each architecture's own
            "solver": dataclasses.asdict(solver) if solver else ({v.label: dataclasses.asdict(v.model.solver_cfg)
-                                                                 for v in variants if hasattr(v.model, "solver_cfg")} or None),
+                                                                 for v in variants if v.model.solver_cfg is not None} or None),
            "warmup": warmup, "rounds": repeats,
            "backends": list(backends), "aggregation": AGGREGATION, "host_allocator": allocator_state(),
            "slices": [s[2] for s in slices], "slice_shape": list(sample[0].shape[-2:]),

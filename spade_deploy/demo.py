@@ -9,7 +9,7 @@ recipe leaves them out). Finished stages with the same recipe are
 reused and interrupted ones resumed, so a second run only benches; a pruned model or a fine-tuning
 run is reused only when its manifest records the exact bytes (SHA-256) of the file it was made
 from (hardware-aware widths are not measured anew under runs made from the old ones). The recipes
-are :data:`~spade_deploy.train.DEMO_RECIPES`.
+are the models' own (:attr:`~spade_deploy.models.ModelEntry.demo`, :func:`demo_recipes`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from typing import Sequence
 from .errors import SpadeError
 from .pipeline import BenchRun, Evaluation, bench_checkpoints, derived_from, evaluate_checkpoint, finetune_run, \
     finished, prune_run, resumable, train_run
+from .io import read_manifest
+from .losses import STRATEGIES
+from .models import DemoRecipe, bundled_base, get_entry, model_names
+from .paths import sha256_file
 from .progress import Reporter
+from .prune import PAPER_RATIOS, pruned_name
+from .tasks import task_class
 
 
 class DemoReporter(Reporter):
@@ -64,9 +70,6 @@ def train_once(model: str, preset: str, root: Path | None, run: Path, cfg, task,
                reporter: Reporter | None = None) -> Path:
     """The base model's checkpoint: a finished run in ``run`` with this recipe, else the base
     shipped with the package for this dataset, else trained now (an interrupted run resumed)."""
-    from .io import read_manifest
-    from .zoo import bundled_base
-
     reporter = reporter or Reporter()
     best = run / "best.safetensors"
     if not retrain and finished(run, cfg, task) and read_manifest(best).get("preset") == preset:
@@ -82,22 +85,20 @@ def train_once(model: str, preset: str, root: Path | None, run: Path, cfg, task,
     return best
 
 
+def demo_recipes() -> dict[str, DemoRecipe]:
+    """The demo recipe of every registered model that has one (:attr:`ModelEntry.demo`)."""
+    return {n: get_entry(n).demo for n in model_names() if get_entry(n).demo is not None}
+
+
 def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False, backends: Sequence[str] = ("auto",),
              repeats: int = 2, reporter: DemoReporter | None = None, recipes: dict | None = None,
              data: dict[str, Path] | None = None, device: str = "cpu") -> DemoResult:
     """Run the demo for ``models`` into ``out`` (``<out>/<model>/{base,pruned,finetuned}``,
-    ``<out>/engines``, ``<out>/results``). ``recipes``: name -> :class:`~spade_deploy.train.DemoRecipe`
+    ``<out>/engines``, ``<out>/results``). ``recipes``: name -> :class:`~spade_deploy.models.DemoRecipe`
     (default the shipped ones); ``data``: task name -> a data root to use instead of the task's
     embedded data."""
-    from .losses import STRATEGIES
-    from .models import build_model
-    from .paths import sha256_file
-    from .prune import PAPER_RATIOS, pruned_name
-    from .tasks import task_class
-    from .train import DEMO_RECIPES
-
     reporter = reporter or DemoReporter()
-    recipes = DEMO_RECIPES if recipes is None else recipes
+    recipes = demo_recipes() if recipes is None else recipes
     names = list(dict.fromkeys(models))
     for name in names:
         if name not in recipes:
@@ -107,7 +108,7 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
     groups: dict[str, tuple] = {}  # task -> (task, data root, checkpoints): one bench per task
     for name in names:
         recipe = recipes[name]
-        task_name = build_model(name, preset=recipe.preset).task
+        task_name = get_entry(name).task
         given = (data or {}).get(task_name)
         task = task_class(task_name).from_cli(given, dict(recipe.task_options))
         root = task.data_root(given, reporter)
@@ -168,4 +169,4 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
     return DemoResult(made, benches, time.perf_counter() - t0, out / "results")
 
 
-__all__ = ["run_demo", "train_once", "DemoReporter", "DemoResult", "DemoModel"]
+__all__ = ["run_demo", "demo_recipes", "train_once", "DemoReporter", "DemoResult", "DemoModel"]

@@ -49,7 +49,7 @@ def measure_contraction(
         if got is None:
             return None
         norms += got.tolist()
-        info = getattr(model, "last_info", None)
+        info = model.solve_info()
         if info is not None:
             iters += info.iterations.tolist()
         if len(norms) >= max_slices:

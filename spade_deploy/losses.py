@@ -9,6 +9,8 @@ losses know no task.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .tasks import Batch

@@ -78,3 +78,16 @@ def memory_bytes() -> int:
 
 
 __all__ = ["check_outputs", "sha256_file", "memory_bytes"]
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SpadeError(f"output path {out} is a file, expected a folder")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/spade-deploy``, else ``~/.cache/spade-deploy``: what is derived from a
+    user's data or models and kept between runs (estimated coil maps, exported priors), never
+    in the data folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "spade-deploy"

@@ -9,14 +9,29 @@ nothing."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+from . import bench as B
+from .bench import Variant
+from .checkpoint import load_model
+from .deploy.cache import export_checkpoint, export_files, export_stems, fresh_export
+from .deploy.priors import require_tensorrt
+from .deploy.runtime import BACKENDS, deploy
+from .device import require_device
 from .errors import SpadeError
+from .finetune import finetune_model
+from .io import read_manifest, write_json
+from .losses import SupervisedLoss
+from .models import build_model, count_parameters
+from .paths import check_out_dir, check_outputs, sha256_file
 from .progress import Reporter
+from .prune import check_ratio, check_widths, default_timer, prune_checkpoint, prune_to_speedup, pruned_name
+from .train import RUN_FILES, evaluate, fit, recorded_config
 
 SPLITS = ("train", "val", "test")
 
@@ -24,8 +39,6 @@ SPLITS = ("train", "val", "test")
 def same_recipe(stored: dict | None, cfg) -> bool:
     """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself, and
     the contraction target where ``cfg`` leaves it to be measured)."""
-    from .train import recorded_config
-
     stored = recorded_config(stored)
     want = dataclasses.asdict(cfg)
     own = {"fixed_masks"} | ({"lipschitz_target"} if cfg.lipschitz_target is None else set())
@@ -35,8 +48,6 @@ def same_recipe(stored: dict | None, cfg) -> bool:
 
 def _run_state(last: Path, cfg, task) -> dict | None:
     """The training state of ``last`` when it was written with recipe ``cfg`` (and ``task``'s options)."""
-    from .io import read_manifest
-
     if not last.exists():
         return None
     manifest = read_manifest(last)
@@ -54,8 +65,6 @@ def finished(run: Path, cfg, task=None) -> bool:
 def derived_from(path: Path, entry: str, parent_sha256: str) -> bool:
     """``path`` exists and its manifest's ``entry`` (``pruning``, ``finetune``) records the parent
     file whose SHA-256 is ``parent_sha256``: what the demo checks before reusing a stage's output."""
-    from .io import read_manifest
-
     if not path.exists():
         return False
     try:
@@ -73,11 +82,6 @@ def resumable(last: Path, cfg, task=None) -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # Where a step may write, and what it reads.
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SpadeError(f"output path {out} is a file, expected a folder")
-
-
 def data_folders(root: Path | None, splits: Sequence[str] = SPLITS) -> list[Path]:
     """The user's data folders, where nothing is ever written."""
     return [root / split for split in splits] if root is not None else []
@@ -97,8 +101,6 @@ def _check_json_out(json_out: Path | None, inputs, data) -> None:
         return
     if json_out.is_dir():
         raise SpadeError(f"--json {json_out} is a folder, expected a file")
-    from .paths import check_outputs
-
     check_outputs(files=[json_out], inputs=inputs, data=data)
 
 
@@ -109,13 +111,6 @@ def train_run(model: str, preset: str | None, root: Path | None, out: Path, cfg,
     """Train ``model`` (registry name, ``preset``) from scratch on ``task``'s data under ``root``
     (None: the task's embedded data) into the run folder ``out``: ``best.safetensors``,
     ``last.safetensors`` and ``history.json``. Returns the :class:`~spade_deploy.train.FitResult`."""
-    import torch
-
-    from .io import write_json
-    from .losses import SupervisedLoss
-    from .models import build_model, count_parameters
-    from .paths import check_outputs
-    from .train import RUN_FILES, fit
 
     reporter = reporter or Reporter()
     check_out_dir(out)
@@ -175,16 +170,12 @@ def evaluate_checkpoint(checkpoint: Path, task, root: Path | None, split: str = 
     """Score ``checkpoint`` on ``split`` of ``task``'s data; ``solver_changes`` (``max_iter``,
     ``tol``, ``method``) override the stopping rule of a model with a solver; ``json_out``: also
     write the scores there, with the checkpoint, split, task and stopping rule."""
-    from .checkpoint import load_model
-    from .io import write_json
-    from .train import evaluate
-
     reporter = reporter or Reporter()
     _check_json_out(json_out, inputs=[checkpoint, root], data=data_folders(root))
     net, manifest = load_model(checkpoint)
     task.check_model(net, checkpoint)
     solver_cfg = None
-    if hasattr(net, "solver_cfg"):
+    if net.solver_cfg is not None:
         changes = {k: v for k, v in (solver_changes or {}).items() if v is not None}
         try:
             solver_cfg = dataclasses.replace(net.solver_cfg, **changes)
@@ -204,10 +195,6 @@ def prune_run(checkpoint: Path, ratios: Sequence[float], out: Path, round_to=Non
               reporter: Reporter | None = None) -> list[tuple[Path, Any]]:
     """SPADE-prune ``checkpoint`` at each ratio (or at the ratio reaching ``target_speedup``,
     measured) into ``out``: ``[(path, PruneReport)]``."""
-    from .paths import check_outputs
-    from .prune import (check_ratio, check_widths, default_timer, prune_checkpoint, prune_to_speedup,
-                        pruned_name)
-
     reporter = reporter or Reporter()
     round_to = check_widths(round_to)
     if target_speedup is not None and ratios:
@@ -229,11 +216,6 @@ def finetune_run(checkpoint: Path, strategy: str, teacher: Path | None, root: Pa
                  resume: bool = False, checkpoint_seconds: float | None = 120.0, reporter: Reporter | None = None):
     """Fine-tune the pruned ``checkpoint`` with ``strategy`` into the run folder ``out``
     (:func:`~spade_deploy.finetune.finetune_model`). Returns the ``FitResult``."""
-    from .finetune import finetune_model
-    from .io import read_manifest
-    from .paths import check_outputs
-    from .train import RUN_FILES
-
     reporter = reporter or Reporter()
     check_out_dir(out)
     check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[checkpoint, teacher, root],
@@ -257,106 +239,11 @@ def finetune_run(checkpoint: Path, strategy: str, teacher: Path | None, root: Pa
     return result
 
 
-def export_stem(checkpoint: Path) -> str:
-    """Run folders hold files named best.safetensors: name exports after folder and file."""
-    return f"{checkpoint.parent.name}.{checkpoint.stem}" if checkpoint.stem in ("best", "last") else checkpoint.stem
-
-
-def export_stems(checkpoints: list[Path]) -> dict[Path, str]:
-    """Distinct export names for checkpoints benchmarked together: :func:`export_stem`, and for
-    checkpoints whose names clash, their path below the clashing ones' common folder (the demo's
-    ``<out>/varnet/base/best`` and ``<out>/e2e-varnet/base/best`` -> ``varnet.base.best``,
-    ``e2e-varnet.base.best``; one name for two would make one model's priors replace the other's).
-    The same file named twice keeps one name."""
-    stems = {path: export_stem(path) for path in dict.fromkeys(checkpoints)}
-    files = {stem: {p.resolve() for p in stems if stems[p] == stem} for stem in set(stems.values())}
-    clashing = [p for p in stems if len(files[stems[p]]) > 1]
-    if clashing:
-        root = Path(os.path.commonpath([p.resolve().parent for p in clashing]))
-        for path in clashing:
-            stems[path] = ".".join(path.resolve().relative_to(root).with_suffix("").parts)
-    return stems
-
-
-def fresh_export(net, checkpoint_sha256: str, engines: Path, stem: str, backends, size=None) -> Path | None:
-    """The manifest ``engines/<stem>.manifest.json`` when it is an export of exactly this checkpoint
-    (same SHA-256) with every file the back-ends need intact; None when there is none or it was
-    exported from another version of the checkpoint (export again). A manifest that is malformed,
-    or whose files differ from the ones it records, is an error: it is never silently replaced."""
-    from .deploy.export import read_export_manifest
-    from .deploy.runtime import verify_export
-
-    mpath = engines / f"{stem}.manifest.json"
-    if not mpath.exists():
-        return None
-    man = read_export_manifest(mpath)
-    if man.get("checkpoint_sha256") != checkpoint_sha256:
-        return None
-    if "tensorrt" in backends and not all(p.get("engine") and p.get("engine_image_size") == list(size or ())
-                                          for p in man["priors"]):
-        return None
-    for b in backends:
-        if b != "torch":
-            verify_export(net, "onnxruntime" if b == "auto" else b, mpath, checkpoint_sha256)
-    return mpath
-
-
-def export_files(net, out: Path, stem: str) -> list[Path]:
-    return [out / f"{stem}.manifest.json", *(out / f"{stem}.{name}.onnx" for name in net.priors())]
-
-
-def export_checkpoint(checkpoint: Path, out: Path, trt: bool = False, fp16: bool = False, opset: int = 17,
-                      stem: str | None = None, size: tuple[int, int] | None = None):
-    """Export every prior of ``checkpoint`` to ONNX in ``out`` (checked against PyTorch), bound to
-    the checkpoint's SHA-256; with ``trt`` also TensorRT engines for images of ``size``. Returns the
-    :class:`~spade_deploy.deploy.export.ExportResult`."""
-    from .checkpoint import load_model
-    from .deploy.export import build_trt_engines, check_opset, export_onnx
-    from .paths import check_outputs, sha256_file
-
-    check_opset(opset)
-    check_out_dir(out)
-    if trt:  # fail before writing anything when TensorRT cannot run here
-        from .deploy.export import require_tensorrt
-
-        require_tensorrt()
-        if size is None:
-            raise SpadeError("--trt needs --size HxW: the slices' k-space size, which the engines' profile is built for")
-    net, manifest = load_model(checkpoint)
-    stem = stem or export_stem(checkpoint)
-    check_outputs(files=export_files(net, out, stem), folders=[out], inputs=[checkpoint])
-    res = export_onnx(net, out, stem, opset=opset, source=str(checkpoint),
-                      extra={"checkpoint_sha256": sha256_file(checkpoint), "pruning": manifest.get("pruning"),
-                             "finetune": manifest.get("finetune")})
-    if trt:
-        build_trt_engines(res.manifest_path, net, size, fp16=fp16)
-    return res
-
-
-def export_for(checkpoint: Path, net, engines: Path, backends, size=None, data=()) -> tuple[Path, str]:
-    """The export cache: the export manifest of ``checkpoint`` for ``backends`` in ``engines``
-    (exported first unless an intact export of exactly this checkpoint is there) and the
-    checkpoint's SHA-256 it is bound to."""
-    from .paths import check_outputs, sha256_file
-
-    stem = export_stem(checkpoint)
-    sha = sha256_file(checkpoint)
-    check_out_dir(engines)
-    check_outputs(files=export_files(net, engines, stem), folders=[engines], inputs=[checkpoint], data=data)
-    mpath = fresh_export(net, sha, engines, stem, backends, size=size)
-    if mpath is None:
-        mpath = export_checkpoint(checkpoint, engines, trt="tensorrt" in backends, stem=stem, size=size).manifest_path
-    return mpath, sha
-
-
 # ------------------------------------------------------------------------------------------------
 # Benchmark.
 def bench_variant(path: Path):
     """``(Variant, manifest)`` of a checkpoint: the unpruned model (ratio 0) or a pruned one, with
     its fine-tuning strategy ("none" when pruned and not fine-tuned) and how its widths were chosen."""
-    from .bench import Variant
-    from .checkpoint import load_model
-
     net, man = load_model(path)
     pruning, ft = man.get("pruning") or {}, man.get("finetune") or {}
     return Variant(label=man["model"], ratio=float(pruning.get("ratio", 0.0)),
@@ -384,11 +271,6 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
 
     Every check (back-ends, device, outputs, existing exports, the split) runs before anything is
     written. ``time_unfinetuned=False``: pruned models not fine-tuned are scored, not timed."""
-    from . import bench as B
-    from .device import require_device
-    from .paths import check_outputs, sha256_file
-    from .deploy.runtime import BACKENDS, deploy
-
     reporter = reporter or Reporter()
     backends = list(backends)
     for b in backends:
@@ -398,8 +280,6 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
     if "tensorrt" in backends:
         if dev.type != "cuda":
             raise SpadeError("-b tensorrt runs on a CUDA GPU: add --device cuda")
-        from .deploy.export import require_tensorrt
-
         require_tensorrt()
     check_out_dir(out)
     check_out_dir(engines)
@@ -449,7 +329,6 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
     return BenchRun(result, variants, paths, split, task.options())
 
 
-__all__ = ["SPLITS", "same_recipe", "finished", "resumable", "check_out_dir", "data_folders", "task_split",
-           "train_run", "Evaluation", "evaluate_checkpoint", "prune_run", "finetune_run", "export_stem",
-           "export_stems", "fresh_export", "export_files", "export_checkpoint", "export_for", "bench_variant",
+__all__ = ["SPLITS", "same_recipe", "finished", "resumable", "data_folders", "task_split",
+           "train_run", "Evaluation", "evaluate_checkpoint", "prune_run", "finetune_run", "bench_variant",
            "BenchRun", "bench_checkpoints"]

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,7 +85,7 @@ class TrainConfig:
     # epoch, as a single validation after it would choose).
     val_every: int = 1
     validate: bool = True
-    # Models with a ``pretrain_loss`` (the DEQ: its prior as a denoiser) run these steps first.
+    # Models that pretrain (``Reconstructor.pretrains``: the DEQ, its prior as a denoiser) run these steps first.
     pretrain_steps: int = 0
     pretrain_lr: float = 2e-3
     fixed_masks: bool = False  # school / self-supervised: the test measurements as acquired
@@ -137,112 +137,6 @@ def recorded_config(stored: dict | None) -> dict | None:
         return None
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
-
-
-@dataclass(frozen=True)
-class DemoRecipe:
-    """What ``spade demo`` runs for one architecture on the embedded data (README: the demo)."""
-
-    preset: str
-    train: TrainConfig
-    finetune: dict[str, TrainConfig]
-    task_options: dict = field(default_factory=dict)  # the task's options (Task.from_cli), its defaults otherwise
-    ratios: tuple[float, ...] | None = None  # pruning ratios (None: the paper's 0.05 0.1 0.2 0.4)
-    hardware_widths: bool = True  # also prune the largest ratio to the widths measured fastest here
-    # The bench also scores the models pruned at the largest ratio before fine-tuning (not timed).
-    score_unfinetuned: bool = True
-
-
-# DEQ: denoiser pretraining, then the fixed-point stage with the prior-patch penalty (the base
-# shipped in spade_deploy/weights was made by this recipe); fine-tuning runs (supervised on the
-# training split, school and self-supervised on the 12 test slices' measurements), each with the
-# whole-iteration penalty ||J_T|| <= the unpruned model's own norm, measured on its data (train:
-# 0.939, parent 18.3 iterations there; test measurements: 0.931, 16.5 iterations). Measured at
-# ratio 0.4 (paper widths) by `spade finetune <pruned-0.4> -s <strategy> ...` then `spade eval
-# --split test` on the embedded data (unpruned 29.22 dB, 16.5 iterations; pruned 20.53 dB, on the
-# cap): supervised 1 epoch lr 5e-4 weight 1: 28.23 dB, 20.5 iterations; 2 epochs 28.96 / 20.5;
-# 2 epochs weight 3: 28.44 / 19.0 (lr 1e-3: 28.13 / 19.2); weight 10, 1 epoch: 26.91 / 19.5;
-# weight 3 with the bound lowered to 0.93 / 0.92: 27.94 / 17.5, 27.01 / 16.0 (holding the
-# parent's count costs supervised more than the paper's 4 %). School 3 epochs of batch 2: 27.19 /
-# 16.9; 6 epochs: 28.52 / 16.6. Self-supervised lr 2e-4 (5e-4 drifts) 2 epochs: 23.28 / 27.6;
-# 4 epochs: 25.05 / 17.5; 4 epochs weight 3: 25.47 / 16.1. (That sweep penalised every slice
-# of a batch; with one slice per step, lipschitz_samples=1, supervised gave 28.11 / 18.0 in the
-# demo.) Supervised validates after each epoch: at 0.05 its second epoch leaves a validation slice
-# on the iteration cap, so the first is kept (validated after its last epoch only, the second was
-# kept and needed 20.2 iterations against the parent's 16.5 on the test split). School and
-# self-supervised keep their last epoch without validating (the bench scores every model on the
-# test split; one validation of the 12 val slices costs about a third of a school epoch, and the
-# demo has to fit the quarter hour).
-# When they validated every other epoch, the last was the best validated one at 0.1 / 0.2 / 0.4
-# (both widths); at 0.05 the second (test PSNR school 29.16 / self-supervised 29.25 dB, against
-# 29.38 / 29.19 for the last).
-# VarNet / E2E-VarNet: supervised training on the magnitude of reconstruction_rss.
-DEMO_RECIPES = {
-    "deq": DemoRecipe(
-        preset="small",
-        train=TrainConfig(epochs=5, lr=2e-4, lipschitz_weight=10.0, lipschitz_target=0.98, lipschitz_on="prior",
-                          pretrain_steps=800, pretrain_lr=2e-3),
-        finetune={
-            "supervised": TrainConfig(epochs=2, lr=5e-4, lipschitz_weight=3.0),
-            "school": TrainConfig(epochs=6, lr=5e-4, batch_size=2, validate=False),
-            "self-supervised": TrainConfig(epochs=4, lr=2e-4, batch_size=2, lipschitz_weight=3.0, validate=False),
-        },
-        # Before fine-tuning, the DEQ pruned at 0.4 stops on the iteration cap on every test slice
-        # (20.49 dB with the paper's widths, 21.50 with 16 filters: benchmarks/README.md); scoring
-        # those 2 x 12 runs of 100 iterations again would take half a minute of the quarter hour.
-        score_unfinetuned=False,
-    ),
-    # VarNet / E2E-VarNet (small preset): supervised training of the base on the training split.
-    # Fine-tuning uses lr 3e-3 instead of the paper's 1e-5 (with far longer runs): these runs are a
-    # few epochs on a 2-core CPU; on the embedded data 3e-3 recovered more than 1e-3 at ratio 0.4
-    # (VarNet, every strategy). The whole two-model demo took 18 min on the 2-core CPU.
-    "varnet": DemoRecipe(
-        preset="small",
-        train=TrainConfig(epochs=10, lr=3e-3, batch_size=2, lipschitz_weight=0.0),
-        finetune={
-            "supervised": TrainConfig(epochs=2, lr=3e-3, lipschitz_weight=0.0),
-            "school": TrainConfig(epochs=5, lr=3e-3, lipschitz_weight=0.0),
-            "self-supervised": TrainConfig(epochs=3, lr=3e-3, lipschitz_weight=0.0),
-        },
-    ),
-    "e2e-varnet": DemoRecipe(
-        preset="small",
-        train=TrainConfig(epochs=4, lr=3e-3, lipschitz_weight=0.0),
-        finetune={
-            "supervised": TrainConfig(epochs=1, lr=3e-3, lipschitz_weight=0.0),
-            "school": TrainConfig(epochs=3, lr=3e-3, lipschitz_weight=0.0),
-            # Self-supervised at 3e-4 (2 epochs): at ratio 0.4, 3e-3 (1 epoch) gave 22.38 dB on
-            # the test split, 1e-3 (2 epochs) 23.30, 3e-4 23.59, 1e-4 23.58 ("none": 23.51).
-            "self-supervised": TrainConfig(epochs=2, lr=3e-4, lipschitz_weight=0.0),
-        },
-    ),
-    # USRNet (small preset, 322,936 parameters) on the embedded photographs: 48 x 48 training tiles
-    # (1,030: 129 batches of 8 per epoch) degraded afresh at x2 / x3 / x4 with the 12 kernels;
-    # evaluation on the centre 192 x 192 of the test photographs at every scale and kernel (72
-    # cases). The base measures its error on each tile against bicubic's (relative_to="baseline");
-    # supervised fine-tuning against the HR tile's norm, which recovered more mean PSNR in as many
-    # steps (benchmarks/README.md). Only the paper's headline ratio 0.4 is pruned, so the whole run
-    # fits the quarter hour; school and self-supervised train on the test cases, batch 2 (at 192
-    # pixels a case costs as much as 16 training tiles). The base shipped in
-    # spade_deploy/weights/usrnet-small.safetensors was trained by this recipe's `train` (`spade
-    # demo -m usrnet --retrain`, or `spade train -m usrnet --preset small --epochs 30 --lr 2e-3
-    # --lr-schedule cosine --relative-to baseline --batch-size 8 --lipschitz-weight 0`: 668 s on the
-    # 2-core CPU): 27.76 dB on the test cases against bicubic's 23.08, winning with every kernel at
-    # every scale. Its figures, the fine-tuned ones and the runs before: benchmarks/README.md.
-    "usrnet": DemoRecipe(
-        preset="small",
-        train=TrainConfig(epochs=30, lr=2e-3, lr_schedule="cosine", relative_to="baseline", batch_size=8,
-                          lipschitz_weight=0.0),
-        finetune={
-            "supervised": TrainConfig(epochs=9, lr=2e-3, lr_schedule="cosine", batch_size=8, lipschitz_weight=0.0,
-                                      val_every=3),
-            "school": TrainConfig(epochs=9, lr=2e-3, batch_size=2, lipschitz_weight=0.0, val_every=3),
-            "self-supervised": TrainConfig(epochs=1, lr=1e-3, batch_size=2, lipschitz_weight=0.0),
-        },
-        task_options={"crop": 192, "patch": 48},
-        ratios=(0.4,),
-    ),
-}
 
 
 @dataclass
@@ -485,8 +379,7 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-    if hasattr(model, "train_solver_cfg"):
-        model.train_solver_cfg = dataclasses.replace(model.solver_cfg, max_iter=cfg.train_max_iter, tol=cfg.train_tol)
+    model.set_train_solver(cfg.train_max_iter, cfg.train_tol)
 
     def save_last(epoch: int, step: int, running: list[float], rng: dict | None, pretrain: dict | None = None) -> None:
         optim_tensors, optim_meta = _optim_tensors(opt)
@@ -508,7 +401,7 @@ def fit(
                         model_manifest(model, **extra_manifest, train_config=dataclasses.asdict(cfg), epoch=epoch,
                                        train_state=train_state))
 
-    if cfg.pretrain_steps and hasattr(model, "pretrain_loss") and (not resumed or pretrain_state is not None):
+    if cfg.pretrain_steps and model.pretrains and (not resumed or pretrain_state is not None):
         _pretrain(model, task, train_ds, cfg, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
                   save=lambda pre: save_last(0, 0, [], None, pretrain=pre))
         save_last(0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
@@ -536,7 +429,7 @@ def fit(
             x = model(batch.y, batch.physics)
             value = loss(x, batch, model, teacher)
             reg = None
-            if cfg.lipschitz_weight > 0 and hasattr(model, "regularizer"):
+            if cfg.lipschitz_weight > 0:
                 b = x.shape[0]
                 k = b if cfg.lipschitz_samples is None else min(cfg.lipschitz_samples, b)
                 samples = None if k == b else [(step * k + i) % b for i in range(k)]

@@ -155,7 +155,7 @@ def test_nothing_outside_the_mask_reaches_any_reconstruction(tiny_dataset, tmp_p
     # training batches: with the test measurements' own masks (school / self-supervised
     # fine-tuning) nothing changes; with fresh random masks (training on fully sampled data) the
     # measurements differ, but the maps still come from the ACS block alone
-    from spade_deploy.mri.task import eval_seeds, make_batch
+    from spade_deploy.mri.data import eval_seeds, make_batch
 
     for fixed in (True, False):
         batches = []

@@ -148,9 +148,9 @@ def test_deq_resident_and_sub_batch_agree():
     y[1] *= 3  # samples stop at different iterations
     with torch.no_grad():
         ref = model(y, physics)
-        ref_iters = model.last_info.iterations.tolist()
+        ref_iters = model.solve_info().iterations.tolist()
         out = model(y, physics, solver=SolverConfig(max_iter=100, tol=1e-4, resident=True, check_every=5))
-    assert model.last_info.resident and model.last_info.iterations.tolist() == ref_iters
+    assert model.solve_info().resident and model.solve_info().iterations.tolist() == ref_iters
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -301,7 +301,7 @@ def test_export_trt_without_tensorrt_is_one_line(tmp_path, checkpoint):
 
 
 def test_missing_onnxruntime_names_the_package_to_install(monkeypatch, tmp_path):
-    from spade_deploy.deploy.export import onnx_session
+    from spade_deploy.deploy.priors import onnx_session
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(SpadeError, match=r"onnxruntime is not installed: pip install 'spade-deploy\[cpu\]'.*\[gpu\]"):
@@ -313,7 +313,8 @@ def test_cpu_onnxruntime_asked_for_cuda_is_one_line(tmp_path):
     """The CPU build of onnxruntime has no CUDA provider: said, not fallen back from in silence."""
     import onnxruntime as ort
 
-    from spade_deploy.deploy.export import export_onnx, onnx_session
+    from spade_deploy.deploy.export import export_onnx
+    from spade_deploy.deploy.priors import onnx_session
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu installed")

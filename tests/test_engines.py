@@ -14,7 +14,9 @@ from spade_deploy.deploy import engines as E
 from spade_deploy.checkpoint import save_model
 from spade_deploy.deploy.export import export_onnx
 from spade_deploy.models import build_model
-from spade_deploy.deploy.runtime import OrtPrior, deploy
+from spade_deploy.deploy.priors import OrtPrior
+from spade_deploy.deploy.runtime import deploy
+from spade_deploy.mri.physics import synthetic_sample
 
 from cli.main import app
 
@@ -41,7 +43,7 @@ def _record(manifest_path):
 def test_auto_measures_records_and_matches_pytorch(exported, monkeypatch):
     monkeypatch.setenv(E.ENV_ENGINES, "torch,onnxruntime")
     model, mpath = exported
-    y, physics = E.synthetic_sample(24, 32, coils=4)
+    y, physics = synthetic_sample(24, 32, coils=4)
     deployed = deploy(model, "auto", mpath, sample=(y, physics))
     (rec,) = _record(mpath)
     assert rec["device"] == E.describe_device("cpu") and rec["shape"] == [1, 2, 24, 32] and rec["data_shape"] == [4, 24, 32]
@@ -82,7 +84,7 @@ def _fake_engines(costs_ms, clock, setup_s=None, broken=(), inaccurate=()):
 
 def test_the_measured_fastest_engine_wins(exported):
     model, _ = exported
-    sample = E.synthetic_sample(16, 16, coils=2)
+    sample = synthetic_sample(16, 16, coils=2)
     for costs, expect in (({"torch": 1.0, "torch-compile": 3.0}, "torch"), ({"torch": 3.0, "torch-compile": 1.0}, "torch-compile")):
         clock = [0.0]
         sel = E.select_engines(model, sample, engines=list(costs), rounds=3, loop_iterations=2,
@@ -96,7 +98,7 @@ def test_the_measured_fastest_engine_wins(exported):
 def test_setup_that_costs_more_than_its_gain_loses(exported):
     """torch.compile's compilation is paid in every process: spread over the calls it must pay for itself."""
     model, _ = exported
-    sample = E.synthetic_sample(16, 16, coils=2)
+    sample = synthetic_sample(16, 16, coils=2)
     costs = {"torch": 2.0, "torch-compile": 1.0}
     for setup, calls, expect in ((30.0, 1000, "torch"), (30.0, 100_000, "torch-compile")):
         clock = [0.0]
@@ -110,7 +112,7 @@ def test_setup_that_costs_more_than_its_gain_loses(exported):
 
 def test_failing_and_inaccurate_engines_are_recorded_never_chosen(exported):
     model, _ = exported
-    sample = E.synthetic_sample(16, 16, coils=2)
+    sample = synthetic_sample(16, 16, coils=2)
     costs = {"torch": 5.0, "torch-compile": 1.0, "onnxruntime": 0.5}
     clock = [0.0]
     sel = E.select_engines(model, sample, engines=list(costs), rounds=2, loop_iterations=1, timer=lambda: clock[0],
@@ -125,7 +127,7 @@ def test_failing_and_inaccurate_engines_are_recorded_never_chosen(exported):
 
 def test_cuda_engines_are_skipped_cleanly_on_cpu(exported):
     model, mpath = exported
-    sel = E.select_engines(model, E.synthetic_sample(16, 16, coils=2), json.loads(mpath.read_text()), mpath.parent,
+    sel = E.select_engines(model, synthetic_sample(16, 16, coils=2), json.loads(mpath.read_text()), mpath.parent,
                            engines=["torch", "cuda-graph", "tensorrt"], rounds=1, loop_iterations=1)
     engines = sel.record("prior")["engines"]
     assert sel.winner == "torch"
@@ -186,7 +188,7 @@ def test_cuda_engines_are_checked_and_timed(exported):
     """On a GPU: the CUDA graph of the eager prior matches PyTorch; onnxruntime / TensorRT run
     where installed (else are skipped), and whatever wins deploys and reconstructs."""
     model, mpath = exported
-    sample = E.synthetic_sample(32, 32, coils=2, device="cuda")
+    sample = synthetic_sample(32, 32, coils=2, device="cuda")
     sel = E.select_engines(model, sample, json.loads(mpath.read_text()), mpath.parent, device="cuda",
                            engines=["torch", "cuda-graph", "onnxruntime", "tensorrt"], rounds=3, loop_iterations=2)
     engines = sel.record("prior")["engines"]
@@ -201,7 +203,7 @@ def test_cuda_engines_are_checked_and_timed(exported):
 def test_an_engine_that_fails_inside_the_loop_is_recorded_not_chosen(exported):
     """Runs the prior alone, breaks on the loop's input (here: any input but the check's)."""
     model, _ = exported
-    sample = E.synthetic_sample(16, 16, coils=2)
+    sample = synthetic_sample(16, 16, coils=2)
     clock = [0.0]
     costs = {"torch": 2.0, "torch-compile": 1.0}
     inner = _fake_engines(costs, clock)
@@ -254,7 +256,7 @@ def test_auto_deploys_a_compiled_winner(exported):
     """A ``torch.compile`` winner is deployed as built (the demo failed when it won: the compiled
     module was truth-tested, and a compiled wrapper has no ``len``) and reproduces PyTorch."""
     model, manifest = exported
-    sample = E.synthetic_sample(16, 16, coils=2)
+    sample = synthetic_sample(16, 16, coils=2)
     deployed = E.deploy_auto(model, manifest, sample=sample, engines=["torch-compile"], rounds=1, loop_iterations=1)
     assert deployed.engine_choice == {"prior": "torch-compile"}
     x = model.prior_example_input("prior", 16, 16)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from spade_deploy.errors import SpadeError
-from spade_deploy.deploy.export import build_trt_engines, export_onnx, onnx_session
+from spade_deploy.deploy.export import build_trt_engines, export_onnx
+from spade_deploy.deploy.priors import onnx_session
 from spade_deploy.models import build_model
 from spade_deploy.mri.physics import MultiCoilMRI
 from spade_deploy.prune import prune_model
@@ -57,7 +58,7 @@ def test_onnxruntime_backend_reconstructs_like_torch(tmp_path):
         ref = model.eval()(y, physics, solver=ten)
         out = deployed(y, physics, solver=ten)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert deployed.last_info.iterations.tolist() == model.last_info.iterations.tolist() == [10, 10]
+    assert deployed.solve_info().iterations.tolist() == model.solve_info().iterations.tolist() == [10, 10]
     assert isinstance(model.prior, torch.nn.Module) and type(model.prior).__name__ == "EDSR"  # original untouched
 
 

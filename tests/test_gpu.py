@@ -64,8 +64,8 @@ def test_deq_iteration_holds_no_host_synchronisation(monkeypatch, method):
     with torch.no_grad():
         model(y, physics, solver=cfg)  # warm-up: cuDNN / cuFFT plans
         n = _syncs_outside_stop_checks(monkeypatch, lambda: model(y, physics, solver=cfg))
-    ran = int(model.last_info.iterations.max())
-    assert model.last_info.resident and n == model.last_info.host_checks <= ran // 8 + 1
+    ran = int(model.solve_info().iterations.max())
+    assert model.solve_info().resident and n == model.solve_info().host_checks <= ran // 8 + 1
     print(f"\nDEQ {method}: {ran} iterations, {n} host synchronisations (0 per iteration)")
 
 
@@ -84,13 +84,13 @@ def test_cuda_matches_cpu_with_the_resident_loop():
     y, physics = _problem(device="cpu")
     with torch.no_grad():
         ref = model(y, physics)
-        ref_iters = model.last_info.iterations.tolist()
+        ref_iters = model.solve_info().iterations.tolist()
         gpu = build_model("deq", preset="small").eval()
         gpu.load_state_dict(model.state_dict())
         gpu = gpu.cuda()
         out = gpu(y.cuda(), physics.to("cuda")).cpu()
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
-    assert max(abs(a - b) for a, b in zip(gpu.last_info.iterations.tolist(), ref_iters)) <= 1
+    assert max(abs(a - b) for a, b in zip(gpu.solve_info().iterations.tolist(), ref_iters)) <= 1
 
 
 def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmri_file, tmp_path):
@@ -118,12 +118,12 @@ def test_onnxruntime_cuda_provider_is_active_and_matches_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(SpadeError, match="onnxruntime-gpu"):
-            from spade_deploy.deploy.export import onnx_session
+            from spade_deploy.deploy.priors import onnx_session
 
             onnx_session(tmp_path / "none.onnx", "cuda")
         pytest.skip("CPU onnxruntime here: the refusal is what there is to check")
     from spade_deploy.deploy.export import export_onnx
-    from spade_deploy.deploy.runtime import OrtPrior
+    from spade_deploy.deploy.priors import OrtPrior
 
     model = build_model("deq", preset="small").eval()
     res = export_onnx(model, tmp_path, "m")
@@ -140,7 +140,7 @@ def test_onnxruntime_cuda_provider_is_active_and_matches_torch(tmp_path):
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT not installed")
 def test_tensorrt_engines_are_checked_and_recorded(tmp_path):
     from spade_deploy.deploy.export import build_trt_engines, export_onnx
-    from spade_deploy.deploy.runtime import TrtPrior
+    from spade_deploy.deploy.priors import TrtPrior
 
     model = build_model("deq", preset="small").eval()
     res = export_onnx(model, tmp_path, "m")

@@ -50,7 +50,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         out = loaded.eval()(y, physics)
     assert torch.equal(out, ref)
-    assert torch.equal(model.last_info.iterations, loaded.last_info.iterations)
+    assert torch.equal(model.solve_info().iterations, loaded.solve_info().iterations)
 
 
 class _Exploit:
@@ -190,10 +190,10 @@ def test_deq_batch_reconstructs_each_slice_as_alone():
     y = physics.A(torch.randn(3, 32, 32, dtype=torch.complex64, generator=g))
     with torch.no_grad():
         x = model(y, physics)
-        iters, converged = model.last_info.iterations.tolist(), bool(model.last_info.converged.all())
+        iters, converged = model.solve_info().iterations.tolist(), bool(model.solve_info().converged.all())
         for b in range(3):
             alone = model(y[b : b + 1], physics.select([b]))
-            assert model.last_info.iterations.tolist() == [iters[b]]
+            assert model.solve_info().iterations.tolist() == [iters[b]]
             torch.testing.assert_close(alone[0], x[b], rtol=1e-4, atol=1e-5 * float(x[b].abs().max()))
     assert converged and len(set(iters)) > 1  # the slices stopped at different iterations
 

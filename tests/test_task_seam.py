@@ -194,7 +194,7 @@ def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
     from spade_deploy.pipeline import same_recipe
     from spade_deploy.mri.task import MRITask
     from spade_deploy.train import TrainConfig
-    from spade_deploy.zoo import bundled_path
+    from spade_deploy.models import bundled_path
 
     shipped = bundled_path("deq", "small")
     manifest = read_manifest(shipped)

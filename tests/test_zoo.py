@@ -7,9 +7,10 @@ from spade_deploy.mri import data as D
 from spade_deploy.checkpoint import load_model
 from spade_deploy.mri.metrics import psnr
 from spade_deploy.sr.data import EMBEDDED
-from spade_deploy.mri.task import MRITask, eval_seeds, make_batch
+from spade_deploy.mri.data import eval_seeds, make_batch
+from spade_deploy.mri.task import MRITask
 from spade_deploy.sr.task import SRTask
-from spade_deploy.zoo import bundled_base, bundled_path
+from spade_deploy.models import bundled_base, bundled_path
 
 
 def test_shipped_deq_is_used_only_for_its_dataset_and_reconstructs_it(tmp_path, tiny_dataset):
@@ -27,7 +28,7 @@ def test_shipped_deq_is_used_only_for_its_dataset_and_reconstructs_it(tmp_path, 
     batch = make_batch(items, 6, 0.08, eval_seeds(items))
     with torch.no_grad():
         x = model.eval()(batch.y, batch.physics)
-    assert bool(model.last_info.converged.all())
+    assert bool(model.solve_info().converged.all())
     ref = batch.x_gt.abs().numpy()
     zero_filled = batch.physics.A_adjoint(batch.y).abs().numpy()
     assert psnr(ref, x.abs().numpy()) > psnr(ref, zero_filled) + 4.0

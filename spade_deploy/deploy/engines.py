@@ -40,11 +40,15 @@ import torch
 from torch import nn
 
 from ..errors import SpadeError
-from ..timing import interleaved_medians, sync_device
 from ..io import write_json
-from ..models import Reconstructor
+from ..lazy import optional
+from ..models import Reconstructor, layer_shapes
+from ..solvers import MIN_TOL, SolverConfig
+from ..tasks import task_for
+from ..timing import interleaved_medians, sync_device
+from .export import read_export_manifest
+from .priors import ChannelsLastPrior, CudaGraphPrior, OrtPrior, TrtPrior
 
-ENGINES = ("torch", "torch-compile", "onnxruntime", "cuda-graph", "tensorrt")
 # The candidates ``auto`` tries: all, or those named in $SPADE_AUTO_ENGINES (comma-separated), e.g.
 # to leave out torch.compile where its compilation time is not worth measuring.
 ENV_ENGINES = "SPADE_AUTO_ENGINES"
@@ -67,111 +71,110 @@ class EngineTiming:
 
 
 # ------------------------------------------------------------------------------------------------
-# The engines
+# The engines: one registry, name -> how to build the module that runs a prior on it
 # ------------------------------------------------------------------------------------------------
-class ChannelsLastPrior(nn.Module):
-    """An eager PyTorch prior with weights and input in channels-last memory (oneDNN / cuDNN's fast
-    convolution path for any channel count, pruned widths included)."""
-
-    def __init__(self, prior: nn.Module):
-        super().__init__()
-        self.prior = copy.deepcopy(prior).eval().to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prior(x.contiguous(memory_format=torch.channels_last))
+EngineBuilder = Callable[[nn.Module, str, "dict | None", "dict | None", "Path | None"], nn.Module]
 
 
-class CudaGraphPrior(nn.Module):
-    """A prior replayed from a CUDA graph captured once per input shape: one launch per call
-    instead of one per layer. The output is copied out of the graph's static buffer (callers keep
-    it, e.g. in the solver's history)."""
+@dataclass(frozen=True)
+class Engine:
+    """One way to run a prior. ``build(prior, device, manifest, entry, root)`` returns the module
+    that runs ``prior`` on ``device`` (``entry``: the prior's record in the export manifest
+    ``manifest`` of folder ``root``: its ONNX file, TensorRT engine), or raises
+    :class:`EngineUnavailable` where it cannot run here. ``backend``: a user may also name it as a
+    back-end (``--backend``) and deploy on it without measurement."""
 
-    def __init__(self, prior: nn.Module):
-        super().__init__()
-        self.prior = prior
-        self._graphs: dict = {}
+    name: str
+    build: EngineBuilder
+    backend: bool = False
 
-    @torch.no_grad()
-    def _capture(self, x: torch.Tensor):
-        static_in = x.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm-up off the capturing stream, as capture requires
-            for _ in range(2):
-                self.prior(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.prior(static_in)
-        return graph, static_in, static_out
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(x)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
+# In registration order: the order ``auto`` measures them in and names them in messages.
+ENGINES: dict[str, Engine] = {}
+
+
+def register_engine(name: str, backend: bool = False) -> Callable[[EngineBuilder], EngineBuilder]:
+    """Register an engine's builder under ``name`` (a decorator)."""
+    def deco(build: EngineBuilder) -> EngineBuilder:
+        ENGINES[name] = Engine(name, build, backend)
+        return build
+
+    return deco
+
+
+def backend_names() -> tuple[str, ...]:
+    """The back-ends a user may name: ``auto`` (measured) and the engines registered as back-ends."""
+    return ("auto", *(n for n, e in ENGINES.items() if e.backend))
+
+
+@register_engine("torch", backend=True)
+def _torch(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
+    return ChannelsLastPrior(prior).to(device)
+
+
+@register_engine("torch-compile")
+def _torch_compile(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
+    # Shapes start static; a second batch size (the solver's shrinking active set) or image
+    # size recompiles once with that dimension dynamic instead of once per size. Dynamo counts
+    # compilations per code object, not per module: every prior of one class shares its
+    # ``forward``, and past the limit (8) each further variant of a bench or demo would
+    # silently run eager, so the limit is raised. The input goes channels-last outside the
+    # compiled code, which sees one memory layout only.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    module = ChannelsLastPrior(prior).to(device)
+    module.prior = torch.compile(module.prior, backend="inductor")
+    return module
+
+
+@register_engine("onnxruntime", backend=True)
+def _onnxruntime(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
+    if entry is None or not entry.get("onnx"):
+        raise EngineUnavailable("no exported ONNX prior (spade export)")
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" not in optional("onnxruntime").get_available_providers():
+        raise EngineUnavailable("onnxruntime has no CUDA provider here")
+    return OrtPrior(Path(root) / entry["onnx"], device, manifest["input"], manifest["output"])
+
+
+@register_engine("cuda-graph")
+def _cuda_graph(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
+    if torch.device(device).type != "cuda":
+        raise EngineUnavailable("CUDA graphs need a CUDA device")
+    return CudaGraphPrior(ChannelsLastPrior(prior).to(device))
+
+
+@register_engine("tensorrt", backend=True)
+def _tensorrt(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
+    if torch.device(device).type != "cuda":
+        raise EngineUnavailable("TensorRT needs a CUDA device")
+    try:
+        optional("tensorrt")
+    except SpadeError:
+        raise EngineUnavailable("TensorRT is not installed") from None
+    if entry is None or not entry.get("engine"):
+        raise EngineUnavailable("no TensorRT engine in the export manifest (spade export --trt)")
+    return TrtPrior(Path(root) / entry["engine"], manifest["input"], manifest["output"])
 
 
 def build_engine(name: str, prior: nn.Module, device: str, manifest: dict | None = None,
                  entry: dict | None = None, root: Path | None = None) -> nn.Module:
-    """The module that runs ``prior`` on engine ``name``; :class:`EngineUnavailable` when it cannot
-    run here. ``entry``: the prior's record in the export manifest (ONNX file, TensorRT engine)."""
-    from .runtime import OrtPrior, TrtPrior
-
-    cuda = torch.device(device).type == "cuda"
-    if name == "torch":
-        return ChannelsLastPrior(prior).to(device)
-    if name == "torch-compile":
-        # Shapes start static; a second batch size (the solver's shrinking active set) or image
-        # size recompiles once with that dimension dynamic instead of once per size. Dynamo counts
-        # compilations per code object, not per module: every prior of one class shares its
-        # ``forward``, and past the limit (8) each further variant of a bench or demo would
-        # silently run eager, so the limit is raised. The input goes channels-last outside the
-        # compiled code, which sees one memory layout only.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        module = ChannelsLastPrior(prior).to(device)
-        module.prior = torch.compile(module.prior, backend="inductor")
-        return module
-    if name == "onnxruntime":
-        if entry is None or not entry.get("onnx"):
-            raise EngineUnavailable("no exported ONNX prior (spade export)")
-        if cuda:
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise EngineUnavailable("onnxruntime has no CUDA provider here")
-        return OrtPrior(Path(root) / entry["onnx"], device, manifest["input"], manifest["output"])
-    if name == "cuda-graph":
-        if not cuda:
-            raise EngineUnavailable("CUDA graphs need a CUDA device")
-        return CudaGraphPrior(ChannelsLastPrior(prior).to(device))
-    if name == "tensorrt":
-        if not cuda:
-            raise EngineUnavailable("TensorRT needs a CUDA device")
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise EngineUnavailable("TensorRT is not installed") from None
-        if entry is None or not entry.get("engine"):
-            raise EngineUnavailable("no TensorRT engine in the export manifest (spade export --trt)")
-        return TrtPrior(Path(root) / entry["engine"], manifest["input"], manifest["output"])
-    raise SpadeError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    """The module that runs ``prior`` on engine ``name`` (:data:`ENGINES`); :class:`EngineUnavailable`
+    when it cannot run here. ``entry``: the prior's record in the export manifest (ONNX file,
+    TensorRT engine)."""
+    if name not in ENGINES:
+        raise SpadeError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    return ENGINES[name].build(prior, device, manifest, entry, root)
 
 
 # ------------------------------------------------------------------------------------------------
 # Measurement
 # ------------------------------------------------------------------------------------------------
 def candidate_engines() -> tuple[str, ...]:
-    """The engines ``auto`` measures: :data:`ENGINES`, or the subset named in ``$SPADE_AUTO_ENGINES``."""
+    """The engines ``auto`` measures: every one of :data:`ENGINES`, or those named in ``$SPADE_AUTO_ENGINES``."""
     names = [n.strip() for n in os.environ.get(ENV_ENGINES, "").split(",") if n.strip()]
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
         raise SpadeError(f"${ENV_ENGINES} names unknown engines {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
-    return tuple(names) or ENGINES
+    return tuple(names) or tuple(ENGINES)
 
 
 def describe_device(device: str | torch.device) -> str:
@@ -189,21 +192,6 @@ def max_relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     if ref.shape != out.shape:
         return float("inf")
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def synthetic_sample(height: int, width: int, coils: int = 8, device: str = "cpu", seed: int = 0):
-    """Measurements ``(y, physics)`` of a random image at the data's size, for timing the loop
-    (the cost of an iteration does not depend on the values)."""
-    from ..mri.physics import MultiCoilMRI
-
-    g = torch.Generator().manual_seed(seed)
-    smaps = torch.randn(1, coils, height, width, dtype=torch.complex64, generator=g)
-    smaps = smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt()
-    mask = (torch.rand(width, generator=g) < 0.25).float()
-    mask[width // 2 - max(1, width // 25): width // 2 + max(1, width // 25)] = 1
-    physics = MultiCoilMRI(mask, smaps).to(device)
-    x = torch.randn(1, height, width, dtype=torch.complex64, generator=g).to(device)
-    return physics.A(x), physics
 
 
 @dataclass
@@ -272,7 +260,7 @@ def select_engines(
     builder: Callable[..., nn.Module] = build_engine,
 ) -> Selection:
     """Build, check and time every engine of ``engines`` for every prior of ``model`` on
-    ``sample = (y, physics)`` (one slice of the data, or :func:`synthetic_sample`).
+    ``sample = (y, physics)`` (one slice of the data, or the task's :meth:`~spade_deploy.tasks.Task.synthetic_sample`).
 
     The winner is the accurate engine of least ``time + setup / amortise_calls``, time being the
     whole-iteration time where ``measure_loop`` else the prior's. One engine for every prior: the
@@ -329,9 +317,7 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
     loop_ms: dict[str, float] = {}
     if measure_loop and usable:
         solver_kw = {}
-        if hasattr(model, "solver_cfg"):
-            from ..solvers import MIN_TOL, SolverConfig
-
+        if model.solver_cfg is not None:
             # The smallest tolerance allowed, which no float32 iterate meets: exactly ``loop_iterations`` iterations per call.
             solver_kw["solver"] = SolverConfig(method=model.solver_cfg.method, max_iter=loop_iterations, tol=MIN_TOL,
                                                anderson_m=model.solver_cfg.anderson_m)
@@ -352,7 +338,7 @@ def _select(model, sample, manifest, root, device, engines, rounds, loop_iterati
                 del swapped[eng]
                 usable.remove(eng)
                 continue
-            info = getattr(m, "last_info", None)
+            info = m.solve_info()
             iters[eng] = float(info.iterations.max()) if info is not None else 1.0
         sec = interleaved_medians({e: (lambda m=m: m(y, physics, **solver_kw)) for e, m in swapped.items()}, rounds,
                                   sync=lambda: sync_device(dev), timer=timer, rotate=True)
@@ -401,8 +387,6 @@ def recorded_choice(manifest: dict, prior: str, device: str | torch.device, shap
 
 def record_selection(manifest_path: str | Path, selection: Selection) -> dict:
     """Write ``selection`` into the export manifest (replacing a record of the same device and shape)."""
-    from .export import read_export_manifest
-
     manifest = read_export_manifest(manifest_path)
     for entry in manifest.get("priors", []):
         if entry.get("name") not in selection.priors:
@@ -421,8 +405,6 @@ _TIMED: dict[tuple, Selection] = {}
 
 
 def _architecture_key(model: Reconstructor, device, shape, engines) -> tuple:
-    from ..models import layer_shapes
-
     arch = json.dumps({n: layer_shapes(p) for n, p in model.priors().items()}, sort_keys=True)
     cands = tuple(engines) if engines is not None else candidate_engines()
     return model.registry_name, arch, describe_device(device), tuple(shape), cands
@@ -465,8 +447,6 @@ def deploy_auto(
     """A copy of ``model`` whose priors run on the engine recorded as fastest for this device and
     this data shape (``shape`` = image H, W, or that of ``sample``); measured and recorded first
     when the manifest holds no such record. ``deployed.engine_choice`` names each prior's engine."""
-    from .export import read_export_manifest
-
     if sample is None and shape is None:
         raise SpadeError("the auto back-end needs the data's image size to choose an engine for it")
     if sample is not None:
@@ -481,8 +461,8 @@ def deploy_auto(
         key = _architecture_key(model, device, shape, measure.get("engines"))
         selection = None if remeasure else _reuse(_TIMED.get(key), model, shape, device, manifest, root)
         if selection is None:
-            if sample is None:
-                sample = synthetic_sample(*shape, device=device)
+            if sample is None:  # measurements of the model's task at the data's size
+                sample = task_for(model).synthetic_sample(*shape, device=device)
             selection = _TIMED[key] = select_engines(model, sample, manifest, root, device, **measure)
         if manifest_path is not None:
             manifest = record_selection(manifest_path, selection)
@@ -508,5 +488,5 @@ def deploy_auto(
 
 
 __all__ = ["ENGINES", "TOLERANCE", "RECORD_KEY", "EngineTiming", "EngineUnavailable", "Selection", "build_engine",
-           "select_engines", "record_selection", "recorded_choice", "deploy_auto", "synthetic_sample",
+           "select_engines", "record_selection", "recorded_choice", "deploy_auto", "register_engine", "backend_names", "Engine",
            "describe_device", "ChannelsLastPrior", "CudaGraphPrior"]

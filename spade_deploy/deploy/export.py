@@ -18,10 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import onnx
+from torch.onnx import _constants
+
+from ..device import set_tf32
 from ..errors import SpadeError
 from ..io import atomic_path, write_json
 from ..models import Reconstructor, count_parameters
 from ..paths import sha256_file
+from .priors import TrtPrior, onnx_session, require_tensorrt
 
 OPSET = 17
 INPUT, OUTPUT = "x", "y"
@@ -46,46 +51,6 @@ class ExportResult:
     priors: list[PriorExport] = field(default_factory=list)
 
 
-def _import_onnxruntime():
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise SpadeError("onnxruntime is not installed: pip install 'spade-deploy[cpu]' "
-                         "(or 'spade-deploy[gpu]' on an NVIDIA GPU, which brings onnxruntime-gpu)") from None
-    return ort
-
-
-def onnx_session(path: str | Path, device: str = "cpu", cuda_stream: int | None = None):
-    """An onnxruntime session tuned for latency inside a loop (all graph optimisations, torch's thread count, no spinning).
-
-    ``device`` ``cuda[:N]``: the CUDA provider on device N (torch's current device by default),
-    on ``cuda_stream`` when given; a session whose CUDA provider is not active is refused rather
-    than left to fall back to the CPU in silence."""
-    ort = _import_onnxruntime()
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = torch.get_num_threads()
-    # The outer loop runs torch operators between prior calls: threads spinning after a call
-    # would take the cores from them (a DEQ slice on 2 cores: 888 -> 626 ms without spinning).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers: list = ["CPUExecutionProvider"]
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise SpadeError("this onnxruntime is the CPU build (no CUDA provider): pip uninstall onnxruntime, "
-                             "then pip install 'spade-deploy[gpu]' (onnxruntime-gpu)")
-        index = dev.index if dev.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
-        options = {"device_id": str(index)}
-        if cuda_stream is not None:
-            options.update(has_user_compute_stream="1", user_compute_stream=str(cuda_stream))
-        providers.insert(0, ("CUDAExecutionProvider", options))
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    if dev.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        raise SpadeError(f"onnxruntime did not start its CUDA provider for {Path(path).name} "
-                         f"(active: {', '.join(session.get_providers())}); check the CUDA / cuDNN libraries onnxruntime-gpu needs")
-    return session
-
-
 def max_relative_error(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
 
@@ -101,8 +66,6 @@ def export_onnx(
     extra: dict | None = None,
 ) -> ExportResult:
     """Write ``<out_dir>/<stem>.<prior>.onnx`` per prior and ``<out_dir>/<stem>.manifest.json``."""
-    import onnx
-
     check_opset(opset)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -153,9 +116,6 @@ def export_onnx(
 
 def max_opset() -> int:
     """The newest opset both the installed ``onnx`` and torch's TorchScript exporter support."""
-    import onnx
-    from torch.onnx import _constants
-
     torch_max = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", OPSET))
     return min(int(onnx.defs.onnx_opset_version()), int(torch_max))
 
@@ -238,19 +198,6 @@ def read_export_manifest(path: str | Path) -> dict:
     return validate_export_manifest(manifest, path)
 
 
-def require_tensorrt():
-    """The ``tensorrt`` module, or a one-line error saying why it cannot be used here."""
-    if not torch.cuda.is_available():
-        raise SpadeError("TensorRT needs a CUDA GPU, and none is visible here")
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise SpadeError("TensorRT is not installed: pip install 'spade-deploy[gpu]' on a machine with an NVIDIA GPU") from None
-    if not str(trt.__version__).startswith("10."):
-        raise SpadeError(f"TensorRT {trt.__version__} found; spade-deploy builds engines with TensorRT 10 (pip install 'tensorrt>=10,<11')")
-    return trt
-
-
 def trt_profile(model: Reconstructor, name: str, image_size: tuple[int, int], max_batch: int) -> dict[str, list[int]]:
     """The optimisation profile of one prior's engine: the prior's real input (its channels, and
     the size it sees for ``image_size`` slices, e.g. VarNet's padding to multiples of 16), batch
@@ -278,9 +225,6 @@ def build_trt_engines(
     same GPU; the maximum relative error, the precision, the TensorRT version and the GPU go into
     the manifest, and an error above ``tolerance`` (default 1e-3 FP32, 2e-2 FP16) refuses the
     engine. TF32 stays off unless ``allow_tf32`` (in TensorRT and in the PyTorch reference)."""
-    from ..device import set_tf32
-    from .runtime import TrtPrior
-
     trt = require_tensorrt()
     set_tf32(allow_tf32)
     tolerance = tolerance if tolerance is not None else (2e-2 if fp16 else 1e-3)
@@ -338,5 +282,5 @@ def build_trt_engines(
     return manifest
 
 
-__all__ = ["export_onnx", "build_trt_engines", "trt_profile", "require_tensorrt", "read_export_manifest",
-           "validate_export_manifest", "member_path", "check_opset", "max_opset", "onnx_session", "max_relative_error"]
+__all__ = ["export_onnx", "build_trt_engines", "trt_profile", "read_export_manifest",
+           "validate_export_manifest", "member_path", "check_opset", "max_opset", "max_relative_error"]

@@ -1,8 +1,11 @@
-"""Registry of reconstructors: a name -> (config dataclass, builder, presets).
+"""Registry of reconstructors: a name -> :class:`ModelEntry` (config dataclass, builder, presets,
+the task it solves, its importer of official checkpoints, its demo recipe, its bundled weights).
 
 A reconstructor is an ``nn.Module`` called as ``model(y, physics) -> x`` and exposing its prunable
 CNN priors by name through :meth:`Reconstructor.priors`; a prior is ``prior(x) -> x`` on real
-tensors ``(B, C, H, W)``. The outer loop never knows what a prior is made of.
+tensors ``(B, C, H, W)``. The outer loop never knows what a prior is made of. A fixed-point model
+(:class:`FixedPointReconstructor`) adds its solver's stopping rule and what the last solve did.
+Models register themselves from their task's package (:mod:`spade_deploy.plugins`).
 
 A checkpoint stores the registry name and the config; a pruned checkpoint additionally stores
 the shape of every convolution, and :func:`adapt_widths` rebuilds the pruned architecture from
@@ -15,21 +18,35 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import SpadeError
+from ..io import read_manifest
+from ..paths import memory_bytes
+from ..plugins import load_task_packages
+from ..solvers import SolveInfo, SolverConfig
 
 
 class Reconstructor(nn.Module):
-    """Base class: ``forward(y, physics) -> (x, info)``; priors are the prunable sub-networks."""
+    """Base class: ``forward(y, physics) -> x``; priors are the prunable sub-networks.
+
+    What a fixed-point model adds (:class:`FixedPointReconstructor`) is declared here with the
+    defaults of a model without a solver, so no caller asks a model what it has."""
 
     registry_name: str = ""
-    # The imaging task the model solves (spade_deploy.tasks: its data, physics, metrics, baseline).
-    task: str = "mri"
+    # The imaging task the model solves (spade_deploy.tasks: its data, physics, metrics, baseline):
+    # its ModelEntry's, set by build_model.
+    task: str
+    # The stopping rule of the model's solver (fixed-point models); None: a fixed number of steps.
+    solver_cfg: SolverConfig | None = None
+    # Whether the model pretrains a part of itself before end-to-end training (pretrain_loss).
+    pretrains: bool = False
     # The image the model is trained and scored against, in its task's terms. MRI: "sense" =
     # |S^H F^-1 k| (a coil-combined estimate, as the DEQ produces), "rss" = fastMRI's
     # reconstruction_rss; SR: "hr" = the high-resolution image.
@@ -78,6 +95,24 @@ class Reconstructor(nn.Module):
         rate of a fixed-point model's solver); ``None`` for models that are not fixed points."""
         return None
 
+    def solve_info(self) -> SolveInfo | None:
+        """What the last forward's solver did per sample (iterations, residuals, convergence);
+        None for models without a solver."""
+        return None
+
+    def set_train_solver(self, max_iter: int, tol: float) -> None:
+        """The stopping rule of training-mode forward passes (models without a solver: nothing)."""
+
+    def pretrain_loss(self, batch) -> torch.Tensor:
+        """The loss of the model's pretraining stage (where :attr:`pretrains`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no pretraining stage")
+
+    def regularizer(self, batch, x_net: torch.Tensor, target: float, on: str = "operator",
+                    samples: list[int] | None = None) -> torch.Tensor | None:
+        """A penalty keeping the model's iteration contractive at its output ``x_net`` (a norm
+        above ``target``); None for models without one."""
+        return None
+
     def prior_output_layers(self, name: str) -> list[nn.Module]:
         """The convolutions producing a prior's output: never pruned (they are its interface).
         Default: the prior's ``tail`` attribute, else its last convolution in registration order."""
@@ -88,38 +123,114 @@ class Reconstructor(nn.Module):
         return [getattr(prior, "tail", None) or convs[-1]]
 
 
+class FixedPointReconstructor(Reconstructor):
+    """A reconstructor whose output is the fixed point of an iteration, found by
+    :func:`spade_deploy.solvers.solve` under :attr:`solver_cfg` (``forward(y, physics, solver=None)``
+    takes another stopping rule for one call), reporting each solve in :meth:`solve_info`."""
+
+    def __init__(self, solver_cfg: SolverConfig):
+        super().__init__()
+        self.solver_cfg = solver_cfg
+        # The stopping rule of training-mode forward passes (the trainer sets a looser one).
+        self.train_solver_cfg: SolverConfig | None = None
+        self._solve_info: SolveInfo | None = None
+
+    def solver_for(self, given: SolverConfig | None = None) -> SolverConfig:
+        """The stopping rule of this call: ``given``, else the training one in training mode, else :attr:`solver_cfg`."""
+        if given is not None:
+            return given
+        return self.train_solver_cfg if self.training and self.train_solver_cfg else self.solver_cfg
+
+    def solve_info(self) -> SolveInfo | None:
+        return self._solve_info
+
+    def set_train_solver(self, max_iter: int, tol: float) -> None:
+        self.train_solver_cfg = dataclasses.replace(self.solver_cfg, max_iter=max_iter, tol=tol)
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """What ``spade demo`` runs for one architecture on the embedded data (README: the demo):
+    :class:`~spade_deploy.train.TrainConfig` s of the base and of each fine-tuning strategy."""
+
+    preset: str
+    train: Any  # TrainConfig
+    finetune: dict[str, Any]  # strategy -> TrainConfig
+    task_options: dict = field(default_factory=dict)  # the task's options (Task.from_cli), its defaults otherwise
+    ratios: tuple[float, ...] | None = None  # pruning ratios (None: the paper's 0.05 0.1 0.2 0.4)
+    hardware_widths: bool = True  # also prune the largest ratio to the widths measured fastest here
+    # The bench also scores the models pruned at the largest ratio before fine-tuning (not timed).
+    score_unfinetuned: bool = True
+
+
+# An importer reads an official checkpoint into the model: (path, registry name, the preset's
+# config to match or None) -> (model, what the manifest records of the source, a one-line summary).
+Importer = Callable[[Path, str, Any], "tuple[Reconstructor, dict, str]"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
+
 @dataclass(frozen=True)
 class ModelEntry:
+    """Everything the toolchain knows about one architecture."""
+
     name: str
     config_cls: type
     builder: Callable[[Any], Reconstructor]
     presets: dict[str, Any]
     default_preset: str
+    task: str  # the task it solves (spade_deploy.tasks)
+    importer: Importer | None = None  # official checkpoints (`spade import`)
+    demo: DemoRecipe | None = None  # what `spade demo` runs for it
+    # Training options only this model takes (a dataclass; TrainConfig.model_options holds one).
+    train_options: type | None = None
+
+    def bundled_path(self, preset: str) -> Path:
+        """Where the package ships the base model of ``preset`` trained on the embedded data."""
+        return WEIGHTS_DIR / f"{self.name}-{preset}.safetensors"
+
+    def bundled_base(self, preset: str, key: dict | None) -> Path | None:
+        """The shipped base model of ``preset`` if it was trained on the data identified by ``key``
+        (:meth:`spade_deploy.tasks.Task.dataset_key`; None: a user's data, never). The base models
+        in ``spade_deploy/weights/`` were made by ``spade demo --retrain`` (the entry's demo
+        recipe) and record the data they were trained on."""
+        path = self.bundled_path(preset)
+        if key is None or not path.is_file():
+            return None
+        manifest = read_manifest(path)
+        return path if manifest.get("dataset") == key and manifest.get("preset") == preset else None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config_cls: type, presets: dict[str, Any], default_preset: str):
+def register_model(name: str, config_cls: type, presets: dict[str, Any], default_preset: str, task: str,
+                   importer: Importer | None = None, demo: DemoRecipe | None = None,
+                   train_options: type | None = None):
+    """Register the builder it decorates as model ``name`` (see :class:`ModelEntry`)."""
     def deco(builder: Callable[[Any], Reconstructor]):
-        _REGISTRY[name] = ModelEntry(name, config_cls, builder, presets, default_preset)
+        _REGISTRY[name] = ModelEntry(name, config_cls, builder, presets, default_preset, task, importer, demo,
+                                     train_options)
         return builder
 
     return deco
 
 
-def _ensure_loaded() -> None:
-    from ..mri import deq, varnet
-    from ..sr import usrnet  # noqa: F401  (register themselves)
-
-
 def model_names() -> list[str]:
-    _ensure_loaded()
+    load_task_packages()
     return sorted(_REGISTRY)
 
 
+def bundled_path(model: str, preset: str) -> Path:
+    return get_entry(model).bundled_path(preset)
+
+
+def bundled_base(model: str, preset: str, key: dict | None) -> Path | None:
+    return get_entry(model).bundled_base(preset, key)
+
+
 def get_entry(name: str) -> ModelEntry:
-    _ensure_loaded()
+    load_task_packages()
     if name not in _REGISTRY:
         raise SpadeError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -148,6 +259,7 @@ def build_model(name: str, config: Any = None, preset: str | None = None) -> Rec
         check_size(_build(entry, config, meta=True), f"{name} config")
     model = _build(entry, config)
     model.registry_name = name
+    model.task = entry.task
     model.config = config
     return model
 
@@ -218,8 +330,7 @@ def config_from_dict(cls: type, data: Any) -> Any:
         _check_value(f"config field {cls.__name__}.{key}", hints[key], value)
     data = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in data.items()}
     try:
-        config = cls(**data)
-        getattr(config, "solver_config", None)  # a DEQ's solver limits (SolverConfig) checked here
+        config = cls(**data)  # a config's own checks (e.g. a DEQ's solver limits) run here
     except SpadeError as exc:
         raise SpadeError(f"config for {cls.__name__}: {exc}") from None
     except (TypeError, ValueError) as exc:
@@ -236,8 +347,6 @@ def max_parameters() -> int:
     """The largest model a checkpoint may describe: float32 weights within a quarter of this
     machine's memory (held several times over: model, state dict, Adam moments), at most
     :data:`MAX_PARAMETERS`."""
-    from ..paths import memory_bytes
-
     return min(memory_bytes() // 16, MAX_PARAMETERS)
 
 

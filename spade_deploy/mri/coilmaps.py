@@ -36,6 +36,8 @@ import numpy as np
 
 from ..errors import SpadeError
 from ..io import atomic_path
+from ..lazy import optional
+from ..paths import default_cache_dir
 
 MIN_ACS = 4  # fewer centre lines cannot hold an ESPIRiT kernel of useful size
 
@@ -53,12 +55,6 @@ class EspiritParams:
     # power iterations per pixel: at 160 x 160 with 8 coils and 13 ACS lines, 30 give the maps of
     # sigpy's default 100 to 1e-7 in 1.0 s instead of 1.6 s per slice (2-core CPU, shared)
     max_iter: int = 30
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/spade-deploy``, else ``~/.cache/spade-deploy``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "spade-deploy"
 
 
 def centre_block(width: int, center_fraction: float) -> tuple[int, int]:
@@ -100,12 +96,10 @@ def calibration_width(shape: tuple[int, int], acs: tuple[int, int]) -> int:
 
 def espirit_from_acs(y: np.ndarray, acs: tuple[int, int], params: EspiritParams = EspiritParams()) -> np.ndarray:
     """ESPIRiT maps ``(C, H, W)`` of measured k-space ``y`` from its ACS columns ``acs`` only."""
-    import sigpy.mri.app  # imported here: sigpy takes seconds to import
-
     calib, kernel = _calibration(y, acs, params)
     zeroed = np.zeros_like(y)
     zeroed[..., acs[0] : acs[1]] = y[..., acs[0] : acs[1]]
-    maps = sigpy.mri.app.EspiritCalib(
+    maps = optional("sigpy.mri.app").EspiritCalib(  # imported on first use: sigpy takes seconds to import
         zeroed, calib_width=calib, thresh=params.thresh, kernel_width=kernel, crop=params.crop,
         max_iter=params.max_iter, show_pbar=False,
     ).run()

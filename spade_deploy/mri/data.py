@@ -57,17 +57,18 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence, TypedDict
+from typing import Any, Callable, Literal, Sequence, TypedDict
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block
 from ..errors import SpadeError
 from ..io import write_json
 from ..paths import memory_bytes
+from ..tasks import Batch
 from .physics import MultiCoilMRI, equispaced_mask, fft2c, ifft2c, rss
 
 CoilMapSource = Literal["espirit", "file"]
@@ -482,6 +483,32 @@ def acquire(
 def sense_combine(kspace: torch.Tensor, smaps: torch.Tensor) -> torch.Tensor:
     """``sum_c conj(S_c) ifft2c(k_c)`` over the coil dimension (-3): (..., C, H, W) -> (..., H, W)."""
     return (smaps.conj() * ifft2c(kspace)).sum(dim=-3)
+
+
+def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
+    """Measure a collated batch (:func:`acquire`: the file's mask or a fastMRI
+    equispaced one, coil maps from the ACS block) and build the operator. ``x_gt`` is the fully
+    sampled SENSE image of the same maps, only for fully sampled files with ground truth.
+    ``meta``: ``maxval``, ``fnames``, ``slices``, ``recon_size`` (the header's, what reconstruct writes)."""
+    y, physics = acquire(items, acceleration, center_fraction, seeds)
+    has_gt = bool(items["has_target"].all())
+    fully_sampled = all(m is None for m in items["mask"])
+    x_gt = sense_combine(items["kspace"], physics.smaps) if has_gt and fully_sampled else None
+    fnames, slices = list(items["fname"]), [int(s) for s in items["slice"]]
+    return Batch(
+        y=y,
+        physics=physics,
+        x_gt=x_gt,
+        target=items["target"] if has_gt else None,
+        keys=list(zip(fnames, slices)),
+        meta={"maxval": items["maxval"], "fnames": fnames, "slices": slices,
+              "recon_size": tuple(items["recon_size"])},
+    )
+
+
+def eval_seeds(items: dict) -> list[tuple[int, ...]]:
+    """fastMRI's deterministic per-file mask seed."""
+    return [fastmri_seed(f) for f in items["fname"]]
 
 
 # ================================================================================================

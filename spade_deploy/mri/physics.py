@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import SpadeError
 from ..physics import Physics, rotate_images
@@ -166,6 +165,21 @@ class MultiCoilMRI(Physics):
         square images.
         """
         return MultiCoilMRI(self.mask, rotate_images(self.smaps, ks))
+
+
+def synthetic_sample(height: int, width: int, coils: int = 8, device: str = "cpu", seed: int = 0):
+    """Measurements ``(y, physics)`` of a random image of ``height x width`` with ``coils`` random
+    coil maps and a random column mask: what the engines are timed on where no slice of the data
+    is at hand (the cost of an iteration does not depend on the values)."""
+    g = torch.Generator().manual_seed(seed)
+    smaps = torch.randn(1, coils, height, width, dtype=torch.complex64, generator=g)
+    smaps = smaps / smaps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    mask = (torch.rand(width, generator=g) < 0.25).float()
+    mask[width // 2 - max(1, width // 25): width // 2 + max(1, width // 25)] = 1
+    physics = MultiCoilMRI(mask, smaps).to(device)
+    x = torch.randn(1, height, width, dtype=torch.complex64, generator=g).to(device)
+    return physics.A(x), physics
+
 
 
 def rss(coil_images: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -21,14 +21,17 @@ import numpy as np
 import torch
 
 from . import data as D
+from .data import eval_seeds, make_batch
+from ..checkpoint import load_model
+from ..deploy.cache import deployed_checkpoint
 from ..device import on_model_device
 from ..errors import SpadeError
 from ..io import atomic_path
 from .metrics import recon_magnitude
 from ..models import Reconstructor
+from ..paths import check_out_dir, check_outputs
 from .physics import center_fraction_for
 from ..progress import Reporter
-from .task import eval_seeds, make_batch
 
 
 @dataclass
@@ -77,7 +80,7 @@ def reconstruct_files(
             mask = items["mask"][0]
             batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
             x = model(*on_model_device((batch.y, batch.physics), model))
-            info = getattr(model, "last_info", None)
+            info = model.solve_info()
             if info is not None:
                 iters += info.iterations.tolist()
                 per_slice["iterations"] += info.iterations.tolist()
@@ -109,34 +112,6 @@ def reconstruct_files(
                              not_converged=not_converged)
 
 
-def default_engines_dir() -> Path:
-    """Where ``spade reconstruct`` keeps the priors it exports on the fly: the cache home's
-    ``spade-deploy/engines``, never the current folder."""
-    from .coilmaps import default_cache_dir
-
-    return default_cache_dir() / "engines"
-
-
-def deployed_checkpoint(checkpoint: Path, net: Reconstructor, backend: str, engines: Path | None, data,
-                        reporter: Reporter, shape: tuple[int, int] | None = None, sample=None) -> Reconstructor:
-    """``net``, loaded from ``checkpoint``, with its priors on ``backend`` (on the CPU): every
-    back-end but torch runs the export of this checkpoint in ``engines`` (default
-    :func:`default_engines_dir`; exported first where missing, never into the ``data`` folders);
-    ``auto`` picks the engine measured fastest for images of ``shape`` (or those of ``sample``)
-    and tells ``reporter`` which it picked."""
-    if backend == "torch":
-        return net
-    from ..pipeline import export_for
-    from ..deploy.runtime import deploy
-
-    engines = engines if engines is not None else default_engines_dir()
-    mpath, sha = export_for(checkpoint, net, engines, [backend], data=data)
-    net = deploy(net, backend, mpath, "cpu", shape=shape, sample=sample, checkpoint_sha256=sha)
-    if getattr(net, "engine_choice", None):
-        reporter.note("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
-    return net
-
-
 def reconstruct_checkpoint(
     checkpoint: Path,
     source: Path,
@@ -153,12 +128,8 @@ def reconstruct_checkpoint(
 ) -> ReconstructResult:
     """``spade reconstruct`` of an MRI checkpoint: every file of ``source`` (a file or a folder)
     reconstructed by :func:`reconstruct_files` into ``out`` on ``backend``
-    (:func:`deployed_checkpoint`). ``source`` is opened once; every output is checked against the
+    (:func:`~spade_deploy.deploy.cache.deployed_checkpoint`). ``source`` is opened once; every output is checked against the
     inputs and the data folder before the model is loaded or anything is written."""
-    from ..checkpoint import load_model
-    from ..paths import check_outputs
-    from ..pipeline import check_out_dir
-
     reporter = reporter or Reporter()
     source, out = Path(source), Path(out)
     check_out_dir(out)

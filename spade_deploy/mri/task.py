@@ -16,46 +16,24 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from . import data as D
+from .data import eval_seeds, make_batch
+from .reconstruct import reconstruct_checkpoint
 from ..device import on_model_device
 from ..errors import SpadeError
 from .metrics import evaluate_volumes, fastmri_crop, psnr, recon_magnitude
-from .physics import center_fraction_for, ifft2c, rss
-from ..tasks import Batch, Task
+from .physics import center_fraction_for, ifft2c, rss, synthetic_sample
+from ..progress import Reporter
+from ..tasks import Batch, Task, register_task
 
 
-def make_batch(items: dict, acceleration: int, center_fraction: float, seeds: Sequence[Any] | None) -> Batch:
-    """Measure a collated batch (:func:`~spade_deploy.mri.data.acquire`: the file's mask or a fastMRI
-    equispaced one, coil maps from the ACS block) and build the operator. ``x_gt`` is the fully
-    sampled SENSE image of the same maps, only for fully sampled files with ground truth.
-    ``meta``: ``maxval``, ``fnames``, ``slices``, ``recon_size`` (the header's, what reconstruct writes)."""
-    y, physics = D.acquire(items, acceleration, center_fraction, seeds)
-    has_gt = bool(items["has_target"].all())
-    fully_sampled = all(m is None for m in items["mask"])
-    x_gt = D.sense_combine(items["kspace"], physics.smaps) if has_gt and fully_sampled else None
-    fnames, slices = list(items["fname"]), [int(s) for s in items["slice"]]
-    return Batch(
-        y=y,
-        physics=physics,
-        x_gt=x_gt,
-        target=items["target"] if has_gt else None,
-        keys=list(zip(fnames, slices)),
-        meta={"maxval": items["maxval"], "fnames": fnames, "slices": slices,
-              "recon_size": tuple(items["recon_size"])},
-    )
-
-
-def eval_seeds(items: dict) -> list[tuple[int, ...]]:
-    """fastMRI's deterministic per-file mask seed."""
-    return [D.fastmri_seed(f) for f in items["fname"]]
-
-
+@register_task
 class MRITask(Task):
     """Multi-coil MRI at ``acceleration`` (``center_fraction``: the default for it when ``None``);
     ``coil_maps`` "espirit" (from the ACS block) or "file"; ``cache_dir`` for estimated maps."""
@@ -190,7 +168,7 @@ class MRITask(Task):
         # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
         device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
         loader = self.loader(dataset, batch_size, shuffle=False, seed=0)
-        kwargs = {"solver": solver} if solver is not None and hasattr(model, "solver_cfg") else {}
+        kwargs = {"solver": solver} if solver is not None and model.solver_cfg is not None else {}
         t0 = time.perf_counter()
         for i, items in enumerate(loader):
             batch = on_model_device(self.eval_batch(items), model)
@@ -202,7 +180,7 @@ class MRITask(Task):
             out = recon_magnitude(x, batch.meta["recon_size"]).cpu()
             zf = recon_magnitude(rss(ifft2c(batch.y), dim=1), batch.meta["recon_size"])
             ref_sense = recon_magnitude(batch.x_gt, batch.meta["recon_size"]) if batch.x_gt is not None else None
-            info = getattr(model, "last_info", None)
+            info = model.solve_info()
             if info is not None:
                 iters += info.iterations.tolist()
                 resid += info.residual.tolist()
@@ -271,6 +249,22 @@ class MRITask(Task):
 
     def shown(self, batch: Batch, x: torch.Tensor) -> np.ndarray:
         return self._shown_pair(batch, x)[1][0].numpy()
+
+    def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
+                    engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
+                    reporter: Reporter | None = None) -> list[str]:
+        """fastMRI-format HDF5 outputs (:func:`~spade_deploy.mri.reconstruct.reconstruct_checkpoint`)."""
+        res = reconstruct_checkpoint(checkpoint, source, out, self.acceleration, self.center_fraction, batch_size,
+                                     backend, engines, full_fov, self.coil_maps, self.cache_dir, reporter=reporter)
+        iters = f", mean {res.mean_iterations:.1f} fixed-point iterations" if res.mean_iterations is not None else ""
+        lines = [f"{res.n_slices} slices in {len(res.outputs)} files written to [cyan]{out}[/]{iters}"]
+        if res.not_converged:
+            lines.append(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
+                         f"{', '.join(res.not_converged)}")
+        return lines
+
+    def synthetic_sample(self, height: int, width: int, device: str = "cpu", seed: int = 0):
+        return synthetic_sample(height, width, device=device, seed=seed)
 
     def example_psnr(self, reference, image) -> float:
         return psnr(reference[None], image[None])

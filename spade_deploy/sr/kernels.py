@@ -68,3 +68,10 @@ def load_kernel(path: str | Path) -> np.ndarray:
     if k.dtype.kind not in "fiu":
         raise SpadeError(f"kernel {path} is not numeric ({k.dtype})")
     return check_kernel(k).numpy()
+
+
+def parse_kernels(specs: list[str]) -> dict[str, np.ndarray]:
+    """Kernels named on the command line: ``k1`` .. ``k12`` (the papers') or ``.npy`` / ``.mat`` files
+    (named by their stem), each checked (2-D, finite, normalised)."""
+    paper = dict(zip(kernel_names(), paper_kernels()))
+    return {k if k in paper else Path(k).stem: paper[k] if k in paper else load_kernel(k) for k in specs}

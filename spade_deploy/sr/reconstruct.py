@@ -15,13 +15,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..checkpoint import load_model
+from ..deploy.cache import deployed_checkpoint
 from ..device import on_model_device
 from ..errors import SpadeError
 from ..io import atomic_path
+from ..paths import check_out_dir, check_outputs
 from ..progress import Reporter
 from .data import IMAGE_SUFFIXES, read_rgb
 from .degradation import NETWORK_MULTIPLE
 from .metrics import to_uint8
+from .kernels import parse_kernels
 from .physics import SRPhysics, check_kernel, check_scale
 
 
@@ -65,24 +69,19 @@ def read_lr(path: Path, scale: int, kernel_shape: tuple[int, int]) -> torch.Tens
     return torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
-def restore_checkpoint(checkpoint: Path, source: Path, out: Path, scale: int, kernel: str, noise: float = 0.0,
+def restore_checkpoint(checkpoint: Path, source: Path, out: Path, scale: int, kernel: str | tuple[str, np.ndarray],
+                       noise: float = 0.0,
                        backend: str = "auto", engines: Path | None = None,
                        reporter: Reporter | None = None) -> RestoreResult:
     """``spade reconstruct`` of a super-resolution checkpoint: every image of ``source`` (a folder
     or one image), degraded at ``scale`` with ``kernel`` (``k1`` .. ``k12`` or a ``.npy`` / ``.mat``
-    file) and ``noise``, super-resolved into ``out`` on ``backend``
-    (:func:`~spade_deploy.mri.reconstruct.deployed_checkpoint`). Every output is checked against the
+    file, or a ``(name, kernel)`` already read) and ``noise``, super-resolved into ``out`` on ``backend``
+    (:func:`~spade_deploy.deploy.cache.deployed_checkpoint`). Every output is checked against the
     inputs and the data folder, and every image read once and checked, before anything is written."""
-    from ..checkpoint import load_model
-    from ..paths import check_outputs
-    from ..pipeline import check_out_dir
-    from ..mri.reconstruct import deployed_checkpoint
-    from .task import parse_kernels
-
     reporter = reporter or Reporter()
     source, out = Path(source), Path(out)
     s = check_scale(scale)
-    (name, k), = parse_kernels([kernel]).items()
+    (name, k), = (parse_kernels([kernel]) if isinstance(kernel, str) else dict([kernel])).items()
     k = check_kernel(k)
     check_out_dir(out)
     paths = lr_images(source)

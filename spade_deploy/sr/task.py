@@ -30,10 +30,12 @@ from ..errors import SpadeError
 from . import data as srdata
 from .baseline import bicubic_upsample
 from .degradation import crop_multiple, degrade, degrade_tensor
-from .kernels import kernel_names, paper_kernels
+from .kernels import kernel_names, paper_kernels, parse_kernels
 from .metrics import SRRow, mean_scores, sr_scores, to_uint8
 from .physics import SRPhysics, check_kernel, check_scale
-from ..tasks import Batch, Task
+from ..progress import Reporter
+from ..tasks import Batch, Task, register_task
+from .reconstruct import restore_checkpoint
 
 DEFAULT_SCALES = (2, 3, 4)
 
@@ -116,15 +118,7 @@ class SREvalResult:
         return out
 
 
-def parse_kernels(specs: list[str]) -> dict[str, np.ndarray]:
-    """Kernels named on the command line: ``k1`` .. ``k12`` (the papers') or ``.npy`` / ``.mat`` files
-    (named by their stem), each checked (2-D, finite, normalised)."""
-    from .kernels import load_kernel
-
-    paper = dict(zip(kernel_names(), paper_kernels()))
-    return {k if k in paper else Path(k).stem: paper[k] if k in paper else load_kernel(k) for k in specs}
-
-
+@register_task
 class SRTask(Task):
     """Super-resolution at ``scales`` with blur ``kernels`` (name -> 2-D kernel; default the 12 of
     the papers) and white noise ``noise`` (on the [0, 1] scale). ``data``: a folder with train/
@@ -222,6 +216,24 @@ class SRTask(Task):
 
         h, w = dataset[0]["hr"].shape[-2:]
         return padded_size(h), padded_size(w)
+
+    def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
+                    engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
+                    reporter: Reporter | None = None) -> list[str]:
+        """SR PNGs of the low-resolution images under ``source``, degraded at this task's one scale
+        with its one kernel (:func:`~spade_deploy.sr.reconstruct.restore_checkpoint`)."""
+        if len(self.scales) != 1 or len(self.kernels) != 1:
+            raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
+        res = restore_checkpoint(checkpoint, source, out, self.scales[0], next(iter(self.kernels.items())), self.noise,
+                                 backend, engines, reporter=reporter)
+        return [f"{len(res.outputs)} images super-resolved x{res.scale} (kernel {res.kernel}) into [cyan]{out}[/]"]
+
+    def synthetic_sample(self, height: int, width: int, device: str = "cpu", seed: int = 0):
+        """A random low-resolution RGB image of ``height x width`` degraded at the task's first
+        scale with its first kernel."""
+        g = torch.Generator().manual_seed(seed)
+        physics = SRPhysics(torch.from_numpy(next(iter(self.kernels.values()))), self.scales[0], self.noise).to(device)
+        return torch.rand(1, 3, height, width, generator=g).to(device), physics
 
     # -- batches -------------------------------------------------------------------------------
     def train_batch(self, items: dict) -> Batch:

@@ -6,13 +6,16 @@ measurements and its operator are made from it (:class:`Batch`, with a
 (:meth:`Task.evaluate`, beside the task's naive baseline), and which options it takes. The trainer,
 the losses, fine-tuning, the bench and the demo take a task and call only what is declared here.
 
-A model declares the task it solves (``Reconstructor.task``); :func:`task_for` builds that task.
-Adding a task is a new module here and one line in :data:`TASKS`.
+A model declares the task it solves (its :class:`~spade_deploy.models.ModelEntry`'s ``task``);
+:func:`task_for` builds that task. A task lives in its own package (``spade_deploy/mri/``,
+``spade_deploy/sr/``), registers itself (:func:`register_task`), reads its own command-line options
+(:meth:`Task.from_cli`) and writes its own reconstructions (:meth:`Task.reconstruct`); a third task
+is its package and one line in :data:`spade_deploy.plugins.TASK_PACKAGES`.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +26,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SpadeError
 from ..physics import Physics
+from ..plugins import load_task_packages
 
-# name -> "module:class" (imported on first use).
-TASKS: dict[str, str] = {"mri": "spade_deploy.mri.task:MRITask", "sr": "spade_deploy.sr.task:SRTask"}
+# name -> task class; each task package registers its own (register_task).
+_TASKS: dict[str, type["Task"]] = {}
 
 
 @dataclass
@@ -129,8 +133,6 @@ class Task:
     def same_options(self, manifest: dict) -> bool:
         """Whether the run that wrote ``manifest`` used this task's options (each option it
         records equals this task's; a run recording none is taken as using them)."""
-        import json
-
         rec = self.recorded_options(manifest)
         mine = json.loads(json.dumps(self.options()))
         return rec is None or all(mine.get(k) == v for k, v in rec.items())
@@ -166,9 +168,9 @@ class Task:
 
     def check_model(self, model: torch.nn.Module, where: str | Path) -> None:
         """Refuse (one-line :class:`SpadeError`) a model that solves another task than this one."""
-        theirs = getattr(model, "task", "mri")
+        theirs = model.task
         if theirs != self.name:
-            name = getattr(model, "registry_name", type(model).__name__)
+            name = model.registry_name
             raise SpadeError(f"{where} is a {name} model ({theirs} task), not one for the {self.name} task of this "
                              "command (give checkpoints of one task)")
 
@@ -204,6 +206,12 @@ class Task:
         """A batch for a model's own pretraining (``pretrain_loss``). Default: a training batch."""
         return self.train_batch(items)
 
+    def synthetic_sample(self, height: int, width: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, Physics]:
+        """Measurements ``(y, physics)`` of a random image whose measurements are ``height x width``
+        (deterministic by ``seed``): what the deployment engines are timed on where no sample of
+        the data is at hand (the cost of an iteration does not depend on the values)."""
+        raise NotImplementedError
+
     def prior_size(self, dataset: Dataset) -> tuple[int, int]:
         """The image size ``(H, W)`` the priors see on ``dataset``'s first sample (what a TensorRT
         engine's profile is built for)."""
@@ -212,6 +220,14 @@ class Task:
     def sample_label(self, key: Any) -> str:
         """A sample's key (``Batch.keys``) as text: its parts joined by ``:``."""
         return ":".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+    # -- deployment ------------------------------------------------------------------------------
+    def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
+                    engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
+                    reporter=None) -> list[str]:
+        """``spade reconstruct``: the measurements under ``source`` reconstructed by ``checkpoint``
+        on ``backend`` into ``out`` in the task's output format; returns the lines to tell the user."""
+        raise NotImplementedError
 
     # -- scores --------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, dataset: Dataset, solver=None, batch_size: int = 4,
@@ -258,13 +274,25 @@ class Task:
         raise NotImplementedError
 
 
+def register_task(cls: type[Task]) -> type[Task]:
+    """Register a task class under its ``name`` (a class decorator; its package is listed in
+    :data:`spade_deploy.plugins.TASK_PACKAGES`)."""
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def task_names() -> list[str]:
+    load_task_packages()
+    return sorted(_TASKS)
+
+
 def task_class(name: str) -> type[Task]:
-    if name not in TASKS:
-        raise SpadeError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    load_task_packages()
+    if name not in _TASKS:
+        raise SpadeError(f"unknown task {name!r}; choose one of: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
 
 
 def task_for(model: torch.nn.Module, **options: Any) -> Task:
-    """The task ``model`` solves (its ``task`` attribute), with ``options`` (else its defaults)."""
-    return task_class(getattr(model, "task", "mri"))(**options)
+    """The task ``model`` solves (its ``task``, from its registry entry), with ``options`` (else its defaults)."""
+    return task_class(model.task)(**options)
