@@ -8,8 +8,9 @@ circle share one layer). An arrow runs back up when it goes to a module of the s
 layer than its own (only an import inside a function, or one inside a circle, can). A circle is a
 set of two or more modules that reach each other through arrows of either kind.
 
-Checks the layout's rules and prints each violation: the generic core imports nothing under
-``spade_deploy/mri/`` or ``spade_deploy/sr/``; ``spade_deploy/deploy/`` imports no training,
+Checks the layout's rules and prints each violation: the generic core (``spade_deploy/`` outside
+the task packages) imports nothing under ``spade_deploy/mri/`` or ``spade_deploy/sr/`` (the
+command layer ``cli/`` is counted apart); ``spade_deploy/deploy/`` imports no training,
 fine-tuning, pruning or pipeline module.
 
     python benchmarks/import_graph.py            # figures and violations
@@ -144,12 +145,17 @@ def analyse(root: Path) -> dict:
 
     layers = {m: layer_of(comp_of[m]) for m in modules}
     back_up = sorted((f, t) for (f, t) in arrows if layers[t] >= layers[f])
-    core = [m for m in modules if not any(m == p or m.startswith(p + ".") for p in TASK_PACKAGES)]
+    def in_task(m: str) -> bool:
+        return any(m == p or m.startswith(p + ".") for p in TASK_PACKAGES)
+
+    cli = [m for m in modules if m.startswith("spade_deploy.cli")]
+    core = [m for m in modules if not in_task(m) and m not in cli]
+    cli_to_task = sorted((f, t) for (f, t) in arrows if f in cli and in_task(t))
     core_to_task = sorted((f, t) for (f, t) in arrows if f in core and any(t == p or t.startswith(p + ".") for p in TASK_PACKAGES))
     deploy_to_training = sorted((f, t) for (f, t) in arrows
                                 if (f == DEPLOY_PACKAGE or f.startswith(DEPLOY_PACKAGE + ".")) and t in TRAINING)
     return {"modules": modules, "arrows": arrows, "layers": layers, "circles": circles, "back_up": back_up,
-            "inside_functions": lines_inside, "core_to_task": core_to_task, "deploy_to_training": deploy_to_training}
+            "inside_functions": lines_inside, "core_to_task": core_to_task, "cli_to_task": cli_to_task, "deploy_to_training": deploy_to_training}
 
 
 def main(argv=None) -> int:
@@ -171,6 +177,9 @@ def main(argv=None) -> int:
         print(f"  {f} (layer {g['layers'][f]}) -> {t} (layer {g['layers'][t]})")
     print(f"generic core -> task package (mri/, sr/): {len(g['core_to_task'])}")
     for f, t in g["core_to_task"]:
+        print(f"  {f} -> {t}")
+    print(f"cli/ -> task package (the command layer; not a rule): {len(g['cli_to_task'])}")
+    for f, t in g["cli_to_task"]:
         print(f"  {f} -> {t}")
     print(f"deploy/ -> train / finetune / prune / pipeline: {len(g['deploy_to_training'])}")
     for f, t in g["deploy_to_training"]:

@@ -39,6 +39,7 @@ from .hostmem import allocator_state
 from .timing import sync_device
 from .io import atomic_path, write_json, write_text
 from .models import Reconstructor, count_parameters
+from .prune import count_macs
 from .solvers import SolverConfig
 from .deploy.engines import describe_device
 from .tasks import Task
@@ -371,8 +372,6 @@ def add_speedups(rows: Sequence[BenchRow]) -> None:
 
 def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
     """MACs of one call of every prior on one slice of ``size`` (one outer iteration's CNN cost)."""
-    from .prune import count_macs
-
     return sum(count_macs(p, model.prior_example_input(n, *size)) for n, p in model.priors().items())
 
 

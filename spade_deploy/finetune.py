@@ -24,6 +24,7 @@ import torch
 
 from .checkpoint import is_pruned, load_model
 from .errors import SpadeError
+from .io import read_manifest
 from .losses import STRATEGIES
 from .models import Reconstructor
 from .paths import sha256_file
@@ -144,8 +145,6 @@ def _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg: T
         return {"target": cfg.lipschitz_target, "source": "user"}
     last = out / "last.safetensors"
     if resume and last.exists():
-        from .io import read_manifest
-
         previous = read_manifest(last)
         target = ((previous.get("train_state") or {}).get("train_config") or {}).get("lipschitz_target")
         if target is not None:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, model_manifest
+from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, check_finite, model_manifest
 from .device import model_device, on_model_device
 from .errors import SpadeError
 from .io import load_checkpoint, save_checkpoint
 from .losses import Loss
 from .models import Reconstructor, load_state
-from .solvers import SolverConfig
+from .solvers import MAX_ITER, MIN_TOL, SolverConfig
 from .tasks import Scores, Task, task_for
 
 
@@ -99,8 +99,6 @@ class TrainConfig:
             raise SpadeError(f"relative_to must be one of {' | '.join(RELATIVE_TO)}, got {self.relative_to!r}")
         if not isinstance(self.validate, bool):
             raise SpadeError(f"validate must be true or false, got {self.validate!r}")
-        from .solvers import MAX_ITER, MIN_TOL
-
         ints = (("epochs", self.epochs, 1, 100_000), ("batch_size", self.batch_size, 1, 4096),
                 ("seed", self.seed, 0, 2**31 - 1),
                 ("train_max_iter", self.train_max_iter, 1, MAX_ITER), ("pretrain_steps", self.pretrain_steps, 0, 10**7),
@@ -351,8 +349,6 @@ def fit(
             raise SpadeError("--resume with a different training configuration; start a new run instead")
         if manifest.get("model") != model.registry_name or manifest.get("shapes") != model_manifest(model)["shapes"]:
             raise SpadeError(f"{last_path} was written for another architecture; cannot resume")
-        from .checkpoint import check_finite
-
         check_finite(state, str(last_path))
         try:
             start_epoch, best, history = int(ts["epoch"]), float(ts["best_val_psnr"]), list(ts["history"])

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block
+from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block, espirit_from_acs
 from ..errors import SpadeError
 from ..io import write_json
 from ..paths import memory_bytes
@@ -249,8 +249,6 @@ class SliceDataset(Dataset):
 def espirit_maps(kspace: np.ndarray, acs: tuple[int, int], params: EspiritParams = EspiritParams()) -> np.ndarray:
     """ESPIRiT coil maps of one slice ``(C, H, W)`` from its ACS columns ``acs`` only (see
     :func:`~spade_deploy.mri.coilmaps.espirit_from_acs`)."""
-    from .coilmaps import espirit_from_acs
-
     return espirit_from_acs(kspace, acs, params)
 
 

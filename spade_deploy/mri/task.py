@@ -86,8 +86,6 @@ class MRITask(Task):
             return data
         root = D.default_data_root()
         if not (root / "dataset.json").exists():
-            from ..progress import Reporter
-
             reporter = reporter or Reporter()
             reporter.note(f"Building the embedded default dataset in {root} …")
             with reporter.progress("simulating k-space") as update:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SpadeError
-from ..physics import Physics
+from ..physics import Physics, random_quarter_turns, rotate_images
 
 SCALES = (1, 2, 3, 4)
 KERNEL_SUM_TOL = 1e-3  # a kernel's weights must sum to one within this (the 12 kernels: < 1e-6)
@@ -214,8 +214,6 @@ class SRPhysics(Physics):
         :meth:`rotate`), then one circular shift of the batch by ``(dy, dx)`` in ``[0, scale)``:
         the blur commutes with it and the downsampler then keeps another phase of the scene, so
         ``A_phi = A`` measures the shifted image; torch's global random state."""
-        from ..physics import random_quarter_turns, rotate_images
-
         ks = random_quarter_turns(x)
         if self.kernel.shape[-1] != self.kernel.shape[-2]:  # one parity of turns for the batch's kernels
             ks = [ks[0]] * len(ks)

@@ -31,8 +31,9 @@ from . import data as srdata
 from .baseline import bicubic_upsample
 from .degradation import crop_multiple, degrade, degrade_tensor
 from .kernels import kernel_names, paper_kernels, parse_kernels
-from .metrics import SRRow, mean_scores, sr_scores, to_uint8
+from .metrics import SRRow, mean_scores, psnr, sr_scores, to_uint8
 from .physics import SRPhysics, check_kernel, check_scale
+from .usrnet import padded_size
 from ..progress import Reporter
 from ..tasks import Batch, Task, register_task
 from .reconstruct import restore_checkpoint
@@ -212,8 +213,6 @@ class SRTask(Task):
         return out
 
     def prior_size(self, dataset: Dataset) -> tuple[int, int]:
-        from .usrnet import padded_size
-
         h, w = dataset[0]["hr"].shape[-2:]
         return padded_size(h), padded_size(w)
 
@@ -316,8 +315,6 @@ class SRTask(Task):
 
     def example_psnr(self, reference, image) -> float:
         """USRNet's PSNR of the whole shown images (no border: a figure shows them whole)."""
-        from .metrics import psnr
-
         return psnr(np.uint8(np.round(reference * 255)), np.uint8(np.round(image * 255)))
 
 
