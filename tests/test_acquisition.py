@@ -24,6 +24,7 @@ from spade_deploy.models import build_model
 from spade_deploy.mri.physics import equispaced_mask, fft2c, ifft2c, rss
 from spade_deploy.mri.reconstruct import reconstruct_files
 from spade_deploy.mri.task import MRITask
+from spade_deploy.tasks import ShapeBatchSampler
 from spade_deploy.train import evaluate
 
 from cli.main import app
@@ -302,13 +303,13 @@ def test_shape_batches_never_mix_sizes_and_are_reproducible(tiny_dataset, tmp_pa
     folder = _three_sizes(tiny_dataset, root)
     ds = D.SliceDataset(folder)
     g = torch.Generator().manual_seed(3)
-    sampler = D.ShapeBatchSampler(ds, 4, shuffle=True, generator=g)
+    sampler = ShapeBatchSampler(ds, 4, shuffle=True, generator=g)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 3 and sorted(i for b in batches for i in b) == list(range(6))
     assert all(len({ds.group_key(i) for i in b}) == 1 for b in batches)
-    again = list(D.ShapeBatchSampler(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(3)))
+    again = list(ShapeBatchSampler(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(3)))
     assert again == batches
-    assert list(D.ShapeBatchSampler(ds, 4)) == [[0, 1], [2, 3], [4, 5]]  # in order without shuffling
+    assert list(ShapeBatchSampler(ds, 4)) == [[0, 1], [2, 3], [4, 5]]  # in order without shuffling
 
 
 def test_finetune_on_a_folder_of_mixed_sizes_and_coil_counts(tiny_dataset, tmp_path):

@@ -11,7 +11,8 @@ import torch
 
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.demo import DemoReporter, run_demo
-from spade_deploy.train import DemoRecipe, TrainConfig
+from spade_deploy.models import DemoRecipe
+from spade_deploy.train import TrainConfig
 
 STEP = dict(epochs=1, batch_size=2, max_steps_per_epoch=1, lipschitz_weight=0.0)
 TINY_DEQ = DemoRecipe(
