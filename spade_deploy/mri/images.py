@@ -113,7 +113,10 @@ def read_mrd_images(path: str | Path, group: str = "dataset") -> tuple[str | Non
     except OSError as exc:
         raise SpadeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
     try:
-        names = list(dset.list()) if group in dset._file else []
+        try:
+            names = list(dset.list())
+        except LookupError:  # no such group
+            names = []
         xml = dset.read_xml_header().decode("utf-8") if "xml" in names else None
         images = []
         for name in sorted(n for n in names if n.startswith("image_")):

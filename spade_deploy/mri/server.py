@@ -57,6 +57,9 @@ from .mrd_stream import (ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, HEADER, I
 log = logging.getLogger("spade_deploy.serve")
 
 DEFAULT_PORT = 9002  # the port the open-source MRD servers and clients use
+# One message from a client: a readout of 8,192 samples of 1,024 channels; a fastMRI brain line is
+# 640 x 16 x 8 bytes = 80 KiB.
+MAX_LINE_BYTES = 64 << 20
 
 
 @dataclass
@@ -125,6 +128,8 @@ class DeployedModel:
         with self.lock:
             if shape not in self._deployed:
                 self._deployed[shape] = self._deploy(shape)
+                log.info(f"deployed for {shape[0]}x{shape[1]} k-space: {self.engine[shape]}"
+                         + (" (measured fastest here)" if self.backend == "auto" else ""))
         return self.engine[shape]
 
     @torch.no_grad()
@@ -171,14 +176,20 @@ class _Connection:
         self.maps = _StreamMaps(server.config.espirit)
 
     def _check_acquisition(self, head) -> None:
+        """Before a line's samples are read: after the header, of a size the header allows (a
+        skipped line, e.g. a noise scan, of at most MAX_LINE_BYTES)."""
         if self.assembler is None:
             raise ProtocolError("an acquisition before the XML header")
+        size = int(head.number_of_samples) * (4 * int(head.trajectory_dimensions) + 8 * int(head.active_channels))
+        if size > MAX_LINE_BYTES:
+            raise ProtocolError(f"a readout of {size:,} bytes (at most {MAX_LINE_BYTES:,} accepted)")
         self.assembler.accepts(head)
 
     def run(self) -> None:
         cfg = self.server.config
         reader = MessageReader(self.sock, stop=self.server.stopping, idle_timeout=cfg.idle_timeout,
-                               check_acquisition=self._check_acquisition, deadline=self.server.deadline)
+                               check_acquisition=self._check_acquisition, deadline=self.server.deadline,
+                               max_read=MAX_LINE_BYTES)
         t0 = time.perf_counter()
         try:
             self._serve(reader)
@@ -194,6 +205,8 @@ class _Connection:
                 log.info(f"{self.who}: closed without sending anything")
         except SpadeError as exc:  # protocol errors, a bad header, k-space that does not fit it
             self._refuse(str(exc))
+        except OSError as exc:  # sending failed: the client left without reading its images
+            self._refuse(f"client disconnected before its images were sent ({exc.strerror or type(exc).__name__})")
         except Exception as exc:  # never a traceback: one line, the connection ends, the server goes on
             self._refuse(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         finally:
@@ -316,8 +329,8 @@ class MRDServer:
         self._count += 1
         conn = _Connection(self, sock, addr, self._count)
         if len(self._threads) >= self.config.max_connections:
-            conn._refuse(f"the server is busy ({self.config.max_connections} connections at once)")
-            sock.close()
+            busy = f"the server is busy ({self.config.max_connections} connections at once)"
+            threading.Thread(target=lambda: (conn._refuse(busy), conn._close()), daemon=True).start()
             return
         t = threading.Thread(target=conn.run, name=f"mrd-{self._count}", daemon=True)
         t.start()
