@@ -512,7 +512,7 @@ def send(
 
     res = send_file(raw, out, host, port, timeout, config)
     first = f"first image after {res.image_seconds[0]:.2f} s, " if res.image_seconds else ""
-    console.print(f"{len(res.images)} images from {host}:{port} written to [cyan]{out}[/] ({res.acquisitions} "
+    console.print(f"{len(res.images)} image{'s' if len(res.images) != 1 else ''} from {host}:{port} written to [cyan]{out}[/] ({res.acquisitions} "
                   f"acquisitions sent; {first}all after {res.seconds:.2f} s)")
 
 

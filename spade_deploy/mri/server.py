@@ -30,7 +30,8 @@ header without an encoding, k-space that does not fit its header, a client gone 
 server logs one line for it, sends an MRD text message ``ERR <reason>`` and a close where the
 socket still takes them, and goes on serving. SIGTERM / SIGINT: no new connections; connections
 already made have the slices they completed reconstructed and sent, then get ``ERR the server is
-stopping``; then the server exits (status 0).
+stopping`` (a client still streaming is stopped at its next message once ``grace`` seconds have
+passed, one neither sending nor reading is cut then); then the server exits (status 0).
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class _Connection:
         try:
             self._serve(reader)
             extra = f", latency {np.mean(self.latencies) * 1000:.0f} ms per slice" if self.latencies else ""
-            log.info(f"{self.who}: {self.images} images sent in {time.perf_counter() - t0:.2f} s{extra}")
+            log.info(f"{self.who}: {_count(self.images, 'image')} sent in {time.perf_counter() - t0:.2f} s{extra}")
         except Stopping:
             self._refuse("the server is stopping" + self._unfinished())
         except StreamEnded as exc:
@@ -305,7 +306,7 @@ class MRDServer:
         self.model, self.config = model, config
         self.stopping = threading.Event()
         self.deadline: list[float] = []  # set on stop: when busy connections are cut at a message boundary
-        self._threads: list[threading.Thread] = []
+        self._threads: list[tuple[threading.Thread, _Connection]] = []
         self._count = 0
         self.listener: socket.socket | None = None
 
@@ -325,7 +326,7 @@ class MRDServer:
             self.stopping.set()
 
     def _start(self, sock: socket.socket, addr) -> None:
-        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads = [(t, c) for t, c in self._threads if t.is_alive()]
         self._count += 1
         conn = _Connection(self, sock, addr, self._count)
         if len(self._threads) >= self.config.max_connections:
@@ -334,7 +335,20 @@ class MRDServer:
             return
         t = threading.Thread(target=conn.run, name=f"mrd-{self._count}", daemon=True)
         t.start()
-        self._threads.append(t)
+        self._threads.append((t, conn))
+
+    def _join(self) -> None:
+        """Wait for the connections until the grace period after the stop ends; then cut the
+        sockets of those still busy (a client that neither sends nor reads) and wait for them."""
+        for t, _ in self._threads:
+            t.join(max(0.0, self.deadline[0] - time.monotonic()) if self.deadline else None)
+        for t, conn in self._threads:
+            if t.is_alive():
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                t.join()
 
     def serve_forever(self) -> int:
         """Serve until :meth:`stop`; then serve the connections already made up to their
@@ -358,9 +372,12 @@ class MRDServer:
                 break
             self._start(sock, addr)
         self.listener.close()
-        for t in self._threads:
-            t.join()
+        self._join()
         return self._count
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _warm_up_maps(params: EspiritParams, shape: tuple[int, int]) -> None:
@@ -413,7 +430,7 @@ def serve(checkpoint: Path, config: ServeConfig, on_ready=None) -> int:
         if on_ready is not None:
             on_ready(host, port)
         served = server.serve_forever()
-        log.info(f"stopped after {served} connections")
+        log.info(f"stopped after {_count(served, 'connection')}")
         return served
     finally:
         for sig, handler in previous.items():
