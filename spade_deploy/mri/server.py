@@ -36,7 +36,6 @@ passed, one neither sending nor reading is cut then); then the server exits (sta
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import socket
