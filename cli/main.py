@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,6 +23,10 @@ from spade_deploy.io import read_manifest
 from spade_deploy.losses import STRATEGIES
 from spade_deploy.models import build_model, count_parameters, get_entry, model_names, preset_config
 from spade_deploy.mri import data as D
+from spade_deploy.mri.client import send_file
+from spade_deploy.mri.convert import fastmri_to_raw
+from spade_deploy.mri.server import ServeConfig, parse_size, serve as serve_mrd
+from spade_deploy.mri.volumes import FORMATS
 from spade_deploy.paths import check_outputs
 from spade_deploy.pipeline import (SPLITS, bench_checkpoints, evaluate_checkpoint, finetune_run,
                                    prune_run, train_run)
@@ -393,18 +398,94 @@ def reconstruct(
     scale: ScaleOpt = None,
     kernel: KernelOpt = None,
     noise: NoiseOpt = 0.0,
+    output_format: Annotated[str, typer.Option("--format", help="MRI output: h5 (fastMRI layout) | mrd (MRD images, uint16 with RescaleSlope, geometry from the acquisitions) | dicom (a folder of DICOM files per input).")] = "h5",
 ):
-    """MRI: reconstruct fastMRI-format files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`), for fastMRI's evaluate.py. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
+    """MRI: reconstruct fastMRI-format or ISMRMRD raw HDF5 files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`, for fastMRI's evaluate.py), MRD images or DICOM. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
+    check_choice("--format", output_format, FORMATS)
     check_sampling(acceleration, center_fraction)
     check_number("--batch-size", batch_size, 1, 4096)
     task = task_class(_checkpoint_task(checkpoint)).from_cli(None, dict(
         acceleration=acceleration, center_fraction=center_fraction, coil_maps=coil_maps, cache_dir=cache_dir,
         scale=scale, kernel=kernel, noise=noise))
     for line in task.reconstruct(checkpoint, source, out, backend, engines, batch_size, full_fov,
-                                 reporter=ConsoleReporter()):
+                                 reporter=ConsoleReporter(), output_format=output_format):
         console.print(line)
+
+
+@app.command()
+@user_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="An MRI checkpoint (pruned, fine-tuned) written by spade.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; the default takes local clients only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (9002: the open-source MRD servers' port; 0: any free port, named in the readiness line).")] = 9002,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    backend: Annotated[str, typer.Option("--backend", "-b", help="auto (the engine measured fastest here, as spade reconstruct) | torch | onnxruntime | tensorrt.")] = "auto",
+    coil_maps: Annotated[str, typer.Option("--coil-maps", help="espirit: maps estimated from each slice's calibration lines (a stream carries no others).")] = "espirit",
+    engines: Annotated[Optional[Path], typer.Option(help="Folder of exported priors (default: the cache home's spade-deploy/engines).")] = None,
+    size: Annotated[Optional[list[str]], typer.Option("--size", help="k-space size HxW (readout samples x lines) to deploy and warm up for at start (repeatable; default 160x160); other sizes are deployed on their first slice.")] = None,
+    pixels: Annotated[str, typer.Option(help="Image pixels: uint16 (0..4095 per image, RescaleSlope in the meta attributes) | float32 (the magnitude itself).")] = "uint16",
+    idle_timeout: Annotated[float, typer.Option(help="Seconds without data before a connection is dropped.")] = 300.0,
+    max_connections: Annotated[int, typer.Option(help="Connections served at once (one thread each).")] = 16,
+):
+    """Serve reconstructions over the MRD (ISMRMRD) streaming protocol: raw acquisitions in, one MRD image per slice out as soon as it is done. Logs a readiness line; SIGTERM / SIGINT finish the slices in flight, then stop."""
+    check_device(device)
+    check_choice("--backend", backend, BACKENDS)
+    if coil_maps != "espirit":
+        raise SpadeError(f"--coil-maps {coil_maps}: an MRD stream carries no coil maps; the server estimates them "
+                         "(espirit) from each slice's calibration lines")
+    check_number("--port", port, 0, 65535)
+    check_number("--idle-timeout", idle_timeout, 0.0, 86400.0, lo_open=True)
+    check_number("--max-connections", max_connections, 1, 1024)
+    sizes = tuple(parse_size(s) for s in (size or ["160x160"]))
+    logger = logging.getLogger("spade_deploy.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s spade serve: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    serve_mrd(checkpoint, ServeConfig(host=host, port=port, device=device, backend=backend, engines=engines,
+                                      sizes=sizes, pixels=pixels, idle_timeout=idle_timeout,
+                                      max_connections=max_connections))
+
+
+@app.command()
+@user_errors
+def send(
+    raw: Annotated[Path, typer.Argument(help="An ISMRMRD raw HDF5 file (/dataset/xml + /dataset/data), e.g. from spade convert.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="MRD image file for the images the server returns.")],
+    host: Annotated[str, typer.Option(help="The MRD server's address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The MRD server's port.")] = 9002,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server's answer.")] = 600.0,
+    config: Annotated[str, typer.Option(help="Config name sent first (spade serve logs and ignores it; other servers choose their recon by it).")] = "spade",
+):
+    """Stream a raw file to an MRD server (spade serve, or any MRD streaming server) and write the images it returns."""
+    res = send_file(raw, out, host, port, timeout, config)
+    first = f"first image after {res.image_seconds[0]:.2f} s, " if res.image_seconds else ""
+    console.print(f"{len(res.images)} image{'s' if len(res.images) != 1 else ''} from {host}:{port} written to [cyan]{out}[/] ({res.acquisitions} "
+                  f"acquisitions sent; {first}all after {res.seconds:.2f} s)")
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Annotated[Path, typer.Argument(help="A fastMRI multi-coil HDF5 file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The ISMRMRD raw HDF5 file to write (not in the source's folder).")],
+    acceleration: Annotated[Optional[int], typer.Option("--acceleration", "-a", help="Undersample with fastMRI's equispaced mask and the file's seed (the measurements spade reconstruct -a takes); default: every line, or the file's own mask.")] = None,
+    center_fraction: CfOpt = None,
+):
+    """Convert a fastMRI HDF5 file to ISMRMRD raw data: one acquisition per measured line, calibration lines flagged, a stream for spade send or any MRD client."""
+    if center_fraction is not None and acceleration is None:
+        raise SpadeError("--center-fraction sets the calibration block of an undersampling: add --acceleration")
+    if acceleration is not None:
+        check_sampling(acceleration, center_fraction)
+    res = fastmri_to_raw(source, out, acceleration, center_fraction)
+    calib = (f"calibration lines {res.calibration[0]}-{res.calibration[1] - 1} flagged"
+             if res.calibration else "fully sampled")
+    console.print(f"{source.name}: {res.slices} slices x {res.lines_per_slice} of {res.columns} lines "
+                  f"(acceleration {res.acceleration:.2f}, {calib}) written to [cyan]{out}[/]")
 
 
 @app.command()

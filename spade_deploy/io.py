@@ -14,11 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
+from typing import TYPE_CHECKING
+
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import SpadeError
+
+if TYPE_CHECKING:  # torch is imported where tensors are saved: atomic writes alone need none of it
+    import torch
 
 FORMAT = "spade-deploy/1"
 _MANIFEST_KEY = "spade_manifest"
@@ -60,6 +63,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], manifest: dict) -> Path:
     """Write tensors + manifest atomically as one safetensors file."""
+    from safetensors.torch import save_file
+
     manifest = {"format": FORMAT, **manifest}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import random
+import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, check_finite, model_manifest
 from .device import model_device, on_model_device
 from .errors import SpadeError
-from .io import load_checkpoint, save_checkpoint
+from .io import atomic_path, load_checkpoint, save_checkpoint
 from .losses import Loss
 from .models import Reconstructor, load_state
 from .solvers import MAX_ITER, MIN_TOL, SolverConfig
@@ -254,9 +257,35 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
+# Test hook, off by default: $SPADE_KILL_AT names a point of the run at which the process kills
+# itself with SIGKILL, so tests interrupt a run at the same place on any machine. ``pretrain:S``:
+# after pretraining step S; ``epoch:E:step:S``: after step S of epoch E; ``epoch:E:end``: after
+# epoch E's checkpoints; each after the checkpoint written there, if one is. ``mid-save:<point>``:
+# inside that point's write of last.safetensors, its temporary file written, not yet renamed.
+# Epochs and steps count from 1 and are the run's, not the process's (a resumed run goes on counting).
+KILL_ENV = "SPADE_KILL_AT"
+_KILL_POINT = re.compile(r"(mid-save:)?(pretrain:[1-9][0-9]*|epoch:[1-9][0-9]*:(?:step:[1-9][0-9]*|end))")
+
+
+def _kill_point() -> tuple[bool, str] | None:
+    """``(mid_save, point)`` from $SPADE_KILL_AT, None where it is unset or empty."""
+    raw = os.environ.get(KILL_ENV, "")
+    if not raw:
+        return None
+    match = _KILL_POINT.fullmatch(raw)
+    if match is None:
+        raise SpadeError(f"${KILL_ENV} is {raw!r}; this test hook takes pretrain:S, epoch:E:step:S or epoch:E:end, "
+                         "each also after mid-save: (or unset it)")
+    return bool(match[1]), match[2]
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainConfig, on_step, opt: torch.optim.Optimizer,
               resume: dict | None = None, save: Callable[[dict], None] | None = None,
-              checkpoint_seconds: float | None = None) -> None:
+              checkpoint_seconds: float | None = None, reached: Callable[[str], None] = lambda point: None) -> None:
     """The denoiser pretraining (``model.pretrain_loss``). Each pass over the data is shuffled with
     the seed ``seed * 1000 - (step at the pass's start) - 1``; ``save(state)`` is called every
     ``checkpoint_seconds`` with what :func:`fit` needs to continue exactly (``resume``)."""
@@ -292,6 +321,8 @@ def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainCon
                 last_save = time.monotonic()
             if on_step:
                 on_step("pretraining prior", step, cfg.pretrain_steps, float(np.mean(recent[-20:])))
+            if step < cfg.pretrain_steps:  # the last step's checkpoint is fit's
+                reached(f"pretrain:{step}")
 
 
 def fit(
@@ -338,6 +369,11 @@ def fit(
     history: list[dict] = []
     start_epoch, start_step, start_running, start_rng, best = 0, 0, [], None, -math.inf
     pretrain_state = None
+    kill = _kill_point()
+
+    def reached(point: str) -> None:
+        if kill == (False, point):
+            _kill_self()
 
     resumed = resume and last_path.exists()
     if resumed:
@@ -377,7 +413,8 @@ def fit(
 
     model.set_train_solver(cfg.train_max_iter, cfg.train_tol)
 
-    def save_last(epoch: int, step: int, running: list[float], rng: dict | None, pretrain: dict | None = None) -> None:
+    def save_last(point: str, epoch: int, step: int, running: list[float], rng: dict | None,
+                  pretrain: dict | None = None) -> None:
         optim_tensors, optim_meta = _optim_tensors(opt)
         if pretrain is not None:  # mid-pretraining: its own optimizer and position
             pre_tensors, pretrain["optimizer"] = _optim_tensors(pre_opt, _PRETRAIN_PREFIX)
@@ -393,14 +430,22 @@ def fit(
             "train_config": dataclasses.asdict(cfg),
             **({"pretrain": pretrain} if pretrain is not None else {}),
         }
-        save_checkpoint(last_path, {**model.state_dict(), **optim_tensors},
-                        model_manifest(model, **extra_manifest, train_config=dataclasses.asdict(cfg), epoch=epoch,
-                                       train_state=train_state))
+        tensors = {**model.state_dict(), **optim_tensors}
+        manifest = model_manifest(model, **extra_manifest, train_config=dataclasses.asdict(cfg), epoch=epoch,
+                                  train_state=train_state)
+        if kill == (True, point):  # the test hook's torn write: the temporary file whole, never renamed
+            with atomic_path(last_path) as tmp:
+                save_checkpoint(tmp, tensors, manifest)
+                _kill_self()
+        save_checkpoint(last_path, tensors, manifest)
 
     if cfg.pretrain_steps and model.pretrains and (not resumed or pretrain_state is not None):
         _pretrain(model, task, train_ds, cfg, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
-                  save=lambda pre: save_last(0, 0, [], None, pretrain=pre))
-        save_last(0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
+                  save=lambda pre: save_last(f"pretrain:{pre['step']}", 0, 0, [], None, pretrain=pre),
+                  reached=reached)
+        done = f"pretrain:{cfg.pretrain_steps}"
+        save_last(done, 0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
+        reached(done)
 
     last_save = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
@@ -446,10 +491,11 @@ def fit(
             running.append(value.item())
             if (checkpoint_seconds is not None and step + 1 < n_steps
                     and time.monotonic() - last_save >= checkpoint_seconds):
-                save_last(epoch, step + 1, running, _rng_capture())
+                save_last(f"epoch:{epoch + 1}:step:{step + 1}", epoch, step + 1, running, _rng_capture())
                 last_save = time.monotonic()
             if on_step:
                 on_step(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, n_steps, float(np.mean(running[-20:])))
+            reached(f"epoch:{epoch + 1}:step:{step + 1}")
 
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(running)) if running else None}
         has_val = cfg.validate and val_ds is not None and len(val_ds) > 0
@@ -472,10 +518,11 @@ def fit(
             best = score
             record["best"] = True
             save_checkpoint(best_path, model.state_dict(), model_manifest(model, **manifest_extra, history=history))
-        save_last(epoch + 1, 0, [], None)
+        save_last(f"epoch:{epoch + 1}:end", epoch + 1, 0, [], None)
         last_save = time.monotonic()
         if on_epoch:
             on_epoch(record)
+        reached(f"epoch:{epoch + 1}:end")
     best_record = [h for h in history if h.get("best")][-1]
     return FitResult(best_path=best_path, last_path=last_path, best_val_psnr=best_record.get("val_psnr", float("nan")),
                      history=history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -14,8 +15,18 @@ from spade_deploy.mri.data import DatasetInfo, SimConfig, build_default_dataset
 
 # The auto back-end measures its candidate engines; torch.compile takes ~20 s per prior to compile on
 # a 2-core CPU, so the suite's auto runs choose between eager PyTorch and onnxruntime (the tests of
-# the selection itself name their engines).
-os.environ.setdefault("SPADE_AUTO_ENGINES", "torch,onnxruntime")
+# the selection itself name their engines). Set for the session whatever the user's setting.
+SESSION_ENV = {"SPADE_AUTO_ENGINES": "torch,onnxruntime"}
+# A user's settings that change what the library computes or reads: unset for the session (the
+# tests that are about them set them).
+CLEARED_ENV = ("SPADE_HOST_ALLOCATOR", "SPADE_DATA", "SPADE_KILL_AT")
+
+# Where the tests' processes (this one and the commands it starts) would write outside their own
+# folders: home, caches, temporary files, compile caches. Each points into the session's temp folder.
+ISOLATED_DIRS = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "TMPDIR", "TMP",
+                 "TEMP", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR", "NUMBA_CACHE_DIR",
+                 "TORCH_HOME", "CUDA_CACHE_PATH")
+
 
 HEADER = (
     '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
@@ -27,15 +38,22 @@ HEADER = (
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_cache_home(tmp_path_factory: pytest.TempPathFactory):
-    """Coil-map caches of the tests go to a temporary cache home, not the user's."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
-    yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
+    """For the session, restored after: home, caches and temp folder (of this process and of the
+    commands the tests start) in pytest's temp folder, not the user's; the user's settings of the
+    library removed, the suite's set."""
+    base = tmp_path_factory.mktemp("env")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in CLEARED_ENV:
+            mp.delenv(name, raising=False)
+        for name, value in SESSION_ENV.items():
+            mp.setenv(name, value)
+        for name in ISOLATED_DIRS:
+            folder = base / name.lower()
+            folder.mkdir()
+            mp.setenv(name, str(folder))
+        mp.setattr(tempfile, "tempdir", os.environ["TMPDIR"])
+        yield
 
 
 def _crandn(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,6 +1,9 @@
 """The command line: bad input gives one line on stderr and exit status 1, never a traceback."""
 
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,6 +17,7 @@ from spade_deploy.models import build_model
 from cli.main import app
 
 runner = CliRunner()
+SPADE = str(Path(sys.executable).parent / "spade")  # the venv's own command, not whichever is first on PATH
 
 
 def _fails_cleanly(args, match):
@@ -158,13 +162,7 @@ def test_bench_of_two_architectures_from_like_named_run_folders(tmp_path, data_r
 def test_malformed_command_line_is_one_error_line(argv, tmp_path):
     """The installed `spade` turns click's usage errors (a value of the wrong type, an unknown
     option, a missing argument) into one `error:` line and exit status 1, writing nothing."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = shutil.which("spade") or str(Path(sys.executable).with_name("spade"))
-    proc = subprocess.run([exe, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([SPADE, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert [line for line in out.splitlines() if line.strip()] == [out.strip()], out

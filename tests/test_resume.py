@@ -1,131 +1,155 @@
-"""Kill -9 at random moments of `spade train` and `spade finetune`, then `--resume`: every file of
-the run folder loads after each kill, no temporary file is left at the end, and the final
-checkpoints are tensor-identical to an uninterrupted run's."""
+"""Kill -9 `spade train` and `spade finetune` at chosen points, then `--resume`: every file of the run
+folder loads after each kill, no temporary file is left at the end, and the final checkpoints and
+the history of its epochs are identical to an uninterrupted run's.
+
+The kills are deterministic: the run kills itself (``$SPADE_KILL_AT``, a test hook of
+``spade_deploy.train``) at a named step, epoch end, or inside a write of last.safetensors (its
+temporary file written, not yet renamed), so they land at the same place on any machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pytest
 import torch
+from typer.testing import CliRunner
 
 from spade_deploy.io import load_checkpoint
 from spade_deploy.prune import prune_checkpoint
+from spade_deploy.train import KILL_ENV
+
+from cli.main import app
 
 SPADE = str(Path(sys.executable).parent / "spade")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-KILLED_AT: list[str] = []  # what each kill interrupted (read back from last.safetensors)
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment of the test's `spade` runs, built when the test runs: one thread (the
+    uninterrupted and the killed runs compute alike), and home, cache home (the coil maps) and temp
+    folder inside the test's own folder."""
+    dirs = {name: tmp_path / f"env-{name.lower()}" for name in ("HOME", "XDG_CACHE_HOME", "TMPDIR")}
+    for d in dirs.values():
+        d.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200",
+           **{name: str(d) for name, d in dirs.items()}}
+    env.pop(KILL_ENV, None)
+    return env
 
 
-def _run(args: list[str], timeout: float = 120) -> None:
-    proc = subprocess.run([SPADE, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run([SPADE, *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return 0
+def _kill_at(point: str, args: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run([SPADE, *args], env={**env, KILL_ENV: point}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {point}:\n" + proc.stdout + proc.stderr
 
 
-def _run_and_kill(args: list[str], run: Path, rng: random.Random, when: str) -> bool:
-    """Start ``spade args`` and ``kill -9`` it: ``early``, at a random moment before it writes
-    anything; ``soon``, within 50 ms of its first or second write of last.safetensors (the
-    pretraining, when it starts afresh); ``any``, up to 0.3 s after its 1st-3rd write. Returns
-    whether it was killed before it finished."""
-    last = run / "last.safetensors"
-    proc = subprocess.Popen([SPADE, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+@contextlib.contextmanager
+def _alongside(args: list[str], env: dict[str, str], log: Path):
+    """Run ``spade args`` in the background while the block runs (the uninterrupted run beside the
+    killed ones: the other core); it must have succeeded when the block ends."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([SPADE, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        if when == "early":
-            time.sleep(rng.uniform(0.3, 1.5))  # importing / building: nothing written yet
-        else:
-            writes, seen, deadline = rng.randint(1, 2 if when == "soon" else 3), _mtime(last), time.monotonic() + 120
-            while writes and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-                if _mtime(last) != seen:
-                    seen, writes = _mtime(last), writes - 1
-            time.sleep(rng.uniform(0.0, 0.05 if when == "soon" else 0.3))
-        killed = proc.poll() is None
-        if killed:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        if not killed:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-        return killed
+        yield
+        assert proc.wait(timeout=600) == 0 and "Traceback" not in log.read_text(), log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.stderr.close()
+            proc.wait()
 
 
-def _check_loadable(run: Path) -> None:
-    for path in run.glob("*.safetensors"):
-        load_checkpoint(path)  # raises on a torn or foreign file
-    if (run / "history.json").exists():
-        json.loads((run / "history.json").read_text())
+def _position(path: Path) -> str:
+    """Where the run was when ``path`` (a last.safetensors) was written, named as $SPADE_KILL_AT names it."""
+    ts = load_checkpoint(path)[1]["train_state"]
+    if "pretrain" in ts:
+        return f"pretrain:{ts['pretrain']['step']}"
+    if ts["step"]:
+        return f"epoch:{ts['epoch'] + 1}:step:{ts['step']}"
+    return f"epoch:{ts['epoch']}:end" if ts["epoch"] else f"pretrain:{ts['train_config']['pretrain_steps']}"
 
 
-def _assert_same_tensors(a: Path, b: Path) -> None:
-    sa, ma = load_checkpoint(a)
-    sb, mb = load_checkpoint(b)
-    assert sorted(sa) == sorted(sb)
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), f"{a.name}: {key} differs from the uninterrupted run"
+def _temps(run: Path) -> list[Path]:
+    return sorted(run.glob(".*.tmp"))
 
 
-def _kill_and_resume(args: list[str], run: Path, rng: random.Random, kills: list[str]) -> int:
-    done, n_killed = False, 0
-    for i, when in enumerate(kills):
-        resume = ["--resume"] if i else []
-        if not _run_and_kill([*args, "-o", str(run), *resume], run, rng, when):
-            done = True
-            break
-        n_killed += 1
-        _check_loadable(run)
-        if (run / "last.safetensors").exists():
-            ts = load_checkpoint(run / "last.safetensors")[1]["train_state"]
-            KILLED_AT.append("pretraining" if "pretrain" in ts else "mid-epoch" if ts["step"] else "epoch end")
-    if not done:
-        _run([*args, "-o", str(run), "--resume"])
-    _check_loadable(run)
-    leftovers = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
-    assert not leftovers, leftovers
-    return n_killed
+def _kill_and_resume(args: list[str], run: Path, env: dict[str, str], kills: list[tuple[str, str]]) -> None:
+    """Kill the run at each ``(point, position of last.safetensors it leaves)`` in turn, resuming
+    each time, then let it finish."""
+    for i, (point, left) in enumerate(kills):
+        _kill_at(point, [*args, "-o", str(run), *(["--resume"] if i else [])], env)
+        for path in run.glob("*.safetensors"):
+            load_checkpoint(path)  # raises on a torn or foreign file
+        assert _position(run / "last.safetensors") == left, point
+        temps = _temps(run)
+        if point.startswith("mid-save:"):  # the new last.safetensors written in full, never renamed
+            assert len(temps) == 1 and temps[0].name.startswith(".last.safetensors."), temps
+            assert _position(temps[0]) == point.removeprefix("mid-save:")
+        else:
+            assert temps == [], temps
+    _run([*args, "-o", str(run), "--resume"], env)
+    assert _temps(run) == []
 
 
-def test_kill_9_then_resume_ends_identical(tiny_dataset, tmp_path):
-    rng = random.Random(20261130)
+def _assert_same_run(a: Path, b: Path) -> None:
+    for name in ("best.safetensors", "last.safetensors"):
+        (sa, ma), (sb, mb) = load_checkpoint(a / name), load_checkpoint(b / name)
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}: {key} differs from the uninterrupted run"
+        for key in ("epoch", "history", "train_state"):  # the losses and scores of every epoch
+            assert ma.get(key) == mb.get(key), f"{name}: its {key} differs from the uninterrupted run"
+    histories = [json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else None
+                 for run in (a, b)]
+    assert histories[0] == histories[1]
+
+
+def test_kill_9_then_resume_ends_identical(tiny_dataset, tmp_path, env):
     data = ["--data", str(tiny_dataset.root)]
+    # 12 pretraining steps, then 2 epochs of 4 steps (4 training slices, batch 1); a checkpoint
+    # after every step.
     train = ["train", "--preset", "tiny", *data, "--epochs", "2", "--batch-size", "1", "--pretrain-steps", "12",
              "--train-max-iter", "10", "--lr", "1e-3", "--checkpoint-seconds", "0"]
-    _run([*train, "-o", str(tmp_path / "train-straight")])
-    killed = _kill_and_resume(train, tmp_path / "train-killed", rng, ["early", "soon", "any"])
-    for name in ("best.safetensors", "last.safetensors"):
-        _assert_same_tensors(tmp_path / "train-straight" / name, tmp_path / "train-killed" / name)
+    with _alongside([*train, "-o", str(tmp_path / "train-straight")], env, tmp_path / "train-straight.log"):
+        _kill_and_resume(train, tmp_path / "train-killed", env, [
+            ("pretrain:7", "pretrain:7"),
+            ("epoch:1:step:2", "epoch:1:step:2"),
+            ("mid-save:epoch:1:end", "epoch:1:step:3"),  # best.safetensors of epoch 1 written, last not
+        ])
+    _assert_same_run(tmp_path / "train-straight", tmp_path / "train-killed")
 
     (pruned, _), = prune_checkpoint(tmp_path / "train-straight" / "best.safetensors", [0.4], tmp_path / "pruned")
-    finetune = ["finetune", str(pruned), "-s", "self-supervised", *data, "--epochs", "4", "--batch-size", "1",
+    finetune = ["finetune", str(pruned), "-s", "self-supervised", *data, "--epochs", "3", "--batch-size", "1",
                 "--lr", "1e-3", "--checkpoint-seconds", "0"]
-    _run([*finetune, "-o", str(tmp_path / "ft-straight")])
-    killed += _kill_and_resume(finetune, tmp_path / "ft-killed", rng, ["any", "any", "any"])
-    for name in ("best.safetensors", "last.safetensors"):
-        _assert_same_tensors(tmp_path / "ft-straight" / name, tmp_path / "ft-killed" / name)
-    print("kills interrupted:", KILLED_AT)
-    assert killed >= 5, f"only {killed} runs were killed before they finished"
-    assert "pretraining" in KILLED_AT, KILLED_AT  # a kill in the denoiser pretraining, resumed exactly
+    # 3 epochs of 2 steps (the 2 test slices)
+    with _alongside([*finetune, "-o", str(tmp_path / "ft-straight")], env, tmp_path / "ft-straight.log"):
+        _kill_and_resume(finetune, tmp_path / "ft-killed", env, [
+            ("mid-save:epoch:2:step:1", "epoch:1:end"),
+            ("epoch:3:end", "epoch:3:end"),  # after the last epoch's checkpoints
+        ])
+    _assert_same_run(tmp_path / "ft-straight", tmp_path / "ft-killed")
 
 
-def test_resume_removes_stale_temp_files(tiny_dataset, tmp_path):
+def test_a_malformed_kill_point_is_one_error_line(tiny_dataset, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--preset", "tiny", "--data", str(tiny_dataset.root), "--epochs", "1",
+                                      "-o", str(tmp_path / "run")], env={KILL_ENV: "epoch:0:end"})
+    out = result.stderr.strip()
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert out.startswith(f"error: ${KILL_ENV} is 'epoch:0:end'") and len(out.splitlines()) == 1, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_removes_stale_temp_files(tiny_dataset, tmp_path, env):
     """Temp files a kill left beside the run's files are removed when the run starts or resumes;
     files of other names are left alone; --resume with nothing to resume starts afresh."""
     run = tmp_path / "run"
@@ -135,7 +159,7 @@ def test_resume_removes_stale_temp_files(tiny_dataset, tmp_path):
         (run / name).write_bytes(b"x" * 1000)
     (run / "notes.tmp").write_text("mine")
     _run(["train", "--preset", "tiny", "--data", str(tiny_dataset.root), "--epochs", "1", "--batch-size", "4",
-          "--pretrain-steps", "0", "--train-max-iter", "5", "-o", str(run), "--resume"])
+          "--pretrain-steps", "0", "--train-max-iter", "5", "-o", str(run), "--resume"], env)
     assert not [name for name in leftovers if (run / name).exists()]
     assert (run / "notes.tmp").read_text() == "mine"
     _, manifest = load_checkpoint(run / "last.safetensors")

@@ -66,6 +66,7 @@ from torch.utils.data import Dataset
 
 from .coilmaps import CoilMapEstimator, EspiritParams, acs_run, centre_block, espirit_from_acs
 from ..errors import SpadeError
+from .ismrmrd_raw import RawFile
 from ..io import write_json
 from ..paths import memory_bytes
 from ..tasks import Batch
@@ -128,6 +129,7 @@ class _FileInfo:
     mask: np.ndarray | None  # (W,) float32 acquisition mask, checked
     recon_size: tuple[int, int]  # header reconSpace (x, y) = (rows, columns), clipped to (H, W)
     rss_shape: tuple[int, int] | None
+    raw: RawFile | None = None  # an ISMRMRD raw file; None: fastMRI layout
 
     @property
     def group(self) -> tuple:
@@ -138,7 +140,9 @@ class _FileInfo:
 class SliceDataset(Dataset):
     """Slices of fastMRI multi-coil HDF5 files, indexed lazily (one slice is read per item).
 
-    ``root`` is one ``.h5`` file or a folder of them (not searched recursively). ``coil_maps``:
+    ``root`` is one ``.h5`` file or a folder of them (not searched recursively); ISMRMRD raw
+    files (``/dataset/xml`` + ``/dataset/data``) are read too, each slice with the mask of the
+    lines it holds (:class:`spade_deploy.mri.ismrmrd_raw.RawFile`). ``coil_maps``:
     ``"espirit"`` (default) estimates every reconstruction's maps from the ACS block of the mask
     used (:class:`~spade_deploy.mri.coilmaps.CoilMapEstimator`, cached under ``cache_dir``, default
     the user's cache home, never the data folder); ``"file"`` hands the file's ``sens_maps`` to
@@ -201,14 +205,16 @@ class SliceDataset(Dataset):
             raise IndexError(idx)
         fi, s = self._index[idx]
         info = self._infos[fi]
-        with _open(info.path) as f:
-            kspace = _finite(f["kspace"][s], info.path, s, "kspace").astype(np.complex64, copy=False)
-            smaps = None
-            if self.coil_maps == "file":
-                smaps = _finite(f["sens_maps"][s], info.path, s, "sens_maps").astype(np.complex64, copy=False)
-            target = None
-            if info.has_rss:
-                target = _finite(f["reconstruction_rss"][s], info.path, s, "reconstruction_rss").astype(np.float32)
+        mask, smaps, target = info.mask, None, None
+        if info.raw is not None:  # each slice of a raw file has its own mask
+            kspace, mask = info.raw.read_slice(s)
+        else:
+            with _open(info.path) as f:
+                kspace = _finite(f["kspace"][s], info.path, s, "kspace").astype(np.complex64, copy=False)
+                if self.coil_maps == "file":
+                    smaps = _finite(f["sens_maps"][s], info.path, s, "sens_maps").astype(np.complex64, copy=False)
+                if info.has_rss:
+                    target = _finite(f["reconstruction_rss"][s], info.path, s, "reconstruction_rss").astype(np.float32)
         k = torch.from_numpy(np.ascontiguousarray(kspace))
         if target is None:
             target_t = rss(ifft2c(k), dim=0).float()
@@ -216,7 +222,7 @@ class SliceDataset(Dataset):
             target_t = torch.from_numpy(np.ascontiguousarray(target))
         return SliceItem(
             kspace=k,
-            mask=torch.from_numpy(info.mask) if info.mask is not None else None,
+            mask=torch.from_numpy(mask) if mask is not None else None,
             smaps=torch.from_numpy(np.ascontiguousarray(smaps)) if smaps is not None else None,
             target=target_t,
             has_target=info.has_rss,
@@ -233,6 +239,9 @@ class SliceDataset(Dataset):
             info = self._infos[file_index]
             if info.max_attr is not None:
                 value = info.max_attr
+            elif info.raw is not None:
+                value = max(float(rss(ifft2c(torch.from_numpy(info.raw.read_slice(s)[0])), dim=0).max())
+                            for s in range(info.n_slices))
             else:
                 with _open(info.path) as f:
                     if info.has_rss:
@@ -314,6 +323,10 @@ def _open(path: Path) -> h5py.File:
 
 def _inspect(path: Path) -> _FileInfo:
     with _open(path) as f:
+        if "kspace" not in f and "dataset" in f:  # ISMRMRD raw (/dataset/xml + /dataset/data)
+            raw = RawFile(path)
+            return _FileInfo(path=path, n_slices=raw.n_slices, shape=raw.shape, has_rss=False, has_smaps=False,
+                             max_attr=None, mask=raw.file_mask, recon_size=raw.encoding.recon, rss_shape=None, raw=raw)
         if "kspace" not in f:
             raise SpadeError(f"{path} has no 'kspace' dataset; not a fastMRI multi-coil file")
         k = f["kspace"]

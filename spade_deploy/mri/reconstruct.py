@@ -29,9 +29,10 @@ from ..errors import SpadeError
 from ..io import atomic_path
 from .metrics import recon_magnitude
 from ..models import Reconstructor
-from ..paths import check_out_dir, check_outputs
+from ..paths import check_out_dir, check_outputs, sha256_file
 from .physics import center_fraction_for
 from ..progress import Reporter
+from .volumes import FORMATS, output_path, write_volume
 
 
 @dataclass
@@ -54,9 +55,12 @@ def reconstruct_files(
     full_fov: bool = False,
     coil_maps: D.CoilMapSource = "espirit",
     cache_dir: str | os.PathLike | None = None,
+    output_format: str = "h5",
+    checkpoint_sha256: str | None = None,
 ) -> ReconstructResult:
     """Reconstruct every slice of every file under ``source`` (a path, or its dataset already
-    opened: then ``coil_maps`` and ``cache_dir`` are the dataset's).
+    opened: then ``coil_maps`` and ``cache_dir`` are the dataset's). ``output_format``: ``h5``
+    (fastMRI layout), ``mrd`` (MRD images) or ``dicom`` (:func:`spade_deploy.mri.volumes.write_volume`).
 
     Fully sampled files are undersampled retrospectively with fastMRI's per-file mask seed (the
     same measurements `spade eval` scores); files that carry a ``mask`` are used as acquired.
@@ -93,6 +97,12 @@ def reconstruct_files(
                 on_slice(done, len(ds))
         target = out / path.name
         out.mkdir(parents=True, exist_ok=True)
+        if output_format != "h5":
+            engine = ",".join(sorted(set(getattr(model, "engine_choice", {}).values()))) or "torch"
+            meta = {"SpadeModel": getattr(model, "registry_name", ""), "SpadeCheckpointSHA256": checkpoint_sha256,
+                    "SpadeEngine": engine}
+            outputs.append(write_volume(output_format, out, path, np.concatenate(images), per_slice, meta, full_fov))
+            continue
         with atomic_path(target) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("reconstruction", data=np.concatenate(images))
@@ -125,21 +135,26 @@ def reconstruct_checkpoint(
     coil_maps: D.CoilMapSource = "espirit",
     cache_dir: str | os.PathLike | None = None,
     reporter: Reporter | None = None,
+    output_format: str = "h5",
 ) -> ReconstructResult:
-    """``spade reconstruct`` of an MRI checkpoint: every file of ``source`` (a file or a folder)
-    reconstructed by :func:`reconstruct_files` into ``out`` on ``backend``
-    (:func:`~spade_deploy.deploy.cache.deployed_checkpoint`). ``source`` is opened once; every output is checked against the
-    inputs and the data folder before the model is loaded or anything is written."""
+    """``spade reconstruct`` of an MRI checkpoint: every file of ``source`` (a file or a folder;
+    fastMRI or ISMRMRD raw HDF5) reconstructed by :func:`reconstruct_files` into ``out`` on
+    ``backend`` (:func:`~spade_deploy.deploy.cache.deployed_checkpoint`), as ``output_format`` (h5 |
+    mrd | dicom). ``source`` is opened once; every output is checked against the inputs and the data
+    folder before the model is loaded or anything is written."""
+    if output_format not in FORMATS:
+        raise SpadeError(f"unknown output format {output_format!r}; choose one of: {', '.join(FORMATS)}")
     reporter = reporter or Reporter()
     source, out = Path(source), Path(out)
     check_out_dir(out)
     ds = D.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
     folder = source if source.is_dir() else source.parent
-    check_outputs(files=[out / p.name for p in ds.files], folders=[out], inputs=[checkpoint, source, *ds.files],
-                  data=[folder])
+    check_outputs(files=[output_path(output_format, out, p) for p in ds.files], folders=[out],
+                  inputs=[checkpoint, source, *ds.files], data=[folder])
     net, _ = load_model(checkpoint)
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
     shape = tuple(ds[0]["kspace"].shape[-2:]) if backend != "torch" else None  # the engine is chosen for this size
     net = deployed_checkpoint(checkpoint, net, backend, engines, [folder], reporter, shape=shape)
     with reporter.progress("reconstructing", transient=True) as update:
-        return reconstruct_files(net, ds, out, acceleration, cf, batch_size, on_slice=update, full_fov=full_fov)
+        return reconstruct_files(net, ds, out, acceleration, cf, batch_size, on_slice=update, full_fov=full_fov,
+                                 output_format=output_format, checkpoint_sha256=sha256_file(checkpoint))

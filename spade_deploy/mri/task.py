@@ -250,12 +250,15 @@ class MRITask(Task):
 
     def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
                     engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
-                    reporter: Reporter | None = None) -> list[str]:
-        """fastMRI-format HDF5 outputs (:func:`~spade_deploy.mri.reconstruct.reconstruct_checkpoint`)."""
+                    reporter: Reporter | None = None, output_format: str = "h5") -> list[str]:
+        """fastMRI-format HDF5, MRD image or DICOM outputs
+        (:func:`~spade_deploy.mri.reconstruct.reconstruct_checkpoint`)."""
         res = reconstruct_checkpoint(checkpoint, source, out, self.acceleration, self.center_fraction, batch_size,
-                                     backend, engines, full_fov, self.coil_maps, self.cache_dir, reporter=reporter)
+                                     backend, engines, full_fov, self.coil_maps, self.cache_dir, reporter=reporter,
+                                     output_format=output_format)
         iters = f", mean {res.mean_iterations:.1f} fixed-point iterations" if res.mean_iterations is not None else ""
-        lines = [f"{res.n_slices} slices in {len(res.outputs)} files written to [cyan]{out}[/]{iters}"]
+        what = {"h5": "files", "mrd": "MRD image files", "dicom": "DICOM series"}[output_format]
+        lines = [f"{res.n_slices} slices in {len(res.outputs)} {what} written to [cyan]{out}[/]{iters}"]
         if res.not_converged:
             lines.append(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
                          f"{', '.join(res.not_converged)}")

@@ -218,9 +218,11 @@ class SRTask(Task):
 
     def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
                     engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
-                    reporter: Reporter | None = None) -> list[str]:
+                    reporter: Reporter | None = None, output_format: str = "h5") -> list[str]:
         """SR PNGs of the low-resolution images under ``source``, degraded at this task's one scale
         with its one kernel (:func:`~spade_deploy.sr.reconstruct.restore_checkpoint`)."""
+        if output_format != "h5":
+            raise SpadeError("--format mrd / dicom is for MRI; super-resolution writes PNGs")
         if len(self.scales) != 1 or len(self.kernels) != 1:
             raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
         res = restore_checkpoint(checkpoint, source, out, self.scales[0], next(iter(self.kernels.items())), self.noise,

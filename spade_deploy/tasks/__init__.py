@@ -224,7 +224,7 @@ class Task:
     # -- deployment ------------------------------------------------------------------------------
     def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
                     engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
-                    reporter=None) -> list[str]:
+                    reporter=None, output_format: str = "h5") -> list[str]:
         """``spade reconstruct``: the measurements under ``source`` reconstructed by ``checkpoint``
         on ``backend`` into ``out`` in the task's output format; returns the lines to tell the user."""
         raise NotImplementedError
