@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from spade_deploy.mri import data as D
+from spade_deploy.mri import simulate
 from spade_deploy.checkpoint import load_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.finetune import finetune_model
@@ -52,7 +52,7 @@ def main() -> None:
 def run(args) -> None:
     ratios = args.ratio or [0.2, 0.4]
     strategies = args.strategy or list(STRATEGIES)
-    root = D.default_data_root()
+    root = simulate.default_data_root()
     task = MRITask()
     test = task.dataset(root, "test")
     recipe = get_entry("deq").demo

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from spade_deploy import bench as B  # noqa: E402
 from spade_deploy.checkpoint import load_model  # noqa: E402
-from spade_deploy.mri.data import SliceDataset  # noqa: E402
+from spade_deploy.mri.reader import SliceDataset  # noqa: E402
 from spade_deploy.device import placed, require_device, to_device  # noqa: E402
 from spade_deploy.errors import SpadeError  # noqa: E402
 from spade_deploy.io import write_json, write_text  # noqa: E402
@@ -261,7 +261,7 @@ def make_data(dest: Path, slices: int, volumes: int, size: int | None = None) ->
     smaller simulated matrix instead (for the CPU dry run)."""
     import h5py
 
-    from spade_deploy.mri.data import SimConfig, build_default_dataset
+    from spade_deploy.mri.simulate import SimConfig, build_default_dataset
 
     config = None
     if size is not None:

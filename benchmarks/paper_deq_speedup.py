@@ -38,7 +38,7 @@ from types import SimpleNamespace
 
 import torch
 
-from spade_deploy.mri import data as D
+from spade_deploy.mri import reader, simulate
 from spade_deploy.cli.main import progress_bar
 from spade_deploy.bench import AGGREGATION, prior_macs, time_interleaved
 from spade_deploy.checkpoint import load_model, save_model
@@ -49,7 +49,7 @@ from spade_deploy.mri.metrics import psnr
 from spade_deploy.models import build_model, count_parameters, preset_config
 from spade_deploy.prune import prune_model
 from spade_deploy.deploy.runtime import deploy
-from spade_deploy.mri.data import eval_seeds, make_batch
+from spade_deploy.mri.acquisition import eval_seeds, make_batch
 from spade_deploy.train import TrainConfig, fit
 
 
@@ -65,7 +65,7 @@ def train_denoiser(model, ds, steps: int, crop: int, what: str, seed: int = 0, b
         task = bar.add_task(f"training {what} as a denoiser", total=steps, info="")
         for step in range(steps):
             idx = torch.randint(0, len(ds), (batch_size,), generator=g).tolist()
-            items = D.collate([ds[i] for i in idx])
+            items = reader.collate([ds[i] for i in idx])
             x = make_batch(items, 6, 0.08, None).x_gt  # SENSE image of the maps estimated from the ACS block
             h, w = x.shape[-2:]
             i, j = (int(torch.randint(0, n - crop + 1, (), generator=g)) for n in (h, w))
@@ -117,17 +117,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    root = D.default_data_root()
-    D.build_default_dataset(root)
-    ds = D.SliceDataset(root / "test")
+    root = simulate.default_data_root()
+    simulate.build_default_dataset(root)
+    ds = reader.SliceDataset(root / "test")
     batches = []
     for i in range(len(ds) if args.slices is None else min(args.slices, len(ds))):
-        items = D.collate([ds[i]])
+        items = reader.collate([ds[i]])
         batches.append(make_batch(items, 6, 0.08, eval_seeds(items)))
     slices = [(b.y, b.physics, "{}:{}".format(*b.keys[0])) for b in batches]
     backends = list(dict.fromkeys(args.backend or ["torch", "auto"]))
 
-    train_ds = D.SliceDataset(root / "train")
+    train_ds = reader.SliceDataset(root / "train")
     tag = f"{args.steps}-rho{args.lipschitz_target:g}"
     deq_tag = f"{tag}-deq{args.deq_steps}-lr{args.deq_lr:g}"
     pruned_key = f"pruned-{args.ratio:g}"

@@ -66,7 +66,7 @@ def models(work: Path, pruned: Path | None, env: dict) -> dict[str, Path]:
 
 
 def streams(work: Path, env: dict) -> list[Path]:
-    from spade_deploy.mri.data import build_default_dataset
+    from spade_deploy.mri.simulate import build_default_dataset
     from spade_deploy.mri.convert import fastmri_to_raw
 
     data = Path(env["SPADE_DATA"])

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spade_deploy.mri import data as D
+from spade_deploy.mri import reader, simulate
 from spade_deploy.bench import AGGREGATION, bench_slices, prior_macs, time_interleaved
 from spade_deploy.mri.task import MRITask
 from spade_deploy.checkpoint import load_model
@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--stem", default="varnet-speedup-cpu")
     args = ap.parse_args()
 
-    root = D.default_data_root()
-    test_ds = D.SliceDataset(root / "test")
+    root = simulate.default_data_root()
+    test_ds = reader.SliceDataset(root / "test")
     slices = bench_slices(test_ds, MRITask(6, 0.08), torch.device("cpu"))[: args.slices]
     y, physics = slices[0][:2]
     backends = list(dict.fromkeys(args.backend or ["torch", "auto"]))

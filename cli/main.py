@@ -22,7 +22,7 @@ from spade_deploy.errors import SpadeError
 from spade_deploy.io import read_manifest
 from spade_deploy.losses import STRATEGIES
 from spade_deploy.models import build_model, count_parameters, get_entry, model_names, preset_config
-from spade_deploy.mri import data as D
+from spade_deploy.mri import reader, simulate
 from spade_deploy.mri.client import send_file
 from spade_deploy.mri.convert import fastmri_to_raw
 from spade_deploy.mri.server import ServeConfig, parse_size, serve as serve_mrd
@@ -105,7 +105,7 @@ class ConsoleReporter(DemoReporter):
 
 def _build_default(root: Path, seed: int, force: bool):
     with ConsoleReporter().progress("simulating k-space") as update:
-        return D.build_default_dataset(root, seed=seed, force=force, progress=update)
+        return simulate.build_default_dataset(root, seed=seed, force=force, progress=update)
 
 
 def _task(task_name: str, data: Path | None, **options):
@@ -136,13 +136,13 @@ def data(
 ):
     """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space)."""
     check_number("--seed", seed, 0, 2**31 - 1)
-    root = root or D.default_data_root()
+    root = root or simulate.default_data_root()
     info = _build_default(root, seed=seed, force=force)
     table = Table(title=f"Embedded dataset at {root}")
     for col in ("split", "volumes", "slices", "coils", "size"):
         table.add_column(col)
     for split in ("train", "val", "test"):
-        ds = D.SliceDataset(root / split)
+        ds = reader.SliceDataset(root / split)
         item = ds[0]
         table.add_row(split, str(len(ds.files)), str(len(ds)), str(item["kspace"].shape[0]), "x".join(map(str, item["kspace"].shape[-2:])))
     print_table(table)

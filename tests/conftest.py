@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from spade_deploy.mri.data import DatasetInfo, SimConfig, build_default_dataset
+from spade_deploy.mri.simulate import DatasetInfo, SimConfig, build_default_dataset
 
 # The auto back-end measures its candidate engines; torch.compile takes ~20 s per prior to compile on
 # a 2-core CPU, so the suite's auto runs choose between eager PyTorch and onnxruntime (the tests of

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from spade_deploy.mri import coilmaps as CM
-from spade_deploy.mri import data as D
+from spade_deploy.mri import acquisition, reader
 from spade_deploy.checkpoint import save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.models import build_model
@@ -126,7 +126,7 @@ def _junk_outside_mask(folder: Path, acceleration: int, cf: float) -> None:
         with h5py.File(path, "a") as f:
             k = f["kspace"][()]
             w = k.shape[-1]
-            mask = f["mask"][()] if "mask" in f else equispaced_mask(w, cf, acceleration, seed=D.fastmri_seed(path.name))
+            mask = f["mask"][()] if "mask" in f else equispaced_mask(w, cf, acceleration, seed=acquisition.fastmri_seed(path.name))
             junk = (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape)) * 10 * np.abs(k).max()
             k[..., mask == 0] = junk[..., mask == 0]
             f["kspace"][...] = k.astype(np.complex64)
@@ -156,13 +156,13 @@ def test_nothing_outside_the_mask_reaches_any_reconstruction(tiny_dataset, tmp_p
     # training batches: with the test measurements' own masks (school / self-supervised
     # fine-tuning) nothing changes; with fresh random masks (training on fully sampled data) the
     # measurements differ, but the maps still come from the ACS block alone
-    from spade_deploy.mri.data import eval_seeds, make_batch
+    from spade_deploy.mri.acquisition import eval_seeds, make_batch
 
     for fixed in (True, False):
         batches = []
         for folder in (clean, junk):
-            ds = D.SliceDataset(folder, cache_dir=cache)
-            items = D.collate([ds[i] for i in range(len(ds))])
+            ds = reader.SliceDataset(folder, cache_dir=cache)
+            items = reader.collate([ds[i] for i in range(len(ds))])
             np.random.seed(0)
             batches.append(make_batch(items, 6, 0.08, eval_seeds(items) if fixed else None))
         torch.testing.assert_close(batches[0].physics.smaps, batches[1].physics.smaps, rtol=0, atol=0)
@@ -174,7 +174,7 @@ def test_nothing_outside_the_mask_reaches_any_reconstruction(tiny_dataset, tmp_p
         outs = {}
         for tag, folder in (("clean", clean), ("junk", junk)):
             reconstruct_files(model, folder, tmp_path / f"{name}-{tag}", 6, 0.08, batch_size=2, cache_dir=cache)
-            ev = evaluate(model, D.SliceDataset(folder, cache_dir=cache), MRITask(6, 0.08), batch_size=3)
+            ev = evaluate(model, reader.SliceDataset(folder, cache_dir=cache), MRITask(6, 0.08), batch_size=3)
             outs[tag] = ev
         for fname in (src.name, "acquired.h5"):
             with h5py.File(tmp_path / f"{name}-clean" / fname) as a, h5py.File(tmp_path / f"{name}-junk" / fname) as b:
@@ -251,7 +251,7 @@ def test_spade_eval_equals_fastmri_evaluate_on_reconstruct_output(tiny_dataset, 
         with h5py.File(p) as f:
             k = torch.from_numpy(f["kspace"][()])
             recon = tuple(int(v) for v in (f["reconstruction_rss"].shape[1:]))
-        mask = torch.from_numpy(equispaced_mask(k.shape[-1], 0.12, 6, seed=D.fastmri_seed(p.name)))
+        mask = torch.from_numpy(equispaced_mask(k.shape[-1], 0.12, 6, seed=acquisition.fastmri_seed(p.name)))
         img = rss(ifft2c(k * mask), dim=1)
         top = (img.shape[-2] - recon[0]) // 2
         left = (img.shape[-1] - recon[1]) // 2
@@ -301,7 +301,7 @@ def test_slices_on_the_iteration_cap_are_named_and_recorded(tiny_dataset, tmp_pa
 def test_shape_batches_never_mix_sizes_and_are_reproducible(tiny_dataset, tmp_path):
     root = tmp_path / "data"
     folder = _three_sizes(tiny_dataset, root)
-    ds = D.SliceDataset(folder)
+    ds = reader.SliceDataset(folder)
     g = torch.Generator().manual_seed(3)
     sampler = ShapeBatchSampler(ds, 4, shuffle=True, generator=g)
     batches = list(sampler)

@@ -19,7 +19,7 @@ runner = CliRunner()
 
 
 def _split(info):
-    from spade_deploy.mri.data import SliceDataset
+    from spade_deploy.mri.reader import SliceDataset
 
     return SliceDataset(info.root / "test")
 

@@ -11,7 +11,7 @@ import torch
 from fastmri.data.mri_data import SliceDataset as FastMRISliceDataset
 from fastmri.data.subsample import EquispacedMaskFractionFunc
 
-from spade_deploy.mri import data as D
+from spade_deploy.mri import acquisition, reader, simulate
 from spade_deploy.errors import SpadeError
 from spade_deploy.mri.physics import fft2c, ifft2c, rss
 
@@ -20,7 +20,7 @@ from spade_deploy.mri.physics import fft2c, ifft2c, rss
 # reader
 def test_reader_round_trips_a_fastmri_file(make_fastmri_file):
     path, arr = make_fastmri_file(slices=3, coils=4, shape=(16, 20))
-    ds = D.SliceDataset(path, coil_maps="file")
+    ds = reader.SliceDataset(path, coil_maps="file")
     assert len(ds) == 3 and ds.files == [path] and ds.has_ground_truth
     for s in range(3):
         item = ds[s]
@@ -41,7 +41,7 @@ def test_folder_indexes_every_slice_of_every_file_in_order(make_fastmri_file, tm
     make_fastmri_file("b.h5", slices=2, folder=folder, seed=1)
     make_fastmri_file("a.h5", slices=3, folder=folder, seed=2)
     (folder / "notes.txt").write_text("ignored")
-    ds = D.SliceDataset(folder)
+    ds = reader.SliceDataset(folder)
     assert [p.name for p in ds.files] == ["a.h5", "b.h5"]
     assert [(ds[i]["fname"], ds[i]["slice"]) for i in range(len(ds))] == [
         ("a.h5", 0), ("a.h5", 1), ("a.h5", 2), ("b.h5", 0), ("b.h5", 1)
@@ -50,7 +50,7 @@ def test_folder_indexes_every_slice_of_every_file_in_order(make_fastmri_file, tm
 
 def test_file_without_ground_truth(make_fastmri_file):
     path, arr = make_fastmri_file(rss=False, max_attr=False)
-    ds = D.SliceDataset(path)
+    ds = reader.SliceDataset(path)
     assert not ds.has_ground_truth
     item = ds[1]
     assert item["has_target"] is False
@@ -62,7 +62,7 @@ def test_file_without_ground_truth(make_fastmri_file):
 
 def test_maxval_without_attribute_is_the_volume_maximum(make_fastmri_file):
     path, arr = make_fastmri_file(max_attr=False)
-    assert D.SliceDataset(path)[0]["maxval"] == pytest.approx(float(arr["reconstruction_rss"].max()))
+    assert reader.SliceDataset(path)[0]["maxval"] == pytest.approx(float(arr["reconstruction_rss"].max()))
 
 
 def _bad(make, tmp_path, case):
@@ -108,7 +108,7 @@ def _bad(make, tmp_path, case):
 def test_bad_input_is_a_one_line_user_error(make_fastmri_file, tmp_path, case, match):
     path = _bad(make_fastmri_file, tmp_path, case)
     with pytest.raises(SpadeError, match=match) as err:
-        D.SliceDataset(path)
+        reader.SliceDataset(path)
     assert "\n" not in str(err.value)
     if case not in ("missing", "empty folder"):
         assert path.name in str(err.value)
@@ -122,7 +122,7 @@ def test_non_finite_values_are_reported_when_the_slice_is_read(make_fastmri_file
     bad[1].flat[5] = value
     with h5py.File(path, "a") as f:
         f[dataset][...] = bad
-    ds = D.SliceDataset(path, coil_maps="file" if dataset == "sens_maps" else "espirit")
+    ds = reader.SliceDataset(path, coil_maps="file" if dataset == "sens_maps" else "espirit")
     ds[0]  # other slices stay readable
     with pytest.raises(SpadeError, match=f"slice 1 of {dataset} contains NaN or inf"):
         ds[1]
@@ -131,24 +131,24 @@ def test_non_finite_values_are_reported_when_the_slice_is_read(make_fastmri_file
 def test_coil_map_source_errors(make_fastmri_file):
     path, _ = make_fastmri_file(smaps=False)
     with pytest.raises(SpadeError, match="no sens_maps"):
-        D.SliceDataset(path, coil_maps="file")
+        reader.SliceDataset(path, coil_maps="file")
     with pytest.raises(SpadeError, match="unknown coil-map source"):
-        D.SliceDataset(path, coil_maps="sense")  # type: ignore[arg-type]
+        reader.SliceDataset(path, coil_maps="sense")  # type: ignore[arg-type]
 
 
 def test_collate_stacks_and_refuses_mixed_sizes(make_fastmri_file, tmp_path):
-    ds = D.SliceDataset(make_fastmri_file()[0])
-    batch = D.collate([ds[0], ds[2]])
+    ds = reader.SliceDataset(make_fastmri_file()[0])
+    batch = reader.collate([ds[0], ds[2]])
     assert batch["kspace"].shape == (2, 4, 16, 20) and batch["smaps"] is None  # maps come from the acquisition
     assert batch["mask"] == [None, None] and batch["recon_size"] == (16, 20)
-    with_file_maps = D.SliceDataset(ds.files[0], coil_maps="file")
-    assert D.collate([with_file_maps[0], with_file_maps[1]])["smaps"].shape == (2, 4, 16, 20)
+    with_file_maps = reader.SliceDataset(ds.files[0], coil_maps="file")
+    assert reader.collate([with_file_maps[0], with_file_maps[1]])["smaps"].shape == (2, 4, 16, 20)
     assert batch["target"].shape == (2, 16, 20) and batch["maxval"].tolist() == [2.5, 2.5]
     assert batch["has_target"].tolist() == [True, True] and batch["slice"].tolist() == [0, 2]
     assert batch["fname"] == ["vol.h5", "vol.h5"]
-    other = D.SliceDataset(make_fastmri_file("small.h5", shape=(16, 18))[0])
+    other = reader.SliceDataset(make_fastmri_file("small.h5", shape=(16, 18))[0])
     with pytest.raises(SpadeError, match="different sizes"):
-        D.collate([ds[0], other[0]])
+        reader.collate([ds[0], other[0]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,14 +163,14 @@ def _consistent_batch(b=2, c=6, h=24, w=32):
 
 def test_sense_combine_inverts_fully_sampled_normalised_coils():
     x, s, k = _consistent_batch()
-    torch.testing.assert_close(D.sense_combine(k, s), x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(D.sense_combine(k[0], s[0]), x[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acquisition.sense_combine(k, s), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acquisition.sense_combine(k[0], s[0]), x[0], rtol=1e-5, atol=1e-5)
 
 
 def test_undersample_uses_fastmri_masks_and_seeds():
     x, s, k = _consistent_batch()
     names = ["file_brain_AXT2_200_6002217.h5", "sim_brain_AXT1_003.h5"]
-    y, phys = D.undersample(k, 6, 0.08, [D.fastmri_seed(n) for n in names], smaps=s)
+    y, phys = acquisition.undersample(k, 6, 0.08, [acquisition.fastmri_seed(n) for n in names], smaps=s)
     assert phys.mask.shape == (2, 1, 1, 32)
     for b, name in enumerate(names):
         ref, _ = EquispacedMaskFractionFunc([0.08], [6])((1, 32, 2), seed=tuple(map(ord, name)))
@@ -184,9 +184,9 @@ def test_undersample_uses_fastmri_masks_and_seeds():
 def test_undersample_random_offsets_follow_numpy_global_state():
     _, s, k = _consistent_batch(b=8, w=64)
     np.random.seed(3)
-    _, p1 = D.undersample(k, 8, 0.04, smaps=s)
+    _, p1 = acquisition.undersample(k, 8, 0.04, smaps=s)
     np.random.seed(3)
-    _, p2 = D.undersample(k, 8, 0.04, None, smaps=s)
+    _, p2 = acquisition.undersample(k, 8, 0.04, None, smaps=s)
     torch.testing.assert_close(p1.mask, p2.mask)
     assert len({tuple(m.flatten().tolist()) for m in p1.mask}) > 1  # offsets vary across the batch
 
@@ -194,11 +194,11 @@ def test_undersample_random_offsets_follow_numpy_global_state():
 def test_undersample_input_errors():
     _, s, k = _consistent_batch()
     with pytest.raises(SpadeError, match="do not match"):
-        D.undersample(k, 6, 0.08, smaps=s[:, :3])
+        acquisition.undersample(k, 6, 0.08, smaps=s[:, :3])
     with pytest.raises(SpadeError, match="2 mask seeds"):
-        D.undersample(k[:1], 6, 0.08, [1, 2], smaps=s[:1])
+        acquisition.undersample(k[:1], 6, 0.08, [1, 2], smaps=s[:1])
     with pytest.raises(SpadeError, match="complex"):
-        D.undersample(k.real, 6, 0.08, smaps=s)
+        acquisition.undersample(k.real, 6, 0.08, smaps=s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_default_dataset_layout_and_physics(tiny_dataset, tiny_config):
     root = tiny_dataset.root
     assert not tiny_dataset.reused and tiny_dataset.seed == 0 and tiny_dataset.config == tiny_config
     n = tiny_config.size
-    for split in D.SPLITS:
+    for split in simulate.SPLITS:
         vols, slices = tiny_config.counts(split)
         info = tiny_dataset.splits[split]
         assert len(info.files) == vols and info.n_slices == vols * slices
@@ -235,7 +235,7 @@ def test_default_dataset_layout_and_physics(tiny_dataset, tiny_config):
 def test_default_dataset_is_read_by_fastmri_and_by_our_reader(tiny_dataset, tmp_path):
     split = tiny_dataset.root / "train"
     ref = FastMRISliceDataset(split, challenge="multicoil", dataset_cache_file=tmp_path / "cache.pkl")
-    ours = D.SliceDataset(split)
+    ours = reader.SliceDataset(split)
     assert len(ref) == len(ours) == tiny_dataset.splits["train"].n_slices
     kspace, mask, target, attrs, fname, s = ref[1]
     item = ours[1]
@@ -246,16 +246,16 @@ def test_default_dataset_is_read_by_fastmri_and_by_our_reader(tiny_dataset, tmp_
     assert attrs["max"] == item["maxval"]
     assert item["recon_size"] == tuple(attrs["recon_size"][:2]) and item["smaps"] is None
     with h5py.File(split / fname, "r") as f:  # the true maps only on request
-        np.testing.assert_array_equal(D.SliceDataset(split, coil_maps="file")[1]["smaps"].numpy(), f["sens_maps"][s])
+        np.testing.assert_array_equal(reader.SliceDataset(split, coil_maps="file")[1]["smaps"].numpy(), f["sens_maps"][s])
 
 
 def test_splits_use_different_subjects_and_separated_planes(tiny_dataset):
-    planes = D.split_planes()
-    for a in D.SPLITS:
-        for b in D.SPLITS:
+    planes = simulate.split_planes()
+    for a in simulate.SPLITS:
+        for b in simulate.SPLITS:
             if a < b:
                 gap = min(abs(za - zb) for za in planes[a] for zb in planes[b])
-                assert gap >= 2 * D.GUARD_MM + 1
+                assert gap >= 2 * simulate.GUARD_MM + 1
     used, patients = {}, []
     for split, info in tiny_dataset.splits.items():
         for name in info.files:
@@ -267,9 +267,9 @@ def test_splits_use_different_subjects_and_separated_planes(tiny_dataset):
 
 
 def test_default_dataset_is_deterministic_by_seed(tiny_dataset, tiny_config, tmp_path):
-    again = D.build_default_dataset(tmp_path / "again", seed=0, config=tiny_config)
+    again = simulate.build_default_dataset(tmp_path / "again", seed=0, config=tiny_config)
     assert _digests(again.root) == _digests(tiny_dataset.root)
-    other = D.build_default_dataset(tmp_path / "other", seed=1, config=tiny_config)
+    other = simulate.build_default_dataset(tmp_path / "other", seed=1, config=tiny_config)
     name0, name1 = tiny_dataset.splits["test"].files[0], other.splits["test"].files[0]
     with h5py.File(tiny_dataset.root / "test" / name0) as f0, h5py.File(other.root / "test" / name1) as f1:
         assert not np.allclose(f0["reconstruction_rss"][()], f1["reconstruction_rss"][()], atol=1e-2)
@@ -279,16 +279,16 @@ def test_default_dataset_is_deterministic_by_seed(tiny_dataset, tiny_config, tmp
 def test_second_build_reuses_and_force_or_new_seed_rebuilds(tiny_config, tmp_path):
     root = tmp_path / "d"
     calls = []
-    first = D.build_default_dataset(root, seed=0, config=tiny_config, progress=lambda d, t: calls.append((d, t)))
-    total = sum(tiny_config.counts(s)[0] for s in D.SPLITS)
+    first = simulate.build_default_dataset(root, seed=0, config=tiny_config, progress=lambda d, t: calls.append((d, t)))
+    total = sum(tiny_config.counts(s)[0] for s in simulate.SPLITS)
     assert calls[0] == (0, total) and calls[-1] == (total, total)
     stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.h5")}
-    second = D.build_default_dataset(root, seed=0, config=tiny_config)
+    second = simulate.build_default_dataset(root, seed=0, config=tiny_config)
     assert second.reused and second.splits == first.splits
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.h5")} == stamp
-    forced = D.build_default_dataset(root, seed=0, config=tiny_config, force=True)
+    forced = simulate.build_default_dataset(root, seed=0, config=tiny_config, force=True)
     assert not forced.reused and _digests(root) and set(_digests(root)) == {str(p.relative_to(root)) for p in stamp}
-    reseeded = D.build_default_dataset(root, seed=2, config=tiny_config)
+    reseeded = simulate.build_default_dataset(root, seed=2, config=tiny_config)
     assert not reseeded.reused and json.loads((root / "dataset.json").read_text())["seed"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folders left behind
 
@@ -301,13 +301,13 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tiny_config, tmp_p
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        D.build_default_dataset(root, seed=0, config=tiny_config, progress=interrupt)
+        simulate.build_default_dataset(root, seed=0, config=tiny_config, progress=interrupt)
     assert not root.exists() and list(tmp_path.iterdir()) == []
     # an interrupted rebuild keeps the previous complete build
-    D.build_default_dataset(root, seed=0, config=tiny_config)
+    simulate.build_default_dataset(root, seed=0, config=tiny_config)
     before = _digests(root)
     with pytest.raises(KeyboardInterrupt):
-        D.build_default_dataset(root, seed=1, config=tiny_config, progress=interrupt)
+        simulate.build_default_dataset(root, seed=1, config=tiny_config, progress=interrupt)
     assert _digests(root) == before and json.loads((root / "dataset.json").read_text())["seed"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
@@ -317,20 +317,20 @@ def test_builder_refuses_foreign_folders_and_bad_settings(tmp_path, tiny_config)
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep")
     with pytest.raises(SpadeError, match="not a spade-deploy default dataset"):
-        D.build_default_dataset(foreign, config=tiny_config)
+        simulate.build_default_dataset(foreign, config=tiny_config)
     assert (foreign / "thesis.tex").read_text() == "keep"
     with pytest.raises(SpadeError, match="seed"):
-        D.build_default_dataset(tmp_path / "x", seed=-1, config=tiny_config)
+        simulate.build_default_dataset(tmp_path / "x", seed=-1, config=tiny_config)
     with pytest.raises(SpadeError, match="planes"):
-        D.build_default_dataset(tmp_path / "x", config=D.SimConfig(test_slices=500))
+        simulate.build_default_dataset(tmp_path / "x", config=simulate.SimConfig(test_slices=500))
     assert not (tmp_path / "x").exists()
 
 
 def test_default_data_root(monkeypatch, tmp_path):
     monkeypatch.delenv("SPADE_DATA", raising=False)
-    assert D.default_data_root() == Path("data") / "default"
+    assert simulate.default_data_root() == Path("data") / "default"
     monkeypatch.setenv("SPADE_DATA", str(tmp_path))
-    assert D.default_data_root() == tmp_path
+    assert simulate.default_data_root() == tmp_path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,23 +343,23 @@ def test_recon_size_comes_from_the_header_and_bad_headers_are_refused(make_fastm
         f["ismrmrd_header"] = np.bytes_(
             f'<ismrmrdHeader xmlns="{ns}"><encoding><reconSpace><matrixSize><x>16</x><y>20</y></matrixSize>'
             "</reconSpace></encoding></ismrmrdHeader>")
-    assert D.SliceDataset(path)[0]["recon_size"] == (16, 20)
+    assert reader.SliceDataset(path)[0]["recon_size"] == (16, 20)
     with h5py.File(path, "a") as f:
         del f["ismrmrd_header"]
         f["ismrmrd_header"] = np.bytes_("<ismrmrdHeader")
     with pytest.raises(SpadeError, match="ismrmrd_header is not readable XML"):
-        D.SliceDataset(path)
+        reader.SliceDataset(path)
     with h5py.File(path, "a") as f:
         del f["ismrmrd_header"]
-    assert D.SliceDataset(path)[0]["recon_size"] == (32, 20)  # no header: the whole image
+    assert reader.SliceDataset(path)[0]["recon_size"] == (32, 20)  # no header: the whole image
 
 
 def test_an_acquired_mask_is_used_as_acquired(make_fastmri_file):
     mask = ((np.arange(20) % 3 == 0) | (np.abs(np.arange(20) - 10) < 3)).astype(np.float32)
     path, arr = make_fastmri_file(shape=(16, 20), mask=mask)
-    item = D.SliceDataset(path)[0]
+    item = reader.SliceDataset(path)[0]
     np.testing.assert_array_equal(item["mask"].numpy(), mask)
-    y, physics = D.acquire(D.collate([item]), 6, 0.08)
+    y, physics = acquisition.acquire(reader.collate([item]), 6, 0.08)
     np.testing.assert_array_equal(physics.mask.reshape(-1).numpy(), mask)
     np.testing.assert_array_equal(y[0].numpy(), arr["kspace"][0] * mask)
     assert ((physics.smaps.abs() ** 2).sum(1) <= 1 + 1e-5).all()

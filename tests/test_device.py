@@ -191,7 +191,7 @@ def test_every_batch_meets_its_model_through_the_placement(monkeypatch, where, t
     import spade_deploy.mri.task as MRI
     from spade_deploy.mri.task import MRITask
     import spade_deploy.train as TR
-    from spade_deploy.mri.data import SliceDataset
+    from spade_deploy.mri.reader import SliceDataset
     from spade_deploy.losses import SupervisedLoss
 
     seen = []

@@ -6,7 +6,7 @@ import h5py
 import pytest
 import torch
 
-from spade_deploy.mri import data as D
+from spade_deploy.mri import reader, simulate
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.finetune import finetune_model
@@ -19,8 +19,8 @@ from spade_deploy.train import TrainConfig
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("ft")
     root = base / "data"
-    cfg = D.SimConfig(train_volumes=1, train_slices=2, val_volumes=1, val_slices=2, test_volumes=1, test_slices=2, size=48)
-    D.build_default_dataset(root, seed=2, config=cfg)
+    cfg = simulate.SimConfig(train_volumes=1, train_slices=2, val_volumes=1, val_slices=2, test_volumes=1, test_slices=2, size=48)
+    simulate.build_default_dataset(root, seed=2, config=cfg)
     torch.manual_seed(0)
     teacher = save_model(base / "teacher.safetensors", build_model("deq", preset="tiny"))
     (student, _), = prune_checkpoint(teacher, [0.4], base / "pruned")
@@ -131,7 +131,7 @@ def test_pruned_deq_fine_tuned_needs_no_more_iterations_than_its_parent(tiny_dat
     from spade_deploy.train import evaluate, fit
 
     root = tiny_dataset.root
-    train, val, test = (D.SliceDataset(root / s) for s in ("train", "val", "test"))
+    train, val, test = (reader.SliceDataset(root / s) for s in ("train", "val", "test"))
     torch.manual_seed(0)
     base = TrainConfig(epochs=2, lr=2e-3, batch_size=4, train_max_iter=30, pretrain_steps=100,
                        lipschitz_weight=10.0, lipschitz_target=0.98, lipschitz_on="prior")

@@ -95,7 +95,7 @@ def test_cuda_matches_cpu_with_the_resident_loop():
 
 def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmri_file, tmp_path):
     from spade_deploy import bench as B
-    from spade_deploy.mri.data import SliceDataset
+    from spade_deploy.mri.reader import SliceDataset
     from spade_deploy.deploy.runtime import deploy
     from spade_deploy.mri.task import MRITask
     from spade_deploy.train import evaluate

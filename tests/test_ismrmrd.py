@@ -16,7 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from spade_deploy.mri.data import SliceDataset, fastmri_seed
+from spade_deploy.mri.acquisition import fastmri_seed
+
+from spade_deploy.mri.reader import SliceDataset
 from spade_deploy.errors import SpadeError
 from spade_deploy.mri.ismrmrd_raw import (RawFile, SliceAssembler, acquisition_table, acquisitions, parse_header,
                                           write_raw)

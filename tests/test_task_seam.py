@@ -212,7 +212,7 @@ def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
 
 def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):
     """The task's options are part of a run: resuming with another sampling is refused."""
-    from spade_deploy.mri import data as D
+    from spade_deploy.mri import reader
     from spade_deploy.errors import SpadeError
     from spade_deploy.io import read_manifest
     from spade_deploy.losses import SupervisedLoss
@@ -220,7 +220,7 @@ def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):
     from spade_deploy.mri.task import MRITask
     from spade_deploy.train import TrainConfig, fit
 
-    train = D.SliceDataset(tiny_dataset.root / "train")
+    train = reader.SliceDataset(tiny_dataset.root / "train")
     cfg = TrainConfig(epochs=2, batch_size=2, max_steps_per_epoch=1, lipschitz_weight=0.0)
     class Killed(Exception):
         pass

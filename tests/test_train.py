@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spade_deploy.mri import data as D
+from spade_deploy.mri import reader, simulate
 from spade_deploy.checkpoint import load_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.losses import SupervisedLoss
@@ -15,8 +15,8 @@ from spade_deploy.train import TrainConfig, evaluate, fit, scheduled_lr
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "tiny"
-    cfg = D.SimConfig(train_volumes=3, train_slices=4, val_volumes=1, val_slices=2, test_volumes=1, test_slices=2, size=64)
-    D.build_default_dataset(root, seed=1, config=cfg)
+    cfg = simulate.SimConfig(train_volumes=3, train_slices=4, val_volumes=1, val_slices=2, test_volumes=1, test_slices=2, size=64)
+    simulate.build_default_dataset(root, seed=1, config=cfg)
     return root
 
 
@@ -29,9 +29,9 @@ def _cfg(**kw):
 def test_short_training_raises_validation_psnr(tiny_root, tmp_path):
     torch.manual_seed(0)
     model = build_model("deq", preset="tiny")
-    val = D.SliceDataset(tiny_root / "val")
+    val = reader.SliceDataset(tiny_root / "val")
     before = evaluate(model, val, MRITask(6)).psnr
-    result = fit(model, SupervisedLoss(), D.SliceDataset(tiny_root / "train"), val, _cfg(epochs=4, pretrain_steps=80), tmp_path / "run")
+    result = fit(model, SupervisedLoss(), reader.SliceDataset(tiny_root / "train"), val, _cfg(epochs=4, pretrain_steps=80), tmp_path / "run")
     best, manifest = load_model(result.best_path)
     after = evaluate(best, val, MRITask(6))
     assert after.psnr > before + 1.0, (before, after.psnr)
@@ -50,7 +50,7 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_root,
             value = super().__call__(x_net, batch, model, teacher)
             return value * float("nan") if self.calls > 2 else value
 
-    train, val = D.SliceDataset(tiny_root / "train"), D.SliceDataset(tiny_root / "val")
+    train, val = reader.SliceDataset(tiny_root / "train"), reader.SliceDataset(tiny_root / "val")
     torch.manual_seed(0)
     with pytest.raises(SpadeError, match=r"training diverged: the loss is nan at epoch 2, step 1; .*best\.safetensors holds"):
         fit(build_model("deq", preset="tiny"), DivergesInSecondEpoch(), train, val, _cfg(epochs=3, max_steps_per_epoch=2),
@@ -62,7 +62,7 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_root,
 
 def test_killed_run_resumes_from_last_epoch(tiny_root, tmp_path):
     """With the cosine schedule, so that the resumed run also continues the learning rate."""
-    train, val = D.SliceDataset(tiny_root / "train"), D.SliceDataset(tiny_root / "val")
+    train, val = reader.SliceDataset(tiny_root / "train"), reader.SliceDataset(tiny_root / "val")
     cfg = _cfg(epochs=2, max_steps_per_epoch=2, lr_schedule="cosine")
 
     def kill_in_second_epoch(label, step, n, loss):
@@ -106,8 +106,8 @@ def test_validation_every_other_epoch_keeps_the_best_validated_epoch(tiny_root, 
     """``val_every=2`` over 3 epochs validates epochs 2 and 3 (the last always) and keeps the
     better of those two; the first epoch is never scored nor kept."""
     torch.manual_seed(0)
-    val = D.SliceDataset(tiny_root / "val")
-    result = fit(build_model("deq", preset="tiny"), SupervisedLoss(), D.SliceDataset(tiny_root / "train"), val,
+    val = reader.SliceDataset(tiny_root / "val")
+    result = fit(build_model("deq", preset="tiny"), SupervisedLoss(), reader.SliceDataset(tiny_root / "train"), val,
                  _cfg(epochs=3, max_steps_per_epoch=1, val_every=2), tmp_path / "run")
     scored = [h["epoch"] for h in result.history if "val_psnr" in h]
     assert scored == [2, 3]
@@ -122,8 +122,8 @@ def test_without_validation_the_last_epoch_is_kept(tiny_root, tmp_path):
     """``validate=False`` (the DEQ demo's fine-tuning, scored by the bench instead) never
     reconstructs the validation split and keeps the last epoch as best.safetensors."""
     torch.manual_seed(0)
-    result = fit(build_model("deq", preset="tiny"), SupervisedLoss(), D.SliceDataset(tiny_root / "train"),
-                 D.SliceDataset(tiny_root / "val"), _cfg(epochs=2, max_steps_per_epoch=1, validate=False),
+    result = fit(build_model("deq", preset="tiny"), SupervisedLoss(), reader.SliceDataset(tiny_root / "train"),
+                 reader.SliceDataset(tiny_root / "val"), _cfg(epochs=2, max_steps_per_epoch=1, validate=False),
                  tmp_path / "run")
     assert not any("val_psnr" in h for h in result.history)
     assert [h["epoch"] for h in result.history if h.get("best")][-1] == 2

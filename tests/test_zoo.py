@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from spade_deploy.mri import data as D
+from spade_deploy.mri import reader, simulate
 from spade_deploy.checkpoint import load_model
 from spade_deploy.mri.metrics import psnr
 from spade_deploy.sr.data import EMBEDDED
-from spade_deploy.mri.data import eval_seeds, make_batch
+from spade_deploy.mri.acquisition import eval_seeds, make_batch
 from spade_deploy.mri.task import MRITask
 from spade_deploy.sr.task import SRTask
 from spade_deploy.models import bundled_base, bundled_path
@@ -18,13 +18,13 @@ def test_shipped_deq_is_used_only_for_its_dataset_and_reconstructs_it(tmp_path, 
     assert bundled_base("deq", "small", task.dataset_key(tiny_dataset.root)) is None  # another simulation config
     assert bundled_base("deq", "small", task.dataset_key(tmp_path)) is None  # not an embedded dataset at all
     root = tmp_path / "default"
-    D.build_default_dataset(root, seed=0)
+    simulate.build_default_dataset(root, seed=0)
     assert bundled_base("deq", "paper", task.dataset_key(root)) is None
     path = bundled_base("deq", "small", task.dataset_key(root))
     assert path == bundled_path("deq", "small")
     model, manifest = load_model(path)
     assert manifest["model"] == "deq" and manifest["preset"] == "small"
-    items = D.collate([D.SliceDataset(root / "test")[0]])
+    items = reader.collate([reader.SliceDataset(root / "test")[0]])
     batch = make_batch(items, 6, 0.08, eval_seeds(items))
     with torch.no_grad():
         x = model.eval()(batch.y, batch.physics)

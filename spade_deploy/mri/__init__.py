@@ -2,6 +2,9 @@
 MRI at the scanner: ISMRMRD raw data in (files and the MRD streaming protocol), MRD images and
 DICOM out, and ``spade serve``, the MRD streaming reconstruction server.
 
+``reader``: fastMRI and ISMRMRD raw files read slice by slice. ``acquisition``: the measurements
+of a batch (masks, coil maps from the ACS block) and its operator. ``simulate``: the embedded
+dataset simulated from a real brain template. ``coilmaps``: ESPIRiT and its cache.
 ``ismrmrd_raw``: the ISMRMRD header, acquisitions assembled into per-slice k-space and mask,
 ISMRMRD raw HDF5 files read slice by slice and written. ``convert``: fastMRI files to ISMRMRD raw
 files (``spade convert``). ``mrd_stream``: the MRD v1 message framing over a socket. ``images``:

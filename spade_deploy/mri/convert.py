@@ -12,7 +12,8 @@ import ismrmrd
 import numpy as np
 
 from .coilmaps import acs_run, centre_block
-from .data import SliceDataset, acquired_mask, fastmri_seed, recon_size
+from .acquisition import fastmri_seed
+from .reader import SliceDataset, acquired_mask, recon_size
 from ..errors import SpadeError
 from .ismrmrd_raw import default_geometry, header_for_fastmri, open_h5, put_row, write_raw
 from ..paths import check_outputs

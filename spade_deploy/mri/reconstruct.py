@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import torch
 
-from . import data as D
-from .data import eval_seeds, make_batch
+from . import reader
+from .acquisition import eval_seeds, make_batch
 from ..checkpoint import load_model
 from ..deploy.cache import deployed_checkpoint
 from ..device import on_model_device
@@ -46,14 +46,14 @@ class ReconstructResult:
 @torch.no_grad()
 def reconstruct_files(
     model: Reconstructor,
-    source: str | Path | D.SliceDataset,
+    source: str | Path | reader.SliceDataset,
     out_dir: str | Path,
     acceleration: int,
     center_fraction: float,
     batch_size: int = 4,
     on_slice: Callable[[int, int], None] | None = None,
     full_fov: bool = False,
-    coil_maps: D.CoilMapSource = "espirit",
+    coil_maps: reader.CoilMapSource = "espirit",
     cache_dir: str | os.PathLike | None = None,
     output_format: str = "h5",
     checkpoint_sha256: str | None = None,
@@ -64,23 +64,23 @@ def reconstruct_files(
 
     Fully sampled files are undersampled retrospectively with fastMRI's per-file mask seed (the
     same measurements `spade eval` scores); files that carry a ``mask`` are used as acquired.
-    Coil maps come from each measurement's ACS block (see :func:`~spade_deploy.mri.data.acquire`).
+    Coil maps come from each measurement's ACS block (see :func:`~spade_deploy.mri.acquisition.acquire`).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SpadeError(f"output path {out} is a file, expected a folder")
-    if isinstance(source, D.SliceDataset):
+    if isinstance(source, reader.SliceDataset):
         ds, coil_maps, cache_dir = source, source.coil_maps, source.estimator.cache_dir
     else:
-        ds = D.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
+        ds = reader.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
     model.eval()
     outputs, iters, not_converged, done = [], [], [], 0
     for path in ds.files:
-        file_ds = D.SliceDataset(path, coil_maps=coil_maps, cache_dir=cache_dir)
+        file_ds = reader.SliceDataset(path, coil_maps=coil_maps, cache_dir=cache_dir)
         images, per_slice = [], {"iterations": [], "converged": [], "final_residual": []}
         mask = None
         for start in range(0, len(file_ds), batch_size):
-            items = D.collate([file_ds[i] for i in range(start, min(start + batch_size, len(file_ds)))])
+            items = reader.collate([file_ds[i] for i in range(start, min(start + batch_size, len(file_ds)))])
             mask = items["mask"][0]
             batch = make_batch(items, acceleration, center_fraction, eval_seeds(items))
             x = model(*on_model_device((batch.y, batch.physics), model))
@@ -132,7 +132,7 @@ def reconstruct_checkpoint(
     backend: str = "auto",
     engines: Path | None = None,
     full_fov: bool = False,
-    coil_maps: D.CoilMapSource = "espirit",
+    coil_maps: reader.CoilMapSource = "espirit",
     cache_dir: str | os.PathLike | None = None,
     reporter: Reporter | None = None,
     output_format: str = "h5",
@@ -147,7 +147,7 @@ def reconstruct_checkpoint(
     reporter = reporter or Reporter()
     source, out = Path(source), Path(out)
     check_out_dir(out)
-    ds = D.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
+    ds = reader.SliceDataset(source, coil_maps=coil_maps, cache_dir=cache_dir)
     folder = source if source.is_dir() else source.parent
     check_outputs(files=[output_path(output_format, out, p) for p in ds.files], folders=[out],
                   inputs=[checkpoint, source, *ds.files], data=[folder])

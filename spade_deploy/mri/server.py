@@ -47,8 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as D
-from .data import make_batch
+from .acquisition import make_batch
 from ..checkpoint import load_model
 from .coilmaps import EspiritParams, centre_block, espirit_from_acs
 from ..deploy.cache import default_engines_dir, export_for
@@ -62,6 +61,7 @@ from .mrd_stream import (ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, HEADER, I
                          MessageWriter, ProtocolError, Stopping, StreamEnded)
 from ..paths import sha256_file
 from .physics import synthetic_sample
+from .reader import SliceItem, collate
 
 log = logging.getLogger("spade_deploy.serve")
 
@@ -266,10 +266,10 @@ class _Connection:
 
     def _reconstruct(self, raw: RawSlice, t_complete: float) -> None:
         enc = self.encoding
-        item = D.SliceItem(kspace=torch.from_numpy(raw.kspace), mask=torch.from_numpy(raw.mask), smaps=None,
+        item = SliceItem(kspace=torch.from_numpy(raw.kspace), mask=torch.from_numpy(raw.mask), smaps=None,
                            target=torch.zeros(1, 1), has_target=False, maxval=0.0, recon_size=enc.recon,
                            fname=f"stream{self.number}", slice=raw.key[0], coil_maps=self.maps)  # type: ignore[typeddict-item]
-        batch = make_batch(D.collate([item]), 6, 0.08, None)  # the slice's own mask: no sampling to choose
+        batch = make_batch(collate([item]), 6, 0.08, None)  # the slice's own mask: no sampling to choose
         t_maps = time.perf_counter()
         model = self.server.model
         x, record, waited, loop = model.solve(batch)

@@ -1,6 +1,6 @@
 """Accelerated multi-coil MRI (fastMRI): the task the DEQ, VarNet and E2E-VarNet solve.
 
-Data: fastMRI-format HDF5 folders (:class:`~spade_deploy.mri.data.SliceDataset`, the simulated default
+Data: fastMRI-format HDF5 folders (:class:`~spade_deploy.mri.reader.SliceDataset`, the simulated default
 dataset or a user's files). Measurements: each slice's own acquisition mask or a fastMRI
 equispaced one (``acceleration``, ``center_fraction``; fastMRI's per-file seed for evaluation,
 fresh random offsets for training), coil maps from the ACS block (ESPIRiT) or the file's
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import data as D
-from .data import eval_seeds, make_batch
+from . import reader, simulate
+from .acquisition import eval_seeds, make_batch
 from .reconstruct import reconstruct_checkpoint
 from ..device import on_model_device
 from ..errors import SpadeError
@@ -84,12 +84,12 @@ class MRITask(Task):
         """``data``, or the embedded dataset (simulated on first use)."""
         if data is not None:
             return data
-        root = D.default_data_root()
+        root = simulate.default_data_root()
         if not (root / "dataset.json").exists():
             reporter = reporter or Reporter()
             reporter.note(f"Building the embedded default dataset in {root} …")
             with reporter.progress("simulating k-space") as update:
-                D.build_default_dataset(root, seed=0, progress=update)
+                simulate.build_default_dataset(root, seed=0, progress=update)
         return root
 
     def dataset_key(self, root: str | Path | None) -> dict | None:
@@ -111,14 +111,14 @@ class MRITask(Task):
     def options(self) -> dict:
         return {"acceleration": self.acceleration, "center_fraction": self.cf, "coil_maps": self.coil_maps}
 
-    def dataset(self, root: str | Path, split: str | None = None) -> D.SliceDataset:
+    def dataset(self, root: str | Path, split: str | None = None) -> reader.SliceDataset:
         path = Path(root) / split if split else Path(root)
-        return D.SliceDataset(path, coil_maps=self.coil_maps, cache_dir=self.cache_dir)  # type: ignore[arg-type]
+        return reader.SliceDataset(path, coil_maps=self.coil_maps, cache_dir=self.cache_dir)  # type: ignore[arg-type]
 
-    def has_ground_truth(self, dataset: D.SliceDataset) -> bool:
+    def has_ground_truth(self, dataset: reader.SliceDataset) -> bool:
         return dataset.has_ground_truth
 
-    def check_ground_truth(self, dataset: D.SliceDataset, who: str, where: str | Path) -> None:
+    def check_ground_truth(self, dataset: reader.SliceDataset, who: str, where: str | Path) -> None:
         if not dataset.has_ground_truth:
             raise SpadeError(f"{who} needs ground truth, but {where} has no reconstruction_rss")
         if not dataset.fully_sampled:
@@ -126,9 +126,9 @@ class MRITask(Task):
                              "an acquisition mask (already undersampled)")
 
     def collate(self, items: list) -> Any:
-        return D.collate(items)
+        return reader.collate(items)
 
-    def prior_size(self, dataset: D.SliceDataset) -> tuple[int, int]:
+    def prior_size(self, dataset: reader.SliceDataset) -> tuple[int, int]:
         return tuple(dataset[0]["kspace"].shape[-2:])
 
     def train_batch(self, items: Any) -> Batch:

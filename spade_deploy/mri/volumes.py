@@ -15,7 +15,7 @@ import h5py
 import ismrmrd
 import numpy as np
 
-from .data import recon_size
+from .reader import recon_size
 from .dicom import write_series
 from ..errors import SpadeError
 from .images import make_image, write_mrd_images

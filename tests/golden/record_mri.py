@@ -30,13 +30,13 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def record(root: Path, work: Path, models=("deq", "varnet", "e2e-varnet")) -> dict:
-    from spade_deploy.mri import data as D
+    from spade_deploy.mri import reader, simulate
     from spade_deploy.losses import STRATEGIES
     from spade_deploy.models import build_model
     from spade_deploy.train import TrainConfig, evaluate, fit
 
-    D.build_default_dataset(root, seed=0, config=D.SimConfig(**GOLDEN_CONFIG))
-    train, val, test = (D.SliceDataset(root / s) for s in ("train", "val", "test"))
+    simulate.build_default_dataset(root, seed=0, config=simulate.SimConfig(**GOLDEN_CONFIG))
+    train, val, test = (reader.SliceDataset(root / s) for s in ("train", "val", "test"))
     out: dict = {"torch": torch.__version__, "models": {}}
     for name in models:
         torch.manual_seed(0)
