@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
-import math
+import inspect
 import re
 import sys
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,7 +14,9 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from spade_deploy.errors import SpadeError
+from spade_deploy.options import CliOption, check_number
 from spade_deploy.solvers import MAX_ITER, MIN_TOL
+from spade_deploy.tasks import task_class, task_names
 
 console = Console()
 err_console = Console(stderr=True)
@@ -89,25 +92,6 @@ def user_errors(fn):
 
 # ------------------------------------------------------------------------------------------------
 # Option validation: every numeric option is checked before anything is read, built or written.
-def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
-    """``value`` (an option, or None when not given) lies in the range; else a one-line error."""
-    if value is None:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise SpadeError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}"
-                         f"{')' if hi_open else ']'}, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: str, choices) -> str:
-    if value not in choices:
-        raise SpadeError(f"{name} {value!r} is not one of: {', '.join(choices)}")
-    return value
-
-
 def check_device(device: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; CUDA only where a GPU is visible."""
     if not re.fullmatch(r"cpu|cuda(:\d{1,2})?", device):
@@ -131,3 +115,52 @@ def check_sampling(acceleration: int, center_fraction) -> None:
 def check_solver(max_iter, tol) -> None:
     check_number("--max-iter", max_iter, 1, MAX_ITER)
     check_number("--tol", tol, MIN_TOL, 1.0, hi_open=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Options the tasks declare (Task.cli_options): the command asks the tasks, names none.
+def task_cli_options(command: str) -> list[tuple[str, CliOption]]:
+    """``(task name, option)`` of every option a registered task declares for ``command``."""
+    found = [(name, opt) for name in task_names() for opt in task_class(name).cli_options if command in opt.commands]
+    names = [opt.name for _, opt in found]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise RuntimeError(f"{command}: tasks declare the same option {', '.join(clash)}")
+    return found
+
+
+def with_task_options(command: str):
+    """Add to the decorated command every task's options for ``command`` (after its own); the
+    command gets their values as one dict, its keyword ``task_options`` (name -> value)."""
+    declared = task_cli_options(command)
+
+    def deco(fn):
+        sig = inspect.signature(fn, eval_str=True)  # the command's own options as Typer reads them
+        own = [p for p in sig.parameters.values() if p.name != "task_options"]
+        extra = [inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default,
+                                   annotation=Annotated[opt.type, typer.Option(*opt.flags, help=opt.help)] if opt.flags
+                                   else Annotated[opt.type, typer.Option(help=opt.help)])
+                 for _, opt in declared]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            values = {opt.name: kwargs.pop(opt.name, opt.default) for _, opt in declared}
+            return fn(*args, task_options=values, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + extra)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+        return wrapper
+
+    return deco
+
+
+def own_task_options(task_name: str, command: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``task_name`` among ``values``; an option of another task given a value
+    other than its default is a one-line error (it would change nothing)."""
+    own = {}
+    for owner, opt in task_cli_options(command):
+        if owner == task_name:
+            own[opt.name] = values[opt.name]
+        elif values[opt.name] != opt.default:
+            raise SpadeError(f"{opt.flag} is an option of the {owner} task; this model's task is {task_name}")
+    return own

@@ -22,11 +22,10 @@ from spade_deploy.errors import SpadeError
 from spade_deploy.io import read_manifest
 from spade_deploy.losses import STRATEGIES
 from spade_deploy.models import build_model, count_parameters, get_entry, model_names, preset_config
-from spade_deploy.mri import reader, simulate
+from spade_deploy.mri.task import MRITask
 from spade_deploy.mri.client import send_file
 from spade_deploy.mri.convert import fastmri_to_raw
 from spade_deploy.mri.server import ServeConfig, parse_size, serve as serve_mrd
-from spade_deploy.mri.volumes import FORMATS
 from spade_deploy.paths import check_outputs
 from spade_deploy.pipeline import (SPLITS, bench_checkpoints, evaluate_checkpoint, finetune_run,
                                    prune_run, train_run)
@@ -34,8 +33,11 @@ from spade_deploy.prune import PAPER_RATIOS
 from spade_deploy.tasks import task_class
 from spade_deploy.train import TrainConfig
 
-from ._common import (check_choice, check_device, check_number, check_sampling, check_solver, console, err_console,
-                      print_table, user_errors)
+from spade_deploy.options import check_choice, check_number
+from spade_deploy.tasks import TableReport
+
+from ._common import (check_device, check_sampling, check_solver, console, err_console, own_task_options, print_table,
+                      user_errors, with_task_options)
 
 
 app = typer.Typer(
@@ -47,13 +49,7 @@ app = typer.Typer(
 )
 
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root with train/ val/ test/ folders of fastMRI HDF5 files (default: the embedded dataset, built on first use).")]
-AccelOpt = Annotated[int, typer.Option("--acceleration", "-a", help="Undersampling factor: 6, 8, 10 = the paper's 16.7 %, 12.5 %, 10 % sampling.")]
 CfOpt = Annotated[Optional[float], typer.Option("--center-fraction", help="Fraction of auto-calibration lines (default per acceleration).")]
-CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache of estimated coil maps (default: $XDG_CACHE_HOME/spade-deploy or ~/.cache/spade-deploy; never the data folder).")]
-CoilMapsOpt = Annotated[str, typer.Option("--coil-maps", help="espirit: estimated from each measurement's fully sampled centre (ACS) only | file: the file's sens_maps, a reference no scanner gives (e.g. the simulation's true maps).")]
-ScaleOpt = Annotated[Optional[list[int]], typer.Option("--scale", help="Super-resolution: scale factor (repeatable; 1-4; default 2 3 4).")]
-KernelOpt = Annotated[Optional[list[str]], typer.Option("--kernel", help="Super-resolution: blur kernel, k1..k12 (the papers' 12) or a .npy / .mat file of a 2-D kernel summing to one (repeatable; default the 12).")]
-NoiseOpt = Annotated[float, typer.Option("--noise", help="Super-resolution: standard deviation of the white noise on the [0, 1] intensity scale (default 0, as the papers' tables).")]
 CkptSecondsOpt = Annotated[float, typer.Option("--checkpoint-seconds", help="Write a resumable last.safetensors within an epoch after this many seconds (0: every step).")]
 LrScheduleOpt = Annotated[str, typer.Option("--lr-schedule", help="constant | cosine (decays --lr to 0 over the run's steps).")]
 RelativeToOpt = Annotated[str, typer.Option("--relative-to", help="Supervised: each sample's squared error over the reference's squared norm (reference) or over the naive reconstruction's squared error (baseline: super-resolution's bicubic).")]
@@ -103,16 +99,23 @@ class ConsoleReporter(DemoReporter):
         _show_bench(run)
 
 
-def _build_default(root: Path, seed: int, force: bool):
-    with ConsoleReporter().progress("simulating k-space") as update:
-        return simulate.build_default_dataset(root, seed=seed, force=force, progress=update)
-
-
-def _task(task_name: str, data: Path | None, **options):
-    """The task ``task_name`` from the command line's ``--data`` and task options, and the root of
-    its splits (embedded data is built on first use, with a progress bar)."""
-    task = task_class(task_name).from_cli(data, options)
+def _task(task_name: str, data: Path | None, command: str, options: dict):
+    """The task ``task_name`` from the command line's ``--data`` and the task options of
+    ``command`` (:func:`own_task_options`), and the root of its splits (embedded data is built on
+    first use, with a progress bar)."""
+    task = task_class(task_name).from_cli(data, own_task_options(task_name, command, options))
     return task, task.data_root(data, ConsoleReporter())
+
+
+def _show_table(report: TableReport) -> None:
+    table = Table(title=report.title)
+    for col, justify in zip(report.columns, report.justify):
+        table.add_column(col, justify=justify)
+    for row in report.rows:
+        table.add_row(*row)
+    print_table(table)
+    for line in report.notes:
+        console.print(line)
 
 
 def _checkpoint_task(checkpoint: Path) -> str:
@@ -136,18 +139,7 @@ def data(
 ):
     """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space)."""
     check_number("--seed", seed, 0, 2**31 - 1)
-    root = root or simulate.default_data_root()
-    info = _build_default(root, seed=seed, force=force)
-    table = Table(title=f"Embedded dataset at {root}")
-    for col in ("split", "volumes", "slices", "coils", "size"):
-        table.add_column(col)
-    for split in ("train", "val", "test"):
-        ds = reader.SliceDataset(root / split)
-        item = ds[0]
-        table.add_row(split, str(len(ds.files)), str(len(ds)), str(item["kspace"].shape[0]), "x".join(map(str, item["kspace"].shape[-2:])))
-    print_table(table)
-    console.print(str(root.resolve()))
-    del info
+    _show_table(MRITask().build_data(root, seed=seed, force=force, reporter=ConsoleReporter()))
 
 
 @app.command()
@@ -167,6 +159,7 @@ def models():
 
 @app.command()
 @user_errors
+@with_task_options("train")
 def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Registry name (see `spade models`).")] = "deq",
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (paper | small | tiny).")] = None,
@@ -177,8 +170,6 @@ def train(
     lr_schedule: LrScheduleOpt = "constant",
     relative_to: RelativeToOpt = "reference",
     batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
-    acceleration: AccelOpt = 6,
-    center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping a Jacobian norm below its target (a contractive fixed point).")] = 10.0,
     lipschitz_target: Annotated[float, typer.Option(help="DEQ: the bound on that Jacobian norm.")] = 0.98,
     lipschitz_on: Annotated[str, typer.Option(help="DEQ: penalise the prior's Jacobian on a patch (prior) or the whole iteration's (operator).")] = "prior",
@@ -189,10 +180,8 @@ def train(
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
     checkpoint_seconds: CkptSecondsOpt = 120.0,
-    scale: ScaleOpt = None,
-    kernel: KernelOpt = None,
-    noise: NoiseOpt = 0.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
+    task_options: Optional[dict] = None,
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR (the model's task: MRI or super-resolution)."""
     cfg = _train_config(
@@ -200,10 +189,8 @@ def train(
         lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on, train_max_iter=train_max_iter,
         train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr, max_steps_per_epoch=max_steps,
     )
-    check_sampling(acceleration, center_fraction)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
-    task, root = _task(get_entry(model).task, data, acceleration=acceleration, center_fraction=center_fraction,
-                       scale=scale, kernel=kernel, noise=noise)
+    task, root = _task(get_entry(model).task, data, "train", task_options)
     train_run(model, preset, root, out, cfg, task, resume, checkpoint_seconds, reporter=ConsoleReporter())
 
 
@@ -244,86 +231,33 @@ def import_(
 
 @app.command(name="eval")
 @user_errors
+@with_task_options("eval")
 def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint written by spade.")],
     data: DataOpt = None,
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
-    acceleration: AccelOpt = 6,
-    center_fraction: CfOpt = None,
     max_iter: Annotated[Optional[int], typer.Option(help="DEQ: iteration cap (default from the checkpoint: 100).")] = None,
     tol: Annotated[Optional[float], typer.Option(help="DEQ: relative-residual tolerance (default 1e-4).")] = None,
     solver: Annotated[Optional[str], typer.Option(help="DEQ: anderson | fixed-point.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices reconstructed together (slices of one size; a folder may mix sizes).")] = 4,
-    cache_dir: CacheOpt = None,
-    coil_maps: CoilMapsOpt = "espirit",
-    scale: ScaleOpt = None,
-    kernel: KernelOpt = None,
-    noise: NoiseOpt = 0.0,
+    task_options: Optional[dict] = None,
 ):
     """MRI: fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS. Super-resolution: USRNet's official PSNR / SSIM per scale and kernel, beside bicubic."""
     check_choice("--split", split, SPLITS)
     check_number("--batch-size", batch_size, 1, 4096)
-    check_sampling(acceleration, center_fraction)
     check_solver(max_iter, tol)
     if solver is not None:
         check_choice("--solver", solver, ("anderson", "fixed-point"))
-    task, root = _task(_checkpoint_task(checkpoint), data, acceleration=acceleration, center_fraction=center_fraction,
-                       coil_maps=coil_maps, cache_dir=cache_dir, scale=scale, kernel=kernel, noise=noise)
+    task, root = _task(_checkpoint_task(checkpoint), data, "eval", task_options)
     _show_eval(evaluate_checkpoint(checkpoint, task, root, split, json_out, batch_size,
                                    solver_changes={"max_iter": max_iter, "tol": tol, "method": solver},
                                    reporter=ConsoleReporter()))
 
 
 def _show_eval(ev) -> None:
-    """The scores' table: MRI's fastMRI scores beside zero-filled; a task scored per scale and
-    kernel (super-resolution) a row per kernel, model / baseline per scale."""
-    res, name, task = ev.scores, ev.model, ev.task
-    if task.name != "mri":
-        _show_eval_per_kernel(ev)
-        return
-    maps = "estimated from the ACS block" if res.coil_maps == "espirit" else "the files' sens_maps (reference)"
-    table = Table(title=f"{name} on {ev.split} ({res.n_slices} slices, acceleration {task.acceleration}; fastMRI's "
-                        f"scores against reconstruction_rss; coil maps {maps})")
-    cols = ["method", "PSNR (dB)", "SSIM", "NMSE"] + (["PSNR vs SENSE", "SSIM vs SENSE"] if res.psnr_sense is not None else [])
-    for col in cols:
-        table.add_column(col, justify="right")
-    table.add_row("zero-filled (RSS)", f"{res.psnr_zero_filled:.2f}", f"{res.ssim_zero_filled:.4f}", f"{res.nmse_zero_filled:.4f}",
-                  *(["", ""] if res.psnr_sense is not None else []))
-    table.add_row(name, f"{res.psnr:.2f}", f"{res.ssim:.4f}", f"{res.nmse:.4f}",
-                  *([f"{res.psnr_sense:.2f}", f"{res.ssim_sense:.4f}"] if res.psnr_sense is not None else []))
-    print_table(table)
-    if res.mean_iterations is not None:
-        console.print(
-            f"fixed point: mean {res.mean_iterations:.1f} iterations, max relative residual {res.max_residual:.2e}, "
-            + ("all slices converged" if res.all_converged else
-               f"[red]{len(res.not_converged)} slices hit the iteration cap:[/] {', '.join(res.not_converged)}")
-        )
-    console.print(f"gain over zero-filled: {res.psnr - res.psnr_zero_filled:+.2f} dB; {res.seconds:.1f} s")
-
-
-def _show_eval_per_kernel(ev) -> None:
-    res, name, task = ev.scores, ev.model, ev.task
-    scales = list(dict.fromkeys(r.scale for r in res.rows))
-    table = Table(title=f"{name} on {ev.split} ({res.n_images} images; {task.scores_name}; "
-                        f"{name} / {task.baseline_name} PSNR (dB) and SSIM per scale)")
-    table.add_column("kernel")
-    for s in scales:
-        table.add_column(f"x{s} PSNR", justify="right")
-        table.add_column(f"x{s} SSIM", justify="right")
-    kernels = list(dict.fromkeys(r.kernel for r in res.rows))
-    for k in kernels:
-        cells = []
-        for s in scales:
-            r = next((r for r in res.rows if r.scale == s and r.kernel == k), None)
-            cells += ([f"{r.psnr:.2f} / {r.psnr_bicubic:.2f}", f"{r.ssim:.4f} / {r.ssim_bicubic:.4f}"] if r else ["–", "–"])
-        table.add_row(k, *cells)
-    means = res.by_scale()
-    table.add_row("[bold]mean[/]", *[c for s in scales for c in (f"{means[s]['psnr']:.2f} / {means[s]['psnr_bicubic']:.2f}",
-                                                                     f"{means[s]['ssim']:.4f} / {means[s]['ssim_bicubic']:.4f}")])
-    print_table(table)
-    console.print(f"mean over scales and kernels: {res.psnr:.2f} dB (gain over {task.baseline_name}: "
-                  f"{res.psnr - res.psnr_baseline:+.2f} dB); {res.seconds:.1f} s")
+    """The scores' table, as the task lays it out (:meth:`~spade_deploy.tasks.Task.score_table`)."""
+    _show_table(ev.task.score_table(ev.scores, ev.model, ev.split))
 
 
 @app.command()
@@ -344,6 +278,7 @@ def demo(
 
 @app.command()
 @user_errors
+@with_task_options("finetune")
 def finetune(
     checkpoint: Annotated[Path, typer.Argument(help="The pruned model (from `spade prune`).")],
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="supervised | school | self-supervised")] = "self-supervised",
@@ -355,62 +290,46 @@ def finetune(
     lr_schedule: LrScheduleOpt = "constant",
     relative_to: RelativeToOpt = "reference",
     batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
-    acceleration: AccelOpt = 6,
-    center_fraction: CfOpt = None,
     lipschitz_weight: Annotated[float, typer.Option(help="DEQ: weight of the penalty keeping the iteration's Jacobian norm below its target, so the pruned model converges in few iterations (0: off).")] = 1.0,
     lipschitz_target: Annotated[Optional[float], typer.Option(help="DEQ: the bound on that Jacobian norm (default: measured on the unpruned parent at its own fixed points, so the pruned model needs no more iterations).")] = None,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
-    cache_dir: CacheOpt = None,
     checkpoint_seconds: CkptSecondsOpt = 120.0,
-    scale: ScaleOpt = None,
-    kernel: KernelOpt = None,
-    noise: NoiseOpt = 0.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
+    task_options: Optional[dict] = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
     cfg = _train_config(epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size,
                         seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
-    check_sampling(acceleration, center_fraction)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
-    task, root = _task(_checkpoint_task(checkpoint), data, acceleration=acceleration,
-                       center_fraction=center_fraction, cache_dir=cache_dir, scale=scale, kernel=kernel, noise=noise)
+    task, root = _task(_checkpoint_task(checkpoint), data, "finetune", task_options)
     finetune_run(checkpoint, strategy, teacher, root, out, cfg, task, resume, checkpoint_seconds,
                  reporter=ConsoleReporter())
 
 
 @app.command()
 @user_errors
+@with_task_options("reconstruct")
 def reconstruct(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint written by spade.")],
     source: Annotated[Path, typer.Argument(help="A fastMRI-format .h5 file or a folder of them.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fastMRI-format reconstructions.")] = Path("reconstructions"),
-    acceleration: AccelOpt = 6,
-    center_fraction: CfOpt = None,
     batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (the engine measured fastest here for this data, recorded in the export manifest) | torch | onnxruntime | tensorrt.")] = "auto",
     engines: Annotated[Optional[Path], typer.Option(help="Folder of exported priors (exported on the fly when missing; default: the cache home's spade-deploy/engines, never the current folder).")] = None,
-    full_fov: Annotated[bool, typer.Option("--full-fov", help="Keep the full field of view (default: crop to the header's recon size, as fastMRI does).")] = False,
-    cache_dir: CacheOpt = None,
-    coil_maps: CoilMapsOpt = "espirit",
-    scale: ScaleOpt = None,
-    kernel: KernelOpt = None,
-    noise: NoiseOpt = 0.0,
-    output_format: Annotated[str, typer.Option("--format", help="MRI output: h5 (fastMRI layout) | mrd (MRD images, uint16 with RescaleSlope, geometry from the acquisitions) | dicom (a folder of DICOM files per input).")] = "h5",
+    task_options: Optional[dict] = None,
 ):
     """MRI: reconstruct fastMRI-format or ISMRMRD raw HDF5 files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`, for fastMRI's evaluate.py), MRD images or DICOM. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
     if backend not in BACKENDS:
         raise SpadeError(f"unknown back-end {backend!r}; choose from {', '.join(BACKENDS)}")
-    check_choice("--format", output_format, FORMATS)
-    check_sampling(acceleration, center_fraction)
     check_number("--batch-size", batch_size, 1, 4096)
-    task = task_class(_checkpoint_task(checkpoint)).from_cli(None, dict(
-        acceleration=acceleration, center_fraction=center_fraction, coil_maps=coil_maps, cache_dir=cache_dir,
-        scale=scale, kernel=kernel, noise=noise))
-    for line in task.reconstruct(checkpoint, source, out, backend, engines, batch_size, full_fov,
-                                 reporter=ConsoleReporter(), output_format=output_format):
+    name = _checkpoint_task(checkpoint)
+    options = own_task_options(name, "reconstruct", task_options)
+    task = task_class(name).from_cli(None, options)
+    for line in task.reconstruct(checkpoint, source, out, backend, engines, batch_size, options,
+                                 reporter=ConsoleReporter()):
         console.print(line)
 
 
@@ -572,33 +491,25 @@ def export(
 
 @app.command()
 @user_errors
+@with_task_options("bench")
 def bench(
     checkpoints: Annotated[list[Path], typer.Argument(help="The unpruned model and any pruned / fine-tuned ones.")],
     backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="auto | torch | onnxruntime | tensorrt (repeatable; default auto: the engine measured fastest on this device at the data's size, recorded in the export manifest).")] = None,
     engines: Annotated[Path, typer.Option(help="Folder of exported priors (exported on the fly when missing).")] = Path("engines"),
     data: DataOpt = None,
     split: Annotated[str, typer.Option(help="Split scored for quality.")] = "test",
-    acceleration: AccelOpt = 6,
-    center_fraction: CfOpt = None,
     repeats: Annotated[int, typer.Option(help="Interleaved timing rounds: each reconstructs every test slice once per variant (per-slice median over rounds, mean over slices).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed reconstructions first (>= 0).")] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
-    cache_dir: CacheOpt = None,
-    coil_maps: CoilMapsOpt = "espirit",
-    scale: ScaleOpt = None,
-    kernel: KernelOpt = None,
-    noise: NoiseOpt = 0.0,
+    task_options: Optional[dict] = None,
 ):
     """Score and time the unpruned model and its pruned / fine-tuned variants on every back-end (MRI: fastMRI's scores; super-resolution: USRNet's, over --scale x --kernel)."""
     check_choice("--split", split, SPLITS)
-    check_sampling(acceleration, center_fraction)
     check_number("--repeats", repeats, 1, 10_000)
     check_number("--warmup", warmup, 0, 10_000)
     check_device(device)
-    task, root = _task(_checkpoint_task(checkpoints[0]), data, acceleration=acceleration,
-                       center_fraction=center_fraction, coil_maps=coil_maps, cache_dir=cache_dir, scale=scale,
-                       kernel=kernel, noise=noise)
+    task, root = _task(_checkpoint_task(checkpoints[0]), data, "bench", task_options)
     _show_bench(bench_checkpoints(checkpoints, list(backend or ["auto"]), engines, root, split, task, repeats, warmup,
                                   device, out, reporter=ConsoleReporter()))
 

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,12 @@ from ..errors import SpadeError
 from .metrics import evaluate_volumes, fastmri_crop, psnr, recon_magnitude
 from .physics import center_fraction_for, ifft2c, rss, synthetic_sample
 from ..progress import Reporter
-from ..tasks import Batch, Task, register_task
+from ..options import CliOption, check_choice, check_number
+from ..tasks import Batch, TableReport, Task, register_task
+from .volumes import FORMATS
+
+_TRAINED = ("train", "eval", "finetune", "reconstruct", "bench")  # the commands that measure k-space
+_ESTIMATED = ("eval", "finetune", "reconstruct", "bench")  # ... and estimate coil maps from it
 
 
 @register_task
@@ -46,6 +51,23 @@ class MRITask(Task):
                     "image)")
 
     secondary_columns = {"SENSE PSNR": ("psnr_sense", "{:.2f}")}
+
+    cli_options = (
+        CliOption("acceleration", int, 6, "Undersampling factor: 6, 8, 10 = the paper's 16.7 %, 12.5 %, 10 % sampling.",
+                  _TRAINED, ("--acceleration", "-a")),
+        CliOption("center_fraction", Optional[float], None,
+                  "Fraction of auto-calibration lines (default per acceleration).", _TRAINED),
+        CliOption("cache_dir", Optional[Path], None, "Cache of estimated coil maps (default: $XDG_CACHE_HOME/spade-deploy "
+                  "or ~/.cache/spade-deploy; never the data folder).", _ESTIMATED),
+        CliOption("coil_maps", str, "espirit", "espirit: estimated from each measurement's fully sampled centre (ACS) "
+                  "only | file: the file's sens_maps, a reference no scanner gives (e.g. the simulation's true maps).",
+                  ("eval", "reconstruct", "bench")),
+        CliOption("full_fov", bool, False, "Keep the full field of view (default: crop to the header's recon size, as "
+                  "fastMRI does).", ("reconstruct",), ("--full-fov",)),
+        CliOption("output_format", str, "h5", "MRI output: h5 (fastMRI layout) | mrd (MRD images, uint16 with "
+                  "RescaleSlope, geometry from the acquisitions) | dicom (a folder of DICOM files per input).",
+                  ("reconstruct",), ("--format",)),
+    )
 
     def __init__(self, acceleration: int = 6, center_fraction: float | None = None, coil_maps: str = "espirit",
                  cache_dir: str | Path | None = None):
@@ -75,6 +97,8 @@ class MRITask(Task):
     @classmethod
     def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "MRITask":
         acceleration, cf = options.get("acceleration", 6), options.get("center_fraction")
+        check_number("--acceleration", acceleration, 1, 64)
+        check_number("--center-fraction", cf, 0.0, 1.0, lo_open=True)
         coil_maps = options.get("coil_maps", "espirit")
         if coil_maps not in ("espirit", "file"):
             raise SpadeError(f"unknown coil-map source {coil_maps!r}; choose espirit or file")
@@ -249,10 +273,13 @@ class MRITask(Task):
         return self._shown_pair(batch, x)[1][0].numpy()
 
     def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
-                    engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
-                    reporter: Reporter | None = None, output_format: str = "h5") -> list[str]:
-        """fastMRI-format HDF5, MRD image or DICOM outputs
-        (:func:`~spade_deploy.mri.reconstruct.reconstruct_checkpoint`)."""
+                    engines: Path | None = None, batch_size: int = 4, options: dict[str, Any] | None = None,
+                    reporter: Reporter | None = None) -> list[str]:
+        """fastMRI-format HDF5, MRD image or DICOM outputs (``options``: ``full_fov``,
+        ``output_format``; :func:`~spade_deploy.mri.reconstruct.reconstruct_checkpoint`)."""
+        options = options or {}
+        full_fov, output_format = options.get("full_fov", False), options.get("output_format", "h5")
+        check_choice("--format", output_format, FORMATS)
         res = reconstruct_checkpoint(checkpoint, source, out, self.acceleration, self.center_fraction, batch_size,
                                      backend, engines, full_fov, self.coil_maps, self.cache_dir, reporter=reporter,
                                      output_format=output_format)
@@ -263,6 +290,46 @@ class MRITask(Task):
             lines.append(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
                          f"{', '.join(res.not_converged)}")
         return lines
+
+    def score_table(self, scores: "EvalResult", model: str, split: str) -> TableReport:
+        """fastMRI's scores beside zero-filled (and against the SENSE image where there is one),
+        the solver's iterations and the gain."""
+        res = scores
+        maps = "estimated from the ACS block" if res.coil_maps == "espirit" else "the files' sens_maps (reference)"
+        sense = res.psnr_sense is not None
+        cols = ["method", "PSNR (dB)", "SSIM", "NMSE"] + (["PSNR vs SENSE", "SSIM vs SENSE"] if sense else [])
+        rows = [["zero-filled (RSS)", f"{res.psnr_zero_filled:.2f}", f"{res.ssim_zero_filled:.4f}",
+                 f"{res.nmse_zero_filled:.4f}", *(["", ""] if sense else [])],
+                [model, f"{res.psnr:.2f}", f"{res.ssim:.4f}", f"{res.nmse:.4f}",
+                 *([f"{res.psnr_sense:.2f}", f"{res.ssim_sense:.4f}"] if sense else [])]]
+        notes = []
+        if res.mean_iterations is not None:
+            notes.append(
+                f"fixed point: mean {res.mean_iterations:.1f} iterations, max relative residual {res.max_residual:.2e}, "
+                + ("all slices converged" if res.all_converged else
+                   f"[red]{len(res.not_converged)} slices hit the iteration cap:[/] {', '.join(res.not_converged)}"))
+        notes.append(f"gain over zero-filled: {res.psnr - res.psnr_zero_filled:+.2f} dB; {res.seconds:.1f} s")
+        return TableReport(f"{model} on {split} ({res.n_slices} slices, acceleration {self.acceleration}; fastMRI's "
+                           f"scores against reconstruction_rss; coil maps {maps})", cols, ["right"] * len(cols), rows,
+                           notes)
+
+    def build_data(self, root: Path | None, seed: int = 0, force: bool = False,
+                   reporter: Reporter | None = None) -> TableReport:
+        """``spade data``: the embedded dataset built under ``root`` (default
+        :func:`~spade_deploy.mri.simulate.default_data_root`) unless a complete build is there
+        (``force``: again), and a table of its splits."""
+        root = Path(root) if root is not None else simulate.default_data_root()
+        reporter = reporter or Reporter()
+        with reporter.progress("simulating k-space") as update:
+            simulate.build_default_dataset(root, seed=seed, force=force, progress=update)
+        rows = []
+        for split in simulate.SPLITS:
+            ds = reader.SliceDataset(root / split)
+            item = ds[0]
+            rows.append([split, str(len(ds.files)), str(len(ds)), str(item["kspace"].shape[0]),
+                         "x".join(map(str, item["kspace"].shape[-2:]))])
+        return TableReport(f"Embedded dataset at {root}", ["split", "volumes", "slices", "coils", "size"],
+                           ["left"] * 5, rows, [str(root.resolve())])
 
     def synthetic_sample(self, height: int, width: int, device: str = "cpu", seed: int = 0):
         return synthetic_sample(height, width, device=device, seed=seed)

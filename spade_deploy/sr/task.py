@@ -20,13 +20,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import SpadeError
+from ..options import CliOption
 from . import data as srdata
 from .baseline import bicubic_upsample
 from .degradation import crop_multiple, degrade, degrade_tensor
@@ -35,10 +36,11 @@ from .metrics import SRRow, mean_scores, psnr, sr_scores, to_uint8
 from .physics import SRPhysics, check_kernel, check_scale
 from .usrnet import padded_size
 from ..progress import Reporter
-from ..tasks import Batch, Task, register_task
+from ..tasks import Batch, TableReport, Task, register_task
 from .reconstruct import restore_checkpoint
 
 DEFAULT_SCALES = (2, 3, 4)
+_COMMANDS = ("train", "eval", "finetune", "reconstruct", "bench")  # the commands that degrade images
 
 
 class SRPatches(Dataset):
@@ -158,6 +160,15 @@ class SRTask(Task):
             raise SpadeError(f"blur kernel of {biggest} pixels is larger than the {patch} x {patch} training patches")
         self.crop, self.patch = crop, patch
 
+    cli_options = (
+        CliOption("scale", Optional[list[int]], None, "Super-resolution: scale factor (repeatable; 1-4; default 2 3 4).",
+                  _COMMANDS),
+        CliOption("kernel", Optional[list[str]], None, "Super-resolution: blur kernel, k1..k12 (the papers' 12) or a "
+                  ".npy / .mat file of a 2-D kernel summing to one (repeatable; default the 12).", _COMMANDS),
+        CliOption("noise", float, 0.0, "Super-resolution: standard deviation of the white noise on the [0, 1] "
+                  "intensity scale (default 0, as the papers' tables).", _COMMANDS),
+    )
+
     @classmethod
     def from_cli(cls, data: Path | None, options: dict[str, Any]) -> "SRTask":
         """``scale``: a list of factors (default 2 3 4); ``kernel``: names ``k1`` .. ``k12`` or
@@ -217,17 +228,37 @@ class SRTask(Task):
         return padded_size(h), padded_size(w)
 
     def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
-                    engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
-                    reporter: Reporter | None = None, output_format: str = "h5") -> list[str]:
+                    engines: Path | None = None, batch_size: int = 4, options: dict[str, Any] | None = None,
+                    reporter: Reporter | None = None) -> list[str]:
         """SR PNGs of the low-resolution images under ``source``, degraded at this task's one scale
         with its one kernel (:func:`~spade_deploy.sr.reconstruct.restore_checkpoint`)."""
-        if output_format != "h5":
-            raise SpadeError("--format mrd / dicom is for MRI; super-resolution writes PNGs")
         if len(self.scales) != 1 or len(self.kernels) != 1:
             raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
         res = restore_checkpoint(checkpoint, source, out, self.scales[0], next(iter(self.kernels.items())), self.noise,
                                  backend, engines, reporter=reporter)
         return [f"{len(res.outputs)} images super-resolved x{res.scale} (kernel {res.kernel}) into [cyan]{out}[/]"]
+
+    def score_table(self, scores, model: str, split: str) -> TableReport:
+        """A row per kernel, the model's / bicubic's PSNR and SSIM per scale, their means."""
+        res = scores
+        scales = list(dict.fromkeys(r.scale for r in res.rows))
+        cols = ["kernel"] + [c for s in scales for c in (f"x{s} PSNR", f"x{s} SSIM")]
+        rows = []
+        for k in dict.fromkeys(r.kernel for r in res.rows):
+            cells = []
+            for s in scales:
+                r = next((r for r in res.rows if r.scale == s and r.kernel == k), None)
+                cells += ([f"{r.psnr:.2f} / {r.psnr_bicubic:.2f}", f"{r.ssim:.4f} / {r.ssim_bicubic:.4f}"] if r
+                          else ["–", "–"])
+            rows.append([k, *cells])
+        means = res.by_scale()
+        rows.append(["[bold]mean[/]", *[c for s in scales for c in (f"{means[s]['psnr']:.2f} / {means[s]['psnr_bicubic']:.2f}",
+                                                                     f"{means[s]['ssim']:.4f} / {means[s]['ssim_bicubic']:.4f}")]])
+        return TableReport(f"{model} on {split} ({res.n_images} images; {self.scores_name}; "
+                           f"{model} / {self.baseline_name} PSNR (dB) and SSIM per scale)", cols,
+                           ["left"] + ["right"] * (len(cols) - 1), rows,
+                           [f"mean over scales and kernels: {res.psnr:.2f} dB (gain over {self.baseline_name}: "
+                            f"{res.psnr - res.psnr_baseline:+.2f} dB); {res.seconds:.1f} s"])
 
     def synthetic_sample(self, height: int, width: int, device: str = "cpu", seed: int = 0):
         """A random low-resolution RGB image of ``height x width`` degraded at the task's first

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SpadeError
+from ..options import CliOption
 from ..physics import Physics
 from ..plugins import load_task_packages
 
@@ -104,6 +105,18 @@ class Scores(Protocol):
     def as_dict(self) -> dict: ...
 
 
+@dataclass
+class TableReport:
+    """A table for the user (the command line renders it): ``justify`` per column (``left`` /
+    ``right``), then ``notes``, lines printed after it."""
+
+    title: str
+    columns: list[str]
+    justify: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
 class Task:
     """Base class of an imaging task. Subclasses implement the methods that raise; the others
     have defaults that fit datasets of samples grouped by shape."""
@@ -113,6 +126,11 @@ class Task:
     reference_name: str = ""  # what the model is scored against (tables)
     scores_name: str = ""  # how scores are computed, in a few words (result files)
     bench_header: str = ""  # the same for a benchmark table's header
+
+    # The command-line options that belong to this task, each with the commands that take them:
+    # the ``spade`` command adds them and hands their values to :meth:`from_cli` (and to
+    # :meth:`reconstruct`) by name.
+    cli_options: tuple[CliOption, ...] = ()
 
     # -- options ---------------------------------------------------------------------------------
     def options(self) -> dict:
@@ -223,16 +241,21 @@ class Task:
 
     # -- deployment ------------------------------------------------------------------------------
     def reconstruct(self, checkpoint: Path, source: Path, out: Path, backend: str = "auto",
-                    engines: Path | None = None, batch_size: int = 4, full_fov: bool = False,
-                    reporter=None, output_format: str = "h5") -> list[str]:
+                    engines: Path | None = None, batch_size: int = 4, options: dict[str, Any] | None = None,
+                    reporter=None) -> list[str]:
         """``spade reconstruct``: the measurements under ``source`` reconstructed by ``checkpoint``
-        on ``backend`` into ``out`` in the task's output format; returns the lines to tell the user."""
+        on ``backend`` into ``out`` in the task's output format (``options``: the task's own
+        command-line options, by name); returns the lines to tell the user."""
         raise NotImplementedError
 
     # -- scores --------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, dataset: Dataset, solver=None, batch_size: int = 4,
                  on_batch: Callable[[int, int], None] | None = None) -> Scores:
         """The task's scores of ``model`` on ``dataset``, beside its baseline's."""
+        raise NotImplementedError
+
+    def score_table(self, scores: Scores, model: str, split: str) -> "TableReport":
+        """``spade eval``'s table of ``scores`` of ``model`` on ``split``, beside the baseline's."""
         raise NotImplementedError
 
     # Benchmark table columns showing secondary scores: header -> (score name, format).
