@@ -1,9 +1,15 @@
-"""The CUDA path itself (skipped without a GPU): no host synchronisation inside a DEQ iteration or a
-VarNet cascade, bench / evaluate on a CUDA model without moving the caller's model, onnxruntime's
-CUDA provider active, TensorRT engines checked against PyTorch (where installed)."""
+"""The CUDA path itself: no host synchronisation inside a DEQ iteration or a VarNet cascade, bench /
+evaluate on a CUDA model without moving the caller's model, onnxruntime's CUDA provider active,
+TensorRT engines checked against PyTorch (where installed), TF32 off.
+
+Each test runs on its own, in any order. The CUDA-only checks skip without a GPU; the bodies that
+also run on a CPU (the bench on a device) run there when ``SPADE_GPU_CPU_DRY_RUN=1``
+(``benchmarks/gpu.sh --cpu-dry-run``, which the device emulation runs), so the device run's test
+code has been executed before a GPU is ever used."""
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -15,8 +21,30 @@ from spade_deploy.models import build_model
 from spade_deploy.mri.physics import MultiCoilMRI
 from spade_deploy.solvers import SolverConfig
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+HAS_CUDA = torch.cuda.is_available()
+DRY_RUN = os.environ.get("SPADE_GPU_CPU_DRY_RUN") == "1"
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(autouse=True)
+def _tf32_restored():
+    """Each test sets the TF32 switches it relies on (require_device) and leaves them as found."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture()
+def dev() -> str:
+    """``cuda``; on a machine without one ``cpu`` in the GPU run's CPU dry run, else skipped."""
+    if HAS_CUDA:
+        require_device("cuda")  # TF32 off, as every spade command on CUDA
+        return "cuda"
+    if DRY_RUN:
+        return "cpu"
+    pytest.skip("needs a CUDA GPU (benchmarks/gpu.sh --cpu-dry-run runs this body on the CPU)")
 
 
 def _problem(n=2, size=64, coils=4, device="cuda"):
@@ -55,6 +83,7 @@ def _syncs_outside_stop_checks(monkeypatch, run):
     return checks["n"]
 
 
+@needs_cuda
 @pytest.mark.parametrize("method", ["anderson", "fixed-point"])
 def test_deq_iteration_holds_no_host_synchronisation(monkeypatch, method):
     require_device("cuda")
@@ -69,7 +98,9 @@ def test_deq_iteration_holds_no_host_synchronisation(monkeypatch, method):
     print(f"\nDEQ {method}: {ran} iterations, {n} host synchronisations (0 per iteration)")
 
 
+@needs_cuda
 def test_varnet_cascades_hold_no_host_synchronisation(monkeypatch):
+    require_device("cuda")
     for name in ("varnet", "e2e-varnet"):
         model = build_model(name, preset="small").cuda().eval()
         y, physics = _problem()
@@ -78,7 +109,9 @@ def test_varnet_cascades_hold_no_host_synchronisation(monkeypatch):
             assert _syncs_outside_stop_checks(monkeypatch, lambda: model(y, physics)) == 0
 
 
+@needs_cuda
 def test_cuda_matches_cpu_with_the_resident_loop():
+    require_device("cuda")  # TF32 off: the 1e-3 agreement below is FP32's
     torch.manual_seed(0)
     model = build_model("deq", preset="small").eval()
     y, physics = _problem(device="cpu")
@@ -93,28 +126,51 @@ def test_cuda_matches_cpu_with_the_resident_loop():
     assert max(abs(a - b) for a, b in zip(gpu.solve_info().iterations.tolist(), ref_iters)) <= 1
 
 
-def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmri_file, tmp_path):
+def test_bench_and_evaluate_on_cuda_leave_the_callers_model_in_place(make_fastmri_file, tmp_path, dev):
+    """The GPU bench's own calls: run_bench deploys each variant as ``backends[name](variant, sample)``
+    on the device, scores it there as on the CPU, and the caller's model stays where it was."""
     from spade_deploy import bench as B
     from spade_deploy.mri.reader import SliceDataset
     from spade_deploy.deploy.runtime import deploy
     from spade_deploy.mri.task import MRITask
     from spade_deploy.train import evaluate
 
-    make_fastmri_file("a.h5", slices=3, shape=(32, 32), folder=tmp_path / "test")  # h5py only: no dataset builder needed
-    model = build_model("deq", preset="tiny")
+    # h5py only (no dataset builder); the file's own coil maps: ESPIRiT (sigpy) is not on the device,
+    # and 20 columns hold too few ACS lines for it. The shape is the fixture header's matrix size.
+    make_fastmri_file("a.h5", slices=3, shape=(16, 20), folder=tmp_path / "test")
+    model = build_model("deq", preset="tiny").eval()
     model.solver_cfg = SolverConfig(max_iter=10, tol=1e-3)
-    test = SliceDataset(tmp_path / "test")
-    res = B.run_bench([B.Variant("deq", 0.0, None, model)], {"torch": lambda v: deploy(v.model, "torch", device="cuda")},
-                      test, MRITask(6, 0.08), repeats=2, device="cuda")
+    test = SliceDataset(tmp_path / "test", coil_maps="file")
+    task = MRITask(6, 0.08, coil_maps="file")
+    calls = []
+
+    def on_device(v, sample):
+        calls.append((tuple(sample[0].shape), sample[0].device.type))
+        return deploy(v.model, "torch", device=dev)
+
+    res = B.run_bench([B.Variant("deq", 0.0, None, model)], {"torch": on_device}, test, task, repeats=2, device=dev)
+    assert calls == [((1, 4, 16, 20), dev)]  # one deployment, given the first slice on the device
     assert model_device(model).type == "cpu"
-    assert res.rows[0].latency_ms > 0 and res.device == torch.cuda.get_device_name()
-    B.plot_examples([B.Variant("deq", 0.0, None, model.cuda())], test, MRITask(6, 0.08), tmp_path / "ex.png")
-    cuda_res = evaluate(model, test)
-    cpu_res = evaluate(model.cpu(), test)
-    assert abs(cuda_res.psnr - cpu_res.psnr) < 0.05
+    row = res.rows[0]
+    assert res.device == B.describe_device(torch.device(dev)) and row.backend == "torch"
+    assert row.latency_ms > 0 and torch.isfinite(torch.tensor(row.psnr))
+    on_dev = build_model("deq", preset="tiny").eval()
+    on_dev.load_state_dict(model.state_dict())
+    on_dev.solver_cfg = model.solver_cfg
+    on_dev = on_dev.to(dev)
+    out = B.plot_examples([B.Variant("deq", 0.0, None, on_dev)], test, task, tmp_path / "ex.png")
+    assert out.is_file() and out.stat().st_size > 0
+    dev_res = evaluate(on_dev, test, task)
+    cpu_res = evaluate(model, test, task)
+    assert model_device(on_dev).type == dev
+    # the same reconstructions: the bench's first round scored them, and the CPU agrees within FP32 round-off
+    assert abs(dev_res.psnr - cpu_res.psnr) < 0.05
+    assert abs(row.psnr - dev_res.psnr) < 0.05
 
 
+@needs_cuda
 def test_onnxruntime_cuda_provider_is_active_and_matches_torch(tmp_path):
+    require_device("cuda")
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(SpadeError, match="onnxruntime-gpu"):
@@ -137,6 +193,7 @@ def test_onnxruntime_cuda_provider_is_active_and_matches_torch(tmp_path):
     assert not torch.equal(outs[0], outs[1])
 
 
+@needs_cuda
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT not installed")
 def test_tensorrt_engines_are_checked_and_recorded(tmp_path):
     from spade_deploy.deploy.export import build_trt_engines, export_onnx
@@ -156,6 +213,7 @@ def test_tensorrt_engines_are_checked_and_recorded(tmp_path):
     assert man16["precision"] == "fp16" and man16["priors"][0]["engine_precision"] == "fp16"
 
 
+@needs_cuda
 def test_tf32_is_off_on_cuda():
     torch.backends.cudnn.allow_tf32 = True
     require_device("cuda")

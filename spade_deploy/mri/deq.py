@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .physics import MultiCoilMRI, channels_to_complex, complex_to_channels
+from .physics import MultiCoilMRI, channels_to_complex, complex_to_channels, normal_columns
 from ..models import DemoRecipe, FixedPointReconstructor, register_model
 from ..solvers import SolverConfig, solve
 from ..train import TrainConfig
@@ -126,11 +126,18 @@ class DEQ(FixedPointReconstructor):
                 if sub.get("key") != key:
                     sub.update(key=key, phys=physics.select(idx), y=y[idx])
                 phys, yy = sub["phys"], sub["y"]
-            xc = channels_to_complex(x)
-            z = xc - self.gamma * phys.grad(xc, yy)
-            return self.prior(prior_layout(complex_to_channels(z)))
+            return self.iteration(x, *phys.grad_terms(yy))
 
         return T
+
+    def iteration(self, x: torch.Tensor, smaps: torch.Tensor, column_filter: torch.Tensor,
+                  aty: torch.Tensor) -> torch.Tensor:
+        """``T(x)`` from the operator's tensors alone (:meth:`MultiCoilMRI.grad_terms`): what
+        ``torch.compile(model.iteration, fullgraph=True)`` captures as one graph, the same graph
+        for every operator of one shape (the caches of ``A^H y`` stay outside it)."""
+        xc = channels_to_complex(x)
+        z = xc - self.gamma * (normal_columns(xc, smaps, column_filter) - aty)
+        return self.prior(prior_layout(complex_to_channels(z)))
 
     @staticmethod
     def _normalise(y: torch.Tensor, physics: MultiCoilMRI) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -88,6 +88,14 @@ def center_fraction_for(acceleration: int) -> float:
         ) from None
 
 
+def normal_columns(x: torch.Tensor, smaps: torch.Tensor, column_filter: torch.Tensor) -> torch.Tensor:
+    """``N x = A^H A x`` of :class:`MultiCoilMRI` from its coil maps and its column filter
+    (:meth:`MultiCoilMRI.grad_terms`): one-dimensional FFTs along ``W`` (see :meth:`MultiCoilMRI.grad`)."""
+    k = torch.fft.fft(smaps * x.unsqueeze(1), dim=-1, norm="ortho")
+    r = torch.fft.ifft(column_filter * k, dim=-1, norm="ortho")
+    return (smaps.conj() * r).sum(dim=1)
+
+
 class MultiCoilMRI(Physics):
     """``A = P F S``: coil maps ``S`` (B, C, H, W), centred orthonormal FFT ``F``, column mask ``P``.
 
@@ -129,9 +137,14 @@ class MultiCoilMRI(Physics):
         ``y`` throughout). Equal to fastMRI's centred form up to FFT rounding."""
         if x.shape[-2:] != self.smaps.shape[-2:]:
             return super().grad(x, y)
-        k = torch.fft.fft(self.smaps * x.unsqueeze(1), dim=-1, norm="ortho")
-        r = torch.fft.ifft(self._column_filter() * k, dim=-1, norm="ortho")
-        return (self.smaps.conj() * r).sum(dim=1) - self._adjoint_of(y)
+        smaps, column_filter, aty = self.grad_terms(y)
+        return normal_columns(x, smaps, column_filter) - aty
+
+    def grad_terms(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(smaps, column_filter, A^H y)``: the tensors :meth:`grad` computes ``A^H (A x - y)``
+        from, as ``normal_columns(x, smaps, column_filter) - A^H y``. The caching lives here, so
+        what uses them (a compiled DEQ iteration) is a function of tensors alone."""
+        return self.smaps, self._column_filter(), self._adjoint_of(y)
 
     def _adjoint_of(self, y: torch.Tensor) -> torch.Tensor:
         """``A^H y``, kept for the next call with the same ``y``; computed afresh where gradients

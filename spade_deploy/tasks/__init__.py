@@ -169,7 +169,7 @@ class Task:
     def dataset_key(self, root: str | Path | None) -> dict | None:
         """What identifies the task's embedded data (under ``root``; a task whose embedded data
         needs no folder gets None), so that a base model shipped with the package is used only on
-        the data it was trained on (:func:`spade_deploy.zoo.bundled_base`); None for a user's data."""
+        the data it was trained on (the model entry's bundled weights); None for a user's data."""
         return None
 
     # -- data ----------------------------------------------------------------------------------
