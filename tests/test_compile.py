@@ -57,7 +57,7 @@ def _counted(bench):
 
 def _reconstructions(model, seeds=(1, 2, 3)):
     with torch.no_grad():
-        return [model(*_problem(s), solver=SOLVER) if hasattr(model, "solver_cfg") else model(*_problem(s))
+        return [model(*_problem(s), solver=SOLVER) if model.solver_cfg is not None else model(*_problem(s))
                 for s in seeds]
 
 
@@ -70,7 +70,7 @@ def test_deq_iteration_is_one_graph_for_every_operator_of_a_shape():
     got = _reconstructions(whole)  # three operators (maps, masks, measurements) of one shape
     assert graphs[0] == 1  # one graph (fullgraph), compiled once: no recompilation per operator
     ref = _reconstructions(model)
-    assert whole.last_info.iterations.tolist() == model.last_info.iterations.tolist()
+    assert whole.solve_info().iterations.tolist() == model.solve_info().iterations.tolist()
     for a, b in zip(got, ref):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     assert model.iteration is not whole.iteration  # the caller's model is not compiled
