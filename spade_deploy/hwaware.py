@@ -20,9 +20,10 @@ onnxruntime's MLAS run the same widths slowly (38 and 40) and fast (32, 48, 64).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch_pruning as tp
@@ -122,12 +123,14 @@ class Timer(Protocol):
 class DeviceTimer:
     """PyTorch eager on ``device`` (channels-last, as the priors run), interleaved medians.
 
-    Convolution timings are cached per kind, so a search re-measures only widths it has not seen."""
+    Convolution timings are cached per kind, so a search re-measures only widths it has not seen.
+    ``clock`` reads the time (seconds) before and after each call; tests inject one."""
 
     device: str = "cpu"
     repeats: int = 5
     warmup: int = 1
     cache: dict[ConvKind, float] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self):
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -151,7 +154,7 @@ class DeviceTimer:
                     conv = k.build().to(self.device).eval().to(memory_format=torch.channels_last)
                     x = self._input((1, k.in_ch, k.height, k.width))
                     calls[k] = lambda conv=conv, x=x: conv(x)
-                self.cache.update(interleaved_medians(calls, self.repeats, self.warmup, self._sync))
+                self.cache.update(interleaved_medians(calls, self.repeats, self.warmup, self._sync, self.clock))
         return {k: self.cache[k] for k in kinds}
 
     def prior_seconds(self, models: dict[str, nn.Module], size: tuple[int, int]) -> dict[str, float]:
@@ -163,7 +166,7 @@ class DeviceTimer:
             pairs = [(prior, model.prior_example_input(name, *size).to(self.device).contiguous(memory_format=torch.channels_last))
                      for name, prior in model.priors().items()]
             calls[label] = lambda pairs=pairs: [prior(x) for prior, x in pairs]
-        return interleaved_medians(calls, self.repeats, self.warmup, self._sync)
+        return interleaved_medians(calls, self.repeats, self.warmup, self._sync, self.clock)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -284,16 +284,26 @@ def test_slices_on_the_iteration_cap_are_named_and_recorded(tiny_dataset, tmp_pa
     assert f"2 slices hit the iteration cap: {fname}:0, {fname}:1" in said
     assert json.loads((tmp_path / "e.json").read_text())["not_converged"] == [f"{fname}:0", f"{fname}:1"]
 
-    for cap, tol, converged in ((2, 1e-12, False), (100, 0.5, True)):
+    # What each file records is the solver's stop: on the cap, the cap's count of iterations with a
+    # last step above the tolerance; on the tolerance, before the cap with a last step below it. Its
+    # residual is the last relative step: a solve stopped on the tolerance after one iteration and
+    # one capped at one iteration record the same first step.
+    recorded = {}
+    for cap, tol, converged in ((2, 1e-12, False), (1, 1e-12, False), (100, 0.5, True)):
         net.solver_cfg = dataclasses.replace(net.solver_cfg, max_iter=cap, tol=tol)
         out = tmp_path / f"rec{cap}"
         res = reconstruct_files(net, tiny_dataset.root / "test", out, 6, 0.08)
         with h5py.File(out / fname) as f:
             assert f["converged"][()].tolist() == [converged] * 2
-            assert (f["iterations"][()] <= cap).all() and (f["final_residual"][()] > 0).all()
-            if not converged:
-                assert f["iterations"][()].tolist() == [2, 2] and (f["final_residual"][()] > tol).all()
+            iterations, residual = f["iterations"][()].tolist(), f["final_residual"][()].tolist()
+        if converged:
+            assert all(n < cap for n in iterations) and all(r < tol for r in residual), (iterations, residual)
+        else:
+            assert iterations == [cap, cap] and all(r > tol for r in residual), (iterations, residual)
         assert res.not_converged == ([] if converged else [f"{fname}:0", f"{fname}:1"])
+        recorded[cap] = iterations, residual
+    assert recorded[100][0] == [1, 1] and recorded[100][1] == pytest.approx(recorded[1][1], rel=1e-6)
+    assert recorded[2][1] != pytest.approx(recorded[1][1], rel=1e-3)  # the second step's, not the first's
 
 
 # ------------------------------------------------------------------------------------------------

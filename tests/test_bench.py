@@ -25,15 +25,19 @@ def _split(info):
 
 
 def test_bench_table_and_files(tiny_dataset, tmp_path):
-    torch.manual_seed(0)
-    base = save_model(tmp_path / "deq.safetensors", build_model("deq", preset="tiny"))
+    import shutil
+
+    from spade_deploy.models import bundled_path
+
+    # The shipped small DEQ and its 0.4 pruning: both converge on the test slices (19-20 and 32-39
+    # iterations), so the two back-ends are compared at a fixed point, not at an iteration cap
+    # where round-off decides the end point.
+    base = tmp_path / "deq.safetensors"
+    shutil.copyfile(bundled_path("deq", "small"), base)
     (pruned, _), = prune_checkpoint(base, [0.4], tmp_path / "pruned")
     out = tmp_path / "results"
-    # The untrained DEQ stops on its iteration cap, where PyTorch and ONNX Runtime round-off
-    # drift apart; with the simulation's true maps (--coil-maps file) it ends closest to a fixed
-    # point (residual 3e-3 vs 2.5e-2 with estimated maps), which this back-end comparison needs.
     args = ["bench", str(base), str(pruned), "--data", str(tiny_dataset.root), "--engines", str(tmp_path / "engines"),
-            "-b", "torch", "-b", "onnxruntime", "--repeats", "1", "--out", str(out), "--coil-maps", "file"]
+            "-b", "torch", "-b", "onnxruntime", "--repeats", "1", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "bench.json").read_text())["rows"]
@@ -42,9 +46,15 @@ def test_bench_table_and_files(tiny_dataset, tmp_path):
     assert base_torch["speedup_vs_torch"] == 1.0 and base_ort["speedup_same_backend"] == 1.0
     assert pr_ort["speedup_vs_torch"] == base_torch["latency_ms"] / pr_ort["latency_ms"]
     assert pr_ort["speedup_same_backend"] == base_ort["latency_ms"] / pr_ort["latency_ms"]
-    # The deployed back-end reconstructs what PyTorch does: same quality (within the hundredths of
-    # a dB round-off drifts to on the cap), same iteration counts.
-    assert abs(pr_ort["psnr"] - pr_torch["psnr"]) < 0.05 and pr_ort["mean_iterations"] == pr_torch["mean_iterations"]
+    # The deployed back-end reconstructs what PyTorch does: every slice stops on the tolerance after
+    # the same number of iterations (the closest residual of these solves is 1.2 % from the
+    # tolerance; the back-ends' round-off moves it far less), and the scores agree within 0.001 dB
+    # and 5e-5 SSIM. Measured gaps (AVX-512 and AVX2 kernels): at most 2e-4 dB and 8e-6 SSIM; a
+    # prior whose residual is off by 0.1 % (its output x + 1.001 (D(x) - x)) moves PSNR by
+    # 0.0015 dB (unpruned) and 0.0025 dB (pruned).
+    for ref, dep in ((base_torch, base_ort), (pr_torch, pr_ort)):
+        assert ref["slices_on_cap"] == 0 and dep["slice_iterations"] == ref["slice_iterations"], (ref, dep)
+        assert dep["psnr"] == pytest.approx(ref["psnr"], abs=1e-3) and dep["ssim"] == pytest.approx(ref["ssim"], abs=5e-5)
     assert pr_torch["params"] < base_torch["params"] and pr_torch["macs"] < base_torch["macs"]
     for name in ("bench.csv", "bench.md", "bench-degradation.png", "bench-deq-examples.png"):
         assert (out / name).stat().st_size > 0, name
@@ -178,12 +188,16 @@ def test_untimed_variants_are_scored_not_timed(tiny_dataset, tmp_path):
     """A variant marked untimed (the demo's pruned models before fine-tuning) is scored with its
     iterations but never enters the timing rounds (latency "–", no speed-up)."""
     from spade_deploy.bench import Variant, columns, run_bench, table_rows
+    from spade_deploy.checkpoint import load_model
     from spade_deploy.mri.physics import center_fraction_for
     from spade_deploy.mri.task import MRITask
+    from spade_deploy.models import bundled_path
 
     torch.manual_seed(0)
     calls = []
-    base, pruned = (build_model("deq", preset="tiny") for _ in range(2))
+    # The base: the shipped DEQ, whose solves converge (an untrained one stops on its cap, where
+    # one slice per call and a batch of two round off to end points 0.5 dB apart).
+    base, pruned = load_model(bundled_path("deq", "small"))[0], build_model("deq", preset="tiny")
     variants = [Variant("deq", 0.0, None, base), Variant("deq", 0.4, None, pruned, widths="paper", timed=False)]
 
     def deployer(v, sample):
@@ -204,6 +218,7 @@ def test_untimed_variants_are_scored_not_timed(tiny_dataset, tmp_path):
     from spade_deploy.train import evaluate
 
     alone = evaluate(copy.deepcopy(base).eval(), _split(tiny_dataset), MRITask(6, center_fraction_for(6)))
+    assert alone.all_converged and base_row.slices_on_cap == 0
     assert base_row.psnr == pytest.approx(alone.psnr, abs=1e-4) and base_row.mean_iterations == alone.mean_iterations
 
 

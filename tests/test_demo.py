@@ -44,11 +44,32 @@ class Recorder(DemoReporter):
         self.events.append(("benched", run))
 
 
-def test_library_demo_runs_the_pipeline_and_reuses_finished_stages(tiny_dataset, tmp_path):
+def conv_macs(model, height: int, width: int) -> int:
+    """Multiply-accumulates of one call of the model's priors' convolutions on a ``height x width`` slice."""
+    from spade_deploy.hwaware import conv_kinds
+
+    return sum(k.macs for name, prior in model.priors().items()
+               for k in conv_kinds(prior, model.prior_example_input(name, height, width)).values())
+
+
+def test_library_demo_runs_the_pipeline_and_reuses_finished_stages(tiny_dataset, tmp_path, monkeypatch):
+    import functools
+
+    import spade_deploy.bench
+    from spade_deploy.mri.reader import SliceDataset
+    from spade_deploy.mri.task import MRITask
+    from spade_deploy.train import evaluate
+    from test_hwaware import MacClock
+
+    # The bench's clock advances one nanosecond per multiply-accumulate of the convolutions run
+    # (tests/test_hwaware.py): what it times is then known exactly, on any machine.
+    clock = MacClock()
+    monkeypatch.setattr(spade_deploy.bench, "run_bench", functools.partial(spade_deploy.bench.run_bench, timer=clock))
     out = tmp_path / "demo"
     rec = Recorder()
-    result = run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=rec, recipes={"deq": TINY_DEQ},
-                      data={"mri": tiny_dataset.root})
+    with clock:
+        result = run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=rec, recipes={"deq": TINY_DEQ},
+                          data={"mri": tiny_dataset.root})
     stages = [e[1] for e in rec.events if e[0] == "stage"]
     assert stages == ["deq: train (tiny preset)", "deq: SPADE prune", "deq: SPADE fine-tune", "SPADE: export + bench"]
     (made,) = result.models
@@ -63,10 +84,26 @@ def test_library_demo_runs_the_pipeline_and_reuses_finished_stages(tiny_dataset,
     bench = result.benches["mri"]
     rows = [(r.ratio, r.strategy) for r in bench.result.rows]
     assert rows == [(0.0, None), (0.4, "none"), (0.4, "supervised"), (0.4, "school"), (0.4, "self-supervised")]
-    assert all(r.psnr > 0 for r in bench.result.rows)
-    # the pruned model before fine-tuning is scored, not timed; every deployable variant is timed
+    # every row is scored on its own model: fastMRI's scores of that checkpoint, reconstructed as the
+    # bench does (a timed variant one slice per call, the untimed one in a batch); five models, five
+    # different scores
+    test = SliceDataset(tiny_dataset.root / "test")
+    checkpoints = [made.base, made.pruned[0], *made.finetuned]
+    models = [load_model(p)[0] for p in checkpoints]
+    for row, model in zip(bench.result.rows, models):
+        alone = evaluate(model, test, MRITask(6, 0.08), batch_size=1 if row.latency_ms is not None else 4)
+        assert row.psnr == pytest.approx(alone.psnr, abs=1e-6) and row.ssim == pytest.approx(alone.ssim, abs=1e-8)
+    assert len({round(r.psnr, 6) for r in bench.result.rows}) == 5
+    # the pruned model before fine-tuning is scored, not timed; every deployable variant is timed on
+    # its own reconstructions: each slice's latency is its prior's convolutions times the iterations
+    # it ran on that slice, and the speed-ups are the ratios of those latencies
     assert [r.latency_ms is None for r in bench.result.rows] == [False, True, False, False, False]
-    assert all(r.latency_ms > 0 for r in bench.result.rows if r.strategy != "none")
+    h, w = test[0]["kspace"].shape[-2:]  # the priors run at the k-space's size
+    for row, model in zip(bench.result.rows, models):
+        if row.latency_ms is not None:
+            per_call_ms = conv_macs(model, h, w) * 1e-6
+            assert row.slice_latency_ms == pytest.approx([per_call_ms * n for n in row.slice_iterations], rel=1e-9)
+            assert row.speedup_vs_torch == pytest.approx(bench.result.rows[0].latency_ms / row.latency_ms)
     saved = json.loads((out / "results" / "bench-deq.json").read_text())
     assert [r["strategy"] for r in saved["rows"]] == [s for _, s in rows]
     assert "psnr_sense" in saved["rows"][0] and "scores" not in saved["rows"][0]  # the task's columns, flat
@@ -76,8 +113,9 @@ def test_library_demo_runs_the_pipeline_and_reuses_finished_stages(tiny_dataset,
     # recipe, from the same files.
     stamps = {p: p.stat().st_mtime_ns for p in [made.base, *made.pruned, *made.finetuned]}
     again = Recorder()
-    second = run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=again, recipes={"deq": TINY_DEQ},
-                      data={"mri": tiny_dataset.root})
+    with clock:
+        second = run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=again, recipes={"deq": TINY_DEQ},
+                          data={"mri": tiny_dataset.root})
     notes = [e[1] for e in again.events if e[0] == "note"]
     assert any(n.startswith("Reusing the trained base model") for n in notes), notes
     assert any(n.startswith("Reusing the pruned models") for n in notes), notes
@@ -93,8 +131,9 @@ def test_library_demo_runs_the_pipeline_and_reuses_finished_stages(tiny_dataset,
         model.prior.tail.weight.mul_(0.5)
     save_model(made.pruned[0], model, **{k: v for k, v in manifest.items() if k in ("pruning", "train_config")})
     third = Recorder()
-    run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=third, recipes={"deq": TINY_DEQ},
-             data={"mri": tiny_dataset.root})
+    with clock:
+        run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=third, recipes={"deq": TINY_DEQ},
+                 data={"mri": tiny_dataset.root})
     notes = [e[1] for e in third.events if e[0] == "note"]
     assert sum(n.startswith("fine-tuned") for n in notes) == 3, notes
 

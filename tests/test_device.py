@@ -146,11 +146,16 @@ def test_deq_resident_and_sub_batch_agree():
     physics = MultiCoilMRI(mask, smaps)
     y = physics.A(torch.randn(3, 24, 24, dtype=torch.complex64, generator=g))
     y[1] *= 3  # samples stop at different iterations
+    # At tol 3e-4 every sample's residual is at least 11 % from the tolerance at its stop and the
+    # iteration before (at 1e-4 one was 2.9 % under it), so equal counts do not hang on round-off.
     with torch.no_grad():
-        ref = model(y, physics)
-        ref_iters = model.solve_info().iterations.tolist()
-        out = model(y, physics, solver=SolverConfig(max_iter=100, tol=1e-4, resident=True, check_every=5))
-    assert model.solve_info().resident and model.solve_info().iterations.tolist() == ref_iters
+        ref = model(y, physics, solver=SolverConfig(max_iter=100, tol=3e-4, resident=False))
+        ref_info = model.solve_info()
+        out = model(y, physics, solver=SolverConfig(max_iter=100, tol=3e-4, resident=True, check_every=5))
+    info = model.solve_info()
+    assert info.resident and not ref_info.resident and bool(ref_info.converged.all())
+    assert info.iterations.tolist() == ref_info.iterations.tolist() and len(set(ref_info.iterations.tolist())) > 1
+    torch.testing.assert_close(info.residual, ref_info.residual, rtol=1e-3, atol=0)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 

@@ -30,15 +30,45 @@ def setup(tmp_path_factory):
 CFG = TrainConfig(epochs=1, lr=1e-4, batch_size=2, train_max_iter=10)
 
 
-@pytest.mark.parametrize("strategy", ["school", "self-supervised"])
-def test_teacher_and_measurement_strategies_run_on_test_measurements(setup, tmp_path, strategy):
-    root, teacher, student = setup
-    result = finetune_model(student, strategy, root, tmp_path / strategy, CFG)
+@pytest.fixture(scope="module")
+def shipped(setup, tmp_path_factory):
+    """The shipped small DEQ (trained, its solves converge) and its pruning at 0.4, which costs it
+    8 dB on the setup's test slices (26.7 -> 18.6)."""
+    import shutil
+
+    from spade_deploy.models import bundled_path
+
+    base = tmp_path_factory.mktemp("shipped")
+    teacher = base / "deq-small.safetensors"
+    shutil.copyfile(bundled_path("deq", "small"), teacher)
+    (student, _), = prune_checkpoint(teacher, [0.4], base / "pruned")
+    return setup[0], teacher, student
+
+
+@pytest.mark.parametrize("strategy, lr", [("school", 5e-4), ("self-supervised", 2e-4)])  # the demo's rates
+def test_teacher_and_measurement_strategies_learn_from_the_test_measurements(shipped, tmp_path, strategy, lr):
+    """School and self-supervised fine-tuning of a pruned model on the test measurements (no ground
+    truth) give back part of what pruning cost on those measurements: at least 0.5 dB after four
+    epochs of one step (measured: school +2.4 dB, self-supervised +1.2 dB), converging still. School's
+    loss, the distance to the teacher's reconstructions, falls by a fifth or more (measured 38 %)."""
+    from spade_deploy.mri.task import MRITask
+    from spade_deploy.train import evaluate
+
+    root, teacher, student = shipped
+    test = reader.SliceDataset(root / "test")
+    before = evaluate(load_model(student)[0], test, MRITask(6))
+    cfg = TrainConfig(epochs=4, lr=lr, batch_size=2, train_max_iter=10)
+    result = finetune_model(student, strategy, root, tmp_path / strategy, cfg, checkpoint_seconds=None)
     model, manifest = load_model(result.best_path)
     assert manifest["finetune"]["strategy"] == strategy
     assert manifest["finetune"]["data"].endswith("test")
     assert manifest["pruning"]["ratio"] == 0.4  # still recognised as pruned
-    assert model.prior.head.out_channels == 9  # int(16 * 0.6)
+    assert model.prior.head.out_channels == 19  # int(32 * 0.6)
+    after = evaluate(model, test, MRITask(6))
+    assert after.all_converged and after.psnr >= before.psnr + 0.5, (before.psnr, after.psnr)
+    if strategy == "school":
+        losses = [h["train_loss"] for h in result.history]
+        assert losses[-1] <= 0.8 * losses[0], losses
 
 
 def test_school_runs_share_the_teachers_reconstructions_only_with_that_teacher(setup, tmp_path, monkeypatch):

@@ -148,30 +148,87 @@ def test_latency_search_reports_the_measured_speedup():
         search_speedup(model, 0.5, timer=MacTimer())
 
 
+class MacClock:
+    """A clock that advances one nanosecond per multiply-accumulate of every convolution run while it
+    is installed (a global forward hook): what a timer measures through it is the MACs its timed
+    calls ran, whatever the machine's speed."""
+
+    def __init__(self):
+        self.now, self.convs = 0.0, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def _hook(self, module, inputs, _out):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            n, _, h, w = inputs[0].shape
+            kind = ConvKind(module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
+                            tuple(module.padding), tuple(module.dilation), module.groups,
+                            isinstance(module, torch.nn.ConvTranspose2d), h, w)
+            self.now += n * kind.macs * 1e-9
+            self.convs += 1
+
+    def __enter__(self):
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def test_conv_kinds_and_device_timer():
-    prior = _small().prior
+    """DeviceTimer runs each convolution kind at its widths and input size, one call per timed
+    interval (through a MAC-counting clock every kind takes exactly its MACs), times each kind once
+    (cached), and times each model's priors in one pass."""
+    model = _small()
+    prior = model.prior
     kinds = conv_kinds(prior, torch.randn(1, 2, 20, 24))
     assert {(k.in_ch, k.out_ch, k.height, k.width) for k in kinds.values()} >= {(2, 32, 20, 24), (32, 2, 20, 24)}
     head = kinds[prior.head]
     assert head.macs == 20 * 24 * 32 * 2 * 9
-    timer = DeviceTimer("cpu", repeats=2, warmup=0)
-    seconds = timer.conv_seconds([head, head.with_widths(out_ch=16)])
-    assert all(v > 0 for v in seconds.values()) and len(timer.cache) == 2
+    with MacClock() as clock:
+        timer = DeviceTimer("cpu", repeats=3, warmup=1, clock=clock)
+        narrow = head.with_widths(out_ch=16)
+        seconds = timer.conv_seconds([head, narrow])
+        assert seconds == {head: pytest.approx(head.macs * 1e-9), narrow: pytest.approx(narrow.macs * 1e-9)}
+        assert clock.convs == 2 * (1 + 3)  # each kind: a warm-up round and three timed ones
+        block = kinds[prior.blocks[0].conv1]
+        assert timer.conv_seconds([head, block]) == {head: seconds[head], block: pytest.approx(block.macs * 1e-9)}
+        assert clock.convs == 8 + 4 and len(timer.cache) == 3  # only the new kind was run
+        pruned, _ = prune_model(model, 0.4)
+        priors = timer.prior_seconds({"unpruned": model, "pruned": pruned}, (32, 32))
+        macs = {label: sum(k.macs for k in conv_kinds(m.prior, torch.randn(1, 2, 32, 32)).values())
+                for label, m in (("unpruned", model), ("pruned", pruned))}
+    assert priors == {label: pytest.approx(m * 1e-9) for label, m in macs.items()}
     calls = []
     interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
     assert calls == ["a", "b"] * 3  # one call of each per round
 
 
-def test_prune_cli_target_speedup_and_bad_options(tmp_path):
-    src = save_model(tmp_path / "m.safetensors", build_model("deq", preset="tiny"))
-    res = runner.invoke(app, ["prune", str(src), "--target-speedup", "1.5", "--size", "32", "--device", "cpu",
-                              "-o", str(tmp_path / "p")], env={"COLUMNS": "200"})
+def test_prune_cli_target_speedup_and_bad_options(tmp_path, monkeypatch):
+    """`spade prune --target-speedup` searches with the device timer at --size and records what it
+    measured; here the timer reads the MAC clock, so the measured speed-up is the priors' MAC ratio
+    on any machine."""
+    import spade_deploy.pipeline as pipeline
+    import spade_deploy.prune as prune
+
+    clock = MacClock()
+    for module in (prune, pipeline):  # the command's timer comes through the pipeline
+        monkeypatch.setattr(module, "default_timer", lambda device=None: DeviceTimer(device or "cpu", clock=clock))
+    model = build_model("deq", preset="tiny")
+    src = save_model(tmp_path / "m.safetensors", model)
+    with clock:
+        res = runner.invoke(app, ["prune", str(src), "--target-speedup", "1.5", "--size", "32", "--device", "cpu",
+                                  "-o", str(tmp_path / "p")], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    assert "measured prior speed-up x" in res.output
-    _, manifest = load_model(tmp_path / "p" / "m.pruned-x1.5.safetensors")
+    pruned, manifest = load_model(tmp_path / "p" / "m.pruned-x1.5.safetensors")
     t = manifest["pruning"]["target_speedup"]
-    assert t["target"] == 1.5 and t["speedup"] > 0 and t["input"] == [32, 32] and t["device"] == "cpu"
-    assert manifest["pruning"]["widths"] == "paper" and 0 < manifest["pruning"]["ratio"] < 1
+    macs = [sum(k.macs for k in conv_kinds(m.prior, torch.randn(1, 2, 32, 32)).values()) for m in (model, pruned)]
+    assert t["speedup"] == pytest.approx(macs[0] / macs[1], abs=1e-4)  # the model written is the one measured
+    assert abs(t["speedup"] / 1.5 - 1) <= 0.05  # the search's stopping rule: within 5 % of the target
+    assert t["unpruned_ms"] == pytest.approx(macs[0] * 1e-6, abs=1e-4) and t["input"] == [32, 32] and t["device"] == "cpu"
+    assert f"measured prior speed-up x{t['speedup']:.2f}" in res.output
+    assert manifest["pruning"]["widths"] == "paper" and manifest["pruning"]["ratio"] == t["ratio"]
 
     for args, msg in ((["--round-to", "x"], "positive integer or 'auto'"),
                       (["--round-to", "0"], "positive integer or 'auto'"),

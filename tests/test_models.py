@@ -9,6 +9,7 @@ from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.models import build_model, count_parameters
 from spade_deploy.mri.physics import MultiCoilMRI
+from spade_deploy.solvers import SolverConfig
 
 
 def _problem(b=2, c=4, h=32, w=32, seed=0):
@@ -188,12 +189,18 @@ def test_deq_batch_reconstructs_each_slice_as_alone():
     mask = (torch.rand(3, 1, 1, 32, generator=g) < torch.tensor([0.9, 0.2, 0.5]).view(3, 1, 1, 1)).float()
     physics = MultiCoilMRI(mask, physics.smaps)  # a denser or sparser mask per slice
     y = physics.A(torch.randn(3, 32, 32, dtype=torch.complex64, generator=g))
+    # At tol 2e-4 every slice's residual is at least 26 % from the tolerance at its stop and the
+    # iteration before (at the default 1e-4 one was 5.9 % under it), so equal counts do not hang on
+    # the round-off a batch of one and of three differ by.
+    solver = SolverConfig(max_iter=100, tol=2e-4)
     with torch.no_grad():
-        x = model(y, physics)
-        iters, converged = model.solve_info().iterations.tolist(), bool(model.solve_info().converged.all())
+        x = model(y, physics, solver=solver)
+        info = model.solve_info()
+        iters, converged = info.iterations.tolist(), bool(info.converged.all())
         for b in range(3):
-            alone = model(y[b : b + 1], physics.select([b]))
+            alone = model(y[b : b + 1], physics.select([b]), solver=solver)
             assert model.solve_info().iterations.tolist() == [iters[b]]
+            torch.testing.assert_close(model.solve_info().residual, info.residual[b : b + 1], rtol=1e-3, atol=0)
             torch.testing.assert_close(alone[0], x[b], rtol=1e-4, atol=1e-5 * float(x[b].abs().max()))
     assert converged and len(set(iters)) > 1  # the slices stopped at different iterations
 
