@@ -56,9 +56,16 @@ def record(root: Path, work: Path, models=("deq", "varnet", "e2e-varnet")) -> di
             student = build_model(name, preset="tiny")
             student.load_state_dict(teacher.state_dict())
             lw = 0.1 if name == "deq" else 0.0
-            cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=2, max_steps_per_epoch=2, train_max_iter=10,
-                              lipschitz_weight=lw, lipschitz_target=0.96, pretrain_steps=2 if strategy == "supervised" else 0,
-                              fixed_masks=strategy != "supervised")
+            deq = dict(train_max_iter=10, lipschitz_weight=lw, lipschitz_target=0.96,
+                       pretrain_steps=2 if strategy == "supervised" else 0)
+            try:  # the DEQ's options have their own class since the toolchain keeps each model's extras with it
+                from spade_deploy.mri.deq import DEQTrainOptions
+
+                shared = dict(model_options=DEQTrainOptions(**deq) if name == "deq" else None)
+            except ImportError:
+                shared = deq
+            cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=2, max_steps_per_epoch=2, fixed_masks=strategy != "supervised",
+                              **shared)
             ds = train if strategy == "supervised" else test
             fr = fit(student, loss_cls(), ds, val, cfg, work / f"{name}-{strategy}", checkpoint_seconds=None,
                      teacher=teacher if loss_cls.needs_teacher else None)
