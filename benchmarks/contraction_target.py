@@ -84,7 +84,9 @@ def run(args) -> None:
         for (ratio, strategy), path in tuned.items():
             bound = bounds[ratio, strategy]
             at_parent = evaluate(load_model(path)[0], test, task)
-            tight = dataclasses.replace(recipe.finetune[strategy], lipschitz_target=bound - args.offset)
+            recipe_cfg = recipe.finetune[strategy]
+            tight = dataclasses.replace(recipe_cfg, model_options=dataclasses.replace(
+                recipe_cfg.model_options, lipschitz_target=bound - args.offset))
             res = finetune_model(pruned[ratio], strategy, root, Path(tmp) / f"{ratio:g}-{strategy}", tight,
                                  checkpoint_seconds=None)
             lower = evaluate(load_model(res.best_path)[0], test, task)

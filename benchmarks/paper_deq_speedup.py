@@ -50,6 +50,7 @@ from spade_deploy.models import build_model, count_parameters, preset_config
 from spade_deploy.prune import prune_model
 from spade_deploy.deploy.runtime import deploy
 from spade_deploy.mri.acquisition import eval_seeds, make_batch
+from spade_deploy.mri.deq import DEQTrainOptions
 from spade_deploy.train import TrainConfig, fit
 
 
@@ -82,8 +83,8 @@ def train_deq(model, ds, steps: int, lr: float, target: float, what: str) -> Non
     whole-iteration Jacobian penalty at ``target`` (``DEQ.regularizer(on="operator")``)."""
     if steps <= 0:
         return
-    cfg = TrainConfig(epochs=1, lr=lr, batch_size=1, max_steps_per_epoch=steps, lipschitz_on="operator",
-                      lipschitz_target=target, train_max_iter=30, train_tol=1e-3)
+    cfg = TrainConfig(epochs=1, lr=lr, batch_size=1, max_steps_per_epoch=steps, model_options=DEQTrainOptions(
+        lipschitz_on="operator", lipschitz_target=target, train_max_iter=30, train_tol=1e-3))
     with progress_bar() as bar, tempfile.TemporaryDirectory() as tmp:
         task = bar.add_task(f"training {what} as a DEQ", total=steps, info="")
         fit(model, STRATEGIES["supervised"](), ds, None, cfg, tmp,

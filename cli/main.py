@@ -118,16 +118,21 @@ def _show_table(report: TableReport) -> None:
         console.print(line)
 
 
-def _checkpoint_task(checkpoint: Path) -> str:
-    """The task of a checkpoint's model, from its manifest alone (a one-line error for a manifest
-    naming no known model)."""
+def _checkpoint_model(checkpoint: Path) -> str:
+    """The registry name of a checkpoint's model, from its manifest alone (a one-line error for a
+    manifest naming no known model)."""
     manifest = read_manifest(checkpoint)
     name = manifest.get("model") if isinstance(manifest, dict) else None
     if not isinstance(name, str) or name not in model_names():
         load_model(checkpoint)  # refuses it with the loader's own one-line message
         raise SpadeError(f"{checkpoint} names no known model (model {str(name)[:40]!r}); choose one of: "
                          f"{', '.join(model_names())}")
-    return get_entry(name).task
+    return name
+
+
+def _checkpoint_task(checkpoint: Path) -> str:
+    """The task of a checkpoint's model (:func:`_checkpoint_model`)."""
+    return get_entry(_checkpoint_model(checkpoint)).task
 
 
 @app.command()
@@ -185,23 +190,27 @@ def train(
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR (the model's task: MRI or super-resolution)."""
     cfg = _train_config(
+        model, dict(lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
+                    train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr),
         epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size, seed=seed,
-        lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on, train_max_iter=train_max_iter,
-        train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr, max_steps_per_epoch=max_steps,
+        max_steps_per_epoch=max_steps,
     )
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     task, root = _task(get_entry(model).task, data, "train", task_options)
     train_run(model, preset, root, out, cfg, task, resume, checkpoint_seconds, reporter=ConsoleReporter())
 
 
-def _train_config(**options):
-    """A :class:`TrainConfig` from CLI options; a bad value is named as the option (``--lr``)."""
+def _train_config(model: str, model_options: dict, **options):
+    """A :class:`TrainConfig` for the registered ``model`` from CLI options; ``model_options`` are
+    the options of the models that take their own (the DEQ's; ``ModelEntry.train_options``), which
+    other models ignore. A bad value is named as the option (``--lr``)."""
+    cls = get_entry(model).train_options
     try:
-        return TrainConfig(**options)
+        return TrainConfig(**options, model_options=cls(**model_options) if cls is not None else None)
     except SpadeError as exc:
         msg = str(exc)
         name = msg.split(" ", 1)[0]
-        if name in options:
+        if name in options or name in model_options:
             msg = "--" + name.replace("_", "-") + msg[len(name):]
         raise SpadeError(msg) from None
 
@@ -299,12 +308,14 @@ def finetune(
     task_options: Optional[dict] = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
-    cfg = _train_config(epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size,
-                        seed=seed, lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, max_steps_per_epoch=max_steps)
+    model = _checkpoint_model(checkpoint)
+    cfg = _train_config(model, dict(lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target),
+                        epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size,
+                        seed=seed, max_steps_per_epoch=max_steps)
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
-    task, root = _task(_checkpoint_task(checkpoint), data, "finetune", task_options)
+    task, root = _task(get_entry(model).task, data, "finetune", task_options)
     finetune_run(checkpoint, strategy, teacher, root, out, cfg, task, resume, checkpoint_seconds,
                  reporter=ConsoleReporter())
 

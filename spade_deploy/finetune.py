@@ -5,7 +5,8 @@
 * self-supervised — only the test measurements: data fidelity + equivariant imaging (eq. 9).
 
 A pruned DEQ must converge at least as fast as the model it came from, so unless the user sets it,
-the bound of the convergence penalty (``TrainConfig.lipschitz_target``) is measured on the unpruned
+the bound of the convergence penalty (``DEQTrainOptions.lipschitz_target``, in
+``TrainConfig.model_options``) is measured on the unpruned
 parent: the median over the fine-tuning data of its whole-iteration Jacobian norm ``||J_T(x*)||``
 at its own fixed points (:func:`measure_contraction`), by the estimator the penalty itself uses.
 The median, not the maximum: the penalty is a per-slice hinge, so slices the parent itself ran
@@ -110,16 +111,17 @@ def finetune_model(
     val_ds = task.dataset(root, "val") if task.has_split(root, "val") else None
     if val_ds is not None and not task.has_ground_truth(val_ds):
         val_ds = None
-    cfg = dataclasses.replace(cfg, fixed_masks=not loss.needs_ground_truth)
+    cfg = dataclasses.replace(cfg, fixed_masks=not loss.needs_ground_truth).for_model(model.registry_name)
     if teacher is not None:
         loss.share((sha256_file(teacher_path), task.name, json.dumps(task.options(), sort_keys=True, default=str),
                     str(Path(root, split).resolve()) if root else f"embedded {split}"))
     contraction = None
     measurable = type(model).contraction_norms is not Reconstructor.contraction_norms
-    if cfg.lipschitz_weight > 0 and cfg.lipschitz_on == "operator" and measurable:
+    options = cfg.model_options  # a fixed-point model's: its penalty on the whole iteration, bounded
+    if measurable and options is not None and options.lipschitz_weight > 0 and options.lipschitz_on == "operator":
         contraction = _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg, Path(out_dir), resume,
                                           task)
-        cfg = dataclasses.replace(cfg, lipschitz_target=contraction["target"])
+        cfg = dataclasses.replace(cfg, model_options=dataclasses.replace(options, lipschitz_target=contraction["target"]))
     extra = {
         "pruning": manifest.get("pruning"),
         "finetune": {"strategy": strategy, "parent": str(checkpoint), "parent_sha256": sha256_file(checkpoint),
@@ -141,8 +143,8 @@ def _contraction_target(model, manifest, teacher, teacher_path, train_ds, cfg: T
                         task: Task) -> dict:
     """The penalty's bound and where it came from: the user's, the interrupted run's (``--resume``
     continues with the value it started with) or measured on the unpruned parent."""
-    if cfg.lipschitz_target is not None:
-        return {"target": cfg.lipschitz_target, "source": "user"}
+    if cfg.model_options.lipschitz_target is not None:
+        return {"target": cfg.model_options.lipschitz_target, "source": "user"}
     last = out / "last.safetensors"
     if resume and last.exists():
         previous = read_manifest(last)

@@ -39,9 +39,9 @@ SPLITS = ("train", "val", "test")
 def same_recipe(stored: dict | None, cfg) -> bool:
     """A run's recorded training config is ``cfg`` (fine-tuning decides ``fixed_masks`` itself, and
     the contraction target where ``cfg`` leaves it to be measured)."""
-    stored = recorded_config(stored)
-    want = dataclasses.asdict(cfg)
-    own = {"fixed_masks"} | ({"lipschitz_target"} if cfg.lipschitz_target is None else set())
+    stored = recorded_config(stored, cfg)
+    want = cfg.record()
+    own = {"fixed_masks"} | ({"lipschitz_target"} if want.get("lipschitz_target", 0) is None else set())
     return stored is not None and {k: v for k, v in stored.items() if k not in own} == {
         k: v for k, v in want.items() if k not in own}
 
@@ -113,6 +113,7 @@ def train_run(model: str, preset: str | None, root: Path | None, out: Path, cfg,
     ``last.safetensors`` and ``history.json``. Returns the :class:`~spade_deploy.train.FitResult`."""
 
     reporter = reporter or Reporter()
+    cfg = cfg.for_model(model)
     check_out_dir(out)
     check_outputs(files=[out / f for f in RUN_FILES], folders=[out], inputs=[root] if root else [],
                   data=data_folders(root))
@@ -142,7 +143,7 @@ def train_run(model: str, preset: str | None, root: Path | None, out: Path, cfg,
                      extra_manifest={"data": str(root) if root else "embedded", "preset": preset,
                                      "dataset": task.dataset_key(root)},
                      on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds, task=task)
-    write_json(Path(out) / "history.json", {"train_config": dataclasses.asdict(cfg), "history": result.history})
+    write_json(Path(out) / "history.json", {"train_config": cfg.record(), "history": result.history})
     reporter.note(f"best checkpoint: {result.best_path} (val PSNR {result.best_val_psnr:.2f} dB) "
                   f"in {time.perf_counter() - t0:.0f} s")
     return result

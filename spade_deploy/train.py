@@ -29,14 +29,9 @@ from .device import model_device, on_model_device
 from .errors import SpadeError
 from .io import atomic_path, load_checkpoint, save_checkpoint
 from .losses import Loss
-from .models import Reconstructor, load_state
-from .solvers import MAX_ITER, MIN_TOL, SolverConfig
+from .models import Reconstructor, get_entry, load_state
+from .solvers import SolverConfig
 from .tasks import Scores, Task, task_for
-
-
-# The bound on ||J_T|| when no parent model sets it (the measured rate of the demo's unpruned DEQ:
-# ||J_T|| 0.955 -> 18 iterations).
-DEFAULT_LIPSCHITZ_TARGET = 0.96
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -65,37 +60,19 @@ class TrainConfig:
     batch_size: int = 4
     seed: int = 0
     grad_clip: float = 1.0
-    # DEQ only: solve the training forward pass with the inference solver at this tolerance and
-    # cap, and penalise a Jacobian norm above ``lipschitz_target`` so the iteration stays
-    # contractive (DEQ.regularizer): of the whole iteration T ("operator") or of the prior on a
-    # patch ("prior", what trained the shipped base). ``None``: fine-tuning measures it on the
-    # unpruned parent (its ||J_T|| at its own fixed points on the training data, so the pruned
-    # model converges at least as fast; spade_deploy.finetune.measure_contraction); training from
-    # scratch uses DEFAULT_LIPSCHITZ_TARGET.
-    train_max_iter: int = 50
-    train_tol: float = 1e-3
-    lipschitz_weight: float = 1.0
-    lipschitz_target: float | None = None
-    lipschitz_on: str = "operator"
-    # How many slices of each batch the penalty measures, taken in turn through the batch (None:
-    # every slice). Its cost is several evaluations of T per slice, with a double backward: over
-    # half a supervised fine-tuning step at batch 4 when it measured every slice. One slice per
-    # step is an unbiased estimate of the batch mean (the batches are shuffled).
-    lipschitz_samples: int | None = 1
     max_steps_per_epoch: int | None = None
     # Validate after every ``val_every``-th epoch and after the last; the best checkpoint is the
     # best of the validated epochs. ``validate=False``: never (the best checkpoint is the last
     # epoch, as a single validation after it would choose).
     val_every: int = 1
     validate: bool = True
-    # Models that pretrain (``Reconstructor.pretrains``: the DEQ, its prior as a denoiser) run these steps first.
-    pretrain_steps: int = 0
-    pretrain_lr: float = 2e-3
     fixed_masks: bool = False  # school / self-supervised: the test measurements as acquired
+    # The options only the trained model takes: an instance of its ModelEntry.train_options (the
+    # DEQ's training solver, pretraining and convergence penalty: spade_deploy.mri.deq.DEQTrainOptions);
+    # None: that class's defaults. Models without such options ignore it.
+    model_options: Any = None
 
     def __post_init__(self):
-        if self.lipschitz_on not in ("operator", "prior"):
-            raise SpadeError(f"unknown Lipschitz penalty {self.lipschitz_on!r}: operator | prior")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SpadeError(f"lr_schedule must be one of {' | '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.relative_to not in RELATIVE_TO:
@@ -103,40 +80,48 @@ class TrainConfig:
         if not isinstance(self.validate, bool):
             raise SpadeError(f"validate must be true or false, got {self.validate!r}")
         ints = (("epochs", self.epochs, 1, 100_000), ("batch_size", self.batch_size, 1, 4096),
-                ("seed", self.seed, 0, 2**31 - 1),
-                ("train_max_iter", self.train_max_iter, 1, MAX_ITER), ("pretrain_steps", self.pretrain_steps, 0, 10**7),
-                ("max_steps_per_epoch", self.max_steps_per_epoch, 1, 10**9),
-                ("lipschitz_samples", self.lipschitz_samples, 1, 4096), ("val_every", self.val_every, 1, 100_000))
+                ("seed", self.seed, 0, 2**31 - 1), ("max_steps_per_epoch", self.max_steps_per_epoch, 1, 10**9),
+                ("val_every", self.val_every, 1, 100_000))
         for name, value, lo, hi in ints:
-            if name in ("max_steps_per_epoch", "lipschitz_samples") and value is None:
+            if name == "max_steps_per_epoch" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise SpadeError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        # (name, value, low, high, low included): learning rates, penalties and tolerances.
-        floats = (("lr", self.lr, 0.0, 10.0, False), ("pretrain_lr", self.pretrain_lr, 0.0, 10.0, False),
-                  ("grad_clip", self.grad_clip, 0.0, 1e6, True), ("train_tol", self.train_tol, MIN_TOL, 1.0, True),
-                  ("lipschitz_weight", self.lipschitz_weight, 0.0, 1e6, True),
-                  ("lipschitz_target", self.lipschitz_target, 0.0, 1e3, False))
-        for name, value, lo, hi, closed in floats:
-            if name == "lipschitz_target" and value is None:
-                continue
+        # (name, value, low, high, low included)
+        for name, value, lo, hi, closed in (("lr", self.lr, 0.0, 10.0, False), ("grad_clip", self.grad_clip, 0.0, 1e6, True)):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or not (lo <= value if closed else lo < value) or not value <= hi or (name == "train_tol" and value >= hi):
-                raise SpadeError(f"{name} must be a finite number in {'[' if closed else '('}{lo:g}, {hi:g}"
-                                 f"{')' if name == 'train_tol' else ']'}, got {value!r}")
+            if not ok or not (lo <= value if closed else lo < value) or not value <= hi:
+                raise SpadeError(f"{name} must be a finite number in {'[' if closed else '('}{lo:g}, {hi:g}], got {value!r}")
 
-    @property
-    def contraction_target(self) -> float:
-        return self.lipschitz_target if self.lipschitz_target is not None else DEFAULT_LIPSCHITZ_TARGET
+    def record(self) -> dict:
+        """What a run records as its ``train_config``: the shared fields and the model's options, flat."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_options"}
+        return {**shared, **(dataclasses.asdict(self.model_options) if self.model_options is not None else {})}
+
+    def for_model(self, name: str) -> "TrainConfig":
+        """This config as it trains the registered model ``name``: :attr:`model_options` an instance
+        of the model's ``train_options`` (its defaults when not given), None for models without any."""
+        cls = get_entry(name).train_options
+        if cls is None:
+            return dataclasses.replace(self, model_options=None) if self.model_options is not None else self
+        if self.model_options is None:
+            return dataclasses.replace(self, model_options=cls())
+        if not isinstance(self.model_options, cls):
+            raise SpadeError(f"model {name!r} takes {cls.__name__} training options, "
+                             f"not {type(self.model_options).__name__}")
+        return self
 
 
-def recorded_config(stored: dict | None) -> dict | None:
-    """A run's recorded ``train_config`` as :class:`TrainConfig`'s fields: runs of earlier versions
-    also recorded their task's options there (:meth:`Task.recorded_options` reads those), which are
-    no part of the recipe, and lack the fields added since, which read as their defaults."""
+def recorded_config(stored: dict | None, cfg: TrainConfig) -> dict | None:
+    """A run's recorded ``train_config`` as the fields :meth:`TrainConfig.record` writes for
+    ``cfg`` (its shared fields and its model's options): runs of earlier versions also recorded
+    their task's options there (:meth:`Task.recorded_options` reads those) and every model's
+    options, which are no part of this recipe, and lack the fields added since, which read as
+    their defaults."""
     if not isinstance(stored, dict):
         return None
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    options = cfg.model_options
+    defaults = TrainConfig(model_options=type(options)() if options is not None else None).record()
     return {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
 
 
@@ -283,8 +268,8 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainConfig, on_step, opt: torch.optim.Optimizer,
-              resume: dict | None = None, save: Callable[[dict], None] | None = None,
+def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainConfig, steps: int, on_step,
+              opt: torch.optim.Optimizer, resume: dict | None = None, save: Callable[[dict], None] | None = None,
               checkpoint_seconds: float | None = None, reached: Callable[[str], None] = lambda point: None) -> None:
     """The denoiser pretraining (``model.pretrain_loss``). Each pass over the data is shuffled with
     the seed ``seed * 1000 - (step at the pass's start) - 1``; ``save(state)`` is called every
@@ -298,7 +283,7 @@ def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainCon
     model.train()
     recent: list[float] = []
     last_save = time.monotonic()
-    while step < cfg.pretrain_steps:
+    while step < steps:
         if resume is None or step != int(resume["step"]):
             pass_start = step
         batches = _epoch_batches(task, train_ds, cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
@@ -306,7 +291,7 @@ def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainCon
                             generator=torch.Generator().manual_seed(0))
         resume = None
         for items in _rng_neutral(loader):
-            if step >= cfg.pretrain_steps:
+            if step >= steps:
                 break
             batch = on_model_device(task.pretrain_batch(items), model)
             value = model.pretrain_loss(batch)
@@ -315,13 +300,13 @@ def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainCon
             opt.step()
             step += 1
             recent.append(value.item())
-            if (save is not None and checkpoint_seconds is not None and step < cfg.pretrain_steps
+            if (save is not None and checkpoint_seconds is not None and step < steps
                     and time.monotonic() - last_save >= checkpoint_seconds):
                 save({"step": step, "pass_start": pass_start, "rng": _rng_capture()})
                 last_save = time.monotonic()
             if on_step:
-                on_step("pretraining prior", step, cfg.pretrain_steps, float(np.mean(recent[-20:])))
-            if step < cfg.pretrain_steps:  # the last step's checkpoint is fit's
+                on_step("pretraining prior", step, steps, float(np.mean(recent[-20:])))
+            if step < steps:  # the last step's checkpoint is fit's
                 reached(f"pretrain:{step}")
 
 
@@ -355,6 +340,8 @@ def fit(
     batches, tensor-identical weights. ``resume`` without a ``last.safetensors`` (a kill before the
     first one) starts afresh. Stale temporary files of a killed run are removed on start."""
     task = task if task is not None else task_for(model)
+    cfg = cfg.for_model(model.registry_name)
+    pretrain_steps, pretrain_lr = model.pretraining(cfg.model_options)
     if cfg.relative_to == "baseline" and type(task).baseline_error is Task.baseline_error:
         raise SpadeError(f"the {task.name} task has no baseline error to train relative to; use --relative-to reference")
     out = Path(out_dir)
@@ -365,7 +352,7 @@ def fit(
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
     extra_manifest = {"task": task.record(), **(extra_manifest or {})}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    pre_opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
+    pre_opt = torch.optim.Adam(model.parameters(), lr=pretrain_lr)
     history: list[dict] = []
     start_epoch, start_step, start_running, start_rng, best = 0, 0, [], None, -math.inf
     pretrain_state = None
@@ -381,7 +368,7 @@ def fit(
         ts = manifest.get("train_state")
         if not isinstance(ts, dict) or not ts:
             raise SpadeError(f"{last_path} holds no training state")
-        if recorded_config(ts.get("train_config")) != dataclasses.asdict(cfg) or not task.same_options(manifest):
+        if recorded_config(ts.get("train_config"), cfg) != cfg.record() or not task.same_options(manifest):
             raise SpadeError("--resume with a different training configuration; start a new run instead")
         if manifest.get("model") != model.registry_name or manifest.get("shapes") != model_manifest(model)["shapes"]:
             raise SpadeError(f"{last_path} was written for another architecture; cannot resume")
@@ -411,7 +398,7 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-    model.set_train_solver(cfg.train_max_iter, cfg.train_tol)
+    model.start_training(cfg.model_options)
 
     def save_last(point: str, epoch: int, step: int, running: list[float], rng: dict | None,
                   pretrain: dict | None = None) -> None:
@@ -427,11 +414,11 @@ def fit(
             "best_val_psnr": best,
             "history": history,
             "optimizer": optim_meta,
-            "train_config": dataclasses.asdict(cfg),
+            "train_config": cfg.record(),
             **({"pretrain": pretrain} if pretrain is not None else {}),
         }
         tensors = {**model.state_dict(), **optim_tensors}
-        manifest = model_manifest(model, **extra_manifest, train_config=dataclasses.asdict(cfg), epoch=epoch,
+        manifest = model_manifest(model, **extra_manifest, train_config=cfg.record(), epoch=epoch,
                                   train_state=train_state)
         if kill == (True, point):  # the test hook's torn write: the temporary file whole, never renamed
             with atomic_path(last_path) as tmp:
@@ -439,11 +426,11 @@ def fit(
                 _kill_self()
         save_checkpoint(last_path, tensors, manifest)
 
-    if cfg.pretrain_steps and model.pretrains and (not resumed or pretrain_state is not None):
-        _pretrain(model, task, train_ds, cfg, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
+    if pretrain_steps and (not resumed or pretrain_state is not None):
+        _pretrain(model, task, train_ds, cfg, pretrain_steps, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
                   save=lambda pre: save_last(f"pretrain:{pre['step']}", 0, 0, [], None, pretrain=pre),
                   reached=reached)
-        done = f"pretrain:{cfg.pretrain_steps}"
+        done = f"pretrain:{pretrain_steps}"
         save_last(done, 0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
         reached(done)
 
@@ -469,13 +456,8 @@ def fit(
                 batch.error_scale = task.baseline_error(batch)
             x = model(batch.y, batch.physics)
             value = loss(x, batch, model, teacher)
-            reg = None
-            if cfg.lipschitz_weight > 0:
-                b = x.shape[0]
-                k = b if cfg.lipschitz_samples is None else min(cfg.lipschitz_samples, b)
-                samples = None if k == b else [(step * k + i) % b for i in range(k)]
-                reg = model.regularizer(batch, x, cfg.contraction_target, cfg.lipschitz_on, samples=samples)
-            total = value + cfg.lipschitz_weight * reg if reg is not None else value
+            penalty = model.training_penalty(batch, x, cfg.model_options, step)
+            total = value + penalty if penalty is not None else value
             if not torch.isfinite(total.detach()):
                 # Stop before the step writes NaN into the weights (and into last.safetensors).
                 kept = f"{best_path} holds the best validated epoch" if best_path.exists() else "no epoch was validated"
@@ -513,7 +495,7 @@ def fit(
         if record.get("val_converged") is False:
             score -= 1000.0
         history.append(record)
-        manifest_extra = {**extra_manifest, "train_config": dataclasses.asdict(cfg), "epoch": epoch + 1}
+        manifest_extra = {**extra_manifest, "train_config": cfg.record(), "epoch": epoch + 1}
         if score > best:
             best = score
             record["best"] = True

@@ -12,9 +12,10 @@ import torch
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.demo import DemoReporter, run_demo
 from spade_deploy.models import DemoRecipe
+from spade_deploy.mri.deq import DEQTrainOptions
 from spade_deploy.train import TrainConfig
 
-STEP = dict(epochs=1, batch_size=2, max_steps_per_epoch=1, lipschitz_weight=0.0)
+STEP = dict(epochs=1, batch_size=2, max_steps_per_epoch=1, model_options=DEQTrainOptions(lipschitz_weight=0.0))
 TINY_DEQ = DemoRecipe(
     preset="tiny",
     train=TrainConfig(lr=1e-3, **STEP),

@@ -196,6 +196,7 @@ def test_every_batch_meets_its_model_through_the_placement(monkeypatch, where, t
     import spade_deploy.mri.task as MRI
     from spade_deploy.mri.task import MRITask
     import spade_deploy.train as TR
+    from spade_deploy.mri.deq import DEQTrainOptions
     from spade_deploy.mri.reader import SliceDataset
     from spade_deploy.losses import SupervisedLoss
 
@@ -217,7 +218,8 @@ def test_every_batch_meets_its_model_through_the_placement(monkeypatch, where, t
         TR.evaluate(model, test, batch_size=2)
     elif where == "fit":
         TR.fit(model, SupervisedLoss(), SliceDataset(root / "train"),
-               None, TR.TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=2, train_max_iter=2, lipschitz_weight=0),
+               None, TR.TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=2,
+                                    model_options=DEQTrainOptions(train_max_iter=2, lipschitz_weight=0)),
                tmp_path / "run")
     elif where == "reconstruct":
         R.reconstruct_files(model, root / "test", tmp_path / "rec", 6, 0.08, batch_size=2)

@@ -11,6 +11,7 @@ from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.finetune import finetune_model
 from spade_deploy.models import build_model
+from spade_deploy.mri.deq import DEQTrainOptions
 from spade_deploy.prune import prune_checkpoint
 from spade_deploy.train import TrainConfig
 
@@ -27,7 +28,12 @@ def setup(tmp_path_factory):
     return root, teacher, student
 
 
-CFG = TrainConfig(epochs=1, lr=1e-4, batch_size=2, train_max_iter=10)
+CFG = TrainConfig(epochs=1, lr=1e-4, batch_size=2, model_options=DEQTrainOptions(train_max_iter=10))
+
+
+def _deq(cfg: TrainConfig, **options) -> TrainConfig:
+    """``cfg`` with these DEQ options changed."""
+    return dataclasses.replace(cfg, model_options=dataclasses.replace(cfg.model_options, **options))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def test_teacher_and_measurement_strategies_learn_from_the_test_measurements(shi
     root, teacher, student = shipped
     test = reader.SliceDataset(root / "test")
     before = evaluate(load_model(student)[0], test, MRITask(6))
-    cfg = TrainConfig(epochs=4, lr=lr, batch_size=2, train_max_iter=10)
+    cfg = TrainConfig(epochs=4, lr=lr, batch_size=2, model_options=DEQTrainOptions(train_max_iter=10))
     result = finetune_model(student, strategy, root, tmp_path / strategy, cfg, checkpoint_seconds=None)
     model, manifest = load_model(result.best_path)
     assert manifest["finetune"]["strategy"] == strategy
@@ -88,7 +94,7 @@ def test_school_runs_share_the_teachers_reconstructions_only_with_that_teacher(s
         return forward(self, y, physics, solver)
 
     monkeypatch.setattr(DEQ, "forward", counted)
-    cfg = dataclasses.replace(CFG, lipschitz_weight=0.0, epochs=2)  # no parent measurement: teacher calls only
+    cfg = dataclasses.replace(_deq(CFG, lipschitz_weight=0.0), epochs=2)  # no parent measurement: teacher calls only
     finetune_model(student, "school", root, tmp_path / "one", cfg, teacher_path=teacher)
     assert sum(calls) == 2  # the two test slices, once each over both epochs
     finetune_model(student, "school", root, tmp_path / "two", cfg, teacher_path=teacher)
@@ -163,8 +169,8 @@ def test_pruned_deq_fine_tuned_needs_no_more_iterations_than_its_parent(tiny_dat
     root = tiny_dataset.root
     train, val, test = (reader.SliceDataset(root / s) for s in ("train", "val", "test"))
     torch.manual_seed(0)
-    base = TrainConfig(epochs=2, lr=2e-3, batch_size=4, train_max_iter=30, pretrain_steps=100,
-                       lipschitz_weight=10.0, lipschitz_target=0.98, lipschitz_on="prior")
+    base = TrainConfig(epochs=2, lr=2e-3, batch_size=4, model_options=DEQTrainOptions(
+        train_max_iter=30, pretrain_steps=100, lipschitz_weight=10.0, lipschitz_target=0.98, lipschitz_on="prior"))
     parent_path = fit(build_model("deq", preset="tiny"), SupervisedLoss(), train, val, base, tmp_path / "base").best_path
     parent, _ = load_model(parent_path)
     before = evaluate(parent, test)
@@ -173,8 +179,9 @@ def test_pruned_deq_fine_tuned_needs_no_more_iterations_than_its_parent(tiny_dat
     (pruned_path, _), = prune_checkpoint(parent_path, [0.4], tmp_path / "pruned")
     assert not evaluate(load_model(pruned_path)[0], test).all_converged  # pruning alone: on the cap
 
-    cfg = TrainConfig(epochs=20, lr=5e-4, batch_size=2, train_max_iter=30, lipschitz_weight=30.0)
-    assert cfg.lipschitz_target is None  # the default: measured on the parent
+    cfg = TrainConfig(epochs=20, lr=5e-4, batch_size=2,
+                      model_options=DEQTrainOptions(train_max_iter=30, lipschitz_weight=30.0))
+    assert cfg.model_options.lipschitz_target is None  # the default: measured on the parent
     result = finetune_model(pruned_path, "supervised", root, tmp_path / "ft", cfg)
     tuned, manifest = load_model(result.best_path)
     after = evaluate(tuned, test)
@@ -191,7 +198,7 @@ def test_pruned_deq_fine_tuned_needs_no_more_iterations_than_its_parent(tiny_dat
 def test_contraction_target_given_or_unmeasurable(setup, tmp_path):
     root, teacher, student = setup
     result = finetune_model(student, "self-supervised", root, tmp_path / "user",
-                            dataclasses.replace(CFG, lipschitz_target=0.9))
+                            _deq(CFG, lipschitz_target=0.9))
     _, manifest = load_model(result.best_path)
     assert manifest["contraction"] == {"target": 0.9, "source": "user"}
 
@@ -230,8 +237,8 @@ def test_demo_reuses_a_fine_tuning_whose_target_was_measured():
     the parent (the recipe leaves it to be measured) is still the same recipe; another given one is not."""
     from spade_deploy.pipeline import same_recipe
 
-    recipe = TrainConfig(epochs=1, lr=5e-4)
-    stored = dataclasses.asdict(dataclasses.replace(recipe, lipschitz_target=0.9531, fixed_masks=True))
+    recipe = TrainConfig(epochs=1, lr=5e-4, model_options=DEQTrainOptions())
+    stored = dataclasses.replace(_deq(recipe, lipschitz_target=0.9531), fixed_masks=True).record()
     assert same_recipe(stored, recipe)
-    assert not same_recipe(stored, dataclasses.replace(recipe, lipschitz_target=0.96))
+    assert not same_recipe(stored, _deq(recipe, lipschitz_target=0.96))
     assert not same_recipe(stored, dataclasses.replace(recipe, lr=1e-4))

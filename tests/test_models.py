@@ -164,9 +164,9 @@ def test_deq_convergence_penalty_is_zero_under_a_loose_target(on):
     assert tight.item() > 0.5 and tight.requires_grad  # ||J|| of a near-identity prior is about 1
     assert model.regularizer(batch, x, target=10.0, on=on).item() == 0.0
     with pytest.raises(SpadeError, match="operator | prior"):
-        from spade_deploy.train import TrainConfig
+        from spade_deploy.mri.deq import DEQTrainOptions
 
-        TrainConfig(lipschitz_on="jacobian")
+        DEQTrainOptions(lipschitz_on="jacobian")
 
 
 def test_deq_batch_reconstructs_each_slice_as_alone():
@@ -223,6 +223,6 @@ def test_deq_operator_penalty_covers_every_slice():
     one, two, three = (penalty(slice(i, i + 1)) for i in range(3))
     assert one != pytest.approx(two, rel=1e-3)  # the slices differ
     assert penalty(slice(0, 3)) == pytest.approx((one + two + three) / 3, rel=1e-4)
-    # fine-tuning measures one slice per step (TrainConfig.lipschitz_samples): that slice's own hinge
+    # fine-tuning measures one slice per step (DEQTrainOptions.lipschitz_samples): that slice's own hinge
     batch = SimpleNamespace(y=y, physics=physics)
     assert model.regularizer(batch, x, target=0.0, samples=[1]).item() == pytest.approx(two, rel=1e-4)

@@ -193,7 +193,7 @@ def test_runs_recorded_before_the_sampling_left_the_train_config_still_read():
     assert MRITask(6).same_options(manifest) and not MRITask(8).same_options(manifest)
     load_model(shipped)  # loads as before
     cfg = TrainConfig(epochs=1, lr=5e-4)
-    legacy = {**dataclasses.asdict(cfg), "acceleration": 6, "center_fraction": None}
+    legacy = {**cfg.record(), "acceleration": 6, "center_fraction": None}
     assert same_recipe(legacy, cfg) and not same_recipe({**legacy, "lr": 1e-4}, cfg)
     # Runs made before the learning-rate schedule existed ran at a constant rate.
     older = {k: v for k, v in legacy.items() if k != "lr_schedule"}
@@ -208,10 +208,11 @@ def test_resume_refuses_other_task_options(tiny_dataset, tmp_path):
     from spade_deploy.losses import SupervisedLoss
     from spade_deploy.models import build_model
     from spade_deploy.mri.task import MRITask
+    from spade_deploy.mri.deq import DEQTrainOptions
     from spade_deploy.train import TrainConfig, fit
 
     train = reader.SliceDataset(tiny_dataset.root / "train")
-    cfg = TrainConfig(epochs=2, batch_size=2, max_steps_per_epoch=1, lipschitz_weight=0.0)
+    cfg = TrainConfig(epochs=2, batch_size=2, max_steps_per_epoch=1, model_options=DEQTrainOptions(lipschitz_weight=0.0))
     class Killed(Exception):
         pass
 

@@ -8,6 +8,7 @@ from spade_deploy.checkpoint import load_model
 from spade_deploy.errors import SpadeError
 from spade_deploy.losses import SupervisedLoss
 from spade_deploy.models import build_model
+from spade_deploy.mri.deq import DEQTrainOptions
 from spade_deploy.mri.task import MRITask
 from spade_deploy.train import TrainConfig, evaluate, fit, scheduled_lr
 
@@ -21,9 +22,11 @@ def tiny_root(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(epochs=3, lr=2e-3, batch_size=4, train_max_iter=20, train_tol=1e-3, lipschitz_weight=0.1, pretrain_steps=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    deq = dict(train_max_iter=20, train_tol=1e-3, lipschitz_weight=0.1, pretrain_steps=0)
+    base = dict(epochs=3, lr=2e-3, batch_size=4)
+    for k, v in kw.items():
+        (deq if k in deq else base)[k] = v
+    return TrainConfig(**base, model_options=DEQTrainOptions(**deq))
 
 
 def test_short_training_raises_validation_psnr(tiny_root, tmp_path):

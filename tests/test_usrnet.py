@@ -355,7 +355,7 @@ def test_training_relative_to_bicubic_measures_each_tile_against_it(tmp_path):
             seen.append(batch.error_scale)
             return super().__call__(x_net, batch, model, teacher)
 
-    cfg = train_mod.TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=1, lipschitz_weight=0.0, relative_to="baseline")
+    cfg = train_mod.TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=1, relative_to="baseline")
     small = SRTask(scales=(2,), crop=64, patch=48)
     train_mod.fit(build_model("usrnet", preset="small"), Spy(), small.dataset(None, "train"), None, cfg,
                   tmp_path, task=small)

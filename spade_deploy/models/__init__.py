@@ -45,8 +45,6 @@ class Reconstructor(nn.Module):
     task: str
     # The stopping rule of the model's solver (fixed-point models); None: a fixed number of steps.
     solver_cfg: SolverConfig | None = None
-    # Whether the model pretrains a part of itself before end-to-end training (pretrain_loss).
-    pretrains: bool = False
     # The image the model is trained and scored against, in its task's terms. MRI: "sense" =
     # |S^H F^-1 k| (a coil-combined estimate, as the DEQ produces), "rss" = fastMRI's
     # reconstruction_rss; SR: "hr" = the high-resolution image.
@@ -100,11 +98,23 @@ class Reconstructor(nn.Module):
         None for models without a solver."""
         return None
 
-    def set_train_solver(self, max_iter: int, tol: float) -> None:
-        """The stopping rule of training-mode forward passes (models without a solver: nothing)."""
+    # -- training: ``options`` is the model's own training options (its ModelEntry.train_options,
+    # TrainConfig.model_options; None for models without any) --------------------------------
+    def pretraining(self, options: Any) -> tuple[int, float]:
+        """The steps and learning rate of the model's pretraining stage (:meth:`pretrain_loss`)
+        before end-to-end training; ``(0, 0.0)``: none."""
+        return 0, 0.0
+
+    def start_training(self, options: Any) -> None:
+        """Set up end-to-end training (a fixed-point model: its training solver)."""
+
+    def training_penalty(self, batch, x_net: torch.Tensor, options: Any, step: int) -> torch.Tensor | None:
+        """A weighted penalty added to the loss of training step ``step`` at the output ``x_net``;
+        None: none."""
+        return None
 
     def pretrain_loss(self, batch) -> torch.Tensor:
-        """The loss of the model's pretraining stage (where :attr:`pretrains`)."""
+        """The loss of the model's pretraining stage (where :meth:`pretraining` has steps)."""
         raise NotImplementedError(f"{type(self).__name__} has no pretraining stage")
 
     def regularizer(self, batch, x_net: torch.Tensor, target: float, on: str = "operator",
@@ -182,7 +192,8 @@ class ModelEntry:
     task: str  # the task it solves (spade_deploy.tasks)
     importer: Importer | None = None  # official checkpoints (`spade import`)
     demo: DemoRecipe | None = None  # what `spade demo` runs for it
-    # Training options only this model takes (a dataclass; TrainConfig.model_options holds one).
+    # Training options only this model takes (a frozen dataclass whose defaults are the model's
+    # own; TrainConfig.model_options holds one, a run's train_config records its fields flat).
     train_options: type | None = None
 
     def bundled_path(self, preset: str) -> Path:

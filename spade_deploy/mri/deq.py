@@ -14,6 +14,7 @@ tolerance, not on the iteration cap.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,69 @@ from torch import nn
 
 from .physics import MultiCoilMRI, channels_to_complex, complex_to_channels, normal_columns
 from ..models import DemoRecipe, FixedPointReconstructor, register_model
-from ..solvers import SolverConfig, solve
+from ..errors import SpadeError
+from ..solvers import MAX_ITER, MIN_TOL, SolverConfig, solve
 from ..train import TrainConfig
+
+
+# The bound on ||J_T|| when no parent model sets it (the measured rate of the demo's unpruned DEQ:
+# ||J_T|| 0.955 -> 18 iterations).
+DEFAULT_LIPSCHITZ_TARGET = 0.96
+
+
+@dataclass(frozen=True)
+class DEQTrainOptions:
+    """The DEQ's own training options (``TrainConfig.model_options``; recorded flat beside the
+    shared fields in a run's ``train_config``).
+
+    Solve the training forward pass with the inference solver at ``train_tol`` and cap
+    ``train_max_iter``, and penalise a Jacobian norm above ``lipschitz_target`` so the iteration
+    stays contractive (:meth:`DEQ.regularizer`): of the whole iteration T (``"operator"``) or of
+    the prior on a patch (``"prior"``, what trained the shipped base). ``lipschitz_target=None``:
+    fine-tuning measures it on the unpruned parent (its ||J_T|| at its own fixed points on the
+    training data, so the pruned model converges at least as fast;
+    :func:`spade_deploy.finetune.measure_contraction`); training from scratch uses
+    :data:`DEFAULT_LIPSCHITZ_TARGET`. ``pretrain_steps`` at ``pretrain_lr`` train the prior as a
+    denoiser first (:meth:`DEQ.pretrain_loss`)."""
+
+    train_max_iter: int = 50
+    train_tol: float = 1e-3
+    lipschitz_weight: float = 1.0
+    lipschitz_target: float | None = None
+    lipschitz_on: str = "operator"
+    # How many slices of each batch the penalty measures, taken in turn through the batch (None:
+    # every slice). Its cost is several evaluations of T per slice, with a double backward: over
+    # half a supervised fine-tuning step at batch 4 when it measured every slice. One slice per
+    # step is an unbiased estimate of the batch mean (the batches are shuffled).
+    lipschitz_samples: int | None = 1
+    pretrain_steps: int = 0
+    pretrain_lr: float = 2e-3
+
+    def __post_init__(self):
+        if self.lipschitz_on not in ("operator", "prior"):
+            raise SpadeError(f"unknown Lipschitz penalty {self.lipschitz_on!r}: operator | prior")
+        ints = (("train_max_iter", self.train_max_iter, 1, MAX_ITER), ("pretrain_steps", self.pretrain_steps, 0, 10**7),
+                ("lipschitz_samples", self.lipschitz_samples, 1, 4096))
+        for name, value, lo, hi in ints:
+            if name == "lipschitz_samples" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise SpadeError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        # (name, value, low, high, low included)
+        floats = (("pretrain_lr", self.pretrain_lr, 0.0, 10.0, False), ("train_tol", self.train_tol, MIN_TOL, 1.0, True),
+                  ("lipschitz_weight", self.lipschitz_weight, 0.0, 1e6, True),
+                  ("lipschitz_target", self.lipschitz_target, 0.0, 1e3, False))
+        for name, value, lo, hi, closed in floats:
+            if name == "lipschitz_target" and value is None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not (lo <= value if closed else lo < value) or not value <= hi or (name == "train_tol" and value >= hi):
+                raise SpadeError(f"{name} must be a finite number in {'[' if closed else '('}{lo:g}, {hi:g}"
+                                 f"{')' if name == 'train_tol' else ']'}, got {value!r}")
+
+    @property
+    def contraction_target(self) -> float:
+        return self.lipschitz_target if self.lipschitz_target is not None else DEFAULT_LIPSCHITZ_TARGET
 
 
 class ResBlock(nn.Module):
@@ -93,8 +155,6 @@ PRESETS = {
 
 
 class DEQ(FixedPointReconstructor):
-    pretrains = True  # the prior as a denoiser first (pretrain_loss)
-
     def __init__(self, cfg: DEQConfig):
         super().__init__(cfg.solver_config)
         self.cfg = cfg
@@ -112,6 +172,24 @@ class DEQ(FixedPointReconstructor):
 
     def prior_example_input(self, name: str, height: int = 64, width: int = 64) -> torch.Tensor:
         return torch.randn(1, 2, height, width)
+
+    # -- training under DEQTrainOptions ------------------------------------------------------
+    def pretraining(self, options: DEQTrainOptions) -> tuple[int, float]:
+        return options.pretrain_steps, options.pretrain_lr  # the prior as a denoiser first (pretrain_loss)
+
+    def start_training(self, options: DEQTrainOptions) -> None:
+        self.set_train_solver(options.train_max_iter, options.train_tol)
+
+    def training_penalty(self, batch, x_net: torch.Tensor, options: DEQTrainOptions, step: int) -> torch.Tensor | None:
+        """``lipschitz_weight`` times :meth:`regularizer` on ``lipschitz_samples`` slices of the
+        batch, taken in turn with ``step``."""
+        if options.lipschitz_weight <= 0:
+            return None
+        b = x_net.shape[0]
+        k = b if options.lipschitz_samples is None else min(options.lipschitz_samples, b)
+        samples = None if k == b else [(step * k + i) % b for i in range(k)]
+        reg = self.regularizer(batch, x_net, options.contraction_target, options.lipschitz_on, samples=samples)
+        return options.lipschitz_weight * reg
 
     # -- the loop ----------------------------------------------------------------------------
     def operator(self, physics: MultiCoilMRI, y: torch.Tensor):
@@ -280,19 +358,21 @@ def build_deq(cfg: DEQConfig) -> DEQ:
 # epochs and rates of the sweep in benchmarks/README.md (DEQ fine-tuning recipe).
 DEMO = DemoRecipe(
     preset="small",
-    train=TrainConfig(epochs=5, lr=2e-4, lipschitz_weight=10.0, lipschitz_target=0.98, lipschitz_on="prior",
-                      pretrain_steps=800, pretrain_lr=2e-3),
+    train=TrainConfig(epochs=5, lr=2e-4, model_options=DEQTrainOptions(
+        lipschitz_weight=10.0, lipschitz_target=0.98, lipschitz_on="prior", pretrain_steps=800, pretrain_lr=2e-3)),
     finetune={
         # Validated after each epoch: at ratio 0.05 the first epoch is kept (the second leaves a
         # validation slice on the iteration cap).
-        "supervised": TrainConfig(epochs=2, lr=5e-4, lipschitz_weight=3.0),
+        "supervised": TrainConfig(epochs=2, lr=5e-4, model_options=DEQTrainOptions(lipschitz_weight=3.0)),
         # The last epoch kept without validating: the bench scores every model on the test split.
-        "school": TrainConfig(epochs=6, lr=5e-4, batch_size=2, validate=False),
-        "self-supervised": TrainConfig(epochs=4, lr=2e-4, batch_size=2, lipschitz_weight=3.0, validate=False),
+        "school": TrainConfig(epochs=6, lr=5e-4, batch_size=2, validate=False, model_options=DEQTrainOptions()),
+        "self-supervised": TrainConfig(epochs=4, lr=2e-4, batch_size=2, validate=False,
+                                       model_options=DEQTrainOptions(lipschitz_weight=3.0)),
     },
     # Pruned at 0.4 and not fine-tuned, the DEQ stops on the iteration cap on every test slice:
     # scoring those runs of 100 iterations would take half a minute of the quarter hour.
     score_unfinetuned=False,
 )
 
-register_model("deq", DEQConfig, PRESETS, default_preset="small", task="mri", demo=DEMO)(build_deq)
+register_model("deq", DEQConfig, PRESETS, default_preset="small", task="mri", demo=DEMO,
+               train_options=DEQTrainOptions)(build_deq)

@@ -408,21 +408,21 @@ def import_fastmri(path: Path, model: str, expect: VarNetConfig | None = None) -
 # recovered more than 1e-3 at ratio 0.4; benchmarks/README.md, VarNet).
 VARNET_DEMO = DemoRecipe(
     preset="small",
-    train=TrainConfig(epochs=10, lr=3e-3, batch_size=2, lipschitz_weight=0.0),
+    train=TrainConfig(epochs=10, lr=3e-3, batch_size=2),
     finetune={
-        "supervised": TrainConfig(epochs=2, lr=3e-3, lipschitz_weight=0.0),
-        "school": TrainConfig(epochs=5, lr=3e-3, lipschitz_weight=0.0),
-        "self-supervised": TrainConfig(epochs=3, lr=3e-3, lipschitz_weight=0.0),
+        "supervised": TrainConfig(epochs=2, lr=3e-3),
+        "school": TrainConfig(epochs=5, lr=3e-3),
+        "self-supervised": TrainConfig(epochs=3, lr=3e-3),
     },
 )
 E2E_VARNET_DEMO = DemoRecipe(
     preset="small",
-    train=TrainConfig(epochs=4, lr=3e-3, lipschitz_weight=0.0),
+    train=TrainConfig(epochs=4, lr=3e-3),
     finetune={
-        "supervised": TrainConfig(epochs=1, lr=3e-3, lipschitz_weight=0.0),
-        "school": TrainConfig(epochs=3, lr=3e-3, lipschitz_weight=0.0),
+        "supervised": TrainConfig(epochs=1, lr=3e-3),
+        "school": TrainConfig(epochs=3, lr=3e-3),
         # 3e-4: the best self-supervised rate of the sweep at ratio 0.4 (benchmarks/README.md).
-        "self-supervised": TrainConfig(epochs=2, lr=3e-4, lipschitz_weight=0.0),
+        "self-supervised": TrainConfig(epochs=2, lr=3e-4),
     },
 )
 

@@ -303,13 +303,11 @@ def import_official(path: Path, model: str = "usrnet", expect: USRNetConfig | No
 # runs before: benchmarks/README.md (USRNet).
 DEMO = DemoRecipe(
     preset="small",
-    train=TrainConfig(epochs=30, lr=2e-3, lr_schedule="cosine", relative_to="baseline", batch_size=8,
-                      lipschitz_weight=0.0),
+    train=TrainConfig(epochs=30, lr=2e-3, lr_schedule="cosine", relative_to="baseline", batch_size=8),
     finetune={
-        "supervised": TrainConfig(epochs=9, lr=2e-3, lr_schedule="cosine", batch_size=8, lipschitz_weight=0.0,
-                                  val_every=3),
-        "school": TrainConfig(epochs=9, lr=2e-3, batch_size=2, lipschitz_weight=0.0, val_every=3),
-        "self-supervised": TrainConfig(epochs=1, lr=1e-3, batch_size=2, lipschitz_weight=0.0),
+        "supervised": TrainConfig(epochs=9, lr=2e-3, lr_schedule="cosine", batch_size=8, val_every=3),
+        "school": TrainConfig(epochs=9, lr=2e-3, batch_size=2, val_every=3),
+        "self-supervised": TrainConfig(epochs=1, lr=1e-3, batch_size=2),
     },
     task_options={"crop": 192, "patch": 48},
     ratios=(0.4,),

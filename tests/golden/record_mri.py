@@ -73,6 +73,7 @@ def record(root: Path, work: Path, models=("deq", "varnet", "e2e-varnet")) -> tu
     from spade_deploy.losses import STRATEGIES
     from spade_deploy.mri.task import MRITask
     from spade_deploy.train import TrainConfig, evaluate, fit
+    from spade_deploy.mri.deq import DEQTrainOptions
 
     simulate.build_default_dataset(root, seed=0, config=simulate.SimConfig(**GOLDEN_CONFIG))
     train, val, test = (reader.SliceDataset(root / s) for s in ("train", "val", "test"))
@@ -88,10 +89,10 @@ def record(root: Path, work: Path, models=("deq", "varnet", "e2e-varnet")) -> tu
             student = start_model(name, seed=1 if loss_cls.needs_teacher else 0)
             before = {k: v.detach().clone() for k, v in student.state_dict().items()}
             deq = name == "deq"
-            cfg = TrainConfig(epochs=1, lr=DEQ_LR if deq else 1e-3, pretrain_lr=DEQ_LR if deq else 2e-3, batch_size=2,
-                              max_steps_per_epoch=2, train_max_iter=10, lipschitz_weight=0.1 if deq else 0.0,
-                              lipschitz_target=0.96, pretrain_steps=2 if strategy == "supervised" else 0,
-                              fixed_masks=strategy != "supervised")
+            options = DEQTrainOptions(train_max_iter=10, lipschitz_weight=0.1, lipschitz_target=0.96, pretrain_lr=DEQ_LR,
+                                      pretrain_steps=2 if strategy == "supervised" else 0) if deq else None
+            cfg = TrainConfig(epochs=1, lr=DEQ_LR if deq else 1e-3, batch_size=2, max_steps_per_epoch=2,
+                              fixed_masks=strategy != "supervised", model_options=options)
             ds = train if strategy == "supervised" else test
             torch.manual_seed(0)
             fr = fit(student, loss_cls(), ds, val, cfg, work / f"{name}-{strategy}", checkpoint_seconds=None,
