@@ -413,6 +413,12 @@ def test_hostile_input_fails_cleanly_and_changes_nothing(ws, args, match):
     assert _snapshot(ws) == before, "the command created, changed or removed files"
 
 
+def test_error_lines_show_user_text_as_written(ws):
+    """A path or value with brackets comes back verbatim in the error line (not read as markup)."""
+    result = runner.invoke(app, ["eval", str(ws / "[run 3]" / "best.safetensors")])
+    assert result.exit_code == 1 and "[run 3]" in result.stderr, result.stderr
+
+
 def test_export_bound_to_its_checkpoint(ws):
     """A manifest exported from another checkpoint is refused by the deployment itself, and `bench`
     exports again rather than run another model's priors under this one's label."""
