@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -552,13 +553,13 @@ def main() -> None:
     try:
         hostmem.keep_freed_memory()
     except SpadeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx is not None else "spade"
-        err_console.print(f"[bold red]error:[/] {cmd}: {' '.join(exc.format_message().split())} (see --help)",
+        err_console.print(f"[bold red]error:[/] {escape(cmd + ': ' + ' '.join(exc.format_message().split()))} (see --help)",
                           highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Abort:

@@ -32,6 +32,7 @@ import json
 import os
 import datetime as _dt
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -122,7 +123,9 @@ def _torch_compile(prior: nn.Module, device: str, manifest=None, entry=None, roo
     # compiled code, which sees one memory layout only.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     module = ChannelsLastPrior(prior).to(device)
-    module.prior = torch.compile(module.prior, backend="inductor")
+    with warnings.catch_warnings():  # inductor's first import warns of torch's own torch.jit use
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method", category=DeprecationWarning)
+        module.prior = torch.compile(module.prior, backend="inductor")
     return module
 
 
