@@ -8,11 +8,13 @@ holds a pickled object is refused before any of its bytes are interpreted as cod
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from typing import TYPE_CHECKING
 
@@ -31,7 +33,10 @@ _MANIFEST_KEY = "spade_manifest"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    The temporary file is ``.<name>.<random>.tmp`` (:func:`remove_stale_temps` recognises it). On
+    any exception it is removed and ``path`` is left as it was; a write that fails for want of
+    room or permission (a full disk, a file-size limit, a read-only folder: any ``OSError`` inside
+    the block or from the rename) becomes a one-line :class:`SpadeError` naming ``path``.
     """
     path = Path(path)
     if path.is_dir():
@@ -39,16 +44,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise SpadeError(f"cannot write {path}: {parent} is a file, not a folder")
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise SpadeError(f"cannot write {path}: {_reason(exc)}") from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's cause in a few words (``File too large``, ``No space left on device``); h5py
+    and other libraries put the system's words inside their own message."""
+    if exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for known in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if os.strerror(known) in text:
+            return os.strerror(known)
+    return text
+
+
+def is_temp_of(name: str, target: str) -> bool:
+    """Whether file ``name`` is a temporary file :func:`atomic_path` made for ``target`` (a name in
+    the same folder): ``.<target>.<random>.tmp``, or one made for such a temporary (nested)."""
+    match = _TEMP.fullmatch(name)
+    return match is not None and (match["inner"] == target or is_temp_of(match["inner"], target))
+
+
+_TEMP = re.compile(r"\.(?P<inner>.+)\.[A-Za-z0-9_]+\.tmp")  # tempfile.mkstemp's random part: letters, digits, _
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` for the files ``names``: every
+    temporary :func:`atomic_path` and :func:`save_checkpoint` create (the only files they create
+    besides their target). Returns what it removed."""
+    folder = Path(folder)
+    names = list(names)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.is_file() and not entry.is_symlink() and any(is_temp_of(entry.name, n) for n in names):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return sorted(removed)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -62,13 +108,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], manifest: dict) -> Path:
-    """Write tensors + manifest atomically as one safetensors file."""
-    from safetensors.torch import save_file
+    """Write tensors + manifest atomically as one safetensors file.
+
+    The file is serialised in memory and written through :func:`atomic_path`'s temporary file:
+    safetensors' own ``save_file`` writes a ``.tmpXXXXXX`` of its own beside the target, which a
+    kill during the write would leave behind under a name nothing recognises."""
+    from safetensors.torch import save
 
     manifest = {"format": FORMAT, **manifest}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_MANIFEST_KEY: json.dumps(manifest)})
+    data = save(tensors, metadata={_MANIFEST_KEY: json.dumps(manifest)})
+    del tensors
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
     return Path(path)
 
 

@@ -453,3 +453,81 @@ def test_hostile_input_in_a_real_process(ws, args):
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert proc.stdout == ""
     assert _snapshot(ws) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Where disks fill and runs get killed: a file-size limit (RLIMIT_FSIZE, `ulimit -f`) makes every
+# write past it fail with EFBIG ("File too large"), as a full disk fails with ENOSPC, at the same
+# byte on any machine.
+def _spade_env(tmp_path: Path) -> dict[str, str]:
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cache), "COLUMNS": "200"}
+
+
+def _file_limit(nbytes: int):
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return limit
+
+
+def test_full_disk_during_prune_is_one_error_line_and_leaves_nothing(tmp_path):
+    """`spade prune` whose checkpoint cannot be written whole (64 KiB file-size limit; the pruned
+    small DEQ is about 140 KB): one `error:` line naming the file and the cause, exit 1, no
+    traceback, no file (partial or temporary) left in the output folder."""
+    import subprocess
+    import sys
+
+    from spade_deploy.models import get_entry
+
+    spade = str(Path(sys.executable).parent / "spade")
+    out = tmp_path / "out"
+    proc = subprocess.run([spade, "prune", str(get_entry("deq").bundled_path("small")), "-r", "0.4", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300, env=_spade_env(tmp_path),
+                          preexec_fn=_file_limit(64 * 1024))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    target = out / "deq-small.pruned-0.4.safetensors"
+    assert f"cannot write {target}" in lines[0] and "File too large" in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def test_kill_inside_a_checkpoint_write_leaves_only_temps_resume_removes(tiny_dataset, tmp_path):
+    """`spade train` killed in the middle of writing last.safetensors (SIGXFSZ at its default action,
+    kill the process, at a file-size limit between best's and last's sizes: the kill lands inside the
+    write's bytes, at the same byte on any machine) leaves beside the run's files only temporaries the
+    toolchain recognises as the run's (safetensors' own writer would leave a ``.tmpXXXXXX``), and
+    `--resume` removes them and finishes the run: the folder then holds the run's files alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from spade_deploy.io import is_temp_of
+
+    spade = str(Path(sys.executable).parent / "spade")
+    run = tmp_path / "run"
+    env = _spade_env(tmp_path)
+    train = ["train", "--preset", "tiny", "--data", str(tiny_dataset.root), "--epochs", "1", "--batch-size", "4",
+             "--pretrain-steps", "0", "--train-max-iter", "5", "-o", str(run)]
+    # a first run fills the coil-map cache (its ESPIRiT maps are larger than the limit)
+    first = subprocess.run([spade, *train[:-1], str(tmp_path / "first")], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # the real `spade` script, with SIGXFSZ put back to its default (Python ignores it at start)
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+              f"sys.argv = {[spade, *train]!r}; runpy.run_path({spade!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=300, env=env,
+                          preexec_fn=_file_limit(96 * 1024))  # tiny DEQ: best ~52 KB, last ~154 KB
+    assert proc.returncode == -signal.SIGXFSZ, proc.stdout + proc.stderr
+    run_files = ("best.safetensors", "last.safetensors", "history.json")
+    left = sorted(p.name for p in run.iterdir())
+    temps = [n for n in left if n not in run_files]
+    assert temps and "last.safetensors" not in left, left  # killed inside last's write
+    assert all(any(is_temp_of(n, f) for f in run_files) for n in temps), left
+    proc = subprocess.run([spade, *train, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == sorted(run_files)
