@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from spade_deploy import bench as B, hostmem
+from spade_deploy.archive import parse_shard
 from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.demo import DemoReporter, run_demo
 from spade_deploy.deploy.cache import export_checkpoint
@@ -331,6 +332,8 @@ def reconstruct(
     batch_size: Annotated[int, typer.Option(help="Slices per batch (>= 1).")] = 4,
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (the engine measured fastest here for this data, recorded in the export manifest) | torch | onnxruntime | tensorrt.")] = "auto",
     engines: Annotated[Optional[Path], typer.Option(help="Folder of exported priors (exported on the fly when missing; default: the cache home's spade-deploy/engines, never the current folder).")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="R/N: this process's share of the inputs, balanced by slices (pixels for images); every process computes the same split (default: torchrun's RANK/WORLD_SIZE where set, else all).")] = None,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip an output that records the same checkpoint (SHA-256), settings and input (name, size, modification time); redo any other.")] = False,
     task_options: Optional[dict] = None,
 ):
     """MRI: reconstruct fastMRI-format or ISMRMRD raw HDF5 files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`, for fastMRI's evaluate.py), MRD images or DICOM. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
@@ -340,6 +343,7 @@ def reconstruct(
     name = _checkpoint_task(checkpoint)
     options = own_task_options(name, "reconstruct", task_options)
     task = task_class(name).from_cli(None, options)
+    options = {**options, "shard": parse_shard(shard), "skip_existing": skip_existing}
     for line in task.reconstruct(checkpoint, source, out, backend, engines, batch_size, options,
                                  reporter=ConsoleReporter()):
         console.print(line)

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from . import reader, simulate
 from .acquisition import eval_seeds, make_batch
 from .reconstruct import reconstruct_checkpoint
+from ..archive import Shard
 from ..device import on_model_device
 from ..errors import SpadeError
 from .metrics import evaluate_volumes, fastmri_crop, psnr, recon_magnitude
@@ -282,10 +283,16 @@ class MRITask(Task):
         check_choice("--format", output_format, FORMATS)
         res = reconstruct_checkpoint(checkpoint, source, out, self.acceleration, self.center_fraction, batch_size,
                                      backend, engines, full_fov, self.coil_maps, self.cache_dir, reporter=reporter,
-                                     output_format=output_format)
+                                     output_format=output_format, shard=options.get("shard", Shard()),
+                                     skip_existing=options.get("skip_existing", False))
         iters = f", mean {res.mean_iterations:.1f} fixed-point iterations" if res.mean_iterations is not None else ""
         what = {"h5": "files", "mrd": "MRD image files", "dicom": "DICOM series"}[output_format]
-        lines = [f"{res.n_slices} slices in {len(res.outputs)} {what} written to [cyan]{out}[/]{iters}"]
+        written = len(res.outputs) - len(res.skipped)
+        lines = [f"{res.n_slices} slices in {written} {what} written to [cyan]{out}[/]{iters}"]
+        if res.skipped:
+            lines.append(f"{len(res.skipped)} up to date (same checkpoint, settings and input), skipped")
+        if res.shard.count > 1:
+            lines.append(f"shard {res.shard}: {len(res.outputs)} of the {res.n_files} inputs")
         if res.not_converged:
             lines.append(f"[red]{len(res.not_converged)} slices hit the iteration cap (not converged):[/] "
                          f"{', '.join(res.not_converged)}")

@@ -38,6 +38,7 @@ from .usrnet import padded_size
 from ..progress import Reporter
 from ..tasks import Batch, TableReport, Task, register_task
 from .reconstruct import restore_checkpoint
+from ..archive import Shard
 
 DEFAULT_SCALES = (2, 3, 4)
 _COMMANDS = ("train", "eval", "finetune", "reconstruct", "bench")  # the commands that degrade images
@@ -235,8 +236,15 @@ class SRTask(Task):
         if len(self.scales) != 1 or len(self.kernels) != 1:
             raise SpadeError("super-resolution reconstruct needs the images' degradation: exactly one --scale and one --kernel")
         res = restore_checkpoint(checkpoint, source, out, self.scales[0], next(iter(self.kernels.items())), self.noise,
-                                 backend, engines, reporter=reporter)
-        return [f"{len(res.outputs)} images super-resolved x{res.scale} (kernel {res.kernel}) into [cyan]{out}[/]"]
+                                 backend, engines, reporter=reporter, shard=(options or {}).get("shard", Shard()),
+                                 skip_existing=(options or {}).get("skip_existing", False))
+        lines = [f"{len(res.outputs) - len(res.skipped)} images super-resolved x{res.scale} (kernel {res.kernel}) "
+                 f"into [cyan]{out}[/]"]
+        if res.skipped:
+            lines.append(f"{len(res.skipped)} up to date (same checkpoint, degradation and input), skipped")
+        if res.shard.count > 1:
+            lines.append(f"shard {res.shard}: {len(res.outputs)} of the {res.n_files} inputs")
+        return lines
 
     def score_table(self, scores, model: str, split: str) -> TableReport:
         """A row per kernel, the model's / bicubic's PSNR and SSIM per scale, their means."""
