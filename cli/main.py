@@ -462,6 +462,11 @@ def _show_prune(checkpoint: Path, results, size) -> None:
                 console.print(f"{rep.ratio:g} {p.name}: widths measured on {rep.device} at {size[0]}x{size[1]}; "
                               f"{len(changed)} of {len(p.groups)} groups moved from the paper's count: "
                               + (", ".join(sorted({f'{g.paper} -> {g.chosen}' for g in changed})) or "none"))
+        if rep.verdict():
+            console.print(rep.verdict(), markup=False)
+        elif rep.gain is not None:
+            console.print(f"ratio {rep.ratio:g}: priors measured x{1 / (1 - rep.gain):.2f} faster than unpruned on {rep.device}",
+                          markup=False)
         s = rep.speedup
         if s is not None:
             verdict = "reached" if s.reached else "NOT reached (within 10 %)"

@@ -16,6 +16,11 @@ speed-up is ``None`` (shown "–"). A variant's first round is its evaluation (o
 so its scores are those of reconstructions it was timed on. A variant marked untimed
 (``Variant.timed``: the demo's pruned models before fine-tuning) is scored, with its iterations,
 and left out of the timing rounds.
+
+Every row says what ran: ``engine`` (eager NCHW, channels-last, torch.compile, onnxruntime,
+TensorRT, CUDA graph: the deployment's own label where it sets one), ``precision`` (fp32, or a
+precision schedule), and ``deployed_widths`` where the deployment padded a pruned prior with zero
+filters to widths this device runs faster (:mod:`spade_deploy.deploy.widths`, e.g. ``19->32``).
 """
 
 from __future__ import annotations
@@ -76,7 +81,10 @@ class BenchRow:
     latency_ms: float | None  # mean over slices of the per-slice median over rounds (None: not timed)
     latency_iqr_ms: float | None  # mean over slices of the per-slice interquartile range over rounds
     widths: str | None = None
-    engine: str = ""  # what ran the priors (the winner of ``auto``)
+    engine: str = ""  # what ran the priors: eager NCHW, channels-last, torch.compile, onnxruntime, ... (engine_label)
+    precision: str = "fp32"  # what the priors computed in (fp32, or a schedule such as bf16->fp32)
+    deployed_widths: str | None = None  # pruned -> deployed widths where zero filters were added ("19->32")
+    width_choice: dict | None = None  # what the deploy-time width choice measured (spade_deploy.deploy.widths)
     n_slices: int = 0
     slices_on_cap: int | None = None  # slices that stopped on the iteration cap (None: no solver)
     ms_per_iteration: float | None = None
@@ -107,9 +115,10 @@ class BenchResult:
     baseline: str = ""
     header: str = ""  # what the scores are (the task's description)
     secondary_columns: dict[str, tuple[str, str]] = field(default_factory=dict)  # Task.secondary_columns
+    notes: list[str] = field(default_factory=list)  # lines the result files carry (e.g. variants left out, and why)
 
     def as_dict(self) -> dict:
-        return {"device": self.device, "config": self.config, "baseline": self.baseline,
+        return {"device": self.device, "config": self.config, "baseline": self.baseline, "notes": self.notes,
                 "psnr_baseline": self.psnr_baseline, "ssim_baseline": self.ssim_baseline,
                 "rows": [r.as_dict() for r in self.rows]}
 
@@ -334,7 +343,6 @@ def _row(v: Variant, backend: str, model: Reconstructor, res, t: SliceTimings | 
          task: Task) -> BenchRow:
     """One variant's row: its scores and, where it was timed (``t``), its timings; untimed, the
     slices on the cap come from its evaluation where the task reports them."""
-    choice = getattr(model, "engine_choice", None)
     capped = getattr(res, "not_converged", None)
     timing = dict(latency_ms=None, latency_iqr_ms=None,
                   slices_on_cap=None if res.mean_iterations is None or capped is None else len(capped))
@@ -344,10 +352,45 @@ def _row(v: Variant, backend: str, model: Reconstructor, res, t: SliceTimings | 
                       slice_iterations=t.iterations if t.has_solver else [])
     return BenchRow(
         label=v.label, ratio=v.ratio, strategy=v.strategy, backend=backend, widths=v.widths,
-        engine=",".join(sorted(set(choice.values()))) if choice else backend,
+        engine=engine_label(model, backend), precision=str(getattr(model, "precision", None) or "fp32"),
+        **deployed_widths(model),
         params=count_parameters(v.model), macs=macs, psnr=res.psnr, ssim=res.ssim,
         mean_iterations=res.mean_iterations, all_converged=res.all_converged, n_slices=n_slices,
         scores=task.secondary_scores(res), **timing)
+
+
+# What each engine of ``auto`` runs (spade_deploy.deploy.engines), as the tables name it.
+ENGINE_NAMES = {"torch": "channels-last", "torch-compile": "torch.compile", "onnxruntime": "onnxruntime",
+                "tensorrt": "TensorRT", "cuda-graph": "CUDA graph"}
+# Engines that run the prior module itself (its deploy-time widths), not an exported file.
+MODULE_ENGINES = ("torch", "torch-compile", "cuda-graph")
+
+
+def engine_label(model: Reconstructor, backend: str) -> str:
+    """What ran ``model``'s priors: the label its deployment set (``engine_label``), else named
+    from the engines ``auto`` chose (``engine_choice``), else from the back-end (``torch``: the
+    model as it is, eager PyTorch in NCHW)."""
+    label = vars(model).get("engine_label")  # set on the deployed model, not the class's default
+    if label:
+        return str(label)
+    choice = getattr(model, "engine_choice", None)
+    if choice:
+        return ",".join(ENGINE_NAMES.get(e, e) for e in sorted(set(choice.values())))
+    return "eager NCHW" if backend == "torch" else ENGINE_NAMES.get(backend, backend)
+
+
+def deployed_widths(model: Reconstructor) -> dict:
+    """``deployed_widths`` ("19->32": pruned -> deployed, where zero filters were added and the
+    engine runs the padded module) and ``width_choice`` (what was measured) of a deployed model."""
+    choice = getattr(model, "width_choice", None)
+    if choice is None:
+        return {}
+    engines = set((getattr(model, "engine_choice", None) or {}).values())
+    runs_module = not engines or engines <= set(MODULE_ENGINES)
+    record = choice.as_dict()
+    if choice.padded and not runs_module:
+        record["note"] = "the engine runs the exported priors at their pruned widths"
+    return {"deployed_widths": (choice.label() or None) if runs_module else None, "width_choice": record}
 
 
 def add_speedups(rows: Sequence[BenchRow]) -> None:
@@ -376,7 +419,8 @@ def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-_LEADING = ["model", "ratio", "strategy", "widths", "backend", "engine", "params", "MACs", "PSNR", "SSIM"]
+_LEADING = ["model", "ratio", "strategy", "widths", "deployed widths", "backend", "engine", "precision", "params",
+            "MACs", "PSNR", "SSIM"]
 _TRAILING = ["iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend"]
 NONE = "–"  # no reference measured: never a default ratio
 
@@ -394,8 +438,9 @@ def table_rows(result: BenchResult) -> list[list[str]]:
     out = []
     for r in result.rows:
         out.append([
-            r.label, f"{r.ratio:.0%}" if r.ratio else "0%", r.strategy or NONE, r.widths or NONE, r.backend,
-            r.engine or r.backend, f"{r.params:,}", f"{r.macs / 1e9:.2f}G" if r.macs else NONE, f"{r.psnr:.2f}",
+            r.label, f"{r.ratio:.0%}" if r.ratio else "0%", r.strategy or NONE, r.widths or NONE,
+            r.deployed_widths or NONE, r.backend, r.engine or r.backend, r.precision or "fp32", f"{r.params:,}",
+            f"{r.macs / 1e9:.2f}G" if r.macs else NONE, f"{r.psnr:.2f}",
             f"{r.ssim:.4f}",
             *(NONE if r.scores.get(key) is None else fmt.format(r.scores[key])
               for key, fmt in result.secondary_columns.values()),
@@ -414,7 +459,8 @@ def _header(result: BenchResult) -> str:
             f"{result.psnr_baseline:.2f} dB. {AGGREGATION}; "
             "speed-ups against the unpruned PyTorch model (whole reconstruction, per outer iteration), "
             "efficiency = per-iteration speed-up / MAC ratio, \"on cap\" = slices stopped by the iteration cap, "
-            "no latency = scored, not timed. "
+            "no latency = scored, not timed, \"deployed widths\" = pruned -> deployed widths where the deployment "
+            "padded a pruned prior with zero filters (the same function) to widths this device runs faster. "
             f"Config: `{json.dumps(result.config)}`.")
 
 
@@ -425,16 +471,18 @@ def write_results(result: BenchResult, out_dir: str | Path, stem: str = "bench")
     write_json(paths["json"], result.as_dict())
     buf = io.StringIO()
     buf.write(f"# device: {result.device}\n# config: {json.dumps(result.config)}\n# {AGGREGATION}\n")
+    buf.writelines(f"# note: {line}\n" for line in result.notes)
     w = csv.writer(buf)
     rows = [r.as_dict() for r in result.rows]
     fields = list(rows[0]) if rows else [f.name for f in dataclasses.fields(BenchRow) if f.name != "scores"]
     w.writerow(fields)
     for d in rows:
-        w.writerow([json.dumps(d.get(k)) if isinstance(d.get(k), list) else d.get(k) for k in fields])
+        w.writerow([json.dumps(d.get(k)) if isinstance(d.get(k), (list, dict)) else d.get(k) for k in fields])
     write_text(paths["csv"], buf.getvalue())
     cols = columns(result)
     md = [_header(result), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
+    md += ["", *(f"Note: {line}" for line in result.notes)] if result.notes else []
     write_text(paths["md"], "\n".join(md) + "\n")
     return paths
 

@@ -1,8 +1,10 @@
 """``spade demo``: the whole SPADE pipeline on the embedded data, per architecture.
 
 For each model: train the base (or reuse a finished run, or the base shipped for this dataset),
-score it on the test split, prune it at the recipe's ratios (and at the largest with the widths
-measured fastest here), fine-tune every pruned model with every strategy; then one export + bench
+score it on the test split, prune it at the recipe's ratios with the paper's widths (kept for
+reproduction) and with the widths measured fastest here (``--round-to auto``), fine-tune every
+pruned model with every strategy, except measured widths that buy nothing on this device (every
+group kept whole, or priors less than 3 % faster: said in the output and in the result files); then one export + bench
 per task over the base, the fine-tuned models and, scored but not timed, the models pruned at the
 largest ratio before fine-tuning (what fine-tuning recovers, where pruning costs most; unless the
 recipe leaves them out). Finished stages with the same recipe are
@@ -56,6 +58,7 @@ class DemoModel:
     evaluation: Evaluation
     pruned: list[Path] = field(default_factory=list)
     finetuned: list[Path] = field(default_factory=list)
+    idle: list[str] = field(default_factory=list)  # pruned models not fine-tuned: why (buys nothing here)
 
 
 @dataclass
@@ -123,9 +126,10 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
         calls = [dict(ratios=ratios)]
         size = task.prior_size(task.dataset(root, "test"))  # what the priors see on the test data
         if recipe.hardware_widths:
-            # ... and at the largest ratio with the widths this device runs fastest (--round-to auto).
-            calls.append(dict(ratios=[max(ratios)], round_to="auto", size=size))
+            # ... and with the widths this device runs fastest (--round-to auto).
+            calls.append(dict(ratios=list(recipe.hardware_ratios or ratios), round_to="auto", size=size))
         pruned = []
+        idle = []  # measured widths that buy nothing here: not fine-tuned, not benched
         untuned = []  # scored as pruned, before fine-tuning: the largest ratio only (the headline)
         best_sha = sha256_file(best)
         for call in calls:
@@ -134,13 +138,22 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
                 # Pruned from this very base: hardware-aware widths are not measured again.
                 reporter.note(f"Reusing the pruned models {', '.join(p.name for p in paths)} "
                               "(--retrain to prune again).")
+                verdicts = [(read_manifest(p).get("pruning") or {}).get("hardware", {}).get("buys_nothing")
+                            and f"ratio {r:g} buys nothing on this device (measured when pruned)"
+                            for p, r in zip(paths, call["ratios"])]
             else:
                 results = prune_run(best, out=base_dir / "pruned", reporter=reporter, **call)
                 reporter.pruned(best, results, size)
                 paths = [p for p, _ in results]
-            pruned += paths
-            if recipe.score_unfinetuned:
-                untuned += [p for p, r in zip(paths, call["ratios"]) if r == max(ratios)]
+                verdicts = [rep.verdict() for _, rep in results]
+            for path, r, verdict in zip(paths, call["ratios"], verdicts):
+                if verdict:
+                    idle.append(f"{path.name}: {verdict}; not fine-tuned")
+                    reporter.note(idle[-1])
+                    continue
+                pruned.append(path)
+                if recipe.score_unfinetuned and r == max(ratios):
+                    untuned.append(path)
         reporter.stage(f"{name}: SPADE fine-tune")
         tuned = []
         for path in pruned:
@@ -154,7 +167,7 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
                     resume = not fresh and resumable(ft_out / "last.safetensors", ft_cfg, task)
                     finetune_run(path, strategy, best, root, ft_out, ft_cfg, task, resume=resume, reporter=reporter)
                 tuned.append(ft_out / "best.safetensors")
-        made.append(DemoModel(name, task_name, best, evaluation, pruned, tuned))
+        made.append(DemoModel(name, task_name, best, evaluation, pruned, tuned, idle))
         group = groups.setdefault(task_name, (task, root, []))
         group[2].extend([best, *untuned, *tuned])
     benches = {}
@@ -164,7 +177,9 @@ def run_demo(out: Path, models: Sequence[str] = ("deq",), retrain: bool = False,
         benches[task_name] = bench_checkpoints(checkpoints, list(backends), out / "engines", root, "test", task,
                                                repeats=repeats, warmup=1, device=device, out=out / "results",
                                                stem="bench-" + "+".join(mine), reporter=reporter,
-                                               time_unfinetuned=False)  # pruned, not fine-tuned: not deployed
+                                               time_unfinetuned=False,  # pruned, not fine-tuned: not deployed
+                                               notes=[f"{m.name}: {why}" for m in made if m.task == task_name
+                                                      for why in m.idle])
         reporter.benched(benches[task_name])
     return DemoResult(made, benches, time.perf_counter() - t0, out / "results")
 

@@ -7,7 +7,10 @@ GMAC/s of 32- or 64-wide ones (onnxruntime), and the small DEQ's prior pruned at
 32 filters about half as fast as when rounded to 16. So :func:`choose_widths` times the prior's own
 convolutions (their kinds, strides and input sizes at the data's shape) at every width near the one
 the ratio keeps and picks, per DepGraph group, the fastest of the widths with the best measured
-time per useful MAC.
+time per useful MAC; where none of those runs faster than the group's whole width (a CPU whose
+kernels run 19 of 32 filters slower than 32), the widths up to the whole one are candidates too, and
+the group stays whole where no narrower width pays. What a pruned model deploys is decided again on
+the deploying device (:mod:`spade_deploy.deploy.widths`: zero filters up to the widths it runs fastest).
 
 Every timing is the median of a few repeats, interleaved across all the calls being compared (one
 call of each per round), so drift and load hit all of them alike. A :class:`Timer` is injectable;
@@ -233,7 +236,11 @@ def choose_widths(
     paper-exact count ``k`` (and at most the group's channels) and no slower than ``k`` in all,
     those within ``margin`` of the least measured time per useful MAC of the group's convolutions,
     and of those the fastest in all; ``k`` itself unless the best time per MAC is at least
-    ``margin`` better than ``k``'s (so noise does not move it). Per MAC alone, a width as efficient
+    ``margin`` better than ``k``'s (so noise does not move it). That width must also pay against
+    the group's whole width ``c`` (the parent's): at least ``margin`` faster than ``c``. Where it
+    does not (a CPU whose kernels run 19 or 26 of 32 filters slower than all 32), the candidates
+    extend up to ``c``: the fastest width at least ``margin`` faster than ``c``, else ``c`` itself,
+    the group kept whole (the ratio buys nothing there). Per MAC alone, a width as efficient
     as a narrower one but slower in all would win on noise (USRNet's 19 of 32 filters: 16 and 22
     ran a MAC equally fast, 22 by 0.3 %, and 22 took 2.40 ms where 16 took 1.75). A group's convolutions also
     depend on the widths of the groups they connect to (a block's inner convolutions read and write
@@ -266,22 +273,34 @@ def choose_widths(
 
     current = dict(paper)
     result: dict[nn.Module, GroupWidth] = {}
+
+    def measure(outs, ins, widths, ms, mmacs) -> None:
+        per_w = {w: group_kinds(outs, ins, w) for w in widths if w not in ms}
+        seconds = timer.conv_seconds([kd for ks in per_w.values() for kd in ks])
+        ms.update({w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in per_w.items()})
+        mmacs.update({w: sum(kd.macs for kd in ks) / 1e6 for w, ks in per_w.items()})
+
     for _ in range(max_passes):
         changed = False
         for root, outs, ins, c in groups:
             k = paper[root]
-            per_w = {w: group_kinds(outs, ins, w) for w in widths_near(k, c)}
-            seconds = timer.conv_seconds([kd for ks in per_w.values() for kd in ks])
-            ms = {w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in per_w.items()}
-            mmacs = {w: sum(kd.macs for kd in ks) / 1e6 for w, ks in per_w.items()}
+            ms: dict[int, float] = {}
+            mmacs: dict[int, float] = {}
+            near = widths_near(k, c)
+            measure(outs, ins, [*near, c], ms, mmacs)
             # never slower than the paper's count: at small spatial sizes a wider layer can cost less
             # per MAC (fixed per-call costs) and more in all (USRNet's 96-pixel tiles: 19 -> 22)
-            per_mac = {w: ms[w] / mmacs[w] for w in ms if mmacs[w] > 0 and ms[w] <= ms.get(k, math.inf)}
+            per_mac = {w: ms[w] / mmacs[w] for w in near if mmacs[w] > 0 and ms[w] <= ms.get(k, math.inf)}
             best = min(per_mac.values()) if per_mac else None
             w_best = k
             if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
                 # of the widths as efficient as the best (within the margin), the fastest in all
                 w_best = min((w for w, v in per_mac.items() if v <= best * (1 + margin)), key=lambda w: (ms[w], -w))
+            if not ms[w_best] <= ms[c] * (1 - margin):
+                # No width near the paper's pays against the whole group here: look up to c.
+                measure(outs, ins, range(min(ms), c + 1), ms, mmacs)
+                paying = [w for w in ms if ms[w] <= ms[c] * (1 - margin)]
+                w_best = min(paying, key=lambda w: (ms[w], -w)) if paying else c
             result[root] = GroupWidth([names[m] for m in outs], c, k, w_best, ms, mmacs)
             if w_best != current[root]:
                 changed = True
@@ -294,3 +313,9 @@ def choose_widths(
             break
     chosen = [(root, result[root]) for root, *_ in groups]
     return chosen
+
+
+def keeps_whole(groups: Iterable[GroupWidth]) -> bool:
+    """Every group kept at its whole width: a ratio that buys nothing on the measuring device."""
+    groups = list(groups)
+    return bool(groups) and all(g.chosen >= g.channels for g in groups)

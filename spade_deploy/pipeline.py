@@ -265,13 +265,15 @@ class BenchRun:
 
 def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engines: Path, root: Path | None,
                       split: str, task, repeats: int, warmup: int, device: str, out: Path, stem: str = "bench",
-                      reporter: Reporter | None = None, time_unfinetuned: bool = True) -> BenchRun:
+                      reporter: Reporter | None = None, time_unfinetuned: bool = True,
+                      notes: Sequence[str] = ()) -> BenchRun:
     """Score and time the unpruned model and its pruned / fine-tuned variants on every back-end
     (:func:`~spade_deploy.bench.run_bench`), exporting the priors into ``engines`` where no intact
     export of a checkpoint is there; write ``<stem>.json / .csv / .md`` and the figures into ``out``.
 
     Every check (back-ends, device, outputs, existing exports, the split) runs before anything is
-    written. ``time_unfinetuned=False``: pruned models not fine-tuned are scored, not timed."""
+    written. ``time_unfinetuned=False``: pruned models not fine-tuned are scored, not timed.
+    ``notes``: lines the result files carry (the demo's pruned models left out, and why)."""
     reporter = reporter or Reporter()
     backends = list(backends)
     for b in backends:
@@ -320,6 +322,7 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
     with reporter.progress("benchmarking", transient=True) as update:
         result = B.run_bench(variants, deployers, test_ds, task, repeats=repeats, warmup=warmup, device=device,
                              on_progress=lambda what, i, n: update(i, n, description=what))
+    result.notes = list(notes)
     paths = B.write_results(result, out, stem)
     if any(v.strategy for v in variants):
         paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png", backend=backends[0])

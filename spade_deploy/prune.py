@@ -13,8 +13,11 @@ Widths: the paper keeps ``int(c * (1 - ratio))`` of every group's ``c`` channels
 ``round_to=N`` rounds that down to a multiple of ``N`` (torch-pruning's ``round_to``);
 ``round_to="auto"`` keeps, per group, the fastest of the widths near the paper's count that the run
 device runs fastest per useful MAC (:func:`spade_deploy.hwaware.choose_widths`), handed to torch-pruning as a per-group
-``pruning_ratio_dict``. :func:`search_speedup` searches the ratio whose *measured* prior latency is a
-given factor below the unpruned prior's.
+``pruning_ratio_dict``; where no width near the paper's runs faster than the group's whole width
+on that device, the group is kept whole, and where the pruned priors, timed against the unpruned
+ones, gain less than :data:`MIN_GAIN`, the ratio *buys nothing* here (:attr:`PruneReport.buys_nothing`,
+said by ``spade prune`` and the demo, recorded in the manifest). :func:`search_speedup` searches the
+ratio whose *measured* prior latency is a given factor below the unpruned prior's.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from torch import nn
 
 from .checkpoint import load_model, save_model
 from .errors import SpadeError
-from .hwaware import TOLERANCE, DeviceTimer, GroupWidth, Timer, choose_widths, ratio_keeping
+from .hwaware import TOLERANCE, DeviceTimer, GroupWidth, Timer, choose_widths, keeps_whole, ratio_keeping
 from .models import Reconstructor, count_parameters, layer_shapes
 from .paths import sha256_file
 
 PAPER_RATIOS = (0.05, 0.1, 0.2, 0.4)
 # The input size latencies and convolution widths are measured at: the embedded data's 160 x 160.
 MEASURE_SIZE = (160, 160)
+# Measured widths whose priors run less than this fraction faster than the unpruned ones buy nothing.
+MIN_GAIN = 0.03
 
 
 @dataclass
@@ -62,6 +67,34 @@ class PruneReport:
     measure_size: tuple[int, int] | None = None  # "auto" widths: the input size convolutions were timed at
     device: str | None = None
     speedup: "SpeedupSearch | None" = None
+    # "auto" widths: all priors timed against the unpruned ones, interleaved ({"unpruned": ms, "pruned": ms})
+    prior_ms: dict[str, float] = field(default_factory=dict)
+    parent_widths: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # prior -> layer -> [in, out]
+
+    @property
+    def gain(self) -> float | None:
+        """The measured fall of the priors' time (0.25: 25 % faster), None where not measured."""
+        if not self.prior_ms:
+            return None
+        return 1 - self.prior_ms["pruned"] / self.prior_ms["unpruned"]
+
+    @property
+    def buys_nothing(self) -> bool:
+        """Measured widths that keep every group whole, or gain less than :data:`MIN_GAIN` here."""
+        groups = [g for p in self.priors for g in p.groups]
+        whole = keeps_whole(groups)
+        return whole or (self.gain is not None and self.gain < MIN_GAIN)
+
+    def verdict(self) -> str | None:
+        """One line where measured widths buy nothing on the measuring device, else None."""
+        if self.round_to != "auto" or not self.buys_nothing:
+            return None
+        why = ("no width near the paper's runs faster than the whole group: every group kept whole"
+               if keeps_whole(g for p in self.priors for g in p.groups)
+               else f"the pruned priors run only {100 * (self.gain or 0):.1f} % faster (< {100 * MIN_GAIN:g} %)")
+        measured = (f" ({self.prior_ms['unpruned']:.2f} -> {self.prior_ms['pruned']:.2f} ms per call of the priors)"
+                    if self.prior_ms else "")
+        return f"ratio {self.ratio:g} buys nothing on {self.device}: {why}{measured}"
 
     @property
     def macs_before(self) -> int:
@@ -85,10 +118,15 @@ class PruneReport:
             "macs_before": self.macs_before, "macs_after": self.macs_after,
             "macs_input": list(self.example_size),
         }
+        if self.parent_widths:
+            entry["parent_widths"] = self.parent_widths
         if any(p.groups for p in self.priors):
             entry["hardware"] = {
                 "device": self.device, "input": list(self.measure_size or ()), "tolerance": TOLERANCE,
                 "groups": {p.name: [g.as_dict() for g in p.groups] for p in self.priors},
+                "prior_ms": {k: round(v, 4) for k, v in self.prior_ms.items()},
+                "gain": None if self.gain is None else round(self.gain, 4),
+                "buys_nothing": self.buys_nothing,
             }
         if self.speedup is not None:
             entry["target_speedup"] = self.speedup.as_dict()
@@ -169,6 +207,7 @@ def prune_model(
     example_size: tuple[int, int] = (64, 64),
     timer: Timer | None = None,
     measure_size: tuple[int, int] = MEASURE_SIZE,
+    measure_gain: bool = True,
 ) -> tuple[Reconstructor, PruneReport]:
     """Return a pruned deep copy of ``model`` and what changed.
 
@@ -176,7 +215,9 @@ def prune_model(
     CUDA GPU if any, else the CPU) at ``measure_size``; MACs are counted at ``example_size``. Only
     the deployed priors (:meth:`Reconstructor.priors`) get measured widths: a module pruned with
     them but left in PyTorch (USRNet's hyper-parameter MLP, a few microseconds on a 1 x 1 input)
-    keeps the paper's count, which its timing noise would otherwise move at random."""
+    keeps the paper's count, which its timing noise would otherwise move at random. With "auto"
+    widths and ``measure_gain``, the pruned priors are then timed against the unpruned ones
+    (:attr:`PruneReport.gain`, :attr:`PruneReport.buys_nothing`)."""
     ratio = check_ratio(ratio)
     round_to = check_widths(round_to)
     if round_to == "auto" and timer is None:
@@ -198,7 +239,8 @@ def prune_model(
                                    pruned.prior_output_layers(name), timer)
             groups = [g for _, g in chosen]
             # One local scope per group, pruned to exactly the chosen width.
-            ratio_dict = {root: ratio_keeping(g.channels, g.chosen) for root, g in chosen}
+            ratio_dict = {root: ratio_keeping(g.channels, g.chosen) if g.chosen < g.channels else 0.0
+                          for root, g in chosen}
         with warnings.catch_warnings():
             # 0-d learnable scalars (the EDSR residual scale) have no channel dimension to prune.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -222,7 +264,11 @@ def prune_model(
                                    {k: v for k, v in layer_shapes(prior).items()}, groups))
     report = PruneReport(ratio, round_to, params_before, count_parameters(pruned), reports, tuple(example_size),
                          tuple(measure_size) if round_to == "auto" else None,
-                         timer.device if round_to == "auto" else None)
+                         timer.device if round_to == "auto" else None,
+                         parent_widths={n: layer_shapes(p) for n, p in model.priors().items()})
+    if round_to == "auto" and measure_gain and not keeps_whole(g for p in reports for g in p.groups):
+        sec = timer.prior_seconds({"unpruned": model, "pruned": pruned}, tuple(measure_size))
+        report.prior_ms = {k: 1000 * v for k, v in sec.items()}
     return pruned, report
 
 
@@ -254,7 +300,7 @@ def search_speedup(
     tried = []
     seen: dict[str, dict] = {}  # ratios that keep the same widths are the same model: timed once
     for _ in range(max_steps):
-        pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=size)
+        pruned, report = prune_model(model, ratio, round_to, timer=timer, measure_size=size, measure_gain=False)
         shapes = repr(sorted((p.name, sorted(p.widths.items())) for p in report.priors))
         sec = seen.get(shapes) or timer.prior_seconds({"unpruned": model, "pruned": pruned}, size)
         seen[shapes] = sec

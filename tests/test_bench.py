@@ -100,7 +100,10 @@ def test_bench_default_auto_table_is_whole_through_a_pipe(tiny_dataset, tmp_path
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
     assert [(r["ratio"], r["backend"]) for r in rows] == [(0.0, "torch"), (0.0, "auto"), (0.4, "auto")]
-    assert all(r["engine"] in ("torch", "onnxruntime") for r in rows[1:]) and rows[0]["engine"] == "torch"
+    # what ran: the reference as it is (eager PyTorch, NCHW), the deployments on the engine auto chose
+    assert rows[0]["engine"] == "eager NCHW" and rows[0]["precision"] == "fp32"
+    assert all(r["engine"].startswith(("channels-last", "torch.compile", "onnxruntime")) for r in rows[1:]), rows
+    assert all(r["precision"] for r in rows) and "deployed_widths" in rows[2] and "width_choice" in rows[2]
     assert rows[2]["widths"] == "paper" and rows[0]["widths"] is None
     # Every test slice timed (the tiny test split has two), iterations per slice recorded.
     assert len(data["config"]["slices"]) == 2 and data["config"]["rounds"] == 2
@@ -245,3 +248,51 @@ def test_print_table_folds_columns_on_a_narrow_terminal():
         for cell in row:
             assert cell in text
     assert text.count(rows[0][0]) > 1  # the first column repeated in every fold
+
+
+def test_rows_say_what_ran_in_which_precision_and_at_which_widths(tiny_dataset, tmp_path):
+    """Every row names its engine and precision as the deployment set them (else from the engines
+    ``auto`` chose, else eager NCHW for the model as it is), and the widths a deployment padded to."""
+    from spade_deploy.bench import Variant, columns, run_bench, table_rows, write_results
+    from spade_deploy.deploy.widths import deploy_widths
+    from spade_deploy.mri.physics import center_fraction_for
+    from spade_deploy.mri.task import MRITask
+    from spade_deploy.prune import prune_model
+    from test_hwaware import WholeIsFastest
+
+    torch.manual_seed(0)
+    base = build_model("deq", preset="small")
+    pruned, _ = prune_model(base, 0.4)
+    variants = [Variant("deq", 0.0, None, base), Variant("deq", 0.4, "school", pruned, widths="paper")]
+
+    def channels_last(v, sample):  # as auto records its choice, and the widths padded on a device where 32 pays
+        model = deploy_widths(v.model, "cpu", shape=(24, 24), timer=WholeIsFastest())
+        model = copy.deepcopy(model)
+        model.engine_choice = {"prior": "torch"}
+        return model
+
+    def labelled(v, sample):  # a deployment that sets its own label and precision
+        model = copy.deepcopy(v.model)
+        model.engine_label, model.precision = "channels-last bf16->fp32", "bf16->fp32"
+        return model
+
+    clock = [0.0]
+
+    def timer():
+        clock[0] += 0.001
+        return clock[0]
+
+    res = run_bench(variants, {"auto": channels_last, "bf16": labelled}, _split(tiny_dataset),
+                    MRITask(6, center_fraction_for(6)), warmup=0, repeats=1, timer=timer)
+    got = [(r.ratio, r.backend, r.engine, r.precision, r.deployed_widths) for r in res.rows]
+    assert got == [(0.0, "torch", "eager NCHW", "fp32", None), (0.0, "auto", "channels-last", "fp32", None),
+                   (0.0, "bf16", "channels-last bf16->fp32", "bf16->fp32", None),
+                   (0.4, "auto", "channels-last", "fp32", "19->32"), (0.4, "bf16", "channels-last bf16->fp32", "bf16->fp32", None)]
+    assert res.rows[3].width_choice["kept"] == "parent" and res.rows[3].width_choice["widths"]["prior"]["head"] == 32
+    cells = table_rows(res)[3]
+    cols = columns(res)
+    assert cells[cols.index("deployed widths")] == "19->32" and cells[cols.index("precision")] == "fp32"
+    res.notes = ["deq: best.pruned-0.2.hw.safetensors: ratio 0.2 buys nothing on cpu; not fine-tuned"]
+    paths = write_results(res, tmp_path, "b")
+    assert "ratio 0.2 buys nothing" in paths["md"].read_text() and "# note: deq:" in paths["csv"].read_text()
+    assert json.loads(paths["json"].read_text())["notes"] == res.notes

@@ -145,3 +145,37 @@ def test_library_demo_refuses_a_model_without_recipe(tmp_path):
     with pytest.raises(SpadeError, match="no demo recipe for 'unet'"):
         run_demo(tmp_path / "demo", ["unet"])
     assert not (tmp_path / "demo").exists()
+
+
+def test_library_demo_does_not_fine_tune_measured_widths_that_buy_nothing(tiny_dataset, tmp_path, monkeypatch):
+    """A device where no width below the parent's runs faster (the injected timer): the measured
+    widths keep every group whole, so the demo prunes them, says the ratio buys nothing here, and
+    spends no fine-tuning on them; the paper-exact variant is still fine-tuned, for reproduction.
+    The result files say which variant was left out and why."""
+    import dataclasses
+
+    import spade_deploy.pipeline as pipeline
+    from test_hwaware import WholeIsFastest
+
+    monkeypatch.setattr(pipeline, "default_timer", lambda device=None: WholeIsFastest())
+    recipe = dataclasses.replace(TINY_DEQ, hardware_widths=True, score_unfinetuned=False)
+    out = tmp_path / "demo"
+    rec = Recorder()
+    result = run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=rec, recipes={"deq": recipe},
+                      data={"mri": tiny_dataset.root})
+    (made,) = result.models
+    assert [p.name for p in made.pruned] == ["best.pruned-0.4.safetensors"]
+    assert len(made.finetuned) == 3 and all("hw" not in p.parent.name for p in made.finetuned)
+    assert len(made.idle) == 1 and made.idle[0].startswith("best.pruned-0.4.hw.safetensors: ratio 0.4 buys nothing")
+    assert (out / "deq" / "pruned" / "best.pruned-0.4.hw.safetensors").is_file()  # pruned, kept, not fine-tuned
+    notes = [e[1] for e in rec.events if e[0] == "note"]
+    assert any("buys nothing" in n and "not fine-tuned" in n for n in notes), notes
+    md = (out / "results" / "bench-deq.md").read_text()
+    assert "Note: deq: best.pruned-0.4.hw.safetensors: ratio 0.4 buys nothing" in md
+    assert [r.widths for r in result.benches["mri"].result.rows] == [None, "paper", "paper", "paper"]
+    # a second run reuses the pruned models and still leaves the measured widths out
+    again = Recorder()
+    run_demo(out, ["deq"], backends=["torch"], repeats=1, reporter=again, recipes={"deq": recipe},
+             data={"mri": tiny_dataset.root})
+    notes = [e[1] for e in again.events if e[0] == "note"]
+    assert any("buys nothing" in n for n in notes) and not any(n.startswith("fine-tuned") for n in notes), notes

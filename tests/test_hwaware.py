@@ -58,7 +58,8 @@ def test_auto_widths_take_the_faster_nearby_width_and_keep_the_paper_count_other
     assert _widths(hw) == {16}  # within 20 % below 19 and twice as fast per MAC
     groups = report.priors[0].groups
     assert len(groups) == 5  # the residual trunk and the 4 blocks' inner channels
-    assert all(g.paper == 19 and g.chosen == 16 and set(g.ms) == set(range(16, 23)) for g in groups)
+    # the widths near the paper's count, and the whole group's (what the choice must beat)
+    assert all(g.paper == 19 and g.chosen == 16 and set(g.ms) == {*range(16, 23), 32} for g in groups)
     assert {(k.height, k.width) for k in timer.seen} == {(40, 40)}  # timed at the measuring size
 
     # Time proportional to MACs: no width is faster per MAC, so the paper's count stays, exactly.
@@ -79,13 +80,20 @@ class OverheadBound(MacTimer):
     is slower in all."""
 
     def conv_seconds(self, kinds):
-        return {k: 1e-3 + v for k, v in super().conv_seconds(kinds).items()}
+        return {k: self.overhead + v for k, v in super().conv_seconds(kinds).items()}
+
+    overhead = 2e-6  # about a 32 -> 32 convolution's MACs at 24 x 24
 
 
 def test_auto_widths_are_never_slower_than_the_paper_count():
     _, report = prune_model(_small(), 0.4, "auto", timer=OverheadBound(), measure_size=(24, 24))
     groups = report.priors[0].groups
     assert all(g.chosen <= g.paper and g.ms[g.chosen] <= g.ms[g.paper] for g in groups)
+    # where the fixed cost is everything, no narrower width pays against the whole group: kept whole
+    whole = OverheadBound()
+    whole.overhead = 1e-3
+    _, report = prune_model(_small(), 0.4, "auto", timer=whole, measure_size=(24, 24))
+    assert all(g.chosen == 32 for g in report.priors[0].groups) and report.buys_nothing
 
 
 class SlightlyFaster(MacTimer):
@@ -119,7 +127,9 @@ def test_variants_get_their_own_files_and_manifests(tmp_path):
     assert p["macs_after"] < pm["pruning"]["macs_after"]
     groups = p["hardware"]["groups"]["prior"]
     assert p["hardware"]["input"] == [32, 32] and p["hardware"]["device"] == "mock"
-    assert all(g["paper"] == 19 and g["chosen"] == 16 and len(g["ms"]) == 7 for g in groups)
+    assert all(g["paper"] == 19 and g["chosen"] == 16 and len(g["ms"]) == 8 for g in groups)
+    assert p["hardware"]["buys_nothing"] is False and p["hardware"]["gain"] > 0.4  # measured on the priors
+    assert p["parent_widths"]["prior"]["head"] == [2, 32]  # the unpruned widths, per layer
     assert _widths(model) == {16}
 
 
@@ -249,3 +259,48 @@ def test_auto_widths_leave_a_module_kept_in_pytorch_at_the_paper_count():
     hw, report = prune_model(model, 0.4, "auto", timer=MacTimer(fast=True), measure_size=(32, 32))
     assert layer_shapes(hw.h) == layer_shapes(paper.h)
     assert [p.name for p in report.priors if p.groups] == ["prior"]  # the ResUNet's groups were timed
+
+
+class WholeIsFastest(MacTimer):
+    """A CPU whose kernels run any convolution writing or reading fewer than 32 channels (but more
+    than 2) at 32's cost or more (issue 27: 19 and 26 of 32 filters slower than all 32)."""
+
+    def conv_seconds(self, kinds):
+        def cost(k):
+            full = k.with_widths(in_ch=32 if 2 < k.in_ch < 32 else k.in_ch, out_ch=32 if 2 < k.out_ch < 32 else k.out_ch)
+            narrow = k != full
+            return full.macs * 1e-12 * (1.1 if narrow else 1.0)
+        return {k: cost(k) for k in kinds}
+
+    def prior_seconds(self, models, size):
+        return {label: sum(sum(self.conv_seconds(list(conv_kinds(p, m.prior_example_input(n, *size)).values())).values())
+                           for n, p in m.priors().items()) for label, m in models.items()}
+
+
+def test_auto_widths_keep_the_group_whole_where_no_narrower_width_pays(tmp_path):
+    """Where every width below the parent's runs slower than the parent's, --round-to auto keeps
+    every group whole, and the ratio is reported as buying nothing (manifest and CLI line)."""
+    model = _small()
+    pruned, report = prune_model(model, 0.2, "auto", timer=WholeIsFastest(), measure_size=(24, 24))
+    assert all(g.chosen == g.channels == 32 for g in report.priors[0].groups)
+    assert layer_shapes(pruned.prior) == layer_shapes(model.prior)
+    assert report.buys_nothing and "ratio 0.2 buys nothing on mock" in report.verdict()
+    entry = report.manifest_entry("src")
+    assert entry["hardware"]["buys_nothing"] is True
+    # where the narrower widths pay, the ratio buys something and says nothing
+    _, fast = prune_model(model, 0.4, "auto", timer=MacTimer(fast=True), measure_size=(24, 24))
+    assert not fast.buys_nothing and fast.verdict() is None and fast.gain > 0.03
+
+
+def test_prune_cli_says_which_ratios_buy_nothing(tmp_path, monkeypatch):
+    import spade_deploy.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "default_timer", lambda device=None: WholeIsFastest())
+    src = save_model(tmp_path / "m.safetensors", _small())
+    res = runner.invoke(app, ["prune", str(src), "-r", "0.1", "-r", "0.4", "--round-to", "auto", "--size", "24",
+                              "-o", str(tmp_path / "p")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if "buys nothing" in line]
+    assert len(lines) == 2 and lines[0].startswith("ratio 0.1 buys nothing") and lines[1].startswith("ratio 0.4")
+    _, manifest = load_model(tmp_path / "p" / "m.pruned-0.4.hw.safetensors")
+    assert manifest["pruning"]["hardware"]["buys_nothing"] is True

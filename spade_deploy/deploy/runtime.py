@@ -22,6 +22,7 @@ from ..models import Reconstructor
 from ..paths import sha256_file
 from .engines import backend_names, deploy_auto
 from .export import member_path, read_export_manifest
+from .widths import deploy_widths
 from .priors import OrtPrior, TrtPrior
 
 BACKENDS = backend_names()  # auto, and the engines registered as back-ends (spade_deploy.deploy.engines)
@@ -132,6 +133,8 @@ def deploy(model: Reconstructor, backend: str, manifest_path: str | Path | None 
     if backend == "auto":
         if manifest_path is not None:  # the engines it may pick must belong to this model
             verify_export(model, "onnxruntime", manifest_path, checkpoint_sha256)
+        # Deploy-time widths: a pruned prior padded with zero filters to the widths this device runs fastest.
+        model = deploy_widths(model, device, shape=shape, sample=sample)
         return deploy_auto(model, manifest_path, device, shape=shape, sample=sample)
     if backend == "torch":
         return placed(model, dev)

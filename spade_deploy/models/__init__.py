@@ -168,7 +168,10 @@ class DemoRecipe:
     finetune: dict[str, Any]  # strategy -> TrainConfig
     task_options: dict = field(default_factory=dict)  # the task's options (Task.from_cli), its defaults otherwise
     ratios: tuple[float, ...] | None = None  # pruning ratios (None: the paper's 0.05 0.1 0.2 0.4)
-    hardware_widths: bool = True  # also prune the largest ratio to the widths measured fastest here
+    # Also prune to the widths measured fastest here (--round-to auto), at ``hardware_ratios``
+    # (None: every ratio); those that buy nothing on this device are not fine-tuned.
+    hardware_widths: bool = True
+    hardware_ratios: tuple[float, ...] | None = None
     # The bench also scores the models pruned at the largest ratio before fine-tuning (not timed).
     score_unfinetuned: bool = True
 
