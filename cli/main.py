@@ -351,7 +351,33 @@ def reconstruct(
 
 @app.command()
 @user_errors
+def maps(
+    data: Annotated[Path, typer.Argument(help="A fastMRI-format or ISMRMRD raw .h5 file, or a folder of them.")],
+    acceleration: Annotated[int, typer.Option("--acceleration", "-a", help="The sampling the maps are for: its default centre fraction (files with a mask: their own ACS block).")] = 6,
+    center_fraction: Annotated[Optional[float], typer.Option(help="Fraction of auto-calibration lines (default per acceleration).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of estimated coil maps (default: $XDG_CACHE_HOME/spade-deploy or ~/.cache/spade-deploy; never the data folder).")] = None,
+    cache_size: Annotated[Optional[str], typer.Option("--cache-size", help="The cache's budget (e.g. 200G; default $SPADE_MAPS_CACHE_SIZE, else 20G): least recently used maps are removed beyond it.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="R/N: this process's share of the files, balanced by slices (default: torchrun's RANK/WORLD_SIZE where set, else all).")] = None,
+):
+    """MRI: estimate the ESPIRiT coil maps of every slice under DATA into the coil-map cache ahead of a run (what eval, finetune, reconstruct and bench would estimate at this sampling)."""
+    from spade_deploy.mri.coilmaps import build_maps, parse_size as parse_bytes
+    from spade_deploy.mri.physics import center_fraction_for
+
+    check_sampling(acceleration, center_fraction)
+    budget, part = parse_bytes(cache_size, "--cache-size"), parse_shard(shard)
+    cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
+    with ConsoleReporter().progress("estimating coil maps") as update:
+        res = build_maps(data, cf, cache_dir, budget, part, on_slice=update)
+    console.print(f"{res.slices} slices of {res.files} files{f' (shard {part})' if part.count > 1 else ''}: "
+                  f"{res.computed} estimated, {res.slices - res.computed} already cached; the cache holds "
+                  f"{res.usage.entries} maps, {res.usage.bytes / 2**20:,.1f} MiB of its {res.budget / 2**20:,.0f} MiB")
+
+
+
+@app.command()
+@user_errors
 def serve(
+
     checkpoint: Annotated[Path, typer.Argument(help="An MRI checkpoint (pruned, fine-tuned) written by spade.")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; the default takes local clients only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (9002: the open-source MRD servers' port; 0: any free port, named in the readiness line).")] = 9002,

@@ -363,3 +363,126 @@ def test_an_acquired_mask_is_used_as_acquired(make_fastmri_file):
     np.testing.assert_array_equal(physics.mask.reshape(-1).numpy(), mask)
     np.testing.assert_array_equal(y[0].numpy(), arr["kspace"][0] * mask)
     assert ((physics.smaps.abs() ** 2).sum(1) <= 1 + 1e-5).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# data that outgrows memory: the coil-map cache's budget, `spade maps`, maps made in loader
+# workers, evaluation scored volume by volume
+def _slices(root: Path):
+    ds = reader.SliceDataset(root)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_coil_map_cache_keeps_its_budget_evicting_the_least_recently_used(tiny_dataset, tmp_path):
+    from spade_deploy.mri.coilmaps import CoilMapEstimator, cache_usage, centre_block
+
+    items = _slices(tiny_dataset.root / "train")  # 4 slices, 147,584 bytes of maps each
+    acs = centre_block(items[0]["kspace"].shape[-1], 0.08)
+    entry = 147_584
+    est = CoilMapEstimator(tmp_path / "c", memory_bytes=0, budget=2 * entry + entry // 2)  # room for two
+    maps = [est(it["kspace"].numpy(), acs) for it in items[:2]]
+    folder = tmp_path / "c" / "espirit"
+    older = folder / f"{est.key(items[0]['kspace'].numpy(), acs)}.npy"
+    import os
+    os.utime(older, (1, 1))  # slice 0's entry now the least recently used...
+    fresh = CoilMapEstimator(tmp_path / "c", memory_bytes=0, budget=est.budget)
+    np.testing.assert_array_equal(fresh(items[0]["kspace"].numpy(), acs), maps[0])  # ...until read again
+    assert fresh.computed == 0 and older.stat().st_mtime > 1
+    fresh(items[2]["kspace"].numpy(), acs)  # a third entry: slice 1's, now the oldest, goes
+    usage = cache_usage(folder)
+    assert usage.entries == 2 and usage.bytes <= est.budget
+    kept = {p.stem for p in folder.glob("*.npy")}
+    assert kept == {est.key(items[i]["kspace"].numpy(), acs) for i in (0, 2)}
+    (folder / ".x.npy.abc.tmp").write_bytes(b"0")  # a temporary a killed writer left an hour ago
+    os.utime(folder / ".x.npy.abc.tmp", (1, 1))
+    fresh(items[3]["kspace"].numpy(), acs)
+    assert not (folder / ".x.npy.abc.tmp").exists() and cache_usage(folder).bytes <= est.budget
+
+
+def test_cache_budget_from_the_environment_and_bad_sizes(monkeypatch):
+    from spade_deploy.mri.coilmaps import BUDGET_ENV, DEFAULT_BUDGET, cache_budget
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    assert cache_budget() == DEFAULT_BUDGET
+    monkeypatch.setenv(BUDGET_ENV, "1.5G")
+    assert cache_budget() == int(1.5 * 2**30) and cache_budget("500M") == 500 * 2**20
+    monkeypatch.setenv(BUDGET_ENV, "lots")
+    with pytest.raises(SpadeError, match="not a size"):
+        cache_budget()
+
+
+def test_spade_maps_fills_the_cache_by_shards_for_what_runs_estimate(tiny_dataset, tmp_path):
+    """Two shards of `spade maps` estimate together what one does, and a later run's measurements
+    find every map in the cache (no ESPIRiT run)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from spade_deploy.mri.acquisition import make_batch
+
+    data = tiny_dataset.root / "train"
+    runner = CliRunner()
+    for name, shards in (("one", [None]), ("two", ["0/2", "1/2"])):
+        for shard in shards:
+            res = runner.invoke(app, ["maps", str(data), "--cache-dir", str(tmp_path / name),
+                                      *(["--shard", shard] if shard else [])])
+            assert res.exit_code == 0, res.output
+    one = sorted(p.name for p in (tmp_path / "one" / "espirit").glob("*.npy"))
+    assert len(one) == 4 and sorted(p.name for p in (tmp_path / "two" / "espirit").glob("*.npy")) == one
+    ds = reader.SliceDataset(data, cache_dir=tmp_path / "two")
+    batch = make_batch(reader.collate([ds[i] for i in range(len(ds))]), 6, 0.08, None)  # random mask offsets
+    assert ds.estimator.computed == 0 and batch.physics.smaps.shape == (4, 8, 48, 48)
+    res = runner.invoke(app, ["maps", str(data), "--cache-dir", str(data / "cache")])
+    assert res.exit_code == 1 and "data folder" in res.stderr and not (data / "cache").exists()
+
+
+def test_evaluation_scores_each_volume_when_complete_and_maps_come_from_workers(tiny_dataset, tmp_path, monkeypatch):
+    """`evaluate` holds one volume's arrays at a time, scores exactly as scoring every volume at
+    the end did (fastMRI's evaluate() on the stacked volumes), and with loader workers the coil
+    maps are estimated in the workers, not in the evaluating process."""
+    from spade_deploy.models import build_model
+    from spade_deploy.mri import task as mri_task
+    from spade_deploy.mri.metrics import evaluate_volumes, fastmri_crop, recon_magnitude
+
+    torch.manual_seed(0)
+    model = build_model("deq", preset="tiny")
+    root = tmp_path / "data"
+    root.mkdir()
+    for split in ("train", "test"):
+        for f in (tiny_dataset.root / split).glob("*.h5"):
+            (root / f.name).write_bytes(f.read_bytes())  # 3 volumes of 2 slices
+    held = []
+    add = mri_task._VolumeScores.add
+
+    def spy(self, *args):
+        add(self, *args)
+        held.append(sum(len(v) for v in self.open.values()))
+
+    monkeypatch.setattr(mri_task._VolumeScores, "add", spy)
+    scores = {}
+    for workers in (0, 2):
+        t = mri_task.MRITask(6)
+        t.workers = workers
+        ds = t.dataset(root)
+        ds.estimator.cache_dir = tmp_path / f"cache-{workers}"
+        scores[workers] = t.evaluate(model, ds, batch_size=1)
+        assert ds.estimator.computed == (6 if workers == 0 else 0)  # the workers estimated them
+        assert len(list((tmp_path / f"cache-{workers}" / "espirit").glob("*.npy"))) == 6
+    assert max(held) == 1  # a volume is scored and dropped as soon as its last slice is in
+    a, b = scores[0], scores[2]
+    assert (a.psnr, a.ssim, a.nmse, a.psnr_zero_filled, a.n_slices) == pytest.approx(
+        (b.psnr, b.ssim, b.nmse, b.psnr_zero_filled, b.n_slices), rel=1e-6)
+    # the old way: every volume's arrays kept, scored at the end
+    t = mri_task.MRITask(6)
+    ds = t.dataset(root)
+    ds.estimator.cache_dir = tmp_path / "cache-0"
+    gts, preds = {}, {}
+    with torch.no_grad():
+        for items in t.loader(ds, 1):
+            batch = t.eval_batch(items)
+            out = recon_magnitude(model(batch.y, batch.physics), batch.meta["recon_size"])
+            f = batch.meta["fnames"][0]
+            gts.setdefault(f, []).append(batch.target[0].numpy())
+            preds.setdefault(f, []).append(out[0].numpy())
+    ref = evaluate_volumes({f: fastmri_crop(np.stack(gts[f]), np.stack(preds[f])) for f in gts})
+    assert (a.psnr, a.ssim, a.nmse) == pytest.approx((ref.psnr, ref.ssim, ref.nmse), rel=1e-5)
+    assert a.n_slices == 6 and set(a.per_volume) == set(gts)

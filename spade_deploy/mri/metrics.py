@@ -175,15 +175,17 @@ def evaluate_volumes(
     """
     if not pairs:
         raise SpadeError("no volumes to evaluate")
-    out: dict[str, VolumeMetrics] = {}
-    for name, (gt, pred) in pairs.items():
-        gt, pred = _numpy(gt), _numpy(pred)
-        if gt.ndim == 2:
-            gt, pred = gt[None], pred[None]
-        if pred.shape[-2:] != gt.shape[-2:]:
-            pred = center_crop(pred, gt.shape[-2:])
-        m = None if maxvals is None else maxvals.get(name)
-        out[name] = VolumeMetrics(
-            psnr=psnr(gt, pred, m), ssim=ssim(gt, pred, m), nmse=nmse(gt, pred), n_slices=int(gt.shape[0])
-        )
-    return EvaluationMetrics(per_volume=out)
+    return EvaluationMetrics(per_volume={name: volume_metrics(gt, pred, None if maxvals is None else maxvals.get(name))
+                                         for name, (gt, pred) in pairs.items()})
+
+
+def volume_metrics(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> VolumeMetrics:
+    """fastMRI's PSNR / SSIM / NMSE of one volume (:func:`evaluate_volumes`' per-volume scores):
+    scored as soon as the volume is complete, its arrays can go."""
+    gt, pred = _numpy(gt), _numpy(pred)
+    if gt.ndim == 2:
+        gt, pred = gt[None], pred[None]
+    if pred.shape[-2:] != gt.shape[-2:]:
+        pred = center_crop(pred, gt.shape[-2:])
+    return VolumeMetrics(psnr=psnr(gt, pred, maxval), ssim=ssim(gt, pred, maxval), nmse=nmse(gt, pred),
+                         n_slices=int(gt.shape[0]))

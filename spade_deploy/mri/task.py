@@ -28,7 +28,8 @@ from .reconstruct import reconstruct_checkpoint
 from ..archive import Shard
 from ..device import on_model_device
 from ..errors import SpadeError
-from .metrics import evaluate_volumes, fastmri_crop, psnr, recon_magnitude
+from .coilmaps import CoilMapEstimator, acs_block
+from .metrics import EvaluationMetrics, VolumeMetrics, fastmri_crop, psnr, recon_magnitude, volume_metrics
 from .physics import center_fraction_for, ifft2c, rss, synthetic_sample
 from ..progress import Reporter
 from ..options import CliOption, check_choice, check_number
@@ -151,7 +152,21 @@ class MRITask(Task):
                              "an acquisition mask (already undersampled)")
 
     def collate(self, items: list) -> Any:
-        return reader.collate(items)
+        """A batch of slices and, for estimated maps, the ESPIRiT maps of its measurements made
+        here: in the loader's worker processes when there are any (``--workers``), so that the
+        training or evaluation process does not wait on them. The maps depend only on the ACS
+        columns, which every mask of this task's sampling shares (fastMRI's equispaced masks keep
+        the centre block whatever their offset; an acquired mask its own)."""
+        batch = reader.collate(items)
+        estimator = batch["coil_maps"]
+        if batch["smaps"] is None and isinstance(estimator, CoilMapEstimator):
+            width = batch["kspace"].shape[-1]
+            try:
+                blocks = [acs_block(m.numpy() if m is not None else None, width, self.cf) for m in batch["mask"]]
+                batch["coil_maps"] = estimator.precomputed(batch["kspace"].numpy(), blocks)
+            except SpadeError:
+                pass  # the measurement reports the fault, in the calling process
+        return batch
 
     def prior_size(self, dataset: reader.SliceDataset) -> tuple[int, int]:
         return tuple(dataset[0]["kspace"].shape[-2:])
@@ -182,18 +197,15 @@ class MRITask(Task):
         Slices whose fixed-point solve stopped on its cap are listed in ``not_converged``.
         """
         model.eval()
-        preds: dict[str, dict[int, np.ndarray]] = {}
-        zfs: dict[str, dict[int, np.ndarray]] = {}
-        gts: dict[str, dict[int, np.ndarray]] = {}
-        sense: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         iters, resid, conv, not_converged = [], [], [], []
         coil_maps = "espirit"
         # the model's device (a deployed model's priors may run elsewhere; its operator runs here)
         device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
         loader = self.loader(dataset, batch_size, shuffle=False, seed=0)
         kwargs = {"solver": solver} if solver is not None and model.solver_cfg is not None else {}
+        volumes = _VolumeScores(dataset, loader)
         t0 = time.perf_counter()
-        for i, items in enumerate(loader):
+        for i, (indices, items) in enumerate(zip(volumes.batches, loader)):
             batch = on_model_device(self.eval_batch(items), model)
             if items["smaps"] is not None:
                 coil_maps = "file"
@@ -210,28 +222,14 @@ class MRITask(Task):
                 flags = info.converged.tolist()
                 conv += flags
                 not_converged += [f"{f}:{s}" for f, s, c in zip(batch.meta["fnames"], batch.meta["slices"], flags) if not c]
-            for b, (f, s) in enumerate(zip(batch.meta["fnames"], batch.meta["slices"])):
-                preds.setdefault(f, {})[s] = out[b].numpy()
-                zfs.setdefault(f, {})[s] = zf[b].cpu().numpy()
-                gts.setdefault(f, {})[s] = batch.target[b].cpu().numpy()
-                if ref_sense is not None:
-                    sense.setdefault(f, {})[s] = (ref_sense[b].cpu().numpy(), preds[f][s])
+            for b, (idx, f, s) in enumerate(zip(indices, batch.meta["fnames"], batch.meta["slices"])):
+                volumes.add(idx, f, s, batch.target[b].cpu().numpy(), out[b].numpy(), zf[b].cpu().numpy(),
+                            ref_sense[b].cpu().numpy() if ref_sense is not None else None)
+            del batch, x, out, zf, ref_sense
             if on_batch:
                 on_batch(i + 1, len(loader))
         seconds = time.perf_counter() - t0
-
-        def stack(d):
-            return {f: np.stack([v[s] for s in sorted(v)]) for f, v in d.items()}
-
-        gt_v, pr_v, zf_v = stack(gts), stack(preds), stack(zfs)
-        rec = evaluate_volumes({f: fastmri_crop(gt_v[f], pr_v[f]) for f in gt_v})
-        base = evaluate_volumes({f: fastmri_crop(gt_v[f], zf_v[f]) for f in gt_v})
-        sense_m = None
-        if sense and set(sense) == set(gts) and all(len(sense[f]) == len(gts[f]) for f in gts):
-            sense_m = evaluate_volumes({
-                f: fastmri_crop(np.stack([v[s][0] for s in sorted(v)]), np.stack([v[s][1] for s in sorted(v)]))
-                for f, v in sense.items()
-            })
+        rec, base, sense_m = volumes.results()
         return EvalResult(
             psnr=rec.psnr,
             ssim=rec.ssim,
@@ -245,7 +243,7 @@ class MRITask(Task):
             max_residual=float(np.max(resid)) if resid else None,
             all_converged=bool(all(conv)) if conv else None,
             not_converged=not_converged,
-            n_slices=sum(len(v) for v in gts.values()),
+            n_slices=volumes.n_slices,
             coil_maps=coil_maps,
             espirit=(dataclasses.asdict(dataset.estimator.params)
                      if coil_maps == "espirit" and hasattr(dataset, "estimator") else None),
@@ -381,3 +379,59 @@ class EvalResult:
     @property
     def ssim_baseline(self) -> float:
         return self.ssim_zero_filled
+
+
+class _VolumeScores:
+    """fastMRI's scores of each volume, taken as soon as its last slice is reconstructed, so that
+    evaluation holds the arrays of the volumes in progress only (one, in the loader's order) rather
+    than of the whole split. A dataset without ``volume_key`` (which file a sample belongs to)
+    keeps every slice until the end, scored by file name as before."""
+
+    def __init__(self, dataset: Dataset, loader):
+        self.batches = [list(b) for b in loader.batch_sampler]  # the loader's batches, in its order
+        key = getattr(dataset, "volume_key", None)
+        self.volume_of = key if callable(key) else (lambda idx: None)
+        self.left: dict = {}
+        for b in self.batches:
+            for idx in b:
+                v = self.volume_of(idx)
+                if v is not None:
+                    self.left[v] = self.left.get(v, 0) + 1
+        self.open: dict[str, dict[int, tuple]] = {}  # fname -> slice -> (gt, pred, zero-filled, sense ref)
+        self.rec: dict[str, VolumeMetrics] = {}
+        self.base: dict[str, VolumeMetrics] = {}
+        self.sense: dict[str, VolumeMetrics] = {}
+        self.sense_complete = True
+        self.n_slices = 0
+
+    def add(self, idx: int, fname: str, s: int, gt, pred, zf, sense_ref) -> None:
+        self.open.setdefault(fname, {})[s] = (gt, pred, zf, sense_ref)
+        self.n_slices += 1
+        v = self.volume_of(idx)
+        if v is not None:
+            self.left[v] -= 1
+            if self.left[v] == 0:
+                self._score(fname)
+
+    def _score(self, fname: str) -> None:
+        slices = self.open.pop(fname)
+        order = sorted(slices)
+
+        def vol(j):
+            return np.stack([slices[s][j] for s in order])
+
+        gt = vol(0)
+        self.rec[fname] = volume_metrics(*fastmri_crop(gt, vol(1)))
+        self.base[fname] = volume_metrics(*fastmri_crop(gt, vol(2)))
+        if all(slices[s][3] is not None for s in order):
+            self.sense[fname] = volume_metrics(*fastmri_crop(vol(3), vol(1)))
+        else:
+            self.sense_complete = False
+
+    def results(self) -> tuple[EvaluationMetrics, EvaluationMetrics, EvaluationMetrics | None]:
+        for fname in list(self.open):
+            self._score(fname)
+        if not self.rec:
+            raise SpadeError("no volumes to evaluate")
+        sense = EvaluationMetrics(self.sense) if self.sense and self.sense_complete else None
+        return EvaluationMetrics(self.rec), EvaluationMetrics(self.base), sense
