@@ -377,7 +377,6 @@ def maps(
 @app.command()
 @user_errors
 def serve(
-
     checkpoint: Annotated[Path, typer.Argument(help="An MRI checkpoint (pruned, fine-tuned) written by spade.")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; the default takes local clients only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (9002: the open-source MRD servers' port; 0: any free port, named in the readiness line).")] = 9002,
