@@ -159,3 +159,35 @@ def test_killed_run_redoes_only_missing_outputs_and_other_checkpoints_redo_all(a
     assert [k for k in now if now[k] != redone[k]] == [changed.name]
     stdout = _run(_args(other, data, out, "--skip-existing", "-a", "4"), env)
     assert "up to date" not in stdout, stdout
+
+
+def test_super_resolution_shards_and_skips_alike(tmp_path):
+    """`spade reconstruct` of SR images shares the options: shards split by pixels write what one
+    run writes, --skip-existing skips PNGs recording the same checkpoint and degradation, and
+    another kernel redoes them."""
+    import numpy as np
+    from PIL import Image
+
+    from spade_deploy.archive import RECORD_KEY
+    from spade_deploy.models import get_entry
+    from spade_deploy.sr.reconstruct import restore_checkpoint
+
+    rng = np.random.default_rng(0)
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    for i, size in enumerate([(24, 24), (32, 40), (24, 32)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(lr / f"im{i}.png")
+    ckpt = get_entry("usrnet").bundled_path("small")
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = restore_checkpoint(ckpt, lr, one, 2, "k1", backend="torch")
+    assert len(res.outputs) == 3
+    parts = [restore_checkpoint(ckpt, lr, two, 2, "k1", backend="torch", shard=Shard(r, 2)) for r in (0, 1)]
+    assert [len(p.outputs) for p in parts] == [1, 2]  # the 32 x 40 image alone, the two smaller together
+    assert _files(two) == _files(one)
+    with Image.open(one / "im0.png") as img:
+        assert sha256_file(ckpt) in img.text[RECORD_KEY]
+    stamps = _stamps(two)
+    again = restore_checkpoint(ckpt, lr, two, 2, "k1", backend="torch", skip_existing=True)
+    assert len(again.skipped) == 3 and _stamps(two) == stamps
+    other = restore_checkpoint(ckpt, lr, two, 2, "k2", backend="torch", skip_existing=True)
+    assert not other.skipped and all(_stamps(two)[k] != stamps[k] for k in stamps)
