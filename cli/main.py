@@ -143,9 +143,17 @@ def data(
     root: Annotated[Optional[Path], typer.Option("--root", help="Where to build (default: $SPADE_DATA or ./data/default).")] = None,
     seed: Annotated[int, typer.Option(help="Simulation seed (coils, phase, noise, contrasts).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete build exists.")] = False,
+    heldout: Annotated[bool, typer.Option("--heldout", help="Build instead, under --root/test, the held-out set: the same acquisition simulated from real MR images of other sources (nibabel's EPI brain series, matplotlib's sagittal head), for spade bench / eval --data ROOT.")] = False,
 ):
-    """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space)."""
+    """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space), or with --heldout a held-out set of other real MR images."""
     check_number("--seed", seed, 0, 2**31 - 1)
+    if heldout:
+        from spade_deploy.mri.heldout import heldout_report
+
+        if root is None:
+            raise SpadeError("--heldout needs --root (a new or empty folder)")
+        _show_table(heldout_report(root, seed=seed))
+        return
     _show_table(MRITask().build_data(root, seed=seed, force=force, reporter=ConsoleReporter()))
 
 

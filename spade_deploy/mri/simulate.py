@@ -376,18 +376,24 @@ def _simulate_volume(tpl: _Template, zs: list[int], cfg: SimConfig, rng: np.rand
         mag = (1 - t) * (t1 + w_t1[0] * csf + w_t1[1] * gm + w_t1[2] * wm) + t * t2
         images.append(mag * np.exp(1j * _smooth_phase(n, rng)))
         smaps.append(_coil_maps(n, (z - sum(CENTRAL_Z) / 2) / (cfg.fov_mm / 2), coils))
-    x = np.stack(images)  # (S, N, N)
+    k, s, r = acquire(np.stack(images), np.stack(smaps), cfg.snr, rng)
+    return _Volume(kspace=k, smaps=s, rss=r, acquisition="AXT1" if t < 0.5 else "AXT2", contrast=t)
+
+
+def acquire(x: np.ndarray, smaps: np.ndarray, snr: float, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The acquisition of complex images ``x`` (S, N, N) by coils ``smaps`` (S, C, N, N): the
+    images scaled so the 99th percentile of the brain's magnitude (pixels above 10 % of the peak)
+    is one, Fourier transformed per coil, with complex Gaussian noise at ``snr``. Returns
+    ``(kspace, smaps, rss)`` as complex64 / complex64 / float32 (the fastMRI file's datasets)."""
     brain = np.abs(x) > 0.1 * np.abs(x).max()
     x = x / np.percentile(np.abs(x)[brain], 99)
-    s = np.stack(smaps)  # (S, C, N, N)
-    sigma_noise = np.abs(x)[np.abs(x) > 0.1].mean() / cfg.snr
-    k = fft2c(torch.from_numpy(s * x[:, None])).numpy()
+    sigma_noise = np.abs(x)[np.abs(x) > 0.1].mean() / snr
+    k = fft2c(torch.from_numpy(smaps * x[:, None])).numpy()
     noise = rng.standard_normal(k.shape + (2,)) @ np.array([1.0, 1j]) * (sigma_noise / math.sqrt(2))
     k = (k + noise).astype(np.complex64)
     r = rss(ifft2c(torch.from_numpy(k)), dim=1).numpy().astype(np.float32)
-    return _Volume(
-        kspace=k, smaps=s.astype(np.complex64), rss=r, acquisition="AXT1" if t < 0.5 else "AXT2", contrast=t
-    )
+    return k, smaps.astype(np.complex64), r
 
 
 def _smooth_phase(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -447,16 +453,24 @@ def _ismrmrd_header(n: int, fov_mm: float, n_coils: int) -> str:
 
 
 def _write_fastmri(path: Path, vol: _Volume, cfg: SimConfig, subject: int, zs: list[int]) -> None:
+    write_fastmri(path, vol.kspace, vol.smaps, vol.rss, cfg, {
+        "acquisition": vol.acquisition, "patient_id": f"sim{subject:03d}", "contrast_t1_to_t2": vol.contrast,
+        "template_planes": np.asarray(zs, dtype=np.int32)})
+
+
+def write_fastmri(path: Path, kspace: np.ndarray, smaps: np.ndarray, rss_image: np.ndarray, cfg: SimConfig,
+                  attrs: dict) -> None:
+    """One fastMRI multi-coil file as the embedded dataset writes them: ``kspace``,
+    ``reconstruction_rss``, ``sens_maps``, the ISMRMRD header, attributes ``max``, ``norm``,
+    ``snr`` and ``attrs``."""
     with h5py.File(path, "w") as f:
-        f.create_dataset("kspace", data=vol.kspace, track_times=False)
-        f.create_dataset("reconstruction_rss", data=vol.rss, track_times=False)
-        f.create_dataset("sens_maps", data=vol.smaps, track_times=False)
+        f.create_dataset("kspace", data=kspace, track_times=False)
+        f.create_dataset("reconstruction_rss", data=rss_image, track_times=False)
+        f.create_dataset("sens_maps", data=smaps, track_times=False)
         header = np.bytes_(_ismrmrd_header(cfg.size, cfg.fov_mm, cfg.n_coils))
         f.create_dataset("ismrmrd_header", data=header, track_times=False)
-        f.attrs["max"] = float(vol.rss.max())
-        f.attrs["norm"] = float(np.linalg.norm(vol.rss))
-        f.attrs["acquisition"] = vol.acquisition
-        f.attrs["patient_id"] = f"sim{subject:03d}"
-        f.attrs["contrast_t1_to_t2"] = vol.contrast
-        f.attrs["template_planes"] = np.asarray(zs, dtype=np.int32)
+        f.attrs["max"] = float(rss_image.max())
+        f.attrs["norm"] = float(np.linalg.norm(rss_image))
+        for key, value in attrs.items():
+            f.attrs[key] = value
         f.attrs["snr"] = cfg.snr
