@@ -19,7 +19,7 @@ from spade_deploy.checkpoint import load_model, save_model
 from spade_deploy.demo import DemoReporter, run_demo
 from spade_deploy.deploy.cache import export_checkpoint
 from spade_deploy.deploy.export import check_opset
-from spade_deploy.deploy.runtime import BACKENDS
+from spade_deploy.deploy.runtime import BACKENDS, default_precision
 from spade_deploy.errors import SpadeError
 from spade_deploy.io import read_manifest
 from spade_deploy.losses import STRATEGIES
@@ -342,6 +342,7 @@ def reconstruct(
     engines: Annotated[Optional[Path], typer.Option(help="Folder of exported priors (exported on the fly when missing; default: the cache home's spade-deploy/engines, never the current folder).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="R/N: this process's share of the inputs, balanced by slices (pixels for images); every process computes the same split (default: torchrun's RANK/WORLD_SIZE where set, else all).")] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip an output that records the same checkpoint (SHA-256), settings and input (name, size, modification time); redo any other.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="auto (fixed-point models with the auto back-end: a bf16->fp32 precision schedule where measured faster here, FP32 otherwise) | fp32 | bf16 | fp16 (a fixed-point model's schedule; unrolled models are refused).")] = "auto",
     task_options: Optional[dict] = None,
 ):
     """MRI: reconstruct fastMRI-format or ISMRMRD raw HDF5 files into fastMRI-format HDF5 (`reconstruction`, per-slice `iterations` / `converged` / `final_residual`, for fastMRI's evaluate.py), MRD images or DICOM. Super-resolution: SOURCE is a folder of low-resolution images (or one), degraded at one --scale with one --kernel; SR PNGs are written to OUT."""
@@ -352,9 +353,10 @@ def reconstruct(
     options = own_task_options(name, "reconstruct", task_options)
     task = task_class(name).from_cli(None, options)
     options = {**options, "shard": parse_shard(shard), "skip_existing": skip_existing}
-    for line in task.reconstruct(checkpoint, source, out, backend, engines, batch_size, options,
-                                 reporter=ConsoleReporter()):
-        console.print(line)
+    with default_precision(precision):
+        for line in task.reconstruct(checkpoint, source, out, backend, engines, batch_size, options,
+                                     reporter=ConsoleReporter()):
+            console.print(line)
 
 
 @app.command()
@@ -556,6 +558,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed reconstructions first (>= 0).")] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for JSON / CSV / Markdown / PNG results.")] = Path("benchmarks/results"),
+    precision: Annotated[str, typer.Option("--precision", help="auto (fixed-point models with the auto back-end: a bf16->fp32 precision schedule where measured faster here, FP32 otherwise) | fp32 | bf16 | fp16 (a fixed-point model's schedule; unrolled models are refused).")] = "auto",
     task_options: Optional[dict] = None,
 ):
     """Score and time the unpruned model and its pruned / fine-tuned variants on every back-end (MRI: fastMRI's scores; super-resolution: USRNet's, over --scale x --kernel)."""
@@ -564,8 +567,9 @@ def bench(
     check_number("--warmup", warmup, 0, 10_000)
     check_device(device)
     task, root = _task(_checkpoint_task(checkpoints[0]), data, "bench", task_options)
-    _show_bench(bench_checkpoints(checkpoints, list(backend or ["auto"]), engines, root, split, task, repeats, warmup,
-                                  device, out, reporter=ConsoleReporter()))
+    with default_precision(precision):
+        _show_bench(bench_checkpoints(checkpoints, list(backend or ["auto"]), engines, root, split, task, repeats, warmup,
+                                      device, out, reporter=ConsoleReporter()))
 
 
 def _show_bench(run) -> None:

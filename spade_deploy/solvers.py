@@ -17,10 +17,21 @@ Two ways to run that rule, with the same iterates and per-sample iteration count
   ``torch.linalg.solve_ex`` on the CPU and an elementwise elimination (:func:`spd_solve`) on CUDA,
   where ``solve_ex`` may still read the library's status back to the host. Extra iterations after the last sample
   stopped change nothing but cost time: at most ``check_every - 1`` of them.
+
+A precision schedule (``SolverConfig.precision``, a :class:`PrecisionSchedule`) runs each sample
+first with the priors in low precision (bf16 / fp16), then in FP32 to the tolerance: the low phase
+of a sample ends at its own switch residual, or where it stalls above it, and its Anderson history
+restarts in FP32. Only an FP32 iteration can stop a sample, so the stopping rule and the fixed point
+are FP32's; the iteration counts are the sum of both phases (``SolveInfo.low_precision_iterations``
+says how many ran in low precision). The solver says which phase a call of ``T`` is in through
+:func:`precision_phase`, read by the priors (:class:`spade_deploy.deploy.priors.PrecisionPrior`):
+the model's loop does not change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -43,6 +54,55 @@ class SolverConfigError(SpadeError, ValueError):
 Operator = Callable[..., torch.Tensor]
 
 
+LOW_PRECISIONS = ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PrecisionSchedule:
+    """Low precision first, FP32 to the tolerance (module docstring).
+
+    A sample in the low phase hands over to FP32 at the first iteration whose relative residual is
+    below ``switch`` (or below the tolerance), or once ``stall`` low-precision iterations in a row
+    have not brought its residual below 0.9 times its best so far: a low phase that stalls above
+    its switch point never runs on to the cap."""
+
+    low: str = "bf16"
+    switch: float = 3e-3
+    stall: int = 5
+
+    def __post_init__(self):
+        if self.low not in LOW_PRECISIONS:
+            raise SolverConfigError(f"unknown low precision {self.low!r} ({' | '.join(LOW_PRECISIONS)})")
+        if not (isinstance(self.switch, (int, float)) and not isinstance(self.switch, bool)
+                and math.isfinite(self.switch) and MIN_TOL <= self.switch < 1.0):
+            raise SolverConfigError(f"precision switch residual must be a finite number in [{MIN_TOL:g}, 1), got {self.switch!r}")
+        if isinstance(self.stall, bool) or not isinstance(self.stall, int) or not 1 <= self.stall <= MAX_ITER:
+            raise SolverConfigError(f"precision stall must be an integer in [1, {MAX_ITER}], got {self.stall!r}")
+
+    @property
+    def label(self) -> str:
+        """What a table or manifest shows, e.g. ``bf16->fp32 @ 0.003``."""
+        return f"{self.low}->fp32 @ {self.switch:g}"
+
+
+_PHASE: contextvars.ContextVar[str | None] = contextvars.ContextVar("spade_precision_phase", default=None)
+
+
+@contextlib.contextmanager
+def precision_phase(low: str | None):
+    """Calls of ``T`` inside run their priors in ``low`` precision (None: FP32)."""
+    token = _PHASE.set(low)
+    try:
+        yield
+    finally:
+        _PHASE.reset(token)
+
+
+def current_precision() -> str | None:
+    """The low precision the solver asks for now (None: FP32, also outside any solve)."""
+    return _PHASE.get()
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     method: str = "anderson"  # "anderson" | "fixed-point"
@@ -54,6 +114,7 @@ class SolverConfig:
     # None: device-resident on CUDA, sub-batch elsewhere (module docstring).
     resident: bool | None = None
     check_every: int = 8  # device-resident: iterations between the host's stopping checks
+    precision: PrecisionSchedule | None = None  # None: FP32 throughout
 
     def __post_init__(self):
         if self.method not in ("anderson", "fixed-point"):
@@ -78,6 +139,9 @@ class SolveInfo:
     converged: torch.Tensor  # (B,) bool: residual < tol before the cap
     host_checks: int = 0  # stopping decisions read back by the host (each one a device synchronisation on a GPU)
     resident: bool = False  # which of the two ways ran (module docstring)
+    # (B,) iterations each sample ran in low precision (included in ``iterations``); None: FP32 only.
+    low_precision_iterations: torch.Tensor | None = None
+    precision: str = "fp32"  # the schedule that ran (PrecisionSchedule.label) or "fp32"
 
 
 def _host_all(flags: torch.Tensor) -> bool:
@@ -93,6 +157,8 @@ def solve(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tenso
     Returns ``T(x_k)`` at the stopping iterate and the per-sample bookkeeping.
     """
     resident = cfg.resident if cfg.resident is not None else x0.device.type == "cuda"
+    if cfg.precision is not None:
+        return _solve_scheduled(T, x0, cfg, resident)
     if resident:
         return _solve_resident(T, x0, cfg)
     b = x0.shape[0]
@@ -152,6 +218,88 @@ def _solve_resident(T: Operator, x0: torch.Tensor, cfg: SolverConfig) -> tuple[t
     return out.reshape(shape), SolveInfo(iters, res, res < cfg.tol, host_checks=checks, resident=True)
 
 
+def _solve_scheduled(T: Operator, x0: torch.Tensor, cfg: SolverConfig, resident: bool) -> tuple[torch.Tensor, SolveInfo]:
+    """Both loops under a precision schedule (module docstring). Sub-batch: each iteration calls
+    ``T`` once per phase on that phase's active samples, and a sample changes phase at the
+    iteration that meets its switch rule. Device-resident: ``T`` runs on the whole batch in each
+    phase some sample was in at the last host check, and phase changes take effect at the host's
+    checks (every ``check_every`` iterations), so no iteration reads the device."""
+    sched = cfg.precision
+    b, shape = x0.shape[0], x0.shape
+    dev = x0.device
+    x = x0.reshape(b, -1)
+    out = x.clone() if resident else x
+    iters = torch.zeros(b, dtype=torch.long, device=dev)
+    low_iters = torch.zeros_like(iters)
+    res = torch.full((b,), float("inf"), dtype=x.dtype, device=dev)
+    best = torch.full_like(res, float("inf"))
+    since = torch.zeros_like(iters)  # low-precision iterations since the best residual last fell by 10 %
+    counts = torch.zeros_like(iters)  # valid Anderson history entries per sample
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    low = torch.ones(b, dtype=torch.bool, device=dev)
+    want = torch.zeros_like(low)  # device-resident: switches decided, applied at the next host check
+    phases = {sched.low: True, None: False}  # device-resident: the phases present at the last check
+    switch_at = max(sched.switch, cfg.tol)
+    hist_x: list[torch.Tensor] = []
+    hist_f: list[torch.Tensor] = []
+    checks = 0
+    for k in range(cfg.max_iter):
+        active = ~done
+        if resident:
+            parts = {}
+            for prec, present in phases.items():
+                if present:
+                    with precision_phase(prec):
+                        parts[prec] = T(x.reshape(shape)).reshape(b, -1)
+            f_low = parts.get(sched.low, parts.get(None))
+            f_full = parts.get(None, f_low)
+            fx = torch.where(active[:, None], torch.where(low[:, None], f_low, f_full), out)
+        else:
+            fx = out.clone()
+            for mask, prec in ((active & low, sched.low), (active & ~low, None)):
+                idx = mask.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                with precision_phase(prec):
+                    if idx.numel() == b:
+                        fx = T(x.reshape(shape)).reshape(b, -1)
+                    else:
+                        fx[idx] = T(x[idx].reshape(-1, *shape[1:]), idx).reshape(idx.numel(), -1)
+            checks += 1  # the host's reading of each phase's active set
+        out = fx
+        r = (fx - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
+        lo_act = active & low
+        iters = iters + active.long()
+        low_iters = low_iters + lo_act.long()
+        res = torch.where(active, r, res)
+        done = done | (active & ~low & (r < cfg.tol))  # FP32's stopping rule: FP32 iterations only
+        better = lo_act & (r < 0.9 * best)
+        best = torch.where(better, r, best)
+        since = torch.where(better, 0, since + lo_act.long())
+        switch = lo_act & ((r < switch_at) | (since >= sched.stall))
+        if resident:
+            want = want | switch
+            switch = torch.zeros_like(switch)
+            if (k + 1) % cfg.check_every == 0 or k + 1 == cfg.max_iter:
+                checks += 1
+                low, switch = low & ~want, low & want
+                want = torch.zeros_like(want)
+                all_done, any_low, any_full = torch.stack([done.all(), (low & ~done).any(), (~low & ~done).any()]).tolist()
+                if all_done:
+                    break
+                phases = {sched.low: any_low, None: any_full}
+        else:
+            low = low & ~switch
+            checks += 1
+            if _host_all(done):
+                break
+        counts = torch.where(switch, 0, (counts + 1).clamp_max(cfg.anderson_m))
+        x_next = fx if cfg.method == "fixed-point" else _anderson_mix(x, fx, hist_x, hist_f, cfg, counts)
+        x = torch.where(done[:, None], x, x_next)
+    return out.reshape(shape), SolveInfo(iters, res, done, host_checks=checks, resident=resident,
+                                         low_precision_iterations=low_iters, precision=sched.label)
+
+
 def _record(x, fx, active, iters, res, done, tol: float):
     """One iteration's bookkeeping, on the device: the relative residual of the samples still
     iterating, their counts, and which have now met the tolerance."""
@@ -165,8 +313,11 @@ def _next_iterate(x, fx, done, hist_x, hist_f, cfg: SolverConfig) -> torch.Tenso
     return torch.where(done[:, None], x, x_next)
 
 
-def _anderson_mix(x, fx, hist_x, hist_f, cfg: SolverConfig) -> torch.Tensor:
-    """Anderson (type II) extrapolation over the last ``m`` iterates (Walker & Ni, 2011)."""
+def _anderson_mix(x, fx, hist_x, hist_f, cfg: SolverConfig, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Anderson (type II) extrapolation over the last ``m`` iterates (Walker & Ni, 2011).
+
+    ``counts`` (B,): how many of the most recent entries (this one included) each sample may mix,
+    its history restarted where fewer (0 or 1: the plain step ``fx``); None: all of them."""
     hist_x.append(x)
     hist_f.append(fx)
     if len(hist_x) > cfg.anderson_m:
@@ -179,14 +330,26 @@ def _anderson_mix(x, fx, hist_x, hist_f, cfg: SolverConfig) -> torch.Tensor:
     G = F - X
     n = G.shape[1]
     gram = G @ G.transpose(1, 2)
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None]
-    gram = gram + cfg.anderson_lam * scale * torch.eye(n, dtype=G.dtype, device=G.device)
-    ones = torch.ones(G.shape[0], n, 1, dtype=G.dtype, device=G.device)
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    if counts is None:
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None]
+        gram = gram + cfg.anderson_lam * scale * eye
+        ones = torch.ones(G.shape[0], n, 1, dtype=G.dtype, device=G.device)
+    else:  # entries outside a sample's history: identity rows, zero right-hand side, zero weight
+        valid = torch.arange(n, device=G.device)[None, :] >= (n - counts)[:, None]  # (B, n)
+        v = valid.to(G.dtype)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        scale = ((diag * v).sum(dim=1) / v.sum(dim=1).clamp_min(1)).clamp_min(1e-30)[:, None, None]
+        gram = gram * (v[:, :, None] * v[:, None, :]) + cfg.anderson_lam * scale * eye * v[:, :, None] + eye * (1 - v)[:, :, None]
+        ones = v[:, :, None].clone()
+        ones[:, -1] = 1.0  # the current entry always (a sample with no history: its weight alone, the plain step)
     if G.is_cuda:  # solve_ex may still read cuBLAS's status on the host: elimination in tensor ops
         a = spd_solve(gram, ones)
     else:  # solve_ex: no error check (the Gram matrix is regularised, hence invertible)
         a = torch.linalg.solve_ex(gram, ones)[0]
     alpha = a / a.sum(dim=1, keepdim=True)  # weights summing to one
+    if counts is not None:
+        alpha = torch.where((counts <= 1)[:, None, None], torch.eye(n, dtype=G.dtype, device=G.device)[-1][None, :, None], alpha)
     mixed_f = (alpha.transpose(1, 2) @ F)[:, 0]
     if cfg.anderson_beta == 1.0:
         return mixed_f

@@ -112,11 +112,14 @@ def deployed_checkpoint(checkpoint: Path, net: Reconstructor, backend: str, engi
     :func:`default_engines_dir`; exported first where missing, never into the ``data`` folders);
     ``auto`` picks the engine measured fastest for images of ``shape`` (or those of ``sample``)
     and tells ``reporter`` which it picked."""
-    if backend == "torch":
-        return net
-    engines = engines if engines is not None else default_engines_dir()
-    mpath, sha = export_for(checkpoint, net, engines, [backend], data=data)
-    net = deploy(net, backend, mpath, "cpu", shape=shape, sample=sample, checkpoint_sha256=sha)
+    if backend == "torch":  # the model as it is, or its precision schedule where one is asked for
+        net = deploy(net, "torch", None, "cpu")
+    else:
+        engines = engines if engines is not None else default_engines_dir()
+        mpath, sha = export_for(checkpoint, net, engines, [backend], data=data)
+        net = deploy(net, backend, mpath, "cpu", shape=shape, sample=sample, checkpoint_sha256=sha)
     if getattr(net, "engine_choice", None):
         reporter.note("priors on: " + ", ".join(sorted(set(net.engine_choice.values()))) + " (measured fastest here)")
+    if net.precision != "fp32":
+        reporter.note(f"precision: {net.precision} (low precision first, FP32 to the tolerance)")
     return net

@@ -16,6 +16,18 @@ order rotated per round, so drift hits them alike; the median is kept):
   inside the loop (onnxruntime's thread pool against torch's between calls): where the loop is
   measured it decides.
 
+Precision is a dimension of the choice too. For a fixed-point model, on a device that computes a
+low precision natively (:func:`~spade_deploy.deploy.priors.low_precision_support`: bf16 on CPUs
+with AMX-BF16 / AVX512-BF16; fp16, and bf16 where supported, on CUDA), the winner's FP32 priors are
+paired with a low-precision copy under a precision schedule (:class:`~spade_deploy.solvers.PrecisionSchedule`:
+low precision until the switch residual of :data:`SWITCH_RESIDUAL`, FP32 to the tolerance) and
+whole solves of the sample are timed against the FP32 deployment, interleaved: the schedule changes
+the iteration count, not only the cost of one. It is chosen only where every sample converges at
+the FP32 tolerance and its median solve is at least :data:`MIN_GAIN` faster; a precision that
+slows this device down is never chosen. Unrolled models stay FP32 here: low precision changes
+their output, which only a quality check on a validation split can accept
+(:func:`spade_deploy.deploy.runtime.check_unrolled_precision`).
+
 The setup an engine costs in every new process (compilation, session creation) is spread over
 ``amortise_calls`` prior calls and added to its time, so ``torch.compile`` wins only where its
 gain pays for its compilation. The winner and every timing are written into the export manifest,
@@ -44,17 +56,25 @@ from ..errors import SpadeError
 from ..io import write_json
 from ..lazy import optional
 from ..models import Reconstructor, layer_shapes
-from ..solvers import MIN_TOL, SolverConfig
+from ..solvers import MIN_TOL, PrecisionSchedule, SolverConfig
 from ..tasks import task_for
 from ..timing import interleaved_medians, sync_device
 from .export import read_export_manifest
-from .priors import ChannelsLastPrior, CudaGraphPrior, OrtPrior, TrtPrior
+from .priors import (CastPrior, ChannelsLastPrior, CudaGraphPrior, OrtPrior, PrecisionPrior, TrtPrior, cpu_isa,
+                     low_precision_support)
 
 # The candidates ``auto`` tries: all, or those named in $SPADE_AUTO_ENGINES (comma-separated), e.g.
 # to leave out torch.compile where its compilation time is not worth measuring.
 ENV_ENGINES = "SPADE_AUTO_ENGINES"
 TOLERANCE = 1e-4  # FP32 engines must reproduce PyTorch's prior within this relative error
 RECORD_KEY = "engine_choice"
+# Where a sample hands over from low precision to FP32 (relative fixed-point residual). bf16: the
+# shipped small DEQ's bf16-prior residual floors at about 1.1e-3 (check_precision), and the switch
+# point measured fastest on its test split (benchmarks/precision.py --sweep) is 3e-3, about three
+# times that floor. fp16 has 8 times finer round-off (2^-11 against 2^-8): the same multiple of
+# its floor.
+SWITCH_RESIDUAL = {"bf16": 3e-3, "fp16": 4e-4}
+MIN_GAIN = 0.97  # a schedule is chosen only where its median solve takes under 97 % of the FP32 one
 
 
 class EngineUnavailable(Exception):
@@ -88,16 +108,19 @@ class Engine:
     name: str
     build: EngineBuilder
     backend: bool = False
+    label: str = ""  # what a table shows: eager NCHW, channels-last, torch.compile, onnxruntime, ...
+    precision: str = "fp32"  # what it computes in; auto's engine candidates are the fp32 ones
 
 
 # In registration order: the order ``auto`` measures them in and names them in messages.
 ENGINES: dict[str, Engine] = {}
 
 
-def register_engine(name: str, backend: bool = False) -> Callable[[EngineBuilder], EngineBuilder]:
+def register_engine(name: str, backend: bool = False, label: str = "", precision: str = "fp32"
+                    ) -> Callable[[EngineBuilder], EngineBuilder]:
     """Register an engine's builder under ``name`` (a decorator)."""
     def deco(build: EngineBuilder) -> EngineBuilder:
-        ENGINES[name] = Engine(name, build, backend)
+        ENGINES[name] = Engine(name, build, backend, label or name, precision)
         return build
 
     return deco
@@ -108,12 +131,12 @@ def backend_names() -> tuple[str, ...]:
     return ("auto", *(n for n, e in ENGINES.items() if e.backend))
 
 
-@register_engine("torch", backend=True)
+@register_engine("torch", backend=True, label="channels-last")
 def _torch(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
     return ChannelsLastPrior(prior).to(device)
 
 
-@register_engine("torch-compile")
+@register_engine("torch-compile", label="torch.compile")
 def _torch_compile(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
     # Shapes start static; a second batch size (the solver's shrinking active set) or image
     # size recompiles once with that dimension dynamic instead of once per size. Dynamo counts
@@ -129,7 +152,7 @@ def _torch_compile(prior: nn.Module, device: str, manifest=None, entry=None, roo
     return module
 
 
-@register_engine("onnxruntime", backend=True)
+@register_engine("onnxruntime", backend=True, label="onnxruntime")
 def _onnxruntime(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
     if entry is None or not entry.get("onnx"):
         raise EngineUnavailable("no exported ONNX prior (spade export)")
@@ -138,14 +161,14 @@ def _onnxruntime(prior: nn.Module, device: str, manifest=None, entry=None, root=
     return OrtPrior(Path(root) / entry["onnx"], device, manifest["input"], manifest["output"])
 
 
-@register_engine("cuda-graph")
+@register_engine("cuda-graph", label="CUDA graph")
 def _cuda_graph(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
     if torch.device(device).type != "cuda":
         raise EngineUnavailable("CUDA graphs need a CUDA device")
     return CudaGraphPrior(ChannelsLastPrior(prior).to(device))
 
 
-@register_engine("tensorrt", backend=True)
+@register_engine("tensorrt", backend=True, label="TensorRT")
 def _tensorrt(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
     if torch.device(device).type != "cuda":
         raise EngineUnavailable("TensorRT needs a CUDA device")
@@ -156,6 +179,22 @@ def _tensorrt(prior: nn.Module, device: str, manifest=None, entry=None, root=Non
     if entry is None or not entry.get("engine"):
         raise EngineUnavailable("no TensorRT engine in the export manifest (spade export --trt)")
     return TrtPrior(Path(root) / entry["engine"], manifest["input"], manifest["output"])
+
+
+def _low(precision: str) -> EngineBuilder:
+    def build(prior: nn.Module, device: str, manifest=None, entry=None, root=None) -> nn.Module:
+        return CastPrior(prior, precision).to(device)
+    return build
+
+
+# The low-precision half of a precision schedule (the eager prior, channels-last, cast).
+for _p in ("bf16", "fp16"):
+    register_engine(f"torch-{_p}", label=f"channels-last {_p}", precision=_p)(_low(_p))
+
+
+def engine_label(name: str, precision: str = "fp32") -> str:
+    """What ran, for a table: the engine's label and the precision (a schedule shown as ``bf16->fp32``)."""
+    return f"{ENGINES[name].label if name in ENGINES else name} {precision.split(' @ ')[0]}"
 
 
 def build_engine(name: str, prior: nn.Module, device: str, manifest: dict | None = None,
@@ -177,7 +216,7 @@ def candidate_engines() -> tuple[str, ...]:
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
         raise SpadeError(f"${ENV_ENGINES} names unknown engines {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
-    return tuple(names) or tuple(ENGINES)
+    return tuple(names) or tuple(n for n, e in ENGINES.items() if e.precision == "fp32")
 
 
 def describe_device(device: str | torch.device) -> str:
@@ -214,6 +253,12 @@ class Selection:
     # Timed on this model, or on another of the same architecture earlier in this process (speed
     # depends on the layer widths, not on the weights; the winner is checked on these weights).
     timed_on: str = "this model"
+    precision: str = "fp32"  # the precision schedule chosen (PrecisionSchedule.label) or "fp32"
+    schedule: dict | None = None  # its fields (PrecisionSchedule), None for fp32
+    # label -> whole solves of the sample: status, solve_ms, iterations, low_precision_iterations, note
+    precision_trials: dict = field(default_factory=dict)
+    isa: str = ""  # the instruction set (CPU) or GPU the precisions were measured on
+    precision_note: str = ""
 
     def record(self, prior: str) -> dict:
         p = self.priors[prior]
@@ -225,6 +270,9 @@ class Selection:
                 "loop_timings_ms": {e: t["loop_ms"] for e, t in p["engines"].items()},
                 "max_rel_error": {e: t["max_rel_error"] for e, t in p["engines"].items()},
                 "engines": p["engines"], "timed_on": self.timed_on,
+                "precision": self.precision, "schedule": self.schedule, "precision_trials": self.precision_trials,
+                "isa": self.isa, "precision_note": self.precision_note,
+                "engine_label": engine_label(self.winner, self.precision),
                 "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -261,6 +309,9 @@ def select_engines(
     amortise_calls: int = 1000,
     timer: Callable[[], float] = time.perf_counter,
     builder: Callable[..., nn.Module] = build_engine,
+    precisions: Sequence[str] | None = None,
+    solve_rounds: int = 3,
+    require_gain: bool = True,
 ) -> Selection:
     """Build, check and time every engine of ``engines`` for every prior of ``model`` on
     ``sample = (y, physics)`` (one slice of the data, or the task's :meth:`~spade_deploy.tasks.Task.synthetic_sample`).
@@ -268,10 +319,120 @@ def select_engines(
     The winner is the accurate engine of least ``time + setup / amortise_calls``, time being the
     whole-iteration time where ``measure_loop`` else the prior's. One engine for every prior: the
     loop swaps them all at once.
+
+    Fixed-point models: the low precisions of ``precisions`` (None: those this device computes
+    natively) are then tried as precision schedules over the winner (module docstring), timed by
+    ``solve_rounds`` interleaved whole solves of the sample; ``require_gain=False`` (a user who asks
+    for a precision) takes a converging schedule whatever its speed.
     """
     with torch.no_grad(), _strict_fp32(torch.device(device)):
-        return _select(model, sample, manifest, root, device, engines, rounds, loop_iterations, measure_loop,
-                       amortise_calls, timer, builder)
+        sel = _select(model, sample, manifest, root, device, engines, rounds, loop_iterations, measure_loop,
+                      amortise_calls, timer, builder)
+        _choose_precision(sel, model, sample, device, precisions, solve_rounds, timer, builder, manifest, root,
+                          require_gain)
+        return sel
+
+
+def _deployed(model: Reconstructor, modules: dict[str, nn.Module]) -> Reconstructor:
+    """A copy of ``model`` with its priors replaced by ``modules`` (shared, not copied)."""
+    m = copy.deepcopy(model)
+    for name, module in modules.items():
+        m.set_prior(name, module)
+    return m.eval()
+
+
+def _with_schedule(model: Reconstructor, full: dict[str, nn.Module], low: dict[str, nn.Module],
+                   schedule: PrecisionSchedule) -> Reconstructor:
+    """A copy of ``model`` whose priors run ``low`` in a schedule's low phase, ``full`` otherwise."""
+    m = _deployed(model, {n: PrecisionPrior(full[n], low[n], schedule.low) for n in full})
+    m.precision_schedule = schedule
+    return m
+
+
+def _choose_precision(sel: Selection, model, sample, device, precisions, solve_rounds, timer, builder, manifest, root,
+                      require_gain: bool) -> None:
+    """Try precision schedules over ``sel``'s winner and record the trials (module docstring)."""
+    dev = torch.device(device)
+    native = low_precision_support(dev)
+    sel.isa = cpu_isa() if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    if model.solver_cfg is None:
+        sel.precision_note = ("fp32: an unrolled model takes low precision only after a quality check on a validation "
+                              "split (check_unrolled_precision)")
+        return
+    lows = list(native) if precisions is None else [p for p in precisions if p != "fp32"]
+    if not lows:
+        sel.precision_note = ("fp32 only: no low precision is computed natively here" if precisions is None
+                              else "fp32 only, as asked")
+        return
+    full = sel.modules[sel.winner]
+    if len(full) != len(model.priors()):
+        sel.precision_note = "fp32: the winner's modules are not at hand"
+        return
+    y, physics = sample
+    y, physics = y.to(dev), physics.to(dev)
+    entries = {e["name"]: e for e in (manifest or {}).get("priors", [])}
+    nets: dict[str, Reconstructor] = {"fp32": _deployed(model, full)}
+    trials: dict[str, dict] = {}
+    schedules: dict[str, PrecisionSchedule] = {}
+    for low in lows:
+        sched = PrecisionSchedule(low, SWITCH_RESIDUAL[low])
+        trial = trials[sched.label] = {"status": "ok", "solve_ms": None, "note": ""}
+        if low not in native:
+            trial["note"] = f"{low} is not native here (emulated)"
+        try:
+            lowmods = {n: builder(f"torch-{low}", p.eval(), device, manifest, entries.get(n), root)
+                       for n, p in model.priors().items()}
+        except EngineUnavailable as exc:
+            trial.update(status="unavailable", note=str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+            trial.update(status="failed", note=_first_line(exc))
+            continue
+        nets[sched.label] = _with_schedule(model, full, lowmods, sched)
+        schedules[sched.label] = sched
+    trials = {"fp32": {"status": "ok", "solve_ms": None, "note": ""}, **trials}
+    for label, net in list(nets.items()):  # warm-up, and the FP32 tolerance checked on every sample
+        try:
+            net(y, physics)
+            sync_device(dev)
+        except Exception as exc:  # noqa: BLE001
+            trials[label].update(status="failed", note=_first_line(exc))
+            del nets[label]
+            continue
+        info = net.solve_info()
+        if label == "fp32" and not bool(info.converged.all()):  # nothing a schedule could finish faster
+            trials["fp32"].update(status="no-convergence", iterations=info.iterations.float().mean().item())
+            sel.precision_trials = {"fp32": trials["fp32"]}
+            sel.precision_note = "fp32: the FP32 solve of the sample stops on its cap; no precision schedule tried"
+            return
+        trials[label].update(iterations=info.iterations.float().mean().item(),
+                             low_precision_iterations=(info.low_precision_iterations.float().mean().item()
+                                                       if info.low_precision_iterations is not None else 0.0),
+                             max_residual=float(info.residual.max()))
+        if not bool(info.converged.all()) and label != "fp32":
+            trials[label].update(status="no-convergence",
+                                 note=f"residual {float(info.residual.max()):.1e} above the FP32 tol {model.solver_cfg.tol:g}")
+            del nets[label]
+    sec = interleaved_medians({k: (lambda m=m: m(y, physics)) for k, m in nets.items()}, solve_rounds,
+                              sync=lambda: sync_device(dev), timer=timer, rotate=True)
+    for label, s in sec.items():
+        trials[label]["solve_ms"] = 1000 * s
+    sel.precision_trials = trials
+    fp32_ms = trials["fp32"]["solve_ms"]
+    best = min((k for k in sec if k != "fp32"), key=sec.get, default=None)
+    if best is None:
+        sel.precision_note = "fp32: no precision schedule converged at the FP32 tolerance"
+    elif require_gain and not 1000 * sec[best] < MIN_GAIN * fp32_ms:
+        trials[best]["note"] = (trials[best]["note"] + "; " if trials[best]["note"] else "") + \
+            f"not faster here ({1000 * sec[best]:.1f} ms against {fp32_ms:.1f} ms per solve in fp32)"
+        sel.precision_note = f"fp32: no precision schedule is at least {100 * (1 - MIN_GAIN):.0f} % faster here"
+    else:
+        sched = schedules[best]
+        sel.precision, sel.schedule = sched.label, dataclasses.asdict(sched)
+        sel.precision_note = (f"{best}: x{fp32_ms / (1000 * sec[best]):.2f} per solve against fp32, every sample "
+                              f"converged at the FP32 tol" + ("" if require_gain else " (asked for)"))
+        lowmods = {n: m.low for n, m in nets[best].priors().items()}
+        sel.modules = {**sel.modules, f"torch-{sched.low}": lowmods}
 
 
 def _select(model, sample, manifest, root, device, engines, rounds, loop_iterations, measure_loop, amortise_calls,
@@ -434,6 +595,8 @@ def _reuse(selection: Selection | None, model: Reconstructor, shape, device, man
                 return None
             modules[name] = module
             priors[name]["engines"][selection.winner]["max_rel_error"] = err
+    # A precision schedule chosen there is kept: its FP32 phase reaches the FP32 tolerance on any
+    # weights (the low phase hands over at its switch point or where it stalls), so only its speed is borrowed.
     return dataclasses.replace(selection, priors=priors, modules={selection.winner: modules},
                                timed_on="an identical architecture earlier in this run")
 
@@ -445,11 +608,16 @@ def deploy_auto(
     shape: tuple[int, int] | None = None,
     sample: tuple[torch.Tensor, object] | None = None,
     remeasure: bool = False,
+    precision: str = "auto",
     **measure,
 ) -> Reconstructor:
     """A copy of ``model`` whose priors run on the engine recorded as fastest for this device and
     this data shape (``shape`` = image H, W, or that of ``sample``); measured and recorded first
-    when the manifest holds no such record. ``deployed.engine_choice`` names each prior's engine."""
+    when the manifest holds no such record. ``deployed.engine_choice`` names each prior's engine,
+    ``deployed.precision`` the precision schedule and ``deployed.engine_label`` both.
+
+    ``precision``: ``auto`` (the recorded choice), ``fp32``, or a low precision to run as a
+    schedule whatever its measured speed (:func:`apply_precision`)."""
     if sample is None and shape is None:
         raise SpadeError("the auto back-end needs the data's image size to choose an engine for it")
     if sample is not None:
@@ -487,9 +655,45 @@ def deploy_auto(
         deployed.set_prior(name, module)
         choice[name] = winner
     deployed.engine_choice = choice
+    rec = records[next(iter(shapes))]
+    if precision == "auto" and rec.get("schedule"):
+        lows = {n: built.get(f"torch-{rec['schedule']['low']}", {}).get(n) for n in shapes}
+        apply_precision(deployed, model, PrecisionSchedule(**rec["schedule"]), device, lows)
+    elif precision not in ("auto", "fp32"):
+        apply_precision(deployed, model, precision, device)
+    deployed.engine_label = engine_label(rec["winner"], deployed.precision)
+    return deployed
+
+
+def precision_schedule(precision: str | PrecisionSchedule) -> PrecisionSchedule:
+    """``bf16`` / ``fp16`` as the schedule of its :data:`SWITCH_RESIDUAL`, or the schedule itself."""
+    if isinstance(precision, PrecisionSchedule):
+        return precision
+    if precision not in SWITCH_RESIDUAL:
+        raise SpadeError(f"unknown precision {precision!r} (auto | fp32 | {' | '.join(SWITCH_RESIDUAL)})")
+    return PrecisionSchedule(precision, SWITCH_RESIDUAL[precision])
+
+
+def apply_precision(deployed: Reconstructor, model: Reconstructor, precision: str | PrecisionSchedule,
+                    device: str = "cpu", lows: dict | None = None) -> Reconstructor:
+    """Run ``deployed``'s solves (a deployment of the fixed-point ``model``, in place) as a precision
+    schedule: each prior paired with a low-precision copy of ``model``'s (``lows``: built already).
+    Sets ``deployed.precision``."""
+    sched = precision_schedule(precision)
+    if model.solver_cfg is None:
+        raise SpadeError(f"{model.registry_name} is an unrolled model: low precision changes its output, and is taken "
+                         "only after a quality check on a validation split (check_unrolled_precision)")
+    for name, prior in model.priors().items():
+        low = (lows or {}).get(name)
+        if low is None:
+            low = build_engine(f"torch-{sched.low}", prior.eval(), device)
+        deployed.set_prior(name, PrecisionPrior(deployed.priors()[name], low, sched.low))
+    deployed.precision_schedule = sched
+    deployed.precision = sched.label
     return deployed
 
 
 __all__ = ["ENGINES", "TOLERANCE", "RECORD_KEY", "EngineTiming", "EngineUnavailable", "Selection", "build_engine",
            "select_engines", "record_selection", "recorded_choice", "deploy_auto", "register_engine", "backend_names", "Engine",
-           "describe_device", "ChannelsLastPrior", "CudaGraphPrior"]
+           "describe_device", "ChannelsLastPrior", "CudaGraphPrior", "engine_label", "apply_precision",
+           "precision_schedule", "SWITCH_RESIDUAL", "MIN_GAIN"]

@@ -17,6 +17,7 @@ from torch import nn
 from ..device import require_device
 from ..errors import SpadeError
 from ..lazy import optional
+from ..solvers import current_precision
 
 
 class ChannelsLastPrior(nn.Module):
@@ -29,6 +30,69 @@ class ChannelsLastPrior(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.prior(x.contiguous(memory_format=torch.channels_last))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CastPrior(nn.Module):
+    """An eager prior in channels-last memory computing in ``precision`` (bf16 / fp16): weights
+    and input cast, the output returned in FP32 (the outer loop stays FP32)."""
+
+    def __init__(self, prior: nn.Module, precision: str):
+        super().__init__()
+        self.dtype = DTYPES[precision]
+        self.prior = copy.deepcopy(prior).eval().to(dtype=self.dtype, memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prior(x.to(self.dtype).contiguous(memory_format=torch.channels_last)).float()
+
+
+class PrecisionPrior(nn.Module):
+    """A prior that runs ``low`` (a :class:`CastPrior`) while the solver is in the low phase of a
+    precision schedule (:func:`spade_deploy.solvers.precision_phase`) and ``full`` (any FP32
+    engine) otherwise, outside a solve included."""
+
+    def __init__(self, full: nn.Module, low: nn.Module, precision: str):
+        super().__init__()
+        self.full, self.low, self.precision = full, low, precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.low(x) if current_precision() == self.precision else self.full(x)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def low_precision_support(device: str | torch.device) -> dict[str, str]:
+    """The low precisions this device computes natively, each with the instruction set or
+    hardware that runs it: on a CPU bf16 where it has AMX-BF16 or AVX512-BF16 (oneDNN's bf16
+    kernels; elsewhere bf16 is emulated, slower than FP32), on CUDA fp16, and bf16 where supported."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        found = {"fp16": f"{name} fp16"}
+        if torch.cuda.is_bf16_supported():
+            found["bf16"] = f"{name} bf16"
+        return found
+    flags = cpu_flags()
+    isa = [label for flag, label in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return {"bf16": " + ".join(isa)} if isa else {}
+
+
+def cpu_isa() -> str:
+    """The instruction set PyTorch's CPU kernels use and the bf16 extensions present, e.g. ``AVX512 + AMX-BF16 + AVX512-BF16``."""
+    extra = low_precision_support("cpu").get("bf16")
+    return torch.backends.cpu.get_cpu_capability() + (f" + {extra}" if extra else " (no native bf16)")
 
 
 class CudaGraphPrior(nn.Module):

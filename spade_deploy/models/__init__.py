@@ -30,7 +30,7 @@ from ..errors import SpadeError
 from ..io import read_manifest
 from ..paths import memory_bytes
 from ..plugins import load_task_packages
-from ..solvers import SolveInfo, SolverConfig
+from ..solvers import PrecisionSchedule, SolveInfo, SolverConfig
 
 
 class Reconstructor(nn.Module):
@@ -49,6 +49,9 @@ class Reconstructor(nn.Module):
     # |S^H F^-1 k| (a coil-combined estimate, as the DEQ produces), "rss" = fastMRI's
     # reconstruction_rss; SR: "hr" = the high-resolution image.
     reference: str = "sense"
+    # What runs the priors (a deployment sets them; the model as built: eager PyTorch, FP32).
+    engine_label: str = "eager NCHW fp32"
+    precision: str = "fp32"  # "fp32", or a precision schedule such as "bf16->fp32 @ 0.003"
 
     def priors(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -136,7 +139,14 @@ class Reconstructor(nn.Module):
 class FixedPointReconstructor(Reconstructor):
     """A reconstructor whose output is the fixed point of an iteration, found by
     :func:`spade_deploy.solvers.solve` under :attr:`solver_cfg` (``forward(y, physics, solver=None)``
-    takes another stopping rule for one call), reporting each solve in :meth:`solve_info`."""
+    takes another stopping rule for one call), reporting each solve in :meth:`solve_info`.
+
+    A deployment with a precision schedule (:class:`~spade_deploy.solvers.PrecisionSchedule`) sets
+    :attr:`precision_schedule`: every solve of this model then runs it, whatever stopping rule
+    the call gives (its priors switch precision on the solver's word,
+    :class:`~spade_deploy.deploy.priors.PrecisionPrior`)."""
+
+    precision_schedule: PrecisionSchedule | None = None
 
     def __init__(self, solver_cfg: SolverConfig):
         super().__init__()
@@ -146,10 +156,13 @@ class FixedPointReconstructor(Reconstructor):
         self._solve_info: SolveInfo | None = None
 
     def solver_for(self, given: SolverConfig | None = None) -> SolverConfig:
-        """The stopping rule of this call: ``given``, else the training one in training mode, else :attr:`solver_cfg`."""
-        if given is not None:
-            return given
-        return self.train_solver_cfg if self.training and self.train_solver_cfg else self.solver_cfg
+        """The stopping rule of this call: ``given``, else the training one in training mode, else
+        :attr:`solver_cfg`; with this model's :attr:`precision_schedule` where the rule has none."""
+        if given is None:
+            given = self.train_solver_cfg if self.training and self.train_solver_cfg else self.solver_cfg
+        if self.precision_schedule is not None and given.precision is None:
+            given = dataclasses.replace(given, precision=self.precision_schedule)
+        return given
 
     def solve_info(self) -> SolveInfo | None:
         return self._solve_info
