@@ -376,8 +376,7 @@ def maps(
     check_sampling(acceleration, center_fraction)
     budget, part = parse_bytes(cache_size, "--cache-size"), parse_shard(shard)
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)
-    with ConsoleReporter().progress("estimating coil maps") as update:
-        res = build_maps(data, cf, cache_dir, budget, part, on_slice=update)
+    res = build_maps(data, cf, cache_dir, budget, part, reporter=ConsoleReporter())
     console.print(f"{res.slices} slices of {res.files} files{f' (shard {part})' if part.count > 1 else ''}: "
                   f"{res.computed} estimated, {res.slices - res.computed} already cached; the cache holds "
                   f"{res.usage.entries} maps, {res.usage.bytes / 2**20:,.1f} MiB of its {res.budget / 2**20:,.0f} MiB")

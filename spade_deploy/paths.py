@@ -39,12 +39,14 @@ def check_outputs(
     folders: Iterable[PathLike] = (),
     inputs: Iterable[PathLike | None] = (),
     data: Iterable[PathLike | None] = (),
+    option: str = "--out",
 ) -> None:
     """Refuse (one-line :class:`SpadeError`) any output that would destroy an input or land in data.
 
     ``files``: the files the command will write; ``folders``: the folders it will write into;
     ``inputs``: files and folders it reads (an output equal to one of them is refused);
-    ``data``: the user's data folders (nothing may be written inside them).
+    ``data``: the user's data folders (nothing may be written inside them); ``option``: the
+    option that names the output, for the message.
     """
     ins = [(Path(p), _resolved(p)) for p in inputs if p is not None]
     datas = [(Path(d), _resolved(d)) for d in data if d is not None]
@@ -53,11 +55,11 @@ def check_outputs(
             r = _resolved(out)
             for given, ri in ins:
                 if _same(r, ri):
-                    raise SpadeError(f"{kind} {out} is the input {given}; refusing to overwrite it (choose another --out)")
+                    raise SpadeError(f"{kind} {out} is the input {given}; refusing to overwrite it (choose another {option})")
             for given, rd in datas:
                 if _inside(r, rd):
                     raise SpadeError(f"{kind} {out} lies in the data folder {given}; nothing is written there "
-                                     "(choose another --out)")
+                                     f"(choose another {option})")
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

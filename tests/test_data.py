@@ -432,7 +432,11 @@ def test_spade_maps_fills_the_cache_by_shards_for_what_runs_estimate(tiny_datase
     batch = make_batch(reader.collate([ds[i] for i in range(len(ds))]), 6, 0.08, None)  # random mask offsets
     assert ds.estimator.computed == 0 and batch.physics.smaps.shape == (4, 8, 48, 48)
     res = runner.invoke(app, ["maps", str(data), "--cache-dir", str(data / "cache")])
-    assert res.exit_code == 1 and "data folder" in res.stderr and not (data / "cache").exists()
+    assert res.exit_code == 1 and "data folder" in res.stderr and "--cache-dir" in res.stderr, res.output
+    assert res.stdout == "" and not (data / "cache").exists()
+    res = runner.invoke(app, ["maps", str(data), "--cache-dir", str(tmp_path / "x"), "--cache-size", "lots"])
+    assert res.exit_code == 1 and res.stderr.startswith("error: --cache-size 'lots' is not a size"), res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_evaluation_scores_each_volume_when_complete_and_maps_come_from_workers(tiny_dataset, tmp_path, monkeypatch):
