@@ -9,10 +9,16 @@ losses know no task.
 
 from __future__ import annotations
 
-from typing import Any
+import atexit
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from .io import atomic_path
 from .tasks import Batch
 
 
@@ -48,32 +54,47 @@ class SchoolLoss(Loss):
     outputs is compared: :meth:`Reconstructor.distillation_pair`).
 
     The teacher's reconstruction of a measurement never changes, so it is computed once per
-    sample (``batch.keys``) and cached; :meth:`share` keeps that cache for the whole process, for
-    every run with the same teacher on the same measurements (``spade demo`` distils one teacher
-    into every pruned model).
+    sample (``batch.keys``), written to disk and read back when the sample comes again: memory
+    holds one batch of them, however large the data. They are kept in a temporary folder of this
+    process, removed when it ends; :meth:`share` gives every run with the same teacher on the same
+    measurements one folder (``spade demo`` distils one teacher into every pruned model).
     """
 
     needs_teacher = True
-    _SHARED: dict[tuple, dict[Any, torch.Tensor]] = {}
+    # share key -> the temporary folder of that teacher's reconstructions in this process
+    _SHARED: dict[tuple, Path] = {}
 
     def __init__(self) -> None:
-        self._cache: dict[Any, torch.Tensor] = {}
+        self._folder: Path | None = None
 
     def share(self, key: tuple) -> None:
-        """Use the process-wide cache of ``key``: one identity of the teacher's weights and of the
+        """Use the process-wide folder of ``key``: one identity of the teacher's weights and of the
         measurements (file, task options, split) together."""
-        self._cache = self._SHARED.setdefault(key, {})
+        if key not in self._SHARED:
+            self._SHARED[key] = self._new_folder()
+        self._folder = self._SHARED[key]
+
+    @staticmethod
+    def _new_folder() -> Path:
+        folder = Path(tempfile.mkdtemp(prefix="spade-teacher-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return folder
 
     def teacher_output(self, batch: Batch, teacher) -> torch.Tensor:
-        keys = list(batch.keys)
-        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if self._folder is None:
+            self._folder = self._new_folder()
+        paths = [self._folder / f"{hashlib.sha256(repr(k).encode()).hexdigest()[:32]}.safetensors" for k in batch.keys]
+        outputs = [load_file(p)["x"].to(batch.y.device) if p.exists() else None for p in paths]
+        missing = [i for i, o in enumerate(outputs) if o is None]
         if missing:
             with torch.no_grad():
                 idx = torch.tensor(missing)
                 out = teacher(batch.y[idx], batch.physics.select(idx))
             for j, i in enumerate(missing):
-                self._cache[keys[i]] = out[j]
-        return torch.stack([self._cache[k] for k in keys])
+                outputs[i] = out[j]
+                with atomic_path(paths[i]) as tmp:
+                    save_file({"x": out[j].detach().cpu().contiguous()}, str(tmp))
+        return torch.stack(outputs)
 
     def __call__(self, x_net, batch, model, teacher=None):
         return relative_sq_error(*model.distillation_pair(x_net, self.teacher_output(batch, teacher)))

@@ -22,6 +22,7 @@ from .checkpoint import load_model
 from .deploy.cache import export_checkpoint, export_files, export_stems, fresh_export
 from .deploy.priors import require_tensorrt
 from .deploy.runtime import BACKENDS, deploy
+from .distributed import is_main
 from .device import require_device
 from .errors import SpadeError
 from .finetune import finetune_model
@@ -143,7 +144,8 @@ def train_run(model: str, preset: str | None, root: Path | None, out: Path, cfg,
                      extra_manifest={"data": str(root) if root else "embedded", "preset": preset,
                                      "dataset": task.dataset_key(root)},
                      on_step=on_step, on_epoch=on_epoch, checkpoint_seconds=checkpoint_seconds, task=task)
-    write_json(Path(out) / "history.json", {"train_config": cfg.record(), "history": result.history})
+    if is_main():  # one job over torchrun's processes: rank 0 writes its files
+        write_json(Path(out) / "history.json", {"train_config": cfg.record(), "history": result.history})
     reporter.note(f"best checkpoint: {result.best_path} (val PSNR {result.best_val_psnr:.2f} dB) "
                   f"in {time.perf_counter() - t0:.0f} s")
     return result

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import math
 import os
-import random
 import re
 import signal
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, check_finite, model_manifest
 from .device import model_device, on_model_device
 from .errors import SpadeError
@@ -31,7 +31,7 @@ from .io import atomic_path, load_checkpoint, save_checkpoint
 from .losses import Loss
 from .models import Reconstructor, get_entry, load_state
 from .solvers import SolverConfig
-from .tasks import Scores, Task, task_for
+from .tasks import Scores, SeededReads, Task, task_for
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -71,6 +71,10 @@ class TrainConfig:
     # DEQ's training solver, pretraining and convergence penalty: spade_deploy.mri.deq.DEQTrainOptions);
     # None: that class's defaults. Models without such options ignore it.
     model_options: Any = None
+    # Where to train: "cpu", "cuda" (under torchrun each process's own GPU, cuda:LOCAL_RANK) or
+    # "cuda:N"; None: where the model already is. Not part of the recipe (record()): a run may
+    # resume elsewhere.
+    device: str | None = None
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -95,7 +99,7 @@ class TrainConfig:
 
     def record(self) -> dict:
         """What a run records as its ``train_config``: the shared fields and the model's options, flat."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_options"}
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_RECORDED}
         return {**shared, **(dataclasses.asdict(self.model_options) if self.model_options is not None else {})}
 
     def for_model(self, name: str) -> "TrainConfig":
@@ -110,6 +114,9 @@ class TrainConfig:
             raise SpadeError(f"model {name!r} takes {cls.__name__} training options, "
                              f"not {type(self.model_options).__name__}")
         return self
+
+
+_NOT_RECORDED = ("model_options", "device")
 
 
 def recorded_config(stored: dict | None, cfg: TrainConfig) -> dict | None:
@@ -177,48 +184,36 @@ def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _rng_state(seed: int, epoch: int) -> None:
-    s = seed * 1000 + epoch
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
-def _rng_capture() -> dict:
-    """The global RNG states (python, numpy, torch) as JSON: what a mid-epoch resume restores."""
-    py = random.getstate()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
-            "torch": torch.get_rng_state().tolist()}
-
-
-def _rng_restore(state: dict, where: str) -> None:
-    try:
-        py, npy = state["python"], state["numpy"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
-        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
-        raise SpadeError(f"{where}: its random-number state is corrupt; cannot resume mid-epoch") from None
-
-
-def _rng_neutral(loader: DataLoader):
-    """The batches of ``loader``, each fetched with the global RNG states put back afterwards.
-    Reading a slice may draw from them (an ESPIRiT estimate's random start), and whether it does
-    depends on a cache; a resumed run skips the fetches of finished steps. Fetching outside the
-    random streams keeps a resumed run identical to an uninterrupted one."""
+def _shares(task: Task, ds: Dataset, batches: list[list[int]], ctx: distributed.Context, seed: int):
+    """For each global batch of ``batches``: its size and this rank's share of it, as
+    ``[(sample index, its items collated alone)]``, read by ``task.workers`` loader processes."""
+    mine = [distributed.share(b, ctx.rank, ctx.world) for b in batches]
+    # Its own generator: a loader without one would draw its base seed from torch's global RNG.
+    loader = DataLoader(SeededReads(ds, seed), batch_sampler=[[i] for m in mine for i in m], collate_fn=task.collate,
+                        num_workers=task.workers, generator=torch.Generator().manual_seed(0))
     it = iter(loader)
-    while True:
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:
-            items = next(it)
-        except StopIteration:
-            return
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
-        yield items
+    for b, m in zip(batches, mine):
+        yield len(b), [(i, next(it)) for i in m]
+
+
+def _accumulate(units: list, n: int, compute: Callable[[int, Any], tuple[torch.Tensor, torch.Tensor]],
+                seed: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Backpropagate each sample of this rank's share alone, its loss divided by ``n`` (the global
+    batch's size), its random draws from ``seed + (sample index,)``. ``compute(index, items)``
+    gives ``(loss, loss + penalty)``. Returns ``[sum of losses, sum of totals, non-finite totals]``
+    (a sample whose total is not finite is not backpropagated)."""
+    stats = torch.zeros(3, dtype=torch.float64)
+    for i, items in units:
+        distributed.seed_sample(*seed, i)
+        value, total = compute(i, items)
+        t = float(total.detach())
+        if math.isfinite(t):
+            (total / n).backward()
+        else:
+            stats[2] += 1
+        stats[0] += float(value.detach())
+        stats[1] += t
+    return stats.to(device)
 
 
 def _epoch_batches(task: Task, ds: Dataset, batch_size: int, seed: int) -> list[list[int]]:
@@ -268,46 +263,123 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Test hook, off by default: $SPADE_NAN_AT names a rank, epoch and step (``rank:R:epoch:E:step:S``,
+# counting from 0 for the rank and from 1 for the others) whose loss that rank alone makes NaN, so
+# tests check that a divergence on one process stops them all.
+NAN_ENV = "SPADE_NAN_AT"
+_NAN_POINT = re.compile(r"rank:([0-9]+):epoch:([1-9][0-9]*):step:([1-9][0-9]*)")
+
+
+def _nan_point() -> tuple[int, int, int] | None:
+    raw = os.environ.get(NAN_ENV, "")
+    if not raw:
+        return None
+    match = _NAN_POINT.fullmatch(raw)
+    if match is None:
+        raise SpadeError(f"${NAN_ENV} is {raw!r}; this test hook takes rank:R:epoch:E:step:S (or unset it)")
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def _step_grads(ctx: distributed.Context, model: Reconstructor, units: list, n: int, compute, seed: tuple[int, ...]):
+    """One step's gradients, the mean over the global batch of ``n`` samples, on every rank; returns
+    the summed ``[losses, totals, non-finite totals]`` of all ranks."""
+    stats = ctx.all_sum(_accumulate(units, n, compute, seed, ctx.device))
+    if not stats[2]:
+        ctx.reduce_gradients([p for p in model.parameters() if p.requires_grad])
+    return stats.cpu()
+
+
 def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainConfig, steps: int, on_step,
-              opt: torch.optim.Optimizer, resume: dict | None = None, save: Callable[[dict], None] | None = None,
-              checkpoint_seconds: float | None = None, reached: Callable[[str], None] = lambda point: None) -> None:
+              opt: torch.optim.Optimizer, ctx: distributed.Context, resume: dict | None = None,
+              save: Callable[[dict], None] | None = None, checkpoint_seconds: float | None = None,
+              reached: Callable[[str], None] = lambda point: None) -> None:
     """The denoiser pretraining (``model.pretrain_loss``). Each pass over the data is shuffled with
-    the seed ``seed * 1000 - (step at the pass's start) - 1``; ``save(state)`` is called every
-    ``checkpoint_seconds`` with what :func:`fit` needs to continue exactly (``resume``)."""
+    the seed ``seed * 1000 - (step at the pass's start) - 1``; each sample draws its noise from
+    ``(seed, -1, step, sample)``. ``save(state)`` is called every ``checkpoint_seconds`` (by rank
+    0) with what :func:`fit` needs to continue exactly (``resume``)."""
     if resume is None:
-        _rng_state(cfg.seed, -1)
         step = pass_start = 0
     else:
         step, pass_start = int(resume["step"]), int(resume["pass_start"])
-        _rng_restore(resume["rng"], "last.safetensors")
     model.train()
     recent: list[float] = []
     last_save = time.monotonic()
+
+    def compute(i, items):
+        value = model.pretrain_loss(on_model_device(task.pretrain_batch(items), model))
+        return value, value
+
     while step < steps:
         if resume is None or step != int(resume["step"]):
             pass_start = step
         batches = _epoch_batches(task, train_ds, cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
-        loader = DataLoader(train_ds, batch_sampler=batches[step - pass_start:], collate_fn=task.collate, num_workers=0,
-                            generator=torch.Generator().manual_seed(0))
         resume = None
-        for items in _rng_neutral(loader):
-            if step >= steps:
-                break
-            batch = on_model_device(task.pretrain_batch(items), model)
-            value = model.pretrain_loss(batch)
+        for n, units in _shares(task, train_ds, batches[step - pass_start:][:steps - step], ctx, cfg.seed):
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            stats = _step_grads(ctx, model, units, n, compute, (cfg.seed, -1, step))
             opt.step()
             step += 1
-            recent.append(value.item())
+            recent.append(float(stats[0]) / n)
             if (save is not None and checkpoint_seconds is not None and step < steps
                     and time.monotonic() - last_save >= checkpoint_seconds):
-                save({"step": step, "pass_start": pass_start, "rng": _rng_capture()})
+                save({"step": step, "pass_start": pass_start})
                 last_save = time.monotonic()
             if on_step:
                 on_step("pretraining prior", step, steps, float(np.mean(recent[-20:])))
             if step < steps:  # the last step's checkpoint is fit's
                 reached(f"pretrain:{step}")
+
+
+class _Subset(Dataset):
+    """Samples ``indices`` of ``dataset``, keeping how they batch (``group_key``) and which volume
+    each belongs to (``volume_key``)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+        for name in ("group_key", "volume_key"):
+            if hasattr(dataset, name):
+                setattr(self, name, lambda i, f=getattr(dataset, name): f(self.indices[i]))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+
+def validate(model: Reconstructor, dataset: Dataset, task: Task, batch_size: int,
+             ctx: distributed.Context | None = None) -> dict:
+    """The validation record of ``model`` on ``dataset`` (``val_psnr``, ``val_ssim``,
+    ``val_iterations``, ``val_converged``): with several ranks each scores its share of the volumes
+    (:meth:`Task.volumes`, dealt in turn) and the shares' scores are combined as one process's are,
+    PSNR and SSIM averaged over volumes, iterations over slices. Raises :class:`SpadeError` on every
+    rank when data lacks what scoring needs."""
+    ctx = ctx or distributed.Context()
+    volumes = task.volumes(dataset) if ctx.active else [list(range(len(dataset)))]  # type: ignore[arg-type]
+    mine = volumes[ctx.rank::ctx.world]
+    part: dict[str, Any] = {"volumes": len(mine), "slices": sum(map(len, mine))}
+    if mine:
+        try:
+            subset = dataset if not ctx.active else _Subset(dataset, [i for v in mine for i in v])
+            res = evaluate(model, subset, task, batch_size=batch_size)
+            part.update(psnr=res.psnr, ssim=res.ssim, iterations=res.mean_iterations, converged=res.all_converged)
+        except SpadeError as exc:
+            part["error"] = str(exc)
+    parts = [p for p in ctx.all_gather(part) if p["volumes"]]
+    errors = [p["error"] for p in parts if "error" in p]
+    if errors:
+        raise SpadeError(errors[0])
+    if len(parts) == 1:
+        p = parts[0]
+        return {"val_psnr": p["psnr"], "val_ssim": p["ssim"], "val_iterations": p["iterations"],
+                "val_converged": p["converged"]}
+    vols, slices = sum(p["volumes"] for p in parts), sum(p["slices"] for p in parts)
+    iterations = (None if any(p["iterations"] is None for p in parts)
+                  else sum(p["iterations"] * p["slices"] for p in parts) / slices)
+    converged = None if any(p["converged"] is None for p in parts) else all(p["converged"] for p in parts)
+    return {"val_psnr": sum(p["psnr"] * p["volumes"] for p in parts) / vols,
+            "val_ssim": sum(p["ssim"] * p["volumes"] for p in parts) / vols,
+            "val_iterations": iterations, "val_converged": converged}
 
 
 def fit(
@@ -333,11 +405,18 @@ def fit(
     fresh random measurements, or with ``cfg.fixed_masks`` the data as evaluation measures it
     (fine-tuning on the test measurements as acquired).
 
+    One process, or one job over the processes torchrun started (:mod:`spade_deploy.distributed`):
+    each rank takes its share of every global batch of ``cfg.batch_size`` samples and the ranks'
+    gradients are summed, so every rank takes the same step; each sample is backpropagated alone
+    with its random draws seeded from ``(seed, epoch, step, sample)``, so the weights do not depend
+    on the number of processes. Rank 0 alone writes and reports (``on_step``, ``on_epoch``);
+    a non-finite loss on any rank stops them all; validation is sharded by volume (:func:`validate`).
+
     ``last.safetensors`` is written after each epoch, after the denoiser pretraining, and within an
     epoch or the pretraining once ``checkpoint_seconds`` have passed since the last write (``0``: after every step;
-    ``None``: only at epoch ends). A mid-epoch checkpoint holds the finished step count, the running
-    losses and the global RNG states, so ``resume`` continues exactly: the same masks, the same
-    batches, tensor-identical weights. ``resume`` without a ``last.safetensors`` (a kill before the
+    ``None``: only at epoch ends). A mid-epoch checkpoint holds the finished step count and the
+    running losses, so ``resume`` continues exactly, on any number of processes: the same masks,
+    the same batches, the same weights. ``resume`` without a ``last.safetensors`` (a kill before the
     first one) starts afresh. Stale temporary files of a killed run are removed on start."""
     task = task if task is not None else task_for(model)
     cfg = cfg.for_model(model.registry_name)
@@ -349,17 +428,24 @@ def fit(
         raise SpadeError(f"output path {out} is a file, expected a folder")
     if checkpoint_seconds is not None and not (math.isfinite(checkpoint_seconds) and checkpoint_seconds >= 0):
         raise SpadeError(f"checkpoint interval must be a finite number of seconds >= 0, got {checkpoint_seconds!r}")
+    ctx = distributed.context(cfg.device if cfg.device is not None else str(model_device(model)))
+    if cfg.device is not None:
+        model.to(ctx.device)
+    ctx.broadcast_parameters(model)
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
-    extra_manifest = {"task": task.record(), **(extra_manifest or {})}
+    extra_manifest = {"task": task.record(), **(extra_manifest or {}), "world_size": ctx.world}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     pre_opt = torch.optim.Adam(model.parameters(), lr=pretrain_lr)
     history: list[dict] = []
-    start_epoch, start_step, start_running, start_rng, best = 0, 0, [], None, -math.inf
+    start_epoch, start_step, start_running, best = 0, 0, [], -math.inf
     pretrain_state = None
-    kill = _kill_point()
+    kill, nan_at = _kill_point(), _nan_point()
+    if not ctx.main:
+        on_step = on_epoch = None
 
     def reached(point: str) -> None:
         if kill == (False, point):
+            ctx.barrier()  # rank 0's checkpoint of this point is written
             _kill_self()
 
     resumed = resume and last_path.exists()
@@ -376,7 +462,7 @@ def fit(
         try:
             start_epoch, best, history = int(ts["epoch"]), float(ts["best_val_psnr"]), list(ts["history"])
             start_step, start_running = int(ts.get("step", 0)), [float(v) for v in ts.get("running", [])]
-            start_rng, pretrain_state = ts.get("rng"), ts.get("pretrain")
+            pretrain_state = ts.get("pretrain")
             load_state(model, {k: v for k, v in state.items() if not k.startswith(_OPTIM_PREFIX)}, where=str(last_path))
             _restore_optim(opt, {k: v for k, v in state.items()
                                  if k.startswith(_OPTIM_PREFIX) and not k.startswith(_PRETRAIN_PREFIX)}, ts["optimizer"])
@@ -386,10 +472,12 @@ def fit(
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SpadeError(f"{last_path}: its training state is incomplete or corrupt ({type(exc).__name__}); "
                              "start a new run instead") from None
-        if not 0 <= start_epoch <= cfg.epochs or start_step < 0 or (start_step and start_rng is None):
+        if not 0 <= start_epoch <= cfg.epochs or start_step < 0:
             raise SpadeError(f"{last_path}: its training state (epoch {start_epoch}, step {start_step}) is inconsistent")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+    ctx.barrier()  # every rank has read last.safetensors before rank 0 writes it again
 
     if teacher is not None:
         if model_device(teacher) != model_device(model):  # a copy: the caller's teacher stays where it is
@@ -400,8 +488,9 @@ def fit(
 
     model.start_training(cfg.model_options)
 
-    def save_last(point: str, epoch: int, step: int, running: list[float], rng: dict | None,
-                  pretrain: dict | None = None) -> None:
+    def save_last(point: str, epoch: int, step: int, running: list[float], pretrain: dict | None = None) -> None:
+        if not ctx.main:
+            return
         optim_tensors, optim_meta = _optim_tensors(opt)
         if pretrain is not None:  # mid-pretraining: its own optimizer and position
             pre_tensors, pretrain["optimizer"] = _optim_tensors(pre_opt, _PRETRAIN_PREFIX)
@@ -410,7 +499,6 @@ def fit(
             "epoch": epoch,  # finished epochs
             "step": step,  # finished steps of the next epoch (0: at an epoch boundary)
             "running": running,
-            "rng": rng,
             "best_val_psnr": best,
             "history": history,
             "optimizer": optim_meta,
@@ -427,66 +515,64 @@ def fit(
         save_checkpoint(last_path, tensors, manifest)
 
     if pretrain_steps and (not resumed or pretrain_state is not None):
-        _pretrain(model, task, train_ds, cfg, pretrain_steps, on_step, pre_opt, resume=pretrain_state, checkpoint_seconds=checkpoint_seconds,
-                  save=lambda pre: save_last(f"pretrain:{pre['step']}", 0, 0, [], None, pretrain=pre),
-                  reached=reached)
+        _pretrain(model, task, train_ds, cfg, pretrain_steps, on_step, pre_opt, ctx, resume=pretrain_state,
+                  checkpoint_seconds=checkpoint_seconds,
+                  save=lambda pre: save_last(f"pretrain:{pre['step']}", 0, 0, [], pretrain=pre), reached=reached)
         done = f"pretrain:{pretrain_steps}"
-        save_last(done, 0, 0, [], None)  # a kill in the first epoch keeps the pretrained prior
+        save_last(done, 0, 0, [])  # a kill in the first epoch keeps the pretrained prior
         reached(done)
 
     last_save = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         mid_epoch = epoch == start_epoch and start_step > 0
-        if mid_epoch:
-            _rng_restore(start_rng, str(last_path))
-        else:
-            _rng_state(cfg.seed, epoch)
         model.train()
         batches = _epoch_batches(task, train_ds, cfg.batch_size, cfg.seed * 1000 + epoch)
         n_steps = len(batches) if cfg.max_steps_per_epoch is None else min(len(batches), cfg.max_steps_per_epoch)
         first = min(start_step, n_steps) if mid_epoch else 0
         running = list(start_running) if mid_epoch else []
-        # Its own generator: a loader without one would draw its base seed from torch's global RNG.
-        loader = DataLoader(train_ds, batch_sampler=batches[first:n_steps], collate_fn=task.collate, num_workers=0,
-                            generator=torch.Generator().manual_seed(0))
-        for step, items in enumerate(_rng_neutral(loader), start=first):
-            # Fine-tuning on test measurements keeps them as measured; training draws new ones.
-            batch = on_model_device(task.eval_batch(items) if cfg.fixed_masks else task.train_batch(items), model)
-            if cfg.relative_to == "baseline" and loss.needs_ground_truth:
-                batch.error_scale = task.baseline_error(batch)
-            x = model(batch.y, batch.physics)
-            value = loss(x, batch, model, teacher)
-            penalty = model.training_penalty(batch, x, cfg.model_options, step)
-            total = value + penalty if penalty is not None else value
-            if not torch.isfinite(total.detach()):
-                # Stop before the step writes NaN into the weights (and into last.safetensors).
-                kept = f"{best_path} holds the best validated epoch" if best_path.exists() else "no epoch was validated"
-                raise SpadeError(f"training diverged: the loss is {float(total.detach()):g} at epoch {epoch + 1}, "
-                                 f"step {step + 1}; {kept} (a lower --lr may help)")
+        for step, (n, units) in enumerate(_shares(task, train_ds, batches[first:n_steps], ctx, cfg.seed), start=first):
+            poisoned = nan_at == (ctx.rank, epoch + 1, step + 1)
+
+            def compute(i, items):
+                # Fine-tuning on test measurements keeps them as measured; training draws new ones.
+                batch = on_model_device(task.eval_batch(items) if cfg.fixed_masks else task.train_batch(items), model)
+                if cfg.relative_to == "baseline" and loss.needs_ground_truth:
+                    batch.error_scale = task.baseline_error(batch)
+                x = model(batch.y, batch.physics)
+                value = loss(x, batch, model, teacher)
+                penalty = model.training_penalty(batch, x, cfg.model_options, step)
+                total = value + penalty if penalty is not None else value
+                return value, total * math.nan if poisoned else total
+
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            stats = _step_grads(ctx, model, units, n, compute, (cfg.seed, epoch, step))
+            if stats[2]:
+                # Stop (every rank) before the step writes NaN into the weights (and into last.safetensors).
+                kept = f"{best_path} holds the best validated epoch" if best_path.exists() else "no epoch was validated"
+                raise SpadeError(f"training diverged: the loss is {float(stats[1]) / n:g} at epoch {epoch + 1}, "
+                                 f"step {step + 1}; {kept} (a lower --lr may help)")
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             for group in opt.param_groups:
                 group["lr"] = scheduled_lr(cfg, epoch * n_steps + step, cfg.epochs * n_steps)
             opt.step()
-            running.append(value.item())
+            running.append(float(stats[0]) / n)
             if (checkpoint_seconds is not None and step + 1 < n_steps
                     and time.monotonic() - last_save >= checkpoint_seconds):
-                save_last(f"epoch:{epoch + 1}:step:{step + 1}", epoch, step + 1, running, _rng_capture())
+                save_last(f"epoch:{epoch + 1}:step:{step + 1}", epoch, step + 1, running)
                 last_save = time.monotonic()
             if on_step:
                 on_step(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, n_steps, float(np.mean(running[-20:])))
+            _debug_check_same(ctx, model, f"epoch {epoch + 1} step {step + 1}")
             reached(f"epoch:{epoch + 1}:step:{step + 1}")
 
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(running)) if running else None}
         has_val = cfg.validate and val_ds is not None and len(val_ds) > 0
         skipped = has_val and (epoch + 1) % cfg.val_every != 0 and epoch + 1 != cfg.epochs
         if has_val and not skipped:
+            distributed.seed_sample(cfg.seed, epoch, -3)
             try:
-                res = evaluate(model, val_ds, task, batch_size=cfg.batch_size)
-                record.update(val_psnr=res.psnr, val_ssim=res.ssim, val_iterations=res.mean_iterations,
-                              val_converged=res.all_converged)
+                record.update(validate(model, val_ds, task, cfg.batch_size, ctx))
             except SpadeError:
                 pass  # validation data without ground truth: keep the last epoch
         # Best = highest validation PSNR among epochs whose fixed points all converged (a DEQ that
@@ -499,8 +585,9 @@ def fit(
         if score > best:
             best = score
             record["best"] = True
-            save_checkpoint(best_path, model.state_dict(), model_manifest(model, **manifest_extra, history=history))
-        save_last(f"epoch:{epoch + 1}:end", epoch + 1, 0, [], None)
+            if ctx.main:
+                save_checkpoint(best_path, model.state_dict(), model_manifest(model, **manifest_extra, history=history))
+        save_last(f"epoch:{epoch + 1}:end", epoch + 1, 0, [])
         last_save = time.monotonic()
         if on_epoch:
             on_epoch(record)
@@ -508,3 +595,22 @@ def fit(
     best_record = [h for h in history if h.get("best")][-1]
     return FitResult(best_path=best_path, last_path=last_path, best_val_psnr=best_record.get("val_psnr", float("nan")),
                      history=history)
+
+
+# Debugging aid, off by default: with $SPADE_CHECK_RANKS=1 every rank hashes its weights after each
+# step and the run stops (one line) if any two differ; the tests run it.
+CHECK_RANKS_ENV = "SPADE_CHECK_RANKS"
+
+
+def _debug_check_same(ctx: distributed.Context, model: Reconstructor, where: str) -> None:
+    if not ctx.active or os.environ.get(CHECK_RANKS_ENV, "") != "1":
+        return
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digests = ctx.all_gather(digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise SpadeError(f"the ranks' weights differ after {where}: {', '.join(d[:12] for d in digests)}")

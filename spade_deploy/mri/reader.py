@@ -127,6 +127,10 @@ class SliceDataset(Dataset):
     def files(self) -> list[Path]:
         return [info.path for info in self._infos]
 
+    def volume_key(self, idx: int) -> int:
+        """The file (volume) slice ``idx`` belongs to: what scores are averaged over."""
+        return self._index[idx][0]
+
     def group_key(self, idx: int) -> tuple:
         """Slices of equal key (k-space shape, target shape, recon size) can share a batch."""
         return self._infos[self._index[idx][0]].group

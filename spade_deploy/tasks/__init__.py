@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..distributed import seed_sample
 from ..errors import SpadeError
 from ..options import CliOption
 from ..physics import Physics
@@ -92,6 +95,29 @@ class ShapeBatchSampler(Sampler[list[int]]):
                 yield batch
 
 
+class SeededReads(Dataset):
+    """``dataset`` whose sample ``i`` is read with the global random states (python, NumPy, torch)
+    seeded from ``(seed, i)`` and put back afterwards. Reading a sample may draw from them (an
+    estimate's random start, whether it does depending on a cache): so it draws alike whichever
+    process, loader worker or step reads it, and reading never moves the caller's random streams."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        seed_sample(self.seed, -2, i)
+        try:
+            return self.dataset[i]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
 class Scores(Protocol):
     """What every task's evaluation reports (the trainer validates on these)."""
 
@@ -131,6 +157,10 @@ class Task:
     # the ``spade`` command adds them and hands their values to :meth:`from_cli` (and to
     # :meth:`reconstruct`) by name.
     cli_options: tuple[CliOption, ...] = ()
+
+    # How many loader processes read the task's data in training and evaluation (0: the calling
+    # process itself); the ``--workers`` of the commands that read data.
+    workers: int = 0
 
     # -- options ---------------------------------------------------------------------------------
     def options(self) -> dict:
@@ -206,9 +236,21 @@ class Task:
         return ShapeBatchSampler(dataset, batch_size, shuffle=shuffle, generator=generator)
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-        """Batches of ``dataset`` in the sampler's order (shuffled with ``seed``)."""
+        """Batches of ``dataset`` in the sampler's order (shuffled with ``seed``), read by
+        :attr:`workers` loader processes."""
         sampler = self.sampler(dataset, batch_size, shuffle, torch.Generator().manual_seed(seed))
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=0)
+        return DataLoader(SeededReads(dataset), batch_sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.workers, generator=torch.Generator().manual_seed(seed))
+
+    def volumes(self, dataset: Dataset) -> list[list[int]]:
+        """The sample indices of ``dataset`` grouped by the volume they belong to (a dataset's
+        ``volume_key``; without one each sample is its own), in order of first appearance: what
+        scores are averaged over, and so what sharded evaluation deals out whole."""
+        key = getattr(dataset, "volume_key", None)
+        groups: dict = {}
+        for i in range(len(dataset)):  # type: ignore[arg-type]
+            groups.setdefault(key(i) if key is not None else i, []).append(i)
+        return list(groups.values())
 
     # -- batches -------------------------------------------------------------------------------
     def train_batch(self, items: Any) -> Batch:
