@@ -20,6 +20,7 @@ from spade_deploy.demo import DemoReporter, run_demo
 from spade_deploy.deploy.cache import export_checkpoint
 from spade_deploy.deploy.export import check_opset
 from spade_deploy.deploy.runtime import BACKENDS, default_precision
+from spade_deploy.distributed import is_main
 from spade_deploy.errors import SpadeError
 from spade_deploy.io import read_manifest
 from spade_deploy.losses import STRATEGIES
@@ -32,6 +33,7 @@ from spade_deploy.paths import check_outputs
 from spade_deploy.pipeline import (SPLITS, bench_checkpoints, evaluate_checkpoint, finetune_run,
                                    prune_run, train_run)
 from spade_deploy.prune import PAPER_RATIOS
+from spade_deploy.progress import Reporter
 from spade_deploy.tasks import task_class
 from spade_deploy.train import TrainConfig
 
@@ -54,6 +56,8 @@ DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root wi
 CfOpt = Annotated[Optional[float], typer.Option("--center-fraction", help="Fraction of auto-calibration lines (default per acceleration).")]
 CkptSecondsOpt = Annotated[float, typer.Option("--checkpoint-seconds", help="Write a resumable last.safetensors within an epoch after this many seconds (0: every step).")]
 LrScheduleOpt = Annotated[str, typer.Option("--lr-schedule", help="constant | cosine (decays --lr to 0 over the run's steps).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Loader processes reading the data (0: read in the command's own process).")]
+TrainDeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (under torchrun, cuda is each process's own GPU: cuda:LOCAL_RANK).")]
 RelativeToOpt = Annotated[str, typer.Option("--relative-to", help="Supervised: each sample's squared error over the reference's squared norm (reference) or over the naive reconstruction's squared error (baseline: super-resolution's bicubic).")]
 
 
@@ -196,6 +200,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
     checkpoint_seconds: CkptSecondsOpt = 120.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
+    workers: WorkersOpt = 0,
+    device: TrainDeviceOpt = "cpu",
     task_options: Optional[dict] = None,
 ):
     """Train a reconstructor (supervised) with a progress bar and per-epoch validation PSNR (the model's task: MRI or super-resolution)."""
@@ -203,11 +209,17 @@ def train(
         model, dict(lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target, lipschitz_on=lipschitz_on,
                     train_max_iter=train_max_iter, train_tol=train_tol, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr),
         epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size, seed=seed,
-        max_steps_per_epoch=max_steps,
+        max_steps_per_epoch=max_steps, device=check_device(device),
     )
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     task, root = _task(get_entry(model).task, data, "train", task_options)
-    train_run(model, preset, root, out, cfg, task, resume, checkpoint_seconds, reporter=ConsoleReporter())
+    task.workers = check_number("--workers", workers, 0, 256)
+    train_run(model, preset, root, out, cfg, task, resume, checkpoint_seconds, reporter=_rank_reporter())
+
+
+def _rank_reporter():
+    """The console for a plain run and for rank 0 of a torchrun job; the other ranks stay silent."""
+    return ConsoleReporter() if is_main() else Reporter()
 
 
 def _train_config(model: str, model_options: dict, **options):
@@ -260,6 +272,7 @@ def eval_(
     solver: Annotated[Optional[str], typer.Option(help="DEQ: anderson | fixed-point.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices reconstructed together (slices of one size; a folder may mix sizes).")] = 4,
+    workers: WorkersOpt = 0,
     task_options: Optional[dict] = None,
 ):
     """MRI: fastMRI's PSNR / SSIM / NMSE against reconstruction_rss (as its evaluate() scores `spade reconstruct`'s output), beside zero-filled RSS. Super-resolution: USRNet's official PSNR / SSIM per scale and kernel, beside bicubic."""
@@ -269,6 +282,7 @@ def eval_(
     if solver is not None:
         check_choice("--solver", solver, ("anderson", "fixed-point"))
     task, root = _task(_checkpoint_task(checkpoint), data, "eval", task_options)
+    task.workers = check_number("--workers", workers, 0, 256)
     _show_eval(evaluate_checkpoint(checkpoint, task, root, split, json_out, batch_size,
                                    solver_changes={"max_iter": max_iter, "tol": tol, "method": solver},
                                    reporter=ConsoleReporter()))
@@ -315,19 +329,22 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
     checkpoint_seconds: CkptSecondsOpt = 120.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="At most this many steps per epoch.")] = None,
+    workers: WorkersOpt = 0,
+    device: TrainDeviceOpt = "cpu",
     task_options: Optional[dict] = None,
 ):
     """Fine-tune a pruned model: supervised (ground truth), school (teacher) or self-supervised (measurements only)."""
     model = _checkpoint_model(checkpoint)
     cfg = _train_config(model, dict(lipschitz_weight=lipschitz_weight, lipschitz_target=lipschitz_target),
                         epochs=epochs, lr=lr, lr_schedule=lr_schedule, relative_to=relative_to, batch_size=batch_size,
-                        seed=seed, max_steps_per_epoch=max_steps)
+                        seed=seed, max_steps_per_epoch=max_steps, device=check_device(device))
     check_number("--checkpoint-seconds", checkpoint_seconds, 0, 1e7)
     check_choice("--strategy", strategy, tuple(STRATEGIES))
     out = out or checkpoint.parent / f"{checkpoint.stem}.{strategy}"
     task, root = _task(get_entry(model).task, data, "finetune", task_options)
+    task.workers = check_number("--workers", workers, 0, 256)
     finetune_run(checkpoint, strategy, teacher, root, out, cfg, task, resume, checkpoint_seconds,
-                 reporter=ConsoleReporter())
+                 reporter=_rank_reporter())
 
 
 @app.command()
