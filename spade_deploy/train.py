@@ -2,8 +2,10 @@
 
 ``fit`` runs Adam over a :class:`~spade_deploy.losses.Loss`; after each epoch it validates,
 keeps the best checkpoint and atomically writes a resumable ``last.safetensors`` (model, Adam
-state, epoch, history), and within an epoch every ``checkpoint_seconds`` (with the step and the
-RNG states), so a kill loses at most that much work and a resumed run ends tensor-identical.
+state, epoch, history), and within an epoch every ``checkpoint_seconds`` (with the step), so a
+kill loses at most that much work and a resumed run ends tensor-identical. Every random draw of a
+step comes from (seed, epoch, step, sample), so the run is the same on one process or on several
+started by torchrun (:mod:`spade_deploy.distributed`), and resumes on any number of them.
 """
 
 from __future__ import annotations
@@ -317,6 +319,9 @@ def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainCon
         for n, units in _shares(task, train_ds, batches[step - pass_start:][:steps - step], ctx, cfg.seed):
             opt.zero_grad(set_to_none=True)
             stats = _step_grads(ctx, model, units, n, compute, (cfg.seed, -1, step))
+            if stats[2]:  # every rank alike, before the step writes NaN into the weights
+                raise SpadeError(f"pretraining diverged: the loss is {float(stats[1]) / n:g} at step {step + 1} "
+                                 "(a lower --pretrain-lr may help)")
             opt.step()
             step += 1
             recent.append(float(stats[0]) / n)
