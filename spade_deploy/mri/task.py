@@ -225,7 +225,7 @@ class MRITask(Task):
             for b, (idx, f, s) in enumerate(zip(indices, batch.meta["fnames"], batch.meta["slices"])):
                 volumes.add(idx, f, s, batch.target[b].cpu().numpy(), out[b].numpy(), zf[b].cpu().numpy(),
                             ref_sense[b].cpu().numpy() if ref_sense is not None else None)
-            del batch, x, out, zf, ref_sense
+            del items, batch, x, out, zf, ref_sense  # before the next batch is read, not after
             if on_batch:
                 on_batch(i + 1, len(loader))
         seconds = time.perf_counter() - t0
