@@ -67,7 +67,7 @@ class PrecisionSchedule:
     its switch point never runs on to the cap."""
 
     low: str = "bf16"
-    switch: float = 3e-3
+    switch: float = 5e-3
     stall: int = 5
 
     def __post_init__(self):
@@ -81,7 +81,7 @@ class PrecisionSchedule:
 
     @property
     def label(self) -> str:
-        """What a table or manifest shows, e.g. ``bf16->fp32 @ 0.003``."""
+        """What a table or manifest shows, e.g. ``bf16->fp32 @ 0.005``."""
         return f"{self.low}->fp32 @ {self.switch:g}"
 
 

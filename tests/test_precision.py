@@ -126,7 +126,7 @@ def test_the_deployed_deq_runs_the_schedule_and_says_so():
         ref, out = model(y, physics), deployed(y, physics)
     info = deployed.solve_info()
     assert bool(info.converged.all()) and (info.low_precision_iterations >= 1).all()
-    assert deployed.precision == "bf16->fp32 @ 0.003" and deployed.engine_label == "eager NCHW bf16->fp32"
+    assert deployed.precision == "bf16->fp32 @ 0.005" and deployed.engine_label == "eager NCHW bf16->fp32"
     assert model.engine_label == "eager NCHW fp32" and model.precision == "fp32"
     rel = float((out - ref).norm() / ref.norm())
     assert rel <= 2 * model.solver_cfg.tol / (1 - 0.96), rel
@@ -151,10 +151,10 @@ def _fake(costs_ms, clock):
     return builder
 
 
-@pytest.mark.parametrize("bf16_ms, chosen", [(3.0, False), (1.9, False), (0.2, True)])
+@pytest.mark.parametrize("bf16_ms, chosen", [(3.0, False), (2.0, False), (0.2, True)])
 def test_a_precision_that_slows_the_device_down_is_never_chosen(bf16_ms, chosen):
-    """Whole solves decide, timed on an injected clock: a bf16 prior slower than FP32 (or so little
-    faster that the schedule's extra iterations eat the gain) leaves the deployment in FP32."""
+    """Whole solves decide, timed on an injected clock: a bf16 prior slower than FP32, or no faster
+    (the schedule's restart then costs iterations), leaves the deployment in FP32."""
     model = _deq_small()
     sample = task_for(model).synthetic_sample(24, 24)
     costs = {"torch": 2.0, "torch-bf16": bf16_ms}
@@ -162,7 +162,7 @@ def test_a_precision_that_slows_the_device_down_is_never_chosen(bf16_ms, chosen)
     sel = E.select_engines(model, sample, engines=["torch"], rounds=2, loop_iterations=1, timer=lambda: clock[0],
                            builder=_fake(costs, clock), precisions=["bf16"])
     rec = sel.record("prior")
-    trial, fp32 = rec["precision_trials"]["bf16->fp32 @ 0.003"], rec["precision_trials"]["fp32"]
+    trial, fp32 = rec["precision_trials"]["bf16->fp32 @ 0.005"], rec["precision_trials"]["fp32"]
     assert trial["status"] == "ok" and trial["low_precision_iterations"] > 0
     # the clock sees every prior call: a solve costs its iterations at each phase's price
     assert fp32["solve_ms"] == pytest.approx(2.0 * fp32["iterations"])
@@ -183,8 +183,8 @@ def test_auto_deploys_the_recorded_schedule(tmp_path):
 
     manifest = json.loads(mpath.read_text())
     manifest["priors"][0][E.RECORD_KEY] = [{"device": E.describe_device("cpu"), "shape": [1, 2, 24, 24], "winner": "torch",
-                                            "precision": "bf16->fp32 @ 0.003",
-                                            "schedule": {"low": "bf16", "switch": 0.003, "stall": 5}}]
+                                            "precision": "bf16->fp32 @ 0.005",
+                                            "schedule": {"low": "bf16", "switch": 0.005, "stall": 5}}]
     mpath.write_text(json.dumps(manifest))
     deployed = deploy(model, "auto", mpath, shape=(24, 24))
     assert deployed.engine_choice == {"prior": "torch"} and deployed.engine_label == "channels-last bf16->fp32"
@@ -250,7 +250,7 @@ def test_the_cli_takes_a_precision_and_refuses_what_it_cannot_run(tmp_path, tiny
     run = lambda *a: subprocess.run([spade, "reconstruct", *map(str, a)], capture_output=True, text=True)  # noqa: E731
     ok = run(ckpt, f, "-o", tmp_path / "bf16", "-b", "torch", "--precision", "bf16", "--engines", tmp_path / "engines")
     assert ok.returncode == 0, ok.stderr + ok.stdout
-    assert "precision: bf16->fp32 @ 0.003" in ok.stdout
+    assert "precision: bf16->fp32 @ 0.005" in ok.stdout
     with h5py.File(tmp_path / "bf16" / f.name) as h:
         assert bool(h["converged"][()].all())
     # the refusals, in process (each a one-line error, no traceback)

@@ -51,7 +51,7 @@ class Reconstructor(nn.Module):
     reference: str = "sense"
     # What runs the priors (a deployment sets them; the model as built: eager PyTorch, FP32).
     engine_label: str = "eager NCHW fp32"
-    precision: str = "fp32"  # "fp32", or a precision schedule such as "bf16->fp32 @ 0.003"
+    precision: str = "fp32"  # "fp32", or a precision schedule such as "bf16->fp32 @ 0.005"
 
     def priors(self) -> dict[str, nn.Module]:
         raise NotImplementedError
