@@ -399,7 +399,6 @@ def maps(
                   f"{res.usage.entries} maps, {res.usage.bytes / 2**20:,.1f} MiB of its {res.budget / 2**20:,.0f} MiB")
 
 
-
 @app.command()
 @user_errors
 def serve(
