@@ -19,6 +19,7 @@ held-out set, every slice converged (stopped on the tolerance, not on the iterat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -116,6 +117,7 @@ def main() -> int:
         if args.before:
             runs.insert(0, ("before", run_checkpoints(args.before, args.ratio)))
         task = MRITask()
+        load = [os.getloadavg()[0]]
         with tempfile.TemporaryDirectory(prefix="spade-heldout-") as tmp:
             data = args.data
             if data is None:
@@ -132,6 +134,7 @@ def main() -> int:
                          "run": "checkpoints given" if args.checkpoint else str(args.run)}[name]
                 md += table(title, rows, paths)
             device = bench.result.device
+            load.append(os.getloadavg()[0])
     except SpadeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -140,9 +143,11 @@ def main() -> int:
             f"matplotlib's sagittal head, 4 poses; the embedded data's coils, phase, noise, 160x160), used by no "
             f"training or fine-tuning. Device: {device}. Fixed point: tol 1e-4, cap 100. held = mean iterations <= the "
             f"parent's on this set and every slice converged. Speed-ups against the unpruned PyTorch model on this "
-            f"set. Command: `{command}`.", ""]
+            f"set; the machine's 1-minute load average was {load[0]:.1f} at the start and {load[-1]:.1f} at the end "
+            f"(the timing columns compare like with like only when it stays near the number of threads). "
+            f"Command: `{command}`.", ""]
     write_text(args.out / f"{args.name}.md", "\n".join(head + md))
-    write_json(args.out / f"{args.name}.json", {"device": device, "command": command, **results})
+    write_json(args.out / f"{args.name}.json", {"device": device, "command": command, "load_average": load, **results})
     print("\n".join(head + md))
     return 0 if all(r["holds"] for r in results.values()) else 1
 
