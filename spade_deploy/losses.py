@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .io import atomic_path
 from .tasks import Batch
@@ -38,6 +41,10 @@ class Loss:
     def __call__(self, x_net, batch: Batch, model, teacher=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def join(self, ctx) -> None:
+        """Called by every rank of a job (:class:`spade_deploy.distributed.Context` ``ctx``) before
+        training: what the ranks' losses share, they agree on here. Default: nothing."""
+
 
 class SupervisedLoss(Loss):
     """Eq. (7): distance between the reconstruction and the ground truth (relative to
@@ -55,9 +62,12 @@ class SchoolLoss(Loss):
 
     The teacher's reconstruction of a measurement never changes, so it is computed once per
     sample (``batch.keys``), written to disk and read back when the sample comes again: memory
-    holds one batch of them, however large the data. They are kept in a temporary folder of this
-    process, removed when it ends; :meth:`share` gives every run with the same teacher on the same
-    measurements one folder (``spade demo`` distils one teacher into every pruned model).
+    holds one batch of them, however large the data. They are kept in a temporary folder
+    (``spade-teacher-<pid>-<host>-*`` in the temp folder), removed when the process ends; one a
+    kill left behind is removed by the next run on that host (:func:`remove_dead_teacher_folders`).
+    :meth:`share` gives every run with the same teacher on the same measurements one folder
+    (``spade demo`` distils one teacher into every pruned model); :meth:`join` gives the ranks of a
+    job that see rank 0's folder that one, so a sample that moves between ranks is not redone.
     """
 
     needs_teacher = True
@@ -71,18 +81,26 @@ class SchoolLoss(Loss):
         """Use the process-wide folder of ``key``: one identity of the teacher's weights and of the
         measurements (file, task options, split) together."""
         if key not in self._SHARED:
-            self._SHARED[key] = self._new_folder()
+            self._SHARED[key] = _new_teacher_folder()
         self._folder = self._SHARED[key]
 
-    @staticmethod
-    def _new_folder() -> Path:
-        folder = Path(tempfile.mkdtemp(prefix="spade-teacher-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        return folder
+    def join(self, ctx) -> None:
+        """Every rank takes rank 0's folder where it sees it (the ranks of rank 0's host), its own otherwise."""
+        if self._folder is None:
+            self._folder = _new_teacher_folder()
+        if not ctx.active:
+            return
+        leader = Path(ctx.all_gather(str(self._folder))[0])
+        if leader != self._folder and leader.is_dir():
+            shutil.rmtree(self._folder, ignore_errors=True)
+            for key, folder in self._SHARED.items():
+                if folder == self._folder:
+                    self._SHARED[key] = leader
+            self._folder = leader
 
     def teacher_output(self, batch: Batch, teacher) -> torch.Tensor:
         if self._folder is None:
-            self._folder = self._new_folder()
+            self._folder = _new_teacher_folder()
         paths = [self._folder / f"{hashlib.sha256(repr(k).encode()).hexdigest()[:32]}.safetensors" for k in batch.keys]
         outputs = [load_file(p)["x"].to(batch.y.device) if p.exists() else None for p in paths]
         missing = [i for i, o in enumerate(outputs) if o is None]
@@ -92,12 +110,57 @@ class SchoolLoss(Loss):
                 out = teacher(batch.y[idx], batch.physics.select(idx))
             for j, i in enumerate(missing):
                 outputs[i] = out[j]
-                with atomic_path(paths[i]) as tmp:
-                    save_file({"x": out[j].detach().cpu().contiguous()}, str(tmp))
+                with atomic_path(paths[i]) as tmp:  # another rank may read it, or write it too
+                    tmp.write_bytes(save({"x": out[j].detach().cpu().contiguous()}))
         return torch.stack(outputs)
 
     def __call__(self, x_net, batch, model, teacher=None):
         return relative_sq_error(*model.distillation_pair(x_net, self.teacher_output(batch, teacher)))
+
+
+_TEACHER_PREFIX = "spade-teacher-"
+# mkdtemp(prefix=f"{_TEACHER_PREFIX}{pid}-{host}-"): its random part is 8 letters, digits or _.
+_TEACHER_FOLDER = re.compile(re.escape(_TEACHER_PREFIX) + r"(?P<pid>[0-9]+)-(?P<host>.+)-[A-Za-z0-9_]{8}")
+
+
+def _host() -> str:
+    return socket.gethostname().replace(os.sep, "_") or "localhost"
+
+
+def _new_teacher_folder() -> Path:
+    remove_dead_teacher_folders()
+    folder = Path(tempfile.mkdtemp(prefix=f"{_TEACHER_PREFIX}{os.getpid()}-{_host()}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_teacher_folders() -> list[Path]:
+    """Delete the school loss's temporary folders that processes of this host and user left in
+    the temp folder when they were killed (their process id no longer runs). Returns what it removed."""
+    removed = []
+    host, uid = _host(), os.getuid()
+    for entry in Path(tempfile.gettempdir()).glob(f"{_TEACHER_PREFIX}*"):
+        match = _TEACHER_FOLDER.fullmatch(entry.name)
+        if match is None or match["host"] != host or int(match["pid"]) == os.getpid():
+            continue
+        try:
+            owned = entry.is_dir() and not entry.is_symlink() and entry.stat().st_uid == uid
+        except OSError:
+            continue
+        if owned and not _alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return sorted(removed)
 
 
 class SelfSupervisedLoss(Loss):

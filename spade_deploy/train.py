@@ -29,8 +29,8 @@ from . import distributed
 from .checkpoint import TRAIN_STATE_PREFIX as _OPTIM_PREFIX, check_finite, model_manifest
 from .device import model_device, on_model_device
 from .errors import SpadeError
-from .io import atomic_path, load_checkpoint, save_checkpoint
-from .losses import Loss
+from .io import atomic_path, load_checkpoint, remove_stale_temps, save_checkpoint
+from .losses import Loss, remove_dead_teacher_folders
 from .models import Reconstructor, get_entry, load_state
 from .solvers import SolverConfig
 from .tasks import Scores, SeededReads, Task, task_for
@@ -224,19 +224,9 @@ def _epoch_batches(task: Task, ds: Dataset, batch_size: int, seed: int) -> list[
     return [list(b) for b in task.sampler(ds, batch_size, True, torch.Generator().manual_seed(seed))]
 
 
-# The files ``fit`` writes in its folder; a kill during an atomic write leaves ``.<name>.*.tmp``.
+# The files ``fit`` writes in its folder; a kill during one of their writes leaves a temporary
+# file beside it, which :func:`spade_deploy.io.remove_stale_temps` recognises (nested ones too).
 RUN_FILES = ("best.safetensors", "last.safetensors", "history.json")
-
-
-def remove_stale_temps(out: Path) -> list[Path]:
-    """Delete the temporary files a killed run left beside the run's files (atomic_path's)."""
-    removed = []
-    for name in RUN_FILES:
-        for tmp in out.glob(f".{name}.*.tmp"):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
 
 
 # Test hook, off by default: $SPADE_KILL_AT names a point of the run at which the process kills
@@ -481,7 +471,8 @@ def fit(
             raise SpadeError(f"{last_path}: its training state (epoch {start_epoch}, step {start_step}) is inconsistent")
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)
+        remove_stale_temps(out, RUN_FILES)
+    remove_dead_teacher_folders()  # a killed school run's, on each host
     ctx.barrier()  # every rank has read last.safetensors before rank 0 writes it again
 
     if teacher is not None:
@@ -490,6 +481,7 @@ def fit(
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    loss.join(ctx)
 
     model.start_training(cfg.model_options)
 

@@ -191,3 +191,34 @@ def test_school_reconstructions_are_written_once_and_read_back(setup):
     again = loss.teacher_output(task.eval_batch(task.collate([ds[1], ds[2]])), counted)
     assert calls == [2, 1] and len(sorted(loss._folder.glob("*.safetensors"))) == 3  # only the new sample ran
     assert torch.equal(again[0], first[1])
+
+
+def test_ranks_share_rank_0s_teacher_folder_and_dead_processes_folders_are_removed(tmp_path, monkeypatch):
+    """Under torchrun every rank that sees rank 0's folder of teacher reconstructions uses it (a
+    sample moving to another rank is not run again) and drops its own; a folder whose process was
+    killed is removed by the next process, one of a live process is left alone."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from spade_deploy import losses
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rank0, rank1 = losses.SchoolLoss(), losses.SchoolLoss()
+    rank0.share(("teacher", "data"))
+    monkeypatch.setattr(losses.SchoolLoss, "_SHARED", {})  # rank 1: another process
+    rank1.share(("teacher", "data"))
+    own = rank1._folder
+    assert own != rank0._folder
+    rank1.join(SimpleNamespace(active=True, all_gather=lambda obj: [str(rank0._folder), obj]))
+    assert rank1._folder == rank0._folder and not own.exists()
+    rank1.share(("teacher", "data"))  # a later run of this process (spade demo) keeps it
+    assert rank1._folder == rank0._folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    name = f"spade-teacher-{int(dead.stdout)}-{losses._host()}-abc_1234"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "x.safetensors").write_bytes(b"x")
+    live = tmp_path / f"spade-teacher-{os.getppid()}-{losses._host()}-abc_1234"
+    live.mkdir()
+    assert losses.remove_dead_teacher_folders() == [tmp_path / name]
+    assert live.is_dir() and rank0._folder.is_dir()

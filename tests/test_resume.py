@@ -150,11 +150,13 @@ def test_a_malformed_kill_point_is_one_error_line(tiny_dataset, tmp_path):
 
 
 def test_resume_removes_stale_temp_files(tiny_dataset, tmp_path, env):
-    """Temp files a kill left beside the run's files are removed when the run starts or resumes;
-    files of other names are left alone; --resume with nothing to resume starts afresh."""
+    """Temp files a kill left beside the run's files are removed when the run starts or resumes,
+    the nested ones too (a kill inside the checkpoint writer's own write into the mid-save hook's
+    temporary file); files of other names are left alone; --resume with nothing to resume starts afresh."""
     run = tmp_path / "run"
     run.mkdir()
-    leftovers = [".last.safetensors.abc123.tmp", ".best.safetensors.x.tmp", ".history.json.y.tmp"]
+    leftovers = [".last.safetensors.abc123.tmp", ".best.safetensors.x.tmp", ".history.json.y.tmp",
+                 "..last.safetensors.abc123.tmp.k_9x.tmp"]
     for name in leftovers:
         (run / name).write_bytes(b"x" * 1000)
     (run / "notes.tmp").write_text("mine")
@@ -164,3 +166,24 @@ def test_resume_removes_stale_temp_files(tiny_dataset, tmp_path, env):
     assert (run / "notes.tmp").read_text() == "mine"
     _, manifest = load_checkpoint(run / "last.safetensors")
     assert manifest["train_state"]["epoch"] == 1
+
+
+def test_a_killed_school_run_leaves_no_teacher_folder_after_resume(tiny_dataset, tmp_path, env):
+    """The school loss keeps the teacher's reconstructions in a temporary folder that the process
+    removes when it ends; kill -9 leaves it in the temp folder, and the next run (--resume)
+    removes it, so nothing of either process is left there once the run has finished."""
+    from spade_deploy.checkpoint import save_model
+    from spade_deploy.models import build_model
+
+    torch.manual_seed(0)
+    teacher = save_model(tmp_path / "deq.safetensors", build_model("deq", preset="tiny"))
+    (pruned, _), = prune_checkpoint(teacher, [0.4], tmp_path / "pruned")
+    run, tmp = tmp_path / "run", Path(env["TMPDIR"])
+    args = ["finetune", str(pruned), "-s", "school", "--teacher", str(teacher), "--data", str(tiny_dataset.root),
+            "--epochs", "2", "--batch-size", "1", "--checkpoint-seconds", "0", "--lipschitz-weight", "0", "-o", str(run)]
+    _kill_at("epoch:1:step:1", args, env)
+    left, = tmp.glob("spade-teacher-*")  # the killed process's, with the reconstruction of step 1
+    assert len(list(left.glob("*.safetensors"))) == 1
+    _run([*args, "--resume"], env)
+    assert list(tmp.iterdir()) == []
+    assert _temps(run) == [] and (run / "best.safetensors").is_file()
