@@ -27,7 +27,11 @@ from spade_deploy.losses import STRATEGIES
 from spade_deploy.models import build_model, count_parameters, get_entry, model_names, preset_config
 from spade_deploy.mri.task import MRITask
 from spade_deploy.mri.client import send_file
+from spade_deploy.mri.coilmaps import parse_size as parse_bytes
 from spade_deploy.mri.convert import fastmri_to_raw
+from spade_deploy.mri.heldout import heldout_report
+from spade_deploy.mri.maps import build_maps
+from spade_deploy.mri.physics import center_fraction_for
 from spade_deploy.mri.server import ServeConfig, parse_size, serve as serve_mrd
 from spade_deploy.paths import check_outputs
 from spade_deploy.pipeline import (SPLITS, bench_checkpoints, evaluate_checkpoint, finetune_run,
@@ -152,8 +156,6 @@ def data(
     """Build the embedded default dataset (real MNI brain template -> simulated multi-coil k-space), or with --heldout a held-out set of other real MR images."""
     check_number("--seed", seed, 0, 2**31 - 1)
     if heldout:
-        from spade_deploy.mri.heldout import heldout_report
-
         if root is None:
             raise SpadeError("--heldout needs --root (a new or empty folder)")
         _show_table(heldout_report(root, seed=seed))
@@ -387,9 +389,6 @@ def maps(
     shard: Annotated[Optional[str], typer.Option("--shard", help="R/N: this process's share of the files, balanced by slices (default: torchrun's RANK/WORLD_SIZE where set, else all).")] = None,
 ):
     """MRI: estimate the ESPIRiT coil maps of every slice under DATA into the coil-map cache ahead of a run (what eval, finetune, reconstruct and bench would estimate at this sampling)."""
-    from spade_deploy.mri.coilmaps import build_maps, parse_size as parse_bytes
-    from spade_deploy.mri.physics import center_fraction_for
-
     check_sampling(acceleration, center_fraction)
     budget, part = parse_bytes(cache_size, "--cache-size"), parse_shard(shard)
     cf = center_fraction if center_fraction is not None else center_fraction_for(acceleration)

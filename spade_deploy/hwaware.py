@@ -190,7 +190,7 @@ class GroupWidth:
                 "mmacs": {str(w): round(m, 3) for w, m in self.mmacs.items()}}
 
 
-def _groups(prior: nn.Module, example: torch.Tensor, ignored: list[nn.Module]):
+def prunable_groups(prior: nn.Module, example: torch.Tensor, ignored: list[nn.Module]):
     """``(root module, out layers, in layers, channels)`` per prunable group of ``prior``."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -251,7 +251,7 @@ def choose_widths(
     convolutions are timed (the data's shape)."""
     names = {m: n for n, m in prior.named_modules()}
     kinds = conv_kinds(prior, size_example)
-    groups = list(_groups(prior, trace_example, ignored))
+    groups = list(prunable_groups(prior, trace_example, ignored))
     out_w = {m: k.out_ch for m, k in kinds.items()}
     in_w = {m: k.in_ch for m, k in kinds.items()}
     paper = {}

@@ -25,10 +25,10 @@ def _pruned(name: str, preset: str = "tiny", ratio: float = 0.4):
 
 
 def _roots(prior, example, ignored):
-    from spade_deploy.hwaware import _groups
+    from spade_deploy.hwaware import prunable_groups
 
     names = {m: n for n, m in prior.named_modules()}
-    return {names[root]: c for root, _, _, c in _groups(prior, example, ignored)}
+    return {names[root]: c for root, _, _, c in prunable_groups(prior, example, ignored)}
 
 
 def _rel(a, b) -> float:

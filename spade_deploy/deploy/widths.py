@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..hwaware import MARGIN, DeviceTimer, Timer, conv_kinds
+from ..hwaware import MARGIN, DeviceTimer, Timer, conv_kinds, prunable_groups
 from ..models import Reconstructor, build_model, layer_shapes
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
@@ -239,11 +239,9 @@ def _fastest(prior: nn.Module, trace: torch.Tensor, sized: torch.Tensor, ignored
     """Per group of ``prior``: the width in [pruned, parent] whose convolutions (the group's, its
     neighbours at their latest choice) run fastest; the pruned width unless another is at least
     ``margin`` faster."""
-    from ..hwaware import _groups
-
     names = {m: n for n, m in prior.named_modules()}
     kinds = conv_kinds(prior, sized)
-    groups = [(root, outs, ins, c, parent.get(names[root], [0, c])[1]) for root, outs, ins, c in _groups(prior, trace, ignored)]
+    groups = [(root, outs, ins, c, parent.get(names[root], [0, c])[1]) for root, outs, ins, c in prunable_groups(prior, trace, ignored)]
     out_w = {m: k.out_ch for m, k in kinds.items()}
     in_w = {m: k.in_ch for m, k in kinds.items()}
     chosen = {root: c for root, _, _, c, _ in groups}

@@ -46,7 +46,7 @@ import numpy as np
 from ..errors import SpadeError
 from ..io import atomic_path
 from ..lazy import optional
-from ..paths import check_outputs, default_cache_dir
+from ..paths import default_cache_dir
 
 MIN_ACS = 4  # fewer centre lines cannot hold an ESPIRiT kernel of useful size
 BUDGET_ENV = "SPADE_MAPS_CACHE_SIZE"
@@ -325,47 +325,7 @@ def evict(folder: Path, budget: int, keep: Path | None = None) -> CacheUsage:
     return CacheUsage(len(entries) - removed, total, removed)
 
 
-@dataclass
-class MapsResult:
-    files: int  # this shard's
-    slices: int
-    computed: int  # ESPIRiT runs (the rest were cached already)
-    usage: CacheUsage
-    budget: int
-
-
 def acs_block(mask, width: int, center_fraction: float) -> tuple[int, int]:
     """The ACS columns maps are estimated from: an acquired mask's centre run, else the centre
     block of fastMRI's equispaced mask at ``center_fraction``."""
     return acs_run(np.asarray(mask)) if mask is not None else centre_block(width, center_fraction)
-
-
-def build_maps(data: str | os.PathLike, center_fraction: float, cache_dir: str | os.PathLike | None = None,
-               budget: int | str | None = None, shard=None, params: EspiritParams = EspiritParams(),
-               reporter=None) -> MapsResult:
-    """``spade maps``: the ESPIRiT maps of every slice of ``data`` (an .h5 file or a folder of
-    them) for the measurements at ``center_fraction`` (files with an acquisition mask: their own
-    ACS block) estimated into the cache, this ``shard``'s files only (balanced by slices, see
-    :mod:`spade_deploy.archive`). Nothing is written beside the data; ``reporter`` shows the progress."""
-    from . import reader
-    from ..archive import Shard, shard_indices
-    from ..progress import Reporter
-
-    shard = shard or Shard()
-    estimator = CoilMapEstimator(cache_dir, params, memory_bytes=0, budget=budget)
-    ds = reader.SliceDataset(data, coil_maps="espirit", cache_dir=estimator.cache_dir)
-    check_outputs(folders=[estimator.folder], data=[ds.root if ds.root.is_dir() else ds.root.parent],
-                  option="--cache-dir")
-    files = [reader.SliceDataset(p, coil_maps="espirit", cache_dir=estimator.cache_dir) for p in ds.files]
-    mine = shard_indices([len(f) for f in files], shard)
-    total, done = sum(len(files[i]) for i in mine), 0
-    with (reporter or Reporter()).progress("estimating coil maps") as update:
-        for i in mine:
-            for s in range(len(files[i])):
-                item = files[i][s]
-                k = item["kspace"].numpy()
-                mask = item["mask"].numpy() if item["mask"] is not None else None
-                estimator(k, acs_block(mask, k.shape[-1], center_fraction))
-                done += 1
-                update(done, total)
-    return MapsResult(len(mine), done, estimator.computed, cache_usage(estimator.folder), estimator.budget)

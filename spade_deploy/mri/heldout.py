@@ -23,6 +23,7 @@ and ``spade eval --data <root>`` score); ``<root>/dataset.json`` records the sou
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import importlib.resources
 import math
 import shutil
@@ -36,6 +37,7 @@ import numpy as np
 
 from ..errors import SpadeError
 from ..io import write_json
+from ..tasks import TableReport
 from . import simulate
 from .simulate import SimConfig
 
@@ -187,8 +189,6 @@ def build_heldout_dataset(root: str | Path, seed: int = 0, slices: int | None = 
 def heldout_report(root: str | Path, seed: int = 0, slices: int | None = None):
     """``spade data --heldout``: build the held-out set (:func:`build_heldout_dataset`) and a table of
     its files."""
-    from ..tasks import TableReport
-
     manifest = build_heldout_dataset(root, seed=seed, slices=slices)
     rows = []
     for name, info in manifest["files"].items():
@@ -201,8 +201,6 @@ def heldout_report(root: str | Path, seed: int = 0, slices: int | None = None):
 
 def _manifest(root: Path) -> dict | None:
     try:
-        import json
-
         data = json.loads((root / "dataset.json").read_text())
     except (OSError, ValueError):
         return None
