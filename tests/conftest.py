@@ -16,10 +16,15 @@ from spade_deploy.mri.simulate import DatasetInfo, SimConfig, build_default_data
 # The auto back-end measures its candidate engines; torch.compile takes ~20 s per prior to compile on
 # a 2-core CPU, so the suite's auto runs choose between eager PyTorch and onnxruntime (the tests of
 # the selection itself name their engines). Set for the session whatever the user's setting.
-SESSION_ENV = {"SPADE_AUTO_ENGINES": "torch,onnxruntime"}
+# The precision auto picks is measured too (a bf16 -> FP32 schedule changes iteration counts), so the
+# suite deploys in FP32 unless a test asks for a precision (tests/test_precision.py does).
+SESSION_ENV = {"SPADE_AUTO_ENGINES": "torch,onnxruntime", "SPADE_PRECISION": "fp32"}
 # A user's settings that change what the library computes or reads: unset for the session (the
 # tests that are about them set them).
-CLEARED_ENV = ("SPADE_HOST_ALLOCATOR", "SPADE_DATA", "SPADE_KILL_AT")
+CLEARED_ENV = ("SPADE_HOST_ALLOCATOR", "SPADE_DATA", "SPADE_KILL_AT", "SPADE_NAN_AT", "SPADE_CHECK_RANKS",
+               "SPADE_MAPS_CACHE_SIZE",
+               # a torchrun job's own variables: inherited, they would shard reconstructions or join a job
+               "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # Where the tests' processes (this one and the commands it starts) would write outside their own
 # folders: home, caches, temporary files, compile caches. Each points into the session's temp folder.

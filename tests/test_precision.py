@@ -186,7 +186,7 @@ def test_auto_deploys_the_recorded_schedule(tmp_path):
                                             "precision": "bf16->fp32 @ 0.005",
                                             "schedule": {"low": "bf16", "switch": 0.005, "stall": 5}}]
     mpath.write_text(json.dumps(manifest))
-    deployed = deploy(model, "auto", mpath, shape=(24, 24))
+    deployed = deploy(model, "auto", mpath, shape=(24, 24), precision="auto")
     assert deployed.engine_choice == {"prior": "torch"} and deployed.engine_label == "channels-last bf16->fp32"
     as_fp32 = deploy(model, "auto", mpath, shape=(24, 24), precision="fp32")
     assert as_fp32.engine_label == "channels-last fp32" and as_fp32.precision == "fp32"

@@ -359,7 +359,9 @@ def test_training_relative_to_bicubic_measures_each_tile_against_it(tmp_path):
     small = SRTask(scales=(2,), crop=64, patch=48)
     train_mod.fit(build_model("usrnet", preset="small"), Spy(), small.dataset(None, "train"), None, cfg,
                   tmp_path, task=small)
-    assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (4,)
+    # one step of a batch of 4: each tile backpropagated alone (the trainer's per-sample steps),
+    # each with its own bicubic error as the scale
+    assert len(seen) == 4 and all(s is not None and s.shape == (1,) for s in seen)
     with pytest.raises(SpadeError, match="no baseline error"):  # before any data is read
         train_mod.fit(build_model("deq", preset="small"), SupervisedLoss(), None, None, cfg, tmp_path / "deq")
     result = CliRunner().invoke(app, ["train", "-m", "usrnet", "--relative-to", "bicubic", "-o", str(tmp_path / "r")])

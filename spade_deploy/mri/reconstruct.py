@@ -102,7 +102,8 @@ def reconstruct_files(
     settings = {"model": getattr(model, "registry_name", ""), "acceleration": acceleration,
                 "center_fraction": center_fraction, "coil_maps": coil_maps,
                 "espirit": dataclasses.asdict(ds.estimator.params) if coil_maps == "espirit" else None,
-                "field_of_view": "full" if full_fov else "recon", "format": output_format}
+                "field_of_view": "full" if full_fov else "recon", "format": output_format,
+                "precision": model.precision}  # what ran: fp32, or a low-precision schedule with its FP32 finish
     model.eval()
     result = ReconstructResult(outputs=[], n_slices=0, mean_iterations=None, shard=shard, n_files=len(files))
     iters, done, total = [], 0, sum(len(files[i]) for i in mine)
