@@ -80,13 +80,12 @@ def check_precision(model: Reconstructor, y: torch.Tensor, physics, precision: s
     tolerance (the model's own, or ``tol`` when the user loosens it explicitly) is refused with a
     one-line error: a lower-precision prior can floor the residual above the tolerance, and the
     solver would then stop on its cap, never converged."""
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in dtypes:
+    if precision not in DTYPES:
         raise SpadeError(f"unknown precision {precision!r} (fp32 | fp16 | bf16)")
     if model.solver_cfg is None:  # a fixed number of cascades: nothing to converge
         raise SpadeError(f"{model.registry_name} has no fixed-point solver: no residual to check")
     cfg = model.solver_cfg if tol is None else dataclasses.replace(model.solver_cfg, tol=tol)
-    net = model if precision == "fp32" else low_precision(model, dtypes[precision])
+    net = model if precision == "fp32" else low_precision(model, DTYPES[precision])
     y, physics = on_model_device((y, physics), net)
     net.eval()(y, physics, solver=cfg)
     info = net.solve_info()
@@ -130,16 +129,18 @@ def check_unrolled_precision(model: Reconstructor, task, dataset, precision: str
     by at most ``max_psnr_loss`` dB and SSIM by at most ``max_ssim_loss``; else refused, the reason
     saying which bound it broke. ``low_model``: the low-precision model to score (default
     :func:`low_precision` of ``model``)."""
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in dtypes:
+    if precision not in DTYPES or precision == "fp32":
         raise SpadeError(f"unknown low precision {precision!r} (fp16 | bf16)")
     if model.solver_cfg is not None:
         raise SpadeError(f"{model.registry_name} is a fixed-point model: use its precision schedule (deploy)")
     ref = task.evaluate(model.eval(), dataset, batch_size=1)
-    low = task.evaluate((low_model or low_precision(model, dtypes[precision])).eval(), dataset, batch_size=1)
+    low = task.evaluate((low_model or low_precision(model, DTYPES[precision])).eval(), dataset, batch_size=1)
     dpsnr, dssim = low.psnr - ref.psnr, low.ssim - ref.ssim
-    broken = [f"PSNR {dpsnr:+.3f} dB (bound -{max_psnr_loss:g})" for _ in [0] if not dpsnr >= -max_psnr_loss]
-    broken += [f"SSIM {dssim:+.4f} (bound -{max_ssim_loss:g})" for _ in [0] if not dssim >= -max_ssim_loss]
+    broken = []
+    if not dpsnr >= -max_psnr_loss:  # NaN included
+        broken.append(f"PSNR {dpsnr:+.3f} dB (bound -{max_psnr_loss:g})")
+    if not dssim >= -max_ssim_loss:
+        broken.append(f"SSIM {dssim:+.4f} (bound -{max_ssim_loss:g})")
     reason = (f"{precision} refused: " + ", ".join(broken) if broken else
               f"{precision} accepted: PSNR {dpsnr:+.3f} dB, SSIM {dssim:+.4f} within -{max_psnr_loss:g} dB / -{max_ssim_loss:g}")
     n = getattr(ref, "n_slices", len(dataset))
