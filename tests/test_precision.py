@@ -174,6 +174,33 @@ def test_a_precision_that_slows_the_device_down_is_never_chosen(bf16_ms, chosen)
         assert "not faster here" in trial["note"]
 
 
+
+def test_a_reused_engine_timing_decides_the_precision_on_each_models_weights(monkeypatch):
+    """Fine-tunings of one pruned architecture share its engine timing (speed depends on the
+    widths), but a schedule's gain depends on the iteration counts, hence on the weights: the
+    second model's precision is tried on its own solves, not borrowed from the first."""
+    a = _deq_small()
+    b = _deq_small()
+    with torch.no_grad():
+        for p in b.priors()["prior"].parameters():
+            p.mul_(0.9)
+    sample = task_for(a).synthetic_sample(26, 26)  # a size no other test times (the timings are cached)
+    clock = [0.0]
+    measure = dict(engines=["torch"], rounds=2, loop_iterations=1, timer=lambda: clock[0],
+                   builder=_fake({"torch": 2.0, "torch-bf16": 0.2}, clock), precisions=["bf16"])
+    tried = []
+    choose = E._choose_precision
+
+    def spy(sel, model, *args):
+        tried.append(model)
+        return choose(sel, model, *args)
+
+    monkeypatch.setattr(E, "_choose_precision", spy)
+    da = E.deploy_auto(a, None, "cpu", sample=sample, **measure)
+    db = E.deploy_auto(b, None, "cpu", sample=sample, **measure)
+    assert [m is a for m in tried] == [True, False] and tried[1] is b
+    assert da.precision == db.precision == "bf16->fp32 @ 0.005"  # bf16 10x cheaper on the injected clock
+
 def test_auto_deploys_the_recorded_schedule(tmp_path):
     from spade_deploy.deploy.export import export_onnx
 

@@ -573,7 +573,8 @@ def _architecture_key(model: Reconstructor, device, shape, engines) -> tuple:
 
 
 @torch.no_grad()
-def _reuse(selection: Selection | None, model: Reconstructor, shape, device, manifest, root) -> Selection | None:
+def _reuse(selection: Selection | None, model: Reconstructor, shape, device, manifest, root,
+           builder: Callable[..., nn.Module] = build_engine) -> Selection | None:
     """``selection``'s timings for ``model`` (same architecture), its winner built and checked on
     this model's weights; None where there is none or the winner is inaccurate here."""
     if selection is None:
@@ -585,7 +586,7 @@ def _reuse(selection: Selection | None, model: Reconstructor, shape, device, man
             prior = prior.to(device).eval()
             x = model.prior_example_input(name, *shape).to(device)
             try:
-                module = build_engine(selection.winner, prior, device, manifest, entries.get(name), root)
+                module = builder(selection.winner, prior, device, manifest, entries.get(name), root)
                 err = max_relative_error(prior(x), module(x))
             except Exception:
                 return None
@@ -593,10 +594,11 @@ def _reuse(selection: Selection | None, model: Reconstructor, shape, device, man
                 return None
             modules[name] = module
             priors[name]["engines"][selection.winner]["max_rel_error"] = err
-    # A precision schedule chosen there is kept: its FP32 phase reaches the FP32 tolerance on any
-    # weights (the low phase hands over at its switch point or where it stalls), so only its speed is borrowed.
+    # The engine's speed is the architecture's; a precision schedule's gain is not (it depends on
+    # the iteration counts, hence on the weights): deploy_auto decides the precision again.
     return dataclasses.replace(selection, priors=priors, modules={selection.winner: modules},
-                               timed_on="an identical architecture earlier in this run")
+                               timed_on="an identical architecture earlier in this run", precision="fp32",
+                               schedule=None, precision_trials={}, precision_note="")
 
 
 def deploy_auto(
@@ -628,11 +630,17 @@ def deploy_auto(
     records = {n: recorded_choice(manifest, n, device, s) for n, s in shapes.items()} if manifest else {}
     if remeasure or not manifest or not all(records.values()):
         key = _architecture_key(model, device, shape, measure.get("engines"))
-        selection = None if remeasure else _reuse(_TIMED.get(key), model, shape, device, manifest, root)
+        if sample is None:  # measurements of the model's task at the data's size
+            sample = task_for(model).synthetic_sample(*shape, device=device)
+        builder = measure.get("builder", build_engine)
+        selection = None if remeasure else _reuse(_TIMED.get(key), model, shape, device, manifest, root, builder)
         if selection is None:
-            if sample is None:  # measurements of the model's task at the data's size
-                sample = task_for(model).synthetic_sample(*shape, device=device)
             selection = _TIMED[key] = select_engines(model, sample, manifest, root, device, **measure)
+        else:  # the engine timed on the same widths; the precision decided on these weights
+            with torch.no_grad(), _strict_fp32(torch.device(device)):
+                _choose_precision(selection, model, sample, device, measure.get("precisions"),
+                                  measure.get("solve_rounds", 3), measure.get("timer", time.perf_counter),
+                                  builder, manifest, root)
         if manifest_path is not None:
             manifest = record_selection(manifest_path, selection)
         records = {n: selection.record(n) for n in shapes}
