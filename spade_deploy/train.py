@@ -187,7 +187,7 @@ def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def _shares(task: Task, ds: Dataset, batches: list[list[int]], ctx: distributed.Context, seed: int):
-    """For each global batch of ``batches``: its size and this rank's share of it, as
+    """For each global batch of ``batches``: its sample indices and this rank's share of it, as
     ``[(sample index, its items collated alone)]``, read by ``task.workers`` loader processes."""
     mine = [distributed.share(b, ctx.rank, ctx.world) for b in batches]
     # Its own generator: a loader without one would draw its base seed from torch's global RNG.
@@ -195,7 +195,7 @@ def _shares(task: Task, ds: Dataset, batches: list[list[int]], ctx: distributed.
                         num_workers=task.workers, generator=torch.Generator().manual_seed(0))
     it = iter(loader)
     for b, m in zip(batches, mine):
-        yield len(b), [(i, next(it)) for i in m]
+        yield b, [(i, next(it)) for i in m]
 
 
 def _accumulate(units: list, n: int, compute: Callable[[int, Any], tuple[torch.Tensor, torch.Tensor]],
@@ -306,7 +306,8 @@ def _pretrain(model: Reconstructor, task: Task, train_ds: Dataset, cfg: TrainCon
             pass_start = step
         batches = _epoch_batches(task, train_ds, cfg.batch_size, cfg.seed * 1000 - pass_start - 1)
         resume = None
-        for n, units in _shares(task, train_ds, batches[step - pass_start:][:steps - step], ctx, cfg.seed):
+        for batch_ids, units in _shares(task, train_ds, batches[step - pass_start:][:steps - step], ctx, cfg.seed):
+            n = len(batch_ids)
             opt.zero_grad(set_to_none=True)
             stats = _step_grads(ctx, model, units, n, compute, (cfg.seed, -1, step))
             if stats[2]:  # every rank alike, before the step writes NaN into the weights
@@ -527,7 +528,9 @@ def fit(
         n_steps = len(batches) if cfg.max_steps_per_epoch is None else min(len(batches), cfg.max_steps_per_epoch)
         first = min(start_step, n_steps) if mid_epoch else 0
         running = list(start_running) if mid_epoch else []
-        for step, (n, units) in enumerate(_shares(task, train_ds, batches[first:n_steps], ctx, cfg.seed), start=first):
+        for step, (batch_ids, units) in enumerate(_shares(task, train_ds, batches[first:n_steps], ctx, cfg.seed),
+                                                  start=first):
+            n = len(batch_ids)
             poisoned = nan_at == (ctx.rank, epoch + 1, step + 1)
 
             def compute(i, items):
@@ -537,7 +540,7 @@ def fit(
                     batch.error_scale = task.baseline_error(batch)
                 x = model(batch.y, batch.physics)
                 value = loss(x, batch, model, teacher)
-                penalty = model.training_penalty(batch, x, cfg.model_options, step)
+                penalty = model.training_penalty(batch, x, cfg.model_options, step, (batch_ids.index(i), n))
                 total = value + penalty if penalty is not None else value
                 return value, total * math.nan if poisoned else total
 

@@ -223,3 +223,20 @@ def test_ranks_share_rank_0s_teacher_folder_and_dead_processes_folders_are_remov
     live.mkdir()
     assert losses.remove_dead_teacher_folders() == [tmp_path / name]
     assert live.is_dir() and rank0._folder.is_dir()
+
+
+def test_the_convergence_penalty_measures_lipschitz_samples_slices_of_each_global_batch(monkeypatch):
+    """Each sample is backpropagated alone, on any number of processes; the DEQ's penalty still
+    measures ``lipschitz_samples`` slices of each global batch (in turn with the step), not every
+    slice: the hook is told the sample's position in the global batch."""
+    from spade_deploy.mri.deq import DEQTrainOptions
+
+    model = build_model("deq", preset="tiny")
+    monkeypatch.setattr(model, "regularizer", lambda batch, x, target, on, samples=None: torch.tensor(1.0))
+    x = torch.zeros(1, 2, 8, 8)
+    one, every = DEQTrainOptions(lipschitz_samples=1), DEQTrainOptions(lipschitz_samples=None)
+    for step in range(3):
+        penalised = [model.training_penalty(None, x, one, step, (pos, 4)) is not None for pos in range(4)]
+        assert penalised == [pos == step % 4 for pos in range(4)]
+        assert all(model.training_penalty(None, x, every, step, (pos, 4)) is not None for pos in range(4))
+    assert model.training_penalty(None, x, DEQTrainOptions(lipschitz_weight=0.0), 0, (0, 4)) is None

@@ -111,9 +111,12 @@ class Reconstructor(nn.Module):
     def start_training(self, options: Any) -> None:
         """Set up end-to-end training (a fixed-point model: its training solver)."""
 
-    def training_penalty(self, batch, x_net: torch.Tensor, options: Any, step: int) -> torch.Tensor | None:
+    def training_penalty(self, batch, x_net: torch.Tensor, options: Any, step: int,
+                         slot: tuple[int, int] | None = None) -> torch.Tensor | None:
         """A weighted penalty added to the loss of training step ``step`` at the output ``x_net``;
-        None: none."""
+        None: none. ``slot = (position, size)``: ``batch`` is the sample at that position of a
+        global batch of ``size`` (the trainer backpropagates each sample alone); None: ``batch``
+        is the whole batch."""
         return None
 
     def pretrain_loss(self, batch) -> torch.Tensor:

@@ -180,14 +180,23 @@ class DEQ(FixedPointReconstructor):
     def start_training(self, options: DEQTrainOptions) -> None:
         self.set_train_solver(options.train_max_iter, options.train_tol)
 
-    def training_penalty(self, batch, x_net: torch.Tensor, options: DEQTrainOptions, step: int) -> torch.Tensor | None:
+    def training_penalty(self, batch, x_net: torch.Tensor, options: DEQTrainOptions, step: int,
+                         slot: tuple[int, int] | None = None) -> torch.Tensor | None:
         """``lipschitz_weight`` times :meth:`regularizer` on ``lipschitz_samples`` slices of the
-        batch, taken in turn with ``step``."""
+        (global) batch, taken in turn with ``step``: with ``slot = (position, size)`` the one
+        sample ``batch`` holds is penalised only where its position is one of them, so the same
+        slices are measured whether a batch is computed whole or a sample at a time on any
+        number of processes."""
         if options.lipschitz_weight <= 0:
             return None
-        b = x_net.shape[0]
+        b = x_net.shape[0] if slot is None else slot[1]
         k = b if options.lipschitz_samples is None else min(options.lipschitz_samples, b)
-        samples = None if k == b else [(step * k + i) % b for i in range(k)]
+        chosen = [(step * k + i) % b for i in range(k)]
+        if slot is not None:
+            if slot[0] not in chosen:
+                return None
+            chosen = list(range(x_net.shape[0]))
+        samples = None if len(chosen) == x_net.shape[0] else chosen
         reg = self.regularizer(batch, x_net, options.contraction_target, options.lipschitz_on, samples=samples)
         return options.lipschitz_weight * reg
 
