@@ -598,6 +598,8 @@ def _show_bench(run) -> None:
     print_table(table)
     console.print(B.AGGREGATION + "; speed-ups against the unpruned PyTorch model; efficiency = per-iteration "
                   "speed-up / MAC ratio; on cap = slices stopped by the iteration cap.", soft_wrap=True)
+    for line in B.buys_nothing(result):
+        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
     console.print("results: " + ", ".join(f"[cyan]{p}[/]" for p in run.paths.values()))
 
 

@@ -94,6 +94,10 @@ class BenchRow:
     speedup_per_iteration: float | None = None
     efficiency: float | None = None
     speedup_same_backend: float | None = None
+    # What to deploy for this variant on this back-end, from the same interleaved timing (add_speedups):
+    # "variant" where the pruned model is at least as fast as its unpruned model there, "parent" where
+    # it is slower (the ratio buys nothing here); None for unpruned or untimed rows.
+    deploy: str | None = None
     # the task's secondary scores by name (Task.secondary_scores), columns of the result files
     scores: dict[str, float | None] = field(default_factory=dict)
 
@@ -411,6 +415,17 @@ def add_speedups(rows: Sequence[BenchRow]) -> None:
                     r.efficiency = r.speedup_per_iteration / (base_torch.macs / r.macs)
         if same:
             r.speedup_same_backend = same.latency_ms / r.latency_ms
+            if r.ratio > 0:
+                r.deploy = "variant" if r.speedup_same_backend >= 1.0 else "parent"
+
+
+def buys_nothing(result: BenchResult) -> list[str]:
+    """One line per pruned variant slower than its unpruned model on the same back-end (``deploy`` =
+    "parent"): on this device the unpruned model is what to deploy there."""
+    return [f"{r.label} {r.ratio:.0%} {r.strategy or ''} ({r.widths or 'paper'} widths) on {r.backend}: "
+            f"x{r.speedup_same_backend:.2f} against the unpruned model on the same back-end; this variant buys "
+            f"nothing on {result.device}: deploy the unpruned model there"
+            for r in result.rows if r.deploy == "parent"]
 
 
 def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
@@ -421,7 +436,8 @@ def prior_macs(model: Reconstructor, size: tuple[int, int]) -> int:
 # ------------------------------------------------------------------------------------------------
 _LEADING = ["model", "ratio", "strategy", "widths", "deployed widths", "backend", "engine", "precision", "params",
             "MACs", "PSNR", "SSIM"]
-_TRAILING = ["iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend"]
+_TRAILING = ["iterations", "on cap", "ms/slice", "ms/iter", "speed-up", "per iter", "efficiency", "same backend",
+             "deploy"]
 NONE = "–"  # no reference measured: never a default ratio
 
 
@@ -449,6 +465,7 @@ def table_rows(result: BenchResult) -> list[list[str]]:
             f"{r.latency_ms:.1f}" if r.latency_ms is not None else NONE, f"{r.ms_per_iteration:.2f}" if r.ms_per_iteration is not None else NONE,
             _x(r.speedup_vs_torch), _x(r.speedup_per_iteration),
             NONE if r.efficiency is None else f"{r.efficiency:.2f}", _x(r.speedup_same_backend),
+            {"variant": "variant", "parent": "parent (buys nothing)"}.get(r.deploy or "", NONE),
         ])
     return out
 

@@ -324,7 +324,7 @@ def bench_checkpoints(checkpoints: Sequence[Path], backends: Sequence[str], engi
     with reporter.progress("benchmarking", transient=True) as update:
         result = B.run_bench(variants, deployers, test_ds, task, repeats=repeats, warmup=warmup, device=device,
                              on_progress=lambda what, i, n: update(i, n, description=what))
-    result.notes = list(notes)
+    result.notes = [*notes, *B.buys_nothing(result)]
     paths = B.write_results(result, out, stem)
     if any(v.strategy for v in variants):
         paths["degradation"] = B.plot_degradation(result, out / f"{stem}-degradation.png", backend=backends[0])

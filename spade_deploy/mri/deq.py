@@ -252,7 +252,8 @@ class DEQ(FixedPointReconstructor):
 
     def regularizer(self, batch, x_net: torch.Tensor, target: float, on: str = "operator",
                     samples: list[int] | None = None) -> torch.Tensor:
-        """Convergence penalty ``relu(||J||_2 - target)^2`` at the fixed points ``x*`` of the batch.
+        """Convergence penalty at the fixed points ``x*`` of the batch: ``relu(||J||_2 - target)``
+        (``operator``: the exact penalty of :func:`spectral_hinge`) or its square (``prior``).
 
         ``on="operator"``: ``J`` is the Jacobian of the whole iteration ``T`` on the whole slice,
         whose norm sets the solver's rate (measured on the demo's DEQs: ``||J_T||`` 0.955 -> 18
@@ -288,7 +289,8 @@ class DEQ(FixedPointReconstructor):
         if on == "prior":
             z = complex_to_channels(x - self.gamma.detach() * physics.grad(x, y_n))
             return lipschitz_hinge(self.prior, z, target)
-        return spectral_hinge(self.operator(physics, y_n), complex_to_channels(x), target, iters=1, from_residual=True)
+        return spectral_hinge(self.operator(physics, y_n), complex_to_channels(x), target, iters=1, from_residual=True,
+                              power=1)
 
     def contraction_norms(self, batch, x_net: torch.Tensor) -> torch.Tensor:
         """``||J_T(x*)||_2`` per sample at the fixed points ``x_net = self(batch.y, batch.physics)``,
@@ -343,9 +345,14 @@ def spectral_norms(f, x: torch.Tensor, iters: int = 4, from_residual: bool = Fal
     return ju.flatten(1).norm(dim=1)
 
 
-def spectral_hinge(f, x: torch.Tensor, rho: float, iters: int = 4, from_residual: bool = False) -> torch.Tensor:
-    """``mean_b relu(||J_f(x_b)||_2 - rho)^2`` with the norms of :func:`spectral_norms`."""
-    return (torch.relu(spectral_norms(f, x, iters, from_residual) - rho) ** 2).mean()
+def spectral_hinge(f, x: torch.Tensor, rho: float, iters: int = 4, from_residual: bool = False,
+                   power: int = 2) -> torch.Tensor:
+    """``mean_b relu(||J_f(x_b)||_2 - rho)^power`` with the norms of :func:`spectral_norms`.
+
+    ``power=1`` is an exact penalty: above a finite weight its minimiser meets the bound, where the
+    squared hinge's gradient vanishes at the bound and leaves a violation that shrinks only as
+    1 / weight (Nocedal & Wright, Numerical Optimization, sec. 17.2)."""
+    return (torch.relu(spectral_norms(f, x, iters, from_residual) - rho) ** power).mean()
 
 
 def lipschitz_hinge(prior: nn.Module, z: torch.Tensor, rho: float, crop: int = 40, iters: int = 4) -> torch.Tensor:
