@@ -221,6 +221,62 @@ def ratio_keeping(channels: int, kept: int) -> float:
     return 1.0 - (kept + 0.5) / channels
 
 
+# decide(root, c, measure) -> (width, record): one group's choice, ``root`` its root layer, ``c`` its
+# channel count in the prior searched, and
+# ``measure(widths)`` the (ms, MMACs) per width of the group's convolutions at those widths, its
+# neighbours at their latest choice (cumulative over calls for this group in this pass).
+Decide = Callable[[nn.Module, int, Callable[[Iterable[int]], tuple[dict[int, float], dict[int, float]]]], tuple]
+
+
+def search_widths(prior: nn.Module, trace_example: torch.Tensor, size_example: torch.Tensor,
+                  ignored: list[nn.Module], timer: Timer, start: Callable[[int], int], decide: Decide,
+                  max_passes: int = 4) -> list[tuple[nn.Module, list[nn.Module], object]]:
+    """Per prunable group of ``prior``, ``(root, outs, record)`` of ``decide``'s choice (``outs``: the
+    layers whose filters the group's channels are), coordinate-wise: a
+    group's convolutions also depend on the widths of the groups they connect to (a block's inner
+    convolutions read and write the residual trunk), so every group starts at ``start(c)`` (``c``:
+    its channels in ``prior``) and the choice is repeated, each group with its neighbours at their
+    latest choice, until no group changes (at most ``max_passes`` passes; timings are cached per
+    kind by the timer). ``trace_example`` traces the dependency graph; ``size_example`` sets the
+    input size the convolutions are timed at (the data's shape)."""
+    kinds = conv_kinds(prior, size_example)
+    groups = list(prunable_groups(prior, trace_example, ignored))
+    out_w = {m: k.out_ch for m, k in kinds.items()}
+    in_w = {m: k.in_ch for m, k in kinds.items()}
+    current: dict[nn.Module, int] = {}
+
+    def set_width(root, outs, ins, w: int) -> None:
+        current[root] = w
+        out_w.update({m: w for m in outs})
+        in_w.update({m: w for m in ins})
+
+    for root, outs, ins, c in groups:
+        set_width(root, outs, ins, start(c))
+    result: dict[nn.Module, object] = {}
+    for _ in range(max_passes):
+        changed = False
+        for root, outs, ins, c in groups:
+            layers = [m for m in dict.fromkeys([*outs, *ins]) if m in kinds]
+            ms: dict[int, float] = {}
+            mmacs: dict[int, float] = {}
+
+            def measure(widths: Iterable[int]) -> tuple[dict[int, float], dict[int, float]]:
+                per_w = {w: [kinds[m].with_widths(in_ch=w if m in ins else in_w[m], out_ch=w if m in outs else out_w[m])
+                             for m in layers] for w in widths if w not in ms}
+                seconds = timer.conv_seconds([kd for ks in per_w.values() for kd in ks])
+                ms.update({w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in per_w.items()})
+                mmacs.update({w: sum(kd.macs for kd in ks) / 1e6 for w, ks in per_w.items()})
+                return ms, mmacs
+
+            w, result[root] = decide(root, c, measure)
+            if w != current[root]:
+                changed = True
+                set_width(root, outs, ins, w)
+        if not changed:
+            break
+    return [(root, outs, result[root]) for root, outs, *_ in groups]
+
+
 def choose_widths(
     prior: nn.Module,
     trace_example: torch.Tensor,
@@ -242,77 +298,36 @@ def choose_widths(
     extend up to ``c``: the fastest width at least ``margin`` faster than ``c``, else ``c`` itself,
     the group kept whole (the ratio buys nothing there). Per MAC alone, a width as efficient
     as a narrower one but slower in all would win on noise (USRNet's 19 of 32 filters: 16 and 22
-    ran a MAC equally fast, 22 by 0.3 %, and 22 took 2.40 ms where 16 took 1.75). A group's convolutions also
-    depend on the widths of the groups they connect to (a block's inner convolutions read and write
-    the residual trunk), so the choice is repeated, each group with its neighbours at their latest
-    choice, until no group changes (at most ``max_passes`` passes; timings are cached per kind).
-
-    ``trace_example`` traces the dependency graph; ``size_example`` sets the input size at which the
-    convolutions are timed (the data's shape)."""
+    ran a MAC equally fast, 22 by 0.3 %, and 22 took 2.40 ms where 16 took 1.75). Groups are
+    chosen coordinate-wise from the paper's counts (:func:`search_widths`)."""
     names = {m: n for n, m in prior.named_modules()}
-    kinds = conv_kinds(prior, size_example)
-    groups = list(prunable_groups(prior, trace_example, ignored))
-    out_w = {m: k.out_ch for m, k in kinds.items()}
-    in_w = {m: k.in_ch for m, k in kinds.items()}
-    paper = {}
-    for root, outs, ins, c in groups:
-        paper[root] = kept_channels(c, ratio)
-        for m in outs:
-            out_w[m] = paper[root]
-        for m in ins:
-            in_w[m] = paper[root]
-
-    def group_kinds(outs, ins, w) -> list[ConvKind]:
-        layers = list(dict.fromkeys([*outs, *ins]))
-        return [kinds[m].with_widths(in_ch=w if m in ins else in_w[m], out_ch=w if m in outs else out_w[m])
-                for m in layers if m in kinds]
 
     def widths_near(k: int, c: int) -> range:
         lo, hi = max(1, math.ceil(k * (1 - tolerance))), min(c, math.floor(k * (1 + tolerance)))
         return range(min(lo, k), max(hi, k) + 1)
 
-    current = dict(paper)
-    result: dict[nn.Module, GroupWidth] = {}
+    def decide(_root, c: int, measure) -> tuple[int, tuple]:
+        k = kept_channels(c, ratio)
+        near = widths_near(k, c)
+        ms, mmacs = measure([*near, c])
+        # never slower than the paper's count: at small spatial sizes a wider layer can cost less
+        # per MAC (fixed per-call costs) and more in all (USRNet's 96-pixel tiles: 19 -> 22)
+        per_mac = {w: ms[w] / mmacs[w] for w in near if mmacs[w] > 0 and ms[w] <= ms.get(k, math.inf)}
+        best = min(per_mac.values()) if per_mac else None
+        w_best = k
+        if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
+            # of the widths as efficient as the best (within the margin), the fastest in all
+            w_best = min((w for w, v in per_mac.items() if v <= best * (1 + margin)), key=lambda w: (ms[w], -w))
+        if not ms[w_best] <= ms[c] * (1 - margin):
+            # No width near the paper's pays against the whole group here: look up to c.
+            ms, mmacs = measure(range(min(ms), c + 1))
+            paying = [w for w in ms if ms[w] <= ms[c] * (1 - margin)]
+            w_best = min(paying, key=lambda w: (ms[w], -w)) if paying else c
+        return w_best, (c, k, w_best, dict(ms), dict(mmacs))
 
-    def measure(outs, ins, widths, ms, mmacs) -> None:
-        per_w = {w: group_kinds(outs, ins, w) for w in widths if w not in ms}
-        seconds = timer.conv_seconds([kd for ks in per_w.values() for kd in ks])
-        ms.update({w: 1000 * sum(seconds[kd] for kd in ks) for w, ks in per_w.items()})
-        mmacs.update({w: sum(kd.macs for kd in ks) / 1e6 for w, ks in per_w.items()})
-
-    for _ in range(max_passes):
-        changed = False
-        for root, outs, ins, c in groups:
-            k = paper[root]
-            ms: dict[int, float] = {}
-            mmacs: dict[int, float] = {}
-            near = widths_near(k, c)
-            measure(outs, ins, [*near, c], ms, mmacs)
-            # never slower than the paper's count: at small spatial sizes a wider layer can cost less
-            # per MAC (fixed per-call costs) and more in all (USRNet's 96-pixel tiles: 19 -> 22)
-            per_mac = {w: ms[w] / mmacs[w] for w in near if mmacs[w] > 0 and ms[w] <= ms.get(k, math.inf)}
-            best = min(per_mac.values()) if per_mac else None
-            w_best = k
-            if best is not None and best < per_mac.get(k, math.inf) * (1 - margin):
-                # of the widths as efficient as the best (within the margin), the fastest in all
-                w_best = min((w for w, v in per_mac.items() if v <= best * (1 + margin)), key=lambda w: (ms[w], -w))
-            if not ms[w_best] <= ms[c] * (1 - margin):
-                # No width near the paper's pays against the whole group here: look up to c.
-                measure(outs, ins, range(min(ms), c + 1), ms, mmacs)
-                paying = [w for w in ms if ms[w] <= ms[c] * (1 - margin)]
-                w_best = min(paying, key=lambda w: (ms[w], -w)) if paying else c
-            result[root] = GroupWidth([names[m] for m in outs], c, k, w_best, ms, mmacs)
-            if w_best != current[root]:
-                changed = True
-                current[root] = w_best
-                for m in outs:
-                    out_w[m] = w_best
-                for m in ins:
-                    in_w[m] = w_best
-        if not changed:
-            break
-    chosen = [(root, result[root]) for root, *_ in groups]
-    return chosen
+    found = search_widths(prior, trace_example, size_example, ignored, timer, lambda c: kept_channels(c, ratio), decide,
+                          max_passes)
+    return [(root, GroupWidth([names[m] for m in outs], *rec)) for root, outs, rec in found]
 
 
 def keeps_whole(groups: Iterable[GroupWidth]) -> bool:

@@ -151,6 +151,28 @@ def test_spectral_hinge_from_the_fixed_point_residual():
     assert random < 0.95
 
 
+def test_the_first_power_hinge_meets_the_bound_where_the_squared_one_leaves_it_violated():
+    """The operator penalty's exact (first-power) hinge: a loss pulling a map's norm ``a`` to 1.2
+    against the bound 1.0 at weight 2 ends on the bound (the weight exceeds the pull's multiplier,
+    0.4), where the squared hinge settles at (1.2 + 2) / 3 = 1.067, above it: what left the demo's
+    0.4 measured-width supervised DEQ above its parent's contraction on its own training data."""
+    from spade_deploy.mri.deq import spectral_hinge
+
+    x = torch.ones(1, 1, 2, 2)
+    ends = {}
+    for power in (1, 2):
+        a = torch.nn.Parameter(torch.tensor(1.2))
+        opt = torch.optim.SGD([a], lr=0.01)
+        for step in range(3000):
+            opt.zero_grad()
+            loss = (a - 1.2) ** 2 + 2.0 * spectral_hinge(lambda z: a * z, x, rho=1.0, iters=1, power=power)
+            loss.backward()
+            opt.step()
+        ends[power] = a.item()
+    assert ends[1] == pytest.approx(1.0, abs=0.02)  # within the step's oscillation about the kink
+    assert ends[2] == pytest.approx(3.2 / 3, abs=1e-3)
+
+
 @pytest.mark.parametrize("on", ["operator", "prior"])
 def test_deq_convergence_penalty_is_zero_under_a_loose_target(on):
     from types import SimpleNamespace

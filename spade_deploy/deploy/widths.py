@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..hwaware import MARGIN, DeviceTimer, Timer, conv_kinds, prunable_groups
+from ..hwaware import MARGIN, DeviceTimer, Timer, search_widths
 from ..models import Reconstructor, build_model, layer_shapes
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
@@ -237,38 +237,20 @@ class WidthChoice:
 def _fastest(prior: nn.Module, trace: torch.Tensor, sized: torch.Tensor, ignored: list[nn.Module],
              parent: dict[str, list[int]], timer: Timer, margin: float, max_passes: int = 4) -> list[GroupChoice]:
     """Per group of ``prior``: the width in [pruned, parent] whose convolutions (the group's, its
-    neighbours at their latest choice) run fastest; the pruned width unless another is at least
-    ``margin`` faster."""
+    neighbours at their latest choice: :func:`~spade_deploy.hwaware.search_widths`) run fastest;
+    the pruned width unless another is at least ``margin`` faster."""
     names = {m: n for n, m in prior.named_modules()}
-    kinds = conv_kinds(prior, sized)
-    groups = [(root, outs, ins, c, parent.get(names[root], [0, c])[1]) for root, outs, ins, c in prunable_groups(prior, trace, ignored)]
-    out_w = {m: k.out_ch for m, k in kinds.items()}
-    in_w = {m: k.in_ch for m, k in kinds.items()}
-    chosen = {root: c for root, _, _, c, _ in groups}
-    result: dict[nn.Module, GroupChoice] = {}
-    for _ in range(max_passes):
-        changed = False
-        for root, outs, ins, c, top in groups:
-            if top <= c:
-                result[root] = GroupChoice(names[root], c, max(top, c), c)
-                continue
-            layers = list(dict.fromkeys([*outs, *ins]))
-            per_w = {w: [kinds[m].with_widths(in_ch=w if m in ins else in_w[m], out_ch=w if m in outs else out_w[m])
-                         for m in layers if m in kinds] for w in range(c, top + 1)}
-            sec = timer.conv_seconds([k for ks in per_w.values() for k in ks])
-            ms = {w: 1000 * sum(sec[k] for k in ks) for w, ks in per_w.items()}
-            best = min(ms, key=lambda w: (ms[w], w))
-            w = best if ms[best] < ms[c] * (1 - margin) else c
-            result[root] = GroupChoice(names[root], c, top, w, ms)
-            if w != chosen[root]:
-                changed, chosen[root] = True, w
-                for m in outs:
-                    out_w[m] = w
-                for m in ins:
-                    in_w[m] = w
-        if not changed:
-            break
-    return [result[root] for root, *_ in groups]
+
+    def decide(root: nn.Module, c: int, measure) -> tuple[int, GroupChoice]:
+        top = parent.get(names[root], [0, c])[1]
+        if top <= c:
+            return c, GroupChoice(names[root], c, max(top, c), c)
+        ms, _ = measure(range(c, top + 1))
+        best = min(ms, key=lambda w: (ms[w], w))
+        w = best if ms[best] < ms[c] * (1 - margin) else c
+        return w, GroupChoice(names[root], c, top, w, dict(ms))
+
+    return [rec for _, _, rec in search_widths(prior, trace, sized, ignored, timer, lambda c: c, decide, max_passes)]
 
 
 _TIMERS: dict[str, DeviceTimer] = {}  # one per device: convolution timings cached for the process
