@@ -6,7 +6,7 @@ throughput with two clients at once.
 
 Models: the small DEQ shipped in the package and, unless ``--pruned`` names one, that model pruned
 at 0.4 with the paper's widths (``spade prune -r 0.4``) and fine-tuned by the demo's supervised
-recipe (``spade finetune --strategy supervised --epochs 2 --lr 5e-4 --lipschitz-weight 3``), made
+recipe (``spade finetune --strategy supervised --epochs 2 --lr 5e-4``), made
 once in ``--work`` (the embedded dataset is built there too). Data: the embedded test split (2
 volumes x 6 slices, 160 x 160, 8 coils) converted to ISMRMRD raw at acceleration 6 (``spade
 convert -a 6``: 27 of 160 lines, 13 calibration lines).
@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SPADE = str(Path(sys.executable).parent / "spade")
-FINETUNE = ["--strategy", "supervised", "--epochs", "2", "--lr", "5e-4", "--lipschitz-weight", "3"]
+FINETUNE = ["--strategy", "supervised", "--epochs", "2", "--lr", "5e-4"]
 
 
 def run(*args, env=None) -> None:

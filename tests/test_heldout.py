@@ -60,8 +60,9 @@ def test_spade_data_heldout_writes_the_embedded_datas_format_deterministically(t
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """The shipped small DEQ (the parent) pruned at 0.4, fine-tuned briefly (supervised, the demo's
-    rate) on a few simulated training slices with the demo's contraction control and with it
-    switched off (``lipschitz_weight=0``); and a small held-out set."""
+    rate) on a few simulated training slices with the demo's contraction control (the defaults of
+    ``spade finetune``: exact hinge, weight 1, every slice) and with it switched off
+    (``lipschitz_weight=0``); and a small held-out set."""
     base = tmp_path_factory.mktemp("heldout")
     root = base / "data"
     cfg = simulate.SimConfig(train_volumes=1, train_slices=4, val_volumes=1, val_slices=1, test_volumes=1,
@@ -73,6 +74,7 @@ def tuned(tmp_path_factory):
     shutil.copyfile(bundled_path("deq", "small"), parent)
     (student, _), = prune_checkpoint(parent, [0.4], base / "pruned")
     demo = DEMO.finetune["supervised"]
+    assert demo.model_options == DEQTrainOptions()  # what `spade finetune` runs without options
     runs = {}
     for name, weight in (("on", demo.model_options.lipschitz_weight), ("off", 0.0)):
         torch.manual_seed(0)

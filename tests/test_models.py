@@ -245,6 +245,6 @@ def test_deq_operator_penalty_covers_every_slice():
     one, two, three = (penalty(slice(i, i + 1)) for i in range(3))
     assert one != pytest.approx(two, rel=1e-3)  # the slices differ
     assert penalty(slice(0, 3)) == pytest.approx((one + two + three) / 3, rel=1e-4)
-    # fine-tuning measures one slice per step (DEQTrainOptions.lipschitz_samples): that slice's own hinge
+    # with DEQTrainOptions.lipschitz_samples=1 fine-tuning measures one slice per step: that slice's own hinge
     batch = SimpleNamespace(y=y, physics=physics)
     assert model.regularizer(batch, x, target=0.0, samples=[1]).item() == pytest.approx(two, rel=1e-4)
