@@ -74,16 +74,18 @@ def contraction(path: Path) -> str:
             f"{'every slice' if samples is None else samples})")
 
 
+def variant_key(path: Path) -> tuple:
+    """(ratio, strategy, widths) of a checkpoint: what ties a bench row to its checkpoint."""
+    m = read_manifest(path)
+    return ((m.get("pruning") or {}).get("ratio") or 0, (m.get("finetune") or {}).get("strategy") or "–",
+            (m.get("pruning") or {}).get("widths") or "–")
+
+
 def table(title: str, rows: list[dict], paths: list[Path]) -> list[str]:
     lines = [f"### {title}", "", "| ratio | strategy | widths | engine | precision | contraction bound (weight, slices per step) | "
              "iterations | parent | max | on cap | held | PSNR | SSIM | ms/slice | speed-up | same backend |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    bounds = {}
-    for p in paths:
-        m = read_manifest(p)
-        key = ((m.get("pruning") or {}).get("ratio") or 0, (m.get("finetune") or {}).get("strategy") or "–",
-               (m.get("pruning") or {}).get("widths") or "–")
-        bounds[key] = contraction(p)
+    bounds = {variant_key(p): contraction(p) for p in paths}
     for r in rows:
         b = bounds.get((r["ratio"] or 0, r["strategy"] if r["ratio"] else "–", r["widths"] if r["ratio"] else "–"), "–")
         speed = f"x{r['speedup_vs_torch']:.2f}" if r.get("speedup_vs_torch") else "–"
@@ -116,6 +118,11 @@ def main() -> int:
         runs = [("after" if args.before else "run", args.checkpoint or run_checkpoints(args.run, args.ratio))]
         if args.before:
             runs.insert(0, ("before", run_checkpoints(args.before, args.ratio)))
+        for _, paths in runs:
+            keys = [variant_key(p) for p in paths]
+            if len(set(keys)) < len(keys):
+                raise SpadeError("two checkpoints of one run have the same ratio, strategy and widths, so their rows "
+                                 "could not be told apart: give one of them with --before")
         task = MRITask()
         load = [os.getloadavg()[0]]
         with tempfile.TemporaryDirectory(prefix="spade-heldout-") as tmp:
