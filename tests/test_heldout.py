@@ -47,15 +47,17 @@ def test_spade_data_heldout_writes_the_embedded_datas_format_deterministically(t
     ds = reader.SliceDataset(tmp_path / "a" / "test")  # what spade bench / eval --data read
     assert len(ds) == 16
     build_heldout_dataset(tmp_path / "b")
-    for f in files:  # the same data again (to float32 rounding: reductions may run in another order)
+    # The same data again, to 1e-3 of each array's maximum: not bit for bit (two runs under
+    # OPENBLAS_CORETYPE=Haswell ONEDNN_MAX_CPU_ISA=AVX2 differed by up to 2.2e-4 of the rss maximum).
+    for f in files:
         with h5py.File(f, "r") as one, h5py.File(tmp_path / "b" / "test" / f.name, "r") as two:
             assert sorted(one) == sorted(two) and sorted(one.attrs) == sorted(two.attrs)
             assert one["ismrmrd_header"][()] == two["ismrmrd_header"][()]
             for key in ("kspace", "reconstruction_rss", "sens_maps"):
                 a, b = one[key][()], two[key][()]
-                assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), key
+                assert a.shape == b.shape and np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), key
             for key in one.attrs:
-                assert np.allclose(one.attrs[key], two.attrs[key], rtol=1e-5, atol=0) if not isinstance(
+                assert np.allclose(one.attrs[key], two.attrs[key], rtol=1e-3, atol=0) if not isinstance(
                     one.attrs[key], str) else one.attrs[key] == two.attrs[key], key
     data = tmp_path / "data"
     data.mkdir()
