@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from spade_deploy.errors import SpadeError
-from spade_deploy.finetune import finetune_model
-from spade_deploy.io import write_json, write_text
-from spade_deploy.models import bundled_path
+from spade_deploy.io import read_manifest, write_json, write_text
 from spade_deploy.mri.deq import DEMO
 from spade_deploy.mri.heldout import build_heldout_dataset
 from spade_deploy.mri.task import MRITask
-from spade_deploy.pipeline import evaluate_checkpoint
+from spade_deploy.paths import check_outputs
+from spade_deploy.pipeline import data_folders, evaluate_checkpoint, finetune_run
 from spade_deploy.progress import Reporter
 
 
@@ -51,10 +50,17 @@ def main() -> int:
     if not pruned:
         print(f"error: no DEQ pruned at {args.ratio:g} under {args.run}/deq/pruned", file=sys.stderr)
         return 1
-    parent = bundled_path("deq", "small")
     rows = []
     try:
-        data = MRITask().data_root(args.data, Reporter())
+        parent = Path((read_manifest(pruned[0]).get("pruning") or {}).get("parent") or "")
+        if not parent.is_file():
+            raise SpadeError(f"{pruned[0]} records no unpruned parent that exists")
+        task = MRITask()
+        data = task.data_root(args.data, Reporter())
+        results = [args.out / f"{args.name}.{ext}" for ext in ("md", "json")]
+        given = {"inputs": [*pruned, parent, args.heldout], "data": [*data_folders(data), *data_folders(args.heldout, ["test"])]}
+        check_outputs(files=results, folders=[args.out], **given)
+        check_outputs(folders=[args.work], option="--work", **given)
         with tempfile.TemporaryDirectory(prefix="spade-cw-") as tmp:
             heldout = args.heldout
             if heldout is None:
@@ -69,9 +75,10 @@ def main() -> int:
                     for src in pruned:
                         torch.manual_seed(0)
                         out = args.work / f"w{weight:g}" / f"{src.stem}.{strategy}"
-                        best = finetune_model(src, strategy, data, out, cfg, checkpoint_seconds=None).best_path
+                        best = finetune_run(src, strategy, None, data, out, cfg, task, checkpoint_seconds=None).best_path
+                        widths = (read_manifest(src).get("pruning") or {}).get("widths")
                         row = {"weight": weight, "strategy": strategy,
-                               "widths": "measured" if ".hw" in src.stem else "paper",
+                               "widths": "measured" if widths == "auto" else "paper",
                                "test": scores(best, data), "heldout": scores(best, heldout)}
                         row["holds"] = (row["heldout"]["converged"]
                                         and row["heldout"]["iterations"] <= ref["heldout"]["iterations"])

@@ -55,17 +55,18 @@ def shipped(setup, tmp_path_factory):
 def test_teacher_and_measurement_strategies_learn_from_the_test_measurements(shipped, tmp_path, strategy, lr):
     """School and self-supervised fine-tuning of a pruned model on the test measurements (no ground
     truth) give back part of what pruning cost on those measurements: at least 0.5 dB after four
-    epochs of one step (measured: school +0.80 dB, self-supervised +0.82 dB), converging still, with
-    the default contraction penalty (every slice; with one slice a step school gained 2.4 dB). School's
-    loss, the distance to the teacher's reconstructions, falls by 5 % or more (measured 9 %; 38 %
-    with one slice a step: the penalty holds the iteration's norm against it)."""
+    epochs of one step (measured: school +0.75 dB, self-supervised +1.17 dB), converging still. School's
+    loss, the distance to the teacher's reconstructions, falls by a fifth or more (measured 45 %).
+    The contraction penalty is off here, so the loss is the strategy's alone (with it on, the penalty
+    pulls against that loss); tests/test_heldout.py checks what the penalty holds."""
     from spade_deploy.mri.task import MRITask
     from spade_deploy.train import evaluate
 
     root, teacher, student = shipped
     test = reader.SliceDataset(root / "test")
     before = evaluate(load_model(student)[0], test, MRITask(6))
-    cfg = TrainConfig(epochs=4, lr=lr, batch_size=2, model_options=DEQTrainOptions(train_max_iter=10))
+    options = DEQTrainOptions(train_max_iter=10, lipschitz_weight=0.0)
+    cfg = TrainConfig(epochs=4, lr=lr, batch_size=2, model_options=options)
     result = finetune_model(student, strategy, root, tmp_path / strategy, cfg, checkpoint_seconds=None)
     model, manifest = load_model(result.best_path)
     assert manifest["finetune"]["strategy"] == strategy
@@ -76,7 +77,7 @@ def test_teacher_and_measurement_strategies_learn_from_the_test_measurements(shi
     assert after.all_converged and after.psnr >= before.psnr + 0.5, (before.psnr, after.psnr)
     if strategy == "school":
         losses = [h["train_loss"] for h in result.history]
-        assert losses[-1] <= 0.95 * losses[0], losses
+        assert losses[-1] <= 0.8 * losses[0], losses
 
 
 def test_school_runs_share_the_teachers_reconstructions_only_with_that_teacher(setup, tmp_path, monkeypatch):

@@ -374,20 +374,15 @@ def build_deq(cfg: DEQConfig) -> DEQ:
 # whole-iteration penalty ||J_T|| <= the unpruned parent's own norm (measured on its data), at the
 # epochs and rates of the sweep in benchmarks/README.md (DEQ fine-tuning recipe).
 #
-# The penalty is an exact hinge, weight * relu(||J_T|| - bound) (DEQ.regularizer), measured on every
-# slice of each batch, so the bound holds where the models are deployed, not only on the fine-tuning
-# data (benchmarks/results/demo-heldout-cpu.md; the held-out set is `spade data --heldout`, real MR
-# images no model saw). Measured on the six 0.4 variants (one run each, held-out parent 18.7
-# iterations in FP32): the squared hinge relu(.)^2 at weight 3 on one slice per step left the 0.4
-# supervised models above the bound on their own training split (||J_T|| median 0.951 against
-# 0.939) and slower than the parent on held-out data (19.9 paper widths, 21.4 measured widths); at
-# weight 30 on every slice the measured-width self-supervised model still needed 21.4. The exact
-# hinge at weight 30 (school at weight 1 on one slice) left the paper-width school model at 18.8
-# and cost about 1 dB of test PSNR against the squared one; with every strategy on every slice, at
-# weight 3 all six held (14.2-16.6), and at weight 1 all six held (14.3-16.7) at a smaller cost
-# (mean held-out PSNR of the six 27.68 dB against 27.29 at weight 3; parent 28.95): the recipe here.
-# Lower weights (benchmarks/results/contraction-weight-cpu.md) give back up to 1.7 dB of test PSNR
-# but fail the held-out check in single runs (0.5 and 0.1: one or two of six).
+# The penalty is an exact hinge, weight * relu(||J_T|| - bound) (DEQ.regularizer), on every slice
+# of each batch at weight 1, so the bound holds where the models are deployed, not only on the
+# fine-tuning data: all six 0.4 variants need fewer iterations than the parent on the held-out real
+# MR images of `spade data --heldout` (benchmarks/results/demo-heldout-cpu.md). Lower weights give
+# back up to 1.7 dB of test PSNR but fail that check in single runs
+# (benchmarks/results/contraction-weight-cpu.md). The recipes before (the squared hinge at weight 3
+# on one slice a step, then at weight 30 on every slice: `git log -p benchmarks/results/
+# demo-heldout-cpu.md`) left the 0.4 supervised models above the bound even on their own training
+# split and one or two variants above the parent's count on the held-out images.
 # lipschitz_weight=0 switches the control off.
 DEMO = DemoRecipe(
     preset="small",
